@@ -1,0 +1,48 @@
+"""Built-in samplers, registered through the same hook extensions use.
+
+Names, aliases, order, default schedules and flags follow A1111 v1.10's
+`/sdapi/v1/samplers` (a subset: DPM fast/adaptive, Restart, DDIM CFG++ and PLMS are
+not implemented yet). `options` are the defaults the pipeline passes as keyword
+arguments; users may override any of them.
+"""
+from __future__ import annotations
+
+from modules.plugins.hookspecs import hookimpl
+from modules.plugins.specs import SamplerSpec
+from modules.sampling import samplers as k
+from modules.sampling import samplers_dpmpp as dpmpp
+from modules.sampling.samplers_unipc import sample_unipc
+
+INF = float("inf")
+CHURN = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": INF, "s_noise": 1.0}
+ANCESTRAL = {"eta": 1.0, "s_noise": 1.0}
+
+
+@hookimpl
+def register_samplers() -> list[SamplerSpec]:
+    return [
+        SamplerSpec("DPM++ 2M", dpmpp.sample_dpmpp_2m, ("k_dpmpp_2m",), default_scheduler="karras"),
+        SamplerSpec("DPM++ SDE", dpmpp.sample_dpmpp_sde, ("k_dpmpp_sde",), ANCESTRAL,
+                    default_scheduler="karras", uses_noise=True, second_order=True),
+        SamplerSpec("DPM++ 2M SDE", dpmpp.sample_dpmpp_2m_sde, ("k_dpmpp_2m_sde",),
+                    {**ANCESTRAL, "solver_type": "midpoint"}, default_scheduler="exponential", uses_noise=True),
+        SamplerSpec("DPM++ 2M SDE Heun", dpmpp.sample_dpmpp_2m_sde, ("k_dpmpp_2m_sde_heun",),
+                    {**ANCESTRAL, "solver_type": "heun"}, default_scheduler="exponential", uses_noise=True),
+        SamplerSpec("DPM++ 2S a", dpmpp.sample_dpmpp_2s_ancestral, ("k_dpmpp_2s_a",), ANCESTRAL,
+                    default_scheduler="karras", uses_noise=True, second_order=True),
+        SamplerSpec("DPM++ 3M SDE", dpmpp.sample_dpmpp_3m_sde, ("k_dpmpp_3m_sde",), ANCESTRAL,
+                    default_scheduler="exponential", uses_noise=True, discard_next_to_last_sigma=True),
+        SamplerSpec("Euler a", k.sample_euler_ancestral, ("k_euler_a", "k_euler_ancestral"), ANCESTRAL,
+                    default_scheduler="uniform", uses_noise=True),
+        SamplerSpec("Euler", k.sample_euler, ("k_euler",), CHURN, default_scheduler="uniform"),
+        SamplerSpec("LMS", k.sample_lms, ("k_lms",), {"order": 4}, default_scheduler="uniform"),
+        SamplerSpec("Heun", k.sample_heun, ("k_heun",), CHURN, default_scheduler="uniform", second_order=True),
+        SamplerSpec("DPM2", k.sample_dpm_2, ("k_dpm_2",), CHURN, default_scheduler="karras",
+                    discard_next_to_last_sigma=True, second_order=True),
+        SamplerSpec("DPM2 a", k.sample_dpm_2_ancestral, ("k_dpm_2_a",), ANCESTRAL, default_scheduler="karras",
+                    uses_noise=True, discard_next_to_last_sigma=True, second_order=True),
+        SamplerSpec("DDIM", k.sample_ddim, ("ddim",), {"eta": 0.0, "s_noise": 1.0}, default_scheduler="ddim"),
+        SamplerSpec("UniPC", sample_unipc, ("unipc",), {"order": 3, "variant": "bh2", "lower_order_final": True},
+                    default_scheduler="uniform"),
+        SamplerSpec("LCM", k.sample_lcm, ("k_lcm",), default_scheduler="uniform", uses_noise=True),
+    ]
