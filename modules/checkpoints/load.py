@@ -1,0 +1,106 @@
+"""Load a checkpoint (single file or diffusers folder) into ready-to-run modules."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from modules.checkpoints.convert import build_text_encoder, build_unet, build_vae, vae_source
+from modules.checkpoints.detect import (
+    ARCH_TABLE,
+    VAE,
+    detect_diffusers_spec,
+    detect_model_spec,
+    infer_vae_config,
+)
+from modules.checkpoints.discover import model_hash, yaml_beside_checkpoint
+from modules.checkpoints.model import CheckpointInfo, LoadedModel, ModelSpec
+from modules.checkpoints.read import SAFETENSORS_SUFFIXES, read_safetensors_metadata, read_state_dict
+from modules.errors import CheckpointError
+
+_DIFFUSERS_VAE_MARKERS = ("encoder.down_blocks.", "decoder.up_blocks.")
+
+
+def load_vae_file(path: Path, spec: ModelSpec, *, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """A VAE from a separate file: ldm keys (with or without `first_stage_model.`) or diffusers keys."""
+    sd = read_state_dict(path)
+    if any(k.startswith(_DIFFUSERS_VAE_MARKERS) for k in sd):
+        source = {k: v for k, v in sd.items() if k.startswith(("encoder.", "decoder.", "quant_conv.",
+                                                                  "post_quant_conv."))}
+        return build_vae(source, spec.vae_config, device=device, dtype=dtype, diffusers_keys=True)
+    prefix = VAE if any(k.startswith(VAE) for k in sd) else ""
+    source = vae_source(sd, prefix)
+    if not source:
+        raise CheckpointError(f"VAE file {path} holds no VAE tensors (expected encoder.* / decoder.* keys)")
+    config = {**spec.vae_config, **infer_vae_config(source, prefix="")}
+    return build_vae(source, config, device=device, dtype=dtype)
+
+
+def _load_single_file(info: CheckpointInfo, device: torch.device, dtype: torch.dtype, yaml_path: Path | None,
+                      force_v: bool, vae_path: Path | None
+                      ) -> tuple[ModelSpec, torch.nn.Module, torch.nn.Module, list[torch.nn.Module]]:
+    sd = read_state_dict(info.path)
+    metadata = read_safetensors_metadata(info.path) if info.path.suffix.lower() in SAFETENSORS_SUFFIXES else None
+    spec = detect_model_spec(sd, yaml_path=yaml_path, force_v=force_v, metadata=metadata)
+    arch = next(a for a in ARCH_TABLE if a.arch == spec.arch.replace("sd2-v", "sd2"))
+    unet = build_unet(sd, spec.unet_config, device=device, dtype=dtype)
+    if vae_path is not None:
+        vae = load_vae_file(vae_path, spec, device=device, dtype=dtype)
+    else:
+        vae = build_vae(vae_source(sd, VAE), spec.vae_config, device=device, dtype=dtype)
+    encoders = [build_text_encoder(sd, te, prefix, device=device, dtype=dtype)
+                for te, (prefix, *_rest) in zip(spec.text_encoders, arch.encoders, strict=True)]
+    return spec, unet, vae, encoders
+
+
+def _load_diffusers(info: CheckpointInfo, device: torch.device, dtype: torch.dtype,
+                    force_v: bool) -> tuple[ModelSpec, torch.nn.Module, torch.nn.Module, list[torch.nn.Module]]:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    spec = detect_diffusers_spec(info.path, force_v=force_v)
+    folder = str(info.path)
+    try:
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True,
+                                                    torch_dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True, torch_dtype=dtype)
+        encoders = []
+        for i, te in enumerate(spec.text_encoders):
+            cls = CLIPTextModelWithProjection if te.pooled else CLIPTextModel
+            sub = "text_encoder" if i == 0 else f"text_encoder_{i + 1}"
+            encoders.append(cls.from_pretrained(folder, subfolder=sub, local_files_only=True, dtype=dtype))
+    except (OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"diffusers folder {info.path} could not be loaded: {str(err)[:300]}") from err
+    modules = [unet, vae, *encoders]
+    for m in modules:
+        m.to(device).eval().requires_grad_(False)
+    return spec, unet, vae, encoders
+
+
+def load_checkpoint(info: CheckpointInfo, *, device: torch.device | str, dtype: torch.dtype,
+                    vae_path: Path | None = None, yaml_path: Path | None = None, force_v: bool = False,
+                    hash_cache: Path | None = None) -> LoadedModel:
+    """Build the UNet, VAE and text encoders of `info` on `device` in `dtype`.
+
+    `yaml_path` defaults to `NAME.yaml` beside a single-file checkpoint. `vae_path` replaces the
+    checkpoint's own VAE. Raises CheckpointError / UnsafeCheckpointError with a user-facing message.
+    """
+    device = torch.device(device)
+    path = Path(info.path)
+    if not path.exists():
+        raise CheckpointError(f"Checkpoint not found: {path}")
+    if info.format == "diffusers":
+        spec, unet, vae, encoders = _load_diffusers(info, device, dtype, force_v)
+        short_hash = ""
+    else:
+        yaml_path = yaml_path if yaml_path is not None else yaml_beside_checkpoint(path)
+        vae_path = Path(vae_path) if vae_path is not None else None
+        spec, unet, vae, encoders = _load_single_file(info, device, dtype, yaml_path, force_v, vae_path)
+        short_hash = model_hash(path, hash_cache)
+    vae_name = vae_hash = None
+    if vae_path is not None:
+        if info.format == "diffusers":
+            vae = load_vae_file(Path(vae_path), spec, device=device, dtype=dtype)
+        vae_name, vae_hash = Path(vae_path).name, model_hash(Path(vae_path), hash_cache)
+    return LoadedModel(info=info, spec=spec, model_hash=short_hash, unet=unet, vae=vae,
+                       text_encoders=encoders, device=device, dtype=dtype, vae_name=vae_name, vae_hash=vae_hash)

@@ -1,0 +1,83 @@
+"""Hold at most one loaded model; switching releases the old one's memory first."""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from modules.checkpoints.load import load_checkpoint
+from modules.checkpoints.model import CheckpointInfo, LoadedModel
+
+
+@dataclass(frozen=True)
+class _LoadKey:
+    path: Path
+    format: str
+    device: str
+    dtype: torch.dtype
+    vae_path: Path | None
+    yaml_path: Path | None
+    force_v: bool
+
+
+def release_memory() -> None:
+    """Collect garbage, empty the CUDA cache and give freed heap pages back to the OS (glibc)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if sys.platform.startswith("linux"):
+        name = ctypes.util.find_library("c")
+        try:
+            libc = ctypes.CDLL(name or "libc.so.6")
+            libc.malloc_trim(0)
+        except (OSError, AttributeError):  # musl and others have no malloc_trim
+            pass
+
+
+def _free_modules(model: LoadedModel) -> None:
+    """Move every module of `model` to the meta device, so its weights go even if someone still holds it."""
+    for module in (model.unet, model.vae, *model.text_encoders):
+        module.to(torch.device("meta"))
+
+
+class ModelManager:
+    """Owns the one LoadedModel of a worker. `load` reuses it when path and options are the same.
+
+    After a switch or `unload`, the previous LoadedModel's modules live on the meta device and
+    must not be used; callers should fetch `current` (or the return value of `load`) per job.
+    """
+
+    def __init__(self, hash_cache: Path | None = None) -> None:
+        self._hash_cache = hash_cache
+        self._current: LoadedModel | None = None
+        self._key: _LoadKey | None = None
+
+    @property
+    def current(self) -> LoadedModel | None:
+        return self._current
+
+    def load(self, info: CheckpointInfo, *, device: torch.device | str, dtype: torch.dtype,
+             vae_path: Path | None = None, yaml_path: Path | None = None, force_v: bool = False) -> LoadedModel:
+        """The loaded `info`, loading it (and releasing the previous model first) when needed."""
+        key = _LoadKey(Path(info.path).resolve(), info.format, str(torch.device(device)), dtype,
+                       Path(vae_path).resolve() if vae_path else None,
+                       Path(yaml_path).resolve() if yaml_path else None, force_v)
+        if self._current is not None and key == self._key:
+            return self._current
+        self.unload()
+        model = load_checkpoint(info, device=device, dtype=dtype, vae_path=vae_path, yaml_path=yaml_path,
+                                force_v=force_v, hash_cache=self._hash_cache)
+        self._current, self._key = model, key
+        return model
+
+    def unload(self) -> None:
+        """Drop the current model and return its memory."""
+        if self._current is not None:
+            _free_modules(self._current)
+        self._current = self._key = None
+        release_memory()
