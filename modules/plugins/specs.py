@@ -64,6 +64,7 @@ class SamplerSpec:
     uses_noise: bool = False  # ancestral / SDE: draws from noise_sampler
     discard_next_to_last_sigma: bool = False  # DPM2 family, as in A1111
     second_order: bool = False  # calls the model about twice per step
+    vp_start: bool = False  # start from unit noise in VP space, x = noise * sqrt(1 + sigma_0^2) (DDIM)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "options", _frozen(self.options))

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from modules.checkpoints.model import TextEncoderSpec
+from modules.errors import InvalidParams
 from modules.text.chunking import (
     ChunkedPrompt,
     chunk_prompt,
@@ -69,7 +70,7 @@ def apply_emphasis(z: torch.Tensor, multipliers: torch.Tensor, mode: str) -> tor
     if mode in ("Ignore", "None"):
         return z
     if mode not in EMPHASIS_MODES:
-        raise ValueError(f"unknown emphasis mode {mode!r}; expected one of {EMPHASIS_MODES}")
+        raise InvalidParams(f"unknown emphasis mode {mode!r}; expected one of {EMPHASIS_MODES}")
     if bool((multipliers == 1).all()):
         return z  # exactly what the formula gives, without dividing two means
     weighted = z * multipliers.to(z)[..., None]
@@ -136,7 +137,7 @@ class TextConditioner:
     def chunk(self, text: str, emphasis: str = "Original") -> ChunkedPrompt:
         """Parse (unless emphasis is "None"), tokenize and chunk one prompt text."""
         if emphasis not in EMPHASIS_MODES:
-            raise ValueError(f"unknown emphasis mode {emphasis!r}; expected one of {EMPHASIS_MODES}")
+            raise InvalidParams(f"unknown emphasis mode {emphasis!r}; expected one of {EMPHASIS_MODES}")
         fragments = [[text, 1.0]] if emphasis == "None" else self.parse(text)
         texts = [frag[0] for frag in fragments]
         return chunk_prompt(fragments, tokenize_many(self.tokenizer, texts), self.ids)
@@ -169,7 +170,7 @@ class TextConditioner:
         if not prompts:
             raise ValueError("nothing to encode")
         if emphasis not in EMPHASIS_MODES:
-            raise ValueError(f"unknown emphasis mode {emphasis!r}; expected one of {EMPHASIS_MODES}")
+            raise InvalidParams(f"unknown emphasis mode {emphasis!r}; expected one of {EMPHASIS_MODES}")
         n_chunks = max(len(p.chunks) for p in prompts)
         padded = [list(p.chunks) + [empty_chunk(self.ids)] * (n_chunks - len(p.chunks)) for p in prompts]
         # chunk-major order: rows [i*B:(i+1)*B] are chunk i of every prompt, as A1111 batches them
@@ -189,7 +190,7 @@ class TextConditioner:
              sdxl_clip_l_skip: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One forward pass over all chunks: float32 states [N, 77, C] and, if pooled, [N, Dp]."""
         if not 1 <= clip_skip <= _num_layers(encoder):
-            raise ValueError(f"clip skip must be between 1 and {_num_layers(encoder)}, got {clip_skip}")
+            raise InvalidParams(f"clip skip must be between 1 and {_num_layers(encoder)}, got {clip_skip}")
         if spec.pad_with_zero:
             tokens = [pad_after_first_eos(t, self.ids.eos) for t in tokens]
         device = next(encoder.parameters()).device

@@ -1,0 +1,94 @@
+"""Command line: `webui.py generate ...` makes images; `webui.py` alone starts the app."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from modules.errors import AtelierError
+from modules.settings import add_settings_arguments, settings_from_args
+
+
+def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompt", default="")
+    parser.add_argument("--negative-prompt", default="")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--sampler", default="DPM++ 2M")
+    parser.add_argument("--scheduler", default="Automatic")
+    parser.add_argument("--cfg-scale", type=float, default=7.0)
+    parser.add_argument("--seed", type=int, default=-1)
+    parser.add_argument("--subseed", type=int, default=-1)
+    parser.add_argument("--subseed-strength", type=float, default=0.0)
+    parser.add_argument("--width", type=int, default=512)
+    parser.add_argument("--height", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--n-iter", type=int, default=1)
+    parser.add_argument("--eta", type=float)
+    parser.add_argument("--out", type=Path, help="output folder (default outputs/txt2img-images)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="webui.py", description="Atelier: Stable Diffusion, local-first.")
+    add_settings_arguments(parser)
+    commands = parser.add_subparsers(dest="command")
+    generate = commands.add_parser("generate", help="generate images from the command line")
+    add_settings_arguments(generate)
+    for action in generate._actions:  # settings may come before or after the command
+        if action.dest != "help":
+            action.default = argparse.SUPPRESS
+    add_generate_arguments(generate)
+    return parser
+
+
+def txt2img_params(args: argparse.Namespace, settings):
+    from modules.pipeline.params import Txt2ImgParams
+
+    return Txt2ImgParams(
+        prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
+        sampler_name=args.sampler, scheduler=args.scheduler, cfg_scale=args.cfg_scale, seed=args.seed,
+        subseed=args.subseed, subseed_strength=args.subseed_strength, width=args.width, height=args.height,
+        batch_size=args.batch_size, n_iter=args.n_iter, eta=args.eta, clip_skip=settings.clip_skip,
+        rng_source=settings.rng_source, emphasis=settings.emphasis,
+        eta_noise_seed_delta=settings.eta_noise_seed_delta, outdir=args.out, max_size=settings.max_size)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from modules.app import build_app
+
+    settings = settings_from_args(args)
+    app = build_app(settings)
+    params = txt2img_params(args, settings)
+    params.validate()
+    if settings.ckpt is None:
+        raise AtelierError("generate needs --ckpt FILE (a .safetensors/.ckpt file or a diffusers folder)")
+    app.engine.load_model(settings.ckpt)
+    result = app.engine.txt2img(params, on_progress=_print_progress)
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    for path in result.paths:
+        print(path)
+    return 0
+
+
+def _print_progress(progress) -> None:
+    print(f"\rbatch {progress.job_no + 1}/{progress.job_count} step {progress.step}/{progress.steps}",
+          end="\n" if progress.step == progress.steps else "", file=sys.stderr, flush=True)
+
+
+def run_app(args: argparse.Namespace) -> int:
+    print("The web UI is not part of this build yet; use `webui.py generate --help`.", file=sys.stderr)
+    return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            return run_generate(args)
+        return run_app(args)
+    except AtelierError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,88 @@
+"""The generation engine: the one object every front end talks to. No UI code here."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from modules.checkpoints.discover import find_checkpoints
+from modules.checkpoints.manager import ModelManager
+from modules.checkpoints.model import CheckpointInfo, LoadedModel
+from modules.devices import DeviceConfig, apply_attention
+from modules.errors import CheckpointError
+from modules.pipeline.control import JobControl, ProgressCallback
+from modules.pipeline.params import Result, Txt2ImgParams
+from modules.plugins.manager import Registries
+from modules.sampling.schedules import DiscreteSchedule
+from modules.settings import Settings
+
+
+class Engine:
+    """Owns the loaded model and the registries; runs typed jobs."""
+
+    def __init__(self, settings: Settings, registries: Registries, devices: DeviceConfig) -> None:
+        self.settings = settings
+        self.registries = registries
+        self.devices = devices
+        self.models = ModelManager(settings.hash_cache)
+        self._tokenizer = None
+        self._per_model: dict[int, dict] = {}
+
+    # -- models -------------------------------------------------------------
+    def checkpoints(self) -> list[CheckpointInfo]:
+        files = [self.settings.ckpt] if self.settings.ckpt else []
+        return find_checkpoints(self.settings.checkpoint_dirs, files)
+
+    def find_checkpoint(self, name_or_path: str | Path) -> CheckpointInfo:
+        path = Path(name_or_path)
+        if path.exists():
+            found = find_checkpoints([], [path])
+            if found:
+                return found[0]
+        for info in self.checkpoints():
+            if str(name_or_path) in (info.name, info.stem, str(info.path)):
+                return info
+        raise CheckpointError(f"Checkpoint not found: {name_or_path}. Put models in "
+                              f"{self.settings.models_dir / 'Stable-diffusion'} or pass --ckpt FILE.")
+
+    def load_model(self, name_or_path: str | Path) -> LoadedModel:
+        info = self.find_checkpoint(name_or_path)
+        self._per_model.clear()
+        model = self.models.load(info, device=self.devices.device, dtype=self.devices.dtype,
+                                 vae_path=self.settings.vae_path, force_v=self.settings.force_v_prediction)
+        apply_attention([model.unet, model.vae], self.devices.attention)
+        return model
+
+    def require_model(self) -> LoadedModel:
+        model = self.models.current
+        if model is None:
+            raise CheckpointError("No model is loaded. Choose a checkpoint first.")
+        return model
+
+    # -- per-model helpers, built once per loaded model ----------------------
+    def _cached(self, model: LoadedModel, key: str, build):
+        slot = self._per_model.setdefault(id(model), {})
+        if key not in slot:
+            slot[key] = build()
+        return slot[key]
+
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from modules.text.tokenizer import load_tokenizer
+
+            self._tokenizer = load_tokenizer()
+        return self._tokenizer
+
+    def text_conditioner(self, model: LoadedModel):
+        from modules.text.encoder import TextConditioner
+
+        return self._cached(model, "text", lambda: TextConditioner(
+            model.text_encoders, list(model.spec.text_encoders), self.tokenizer()))
+
+    def discrete_schedule(self, model: LoadedModel) -> DiscreteSchedule:
+        return self._cached(model, "schedule", lambda: DiscreteSchedule(model.spec.alphas_cumprod()))
+
+    # -- jobs ---------------------------------------------------------------
+    def txt2img(self, params: Txt2ImgParams, control: JobControl | None = None,
+                on_progress: ProgressCallback | None = None) -> Result:
+        from modules.pipeline.txt2img import txt2img
+
+        return txt2img(self, params, control, on_progress)

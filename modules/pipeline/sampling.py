@@ -1,0 +1,86 @@
+"""Glue between a job and the sampler registry: sigmas, options, stepping and stopping."""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from modules.errors import InvalidParams
+from modules.pipeline.control import StopSampling
+from modules.plugins.manager import Registries
+from modules.plugins.specs import SamplerSpec, ScheduleContext, SchedulerSpec
+from modules.sampling.denoisers import CFGDenoiser
+
+SAMPLER_OPTION_FIELDS = ("eta", "s_churn", "s_tmin", "s_tmax", "s_noise")
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    sampler: SamplerSpec
+    scheduler: SchedulerSpec
+    sigmas: torch.Tensor
+    options: dict[str, Any]
+
+
+def resolve_scheduler(registries: Registries, sampler: SamplerSpec, name: str) -> SchedulerSpec:
+    if str(name).strip().lower() in ("", "automatic"):
+        name = sampler.default_scheduler
+        if name.lower() == "automatic":
+            name = "uniform"
+    return registries.schedulers.get(name)
+
+
+def build_sigmas(sampler: SamplerSpec, scheduler: SchedulerSpec, steps: int, context: ScheduleContext) -> torch.Tensor:
+    """`steps + 1` sigmas ending in 0; DPM2-style samplers drop the next-to-last, as A1111."""
+    if sampler.discard_next_to_last_sigma:
+        sigmas = scheduler.function(steps + 1, context)
+        return torch.cat([sigmas[:-2], sigmas[-1:]])
+    return scheduler.function(steps, context)
+
+
+def sampler_options(sampler: SamplerSpec, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The spec's defaults, then the job's non-None overrides the function accepts."""
+    accepted = inspect.signature(sampler.function).parameters
+    takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in accepted.values())
+    options = dict(sampler.options)
+    for key, value in overrides.items():
+        if value is not None and (key in accepted or key in options or takes_kwargs):
+            options[key] = value
+    return {k: v for k, v in options.items() if k in accepted or takes_kwargs}
+
+
+def plan_sampling(registries: Registries, sampler_name: str, scheduler_name: str, steps: int,
+                  context: ScheduleContext, overrides: dict[str, Any]) -> SamplingPlan:
+    sampler = registries.samplers.get(sampler_name)
+    scheduler = resolve_scheduler(registries, sampler, scheduler_name)
+    sigmas = build_sigmas(sampler, scheduler, steps, context)
+    if not torch.isfinite(sigmas).all():
+        raise InvalidParams(f"schedule {scheduler.label!r} gave invalid sigmas for {steps} steps")
+    return SamplingPlan(sampler, scheduler, sigmas.to(context.device, torch.float32),
+                        sampler_options(sampler, overrides))
+
+
+def run_sampler(plan: SamplingPlan, denoiser: CFGDenoiser, x: torch.Tensor,
+                noise_sampler: Callable[[Any, Any], torch.Tensor] | None,
+                on_step: Callable[[int, torch.Tensor], None]) -> tuple[torch.Tensor, bool]:
+    """Sample; returns the latents and whether sampling stopped early (interrupt or skip).
+
+    On a stop, the latest denoised prediction is returned, as A1111 does.
+    """
+    last: dict[str, torch.Tensor] = {}
+
+    def callback(info: dict) -> None:
+        last["denoised"] = info["denoised"]
+        denoiser.set_step(info["i"] + 1)
+        on_step(info["i"] + 1, info["denoised"])
+
+    try:
+        with torch.inference_mode():
+            latents = plan.sampler.function(denoiser, x, plan.sigmas, extra_args={}, callback=callback,
+                                            disable=True, noise_sampler=noise_sampler, **plan.options)
+        return latents, False
+    except StopSampling:
+        return last.get("denoised", x), True

@@ -1,0 +1,161 @@
+"""Model wrappers that turn a UNet into `model(x, sigma) -> denoised`.
+
+`ModelDenoiser` adapts eps- and v-prediction UNets to the k-diffusion
+interface (Karras et al. 2022, "Elucidating the Design Space", Table 1 with
+sigma_data = 1). `CFGDenoiser` adds classifier-free guidance (Ho & Salimans
+2022) with A1111's prompt schedules and composable `AND` prompts (Liu et al.
+2022, "Compositional Visual Generation").
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from modules.pipeline.control import JobControl
+
+
+@dataclass(frozen=True)
+class Cond:
+    """Text conditioning for one UNet row: cross-attention states and SDXL's pooled vector."""
+
+    cross_attn: torch.Tensor  # [1, tokens, dim]
+    pooled: torch.Tensor | None = None  # [1, dim] (SDXL)
+
+
+ScheduledCond = Sequence[tuple[int, Cond]]  # [(end_step, cond), ...] as A1111's prompt schedules
+
+
+def cond_at(schedule: ScheduledCond, step: int) -> Cond:
+    """The first entry whose end step is at or after `step` (steps count from 0)."""
+    for end_step, cond in schedule:
+        if step <= end_step:
+            return cond
+    return schedule[-1][1]
+
+
+class ModelDenoiser:
+    """Wraps a diffusers UNet as model(x, sigma, ...) -> denoised.
+
+    `sigma_to_t` maps sigmas to the UNet's (fractional) timesteps.
+    `concat` is extra input channels (9-channel inpainting), `time_ids` SDXL's size conditioning.
+    """
+
+    def __init__(self, unet: torch.nn.Module, sigma_to_t: Callable[[torch.Tensor], torch.Tensor],
+                 prediction: str = "eps", time_ids: torch.Tensor | None = None,
+                 concat: torch.Tensor | None = None) -> None:
+        if prediction not in ("eps", "v"):
+            raise ValueError(f"unknown prediction type {prediction!r}")
+        self.unet = unet
+        self.sigma_to_t = sigma_to_t
+        self.prediction = prediction
+        self.time_ids = time_ids
+        self.concat = concat
+        self.dtype = next(unet.parameters()).dtype
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cross_attn: torch.Tensor,
+                 pooled: torch.Tensor | None = None, concat: torch.Tensor | None = None) -> torch.Tensor:
+        sigma_ = sigma.reshape(-1, 1, 1, 1).to(x.dtype)
+        c_in = 1.0 / (sigma_**2 + 1.0) ** 0.5
+        model_in = x * c_in
+        if concat is not None:
+            model_in = torch.cat([model_in, concat.to(x.dtype)], dim=1)
+        out = self._unet(model_in, self.sigma_to_t(sigma.reshape(-1)), cross_attn, pooled)
+        if self.prediction == "eps":
+            return x - out * sigma_
+        c_skip = 1.0 / (sigma_**2 + 1.0)
+        c_out = -sigma_ / (sigma_**2 + 1.0) ** 0.5
+        return x * c_skip + out * c_out
+
+    def _unet(self, model_in, t, cross_attn, pooled) -> torch.Tensor:
+        kwargs = {}
+        if pooled is not None:
+            time_ids = self.time_ids.to(model_in.device).expand(model_in.shape[0], -1)
+            kwargs["added_cond_kwargs"] = {"text_embeds": pooled.to(self.dtype), "time_ids": time_ids}
+        out = self.unet(model_in.to(self.dtype), t.to(model_in.device),
+                        encoder_hidden_states=cross_attn.to(self.dtype), return_dict=False, **kwargs)[0]
+        return out.float()
+
+
+@dataclass(frozen=True)
+class Row:
+    """One UNet input row: which image it belongs to and its conditioning."""
+
+    image: int
+    cond: Cond
+
+
+class CFGDenoiser:
+    """Classifier-free guidance over prompt schedules and composable sub-prompts.
+
+    conds[b] lists (schedule, weight) pairs for image b (one per `AND` part);
+    unconds[b] is image b's negative-prompt schedule. The result is
+    uncond + sum_i w_i * cfg_scale * (cond_i - uncond), in denoised space.
+    Call `set_step` from the sampler callback so prompt editing follows the steps.
+    """
+
+    def __init__(self, inner: ModelDenoiser, conds: Sequence[Sequence[tuple[ScheduledCond, float]]],
+                 unconds: Sequence[ScheduledCond], cfg_scale: float,
+                 control: JobControl | None = None, concat: torch.Tensor | None = None) -> None:
+        self.inner = inner
+        self.conds = conds
+        self.unconds = unconds
+        self.cfg_scale = cfg_scale
+        self.control = control
+        self.concat = concat
+        self.step = 0
+
+    def set_step(self, step: int) -> None:
+        self.step = step
+
+    def _skip_uncond(self) -> bool:
+        return self.cfg_scale == 1.0 and all(len(c) == 1 and c[0][1] == 1.0 for c in self.conds)
+
+    def _rows(self) -> tuple[list[Row], list[list[tuple[int, float]]], list[int]]:
+        """Rows to evaluate, each image's (row, weight) for its conds, and its uncond row."""
+        rows: list[Row] = []
+        cond_rows: list[list[tuple[int, float]]] = []
+        uncond_rows: list[int] = []
+        for b, parts in enumerate(self.conds):
+            cond_rows.append([])
+            for schedule, weight in parts:
+                cond_rows[b].append((len(rows), weight))
+                rows.append(Row(b, cond_at(schedule, self.step)))
+            if not self._skip_uncond():
+                uncond_rows.append(len(rows))
+                rows.append(Row(b, cond_at(self.unconds[b], self.step)))
+        return rows, cond_rows, uncond_rows
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        if self.control is not None:
+            self.control.check()
+        rows, cond_rows, uncond_rows = self._rows()
+        out = self._evaluate(x, sigma, rows)
+        if not uncond_rows:
+            return torch.stack([out[parts[0][0]] for parts in cond_rows])
+        denoised = []
+        for b, parts in enumerate(cond_rows):
+            uncond = out[uncond_rows[b]]
+            guided = uncond + sum(w * self.cfg_scale * (out[r] - uncond) for r, w in parts)
+            denoised.append(guided)
+        return torch.stack(denoised)
+
+    def _evaluate(self, x: torch.Tensor, sigma: torch.Tensor, rows: list[Row]) -> list[torch.Tensor]:
+        """Run the UNet over all rows, batching rows whose token counts match."""
+        out: list[torch.Tensor | None] = [None] * len(rows)
+        groups: dict[int, list[int]] = {}
+        for i, row in enumerate(rows):
+            groups.setdefault(row.cond.cross_attn.shape[1], []).append(i)
+        for indices in groups.values():
+            images = [rows[i].image for i in indices]
+            pooled = [rows[i].cond.pooled for i in indices]
+            result = self.inner(
+                x[images], sigma[images],
+                torch.cat([rows[i].cond.cross_attn for i in indices]),
+                torch.cat(pooled) if pooled[0] is not None else None,
+                self.concat[images] if self.concat is not None else None,
+            )
+            for i, value in zip(indices, result, strict=True):
+                out[i] = value
+        return out

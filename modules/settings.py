@@ -1,0 +1,94 @@
+"""Command-line flags -> a frozen Settings object, built once and passed around."""
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+RNG_SOURCES = ("gpu", "cpu", "nv")
+EMPHASIS_MODES = ("Original", "No norm", "Ignore")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the engine needs to know about this process. Never mutated."""
+
+    models_dir: Path = REPO_ROOT / "models"
+    ckpt: Path | None = None
+    ckpt_dirs: tuple[Path, ...] = ()
+    vae_path: Path | None = None
+    outputs_dir: Path = REPO_ROOT / "outputs"
+    data_dir: Path = REPO_ROOT / "data"
+    device: str = "auto"
+    precision: str = "auto"
+    xformers: bool = False
+    force_v_prediction: bool = False
+    rng_source: str = "gpu"
+    clip_skip: int = 1
+    emphasis: str = "Original"
+    eta_noise_seed_delta: int = 0
+    preview_every: int = 1
+    max_size: int = 4096
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def checkpoint_dirs(self) -> list[Path]:
+        return [self.models_dir / "Stable-diffusion", *self.ckpt_dirs]
+
+    @property
+    def vae_dir(self) -> Path:
+        return self.models_dir / "VAE"
+
+    @property
+    def hash_cache(self) -> Path:
+        return self.data_dir / "hashes.json"
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by every command; each maps to a Settings field."""
+    group = parser.add_argument_group("models and devices")
+    group.add_argument("--models-dir", type=Path, help="folder holding Stable-diffusion/, VAE/, Lora/")
+    group.add_argument("--ckpt", type=Path, help="checkpoint file or diffusers folder to load")
+    group.add_argument("--ckpt-dir", type=Path, action="append", default=[], help="extra checkpoint folder")
+    group.add_argument("--vae-path", type=Path, help="VAE file that overrides the checkpoint's VAE")
+    group.add_argument("--outputs-dir", type=Path, help="where images are saved")
+    group.add_argument("--data-dir", type=Path, help="caches and state")
+    group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    group.add_argument("--precision", choices=PRECISIONS, default="auto",
+                       help="compute dtype; fp16 is refused on the CPU")
+    group.add_argument("--xformers", action="store_true", help="use xformers attention when installed")
+    group.add_argument("--force-v-prediction", action="store_true", help="treat checkpoints as v-prediction")
+    group.add_argument("--rng", dest="rng_source", choices=RNG_SOURCES, default="gpu",
+                       help="noise source, as A1111's 'Random number generator source'")
+    group.add_argument("--clip-skip", type=int, default=1)
+    group.add_argument("--emphasis", choices=EMPHASIS_MODES, default="Original")
+    group.add_argument("--eta-noise-seed-delta", type=int, default=0, help="A1111's ENSD")
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    base = Settings()
+    return Settings(
+        models_dir=args.models_dir or base.models_dir,
+        ckpt=args.ckpt,
+        ckpt_dirs=tuple(args.ckpt_dir),
+        vae_path=args.vae_path,
+        outputs_dir=args.outputs_dir or base.outputs_dir,
+        data_dir=args.data_dir or base.data_dir,
+        device=args.device,
+        precision=args.precision,
+        xformers=args.xformers,
+        force_v_prediction=args.force_v_prediction,
+        rng_source=args.rng_source,
+        clip_skip=args.clip_skip,
+        emphasis=args.emphasis,
+        eta_noise_seed_delta=args.eta_noise_seed_delta,
+    )
+
+
+def parse_settings(argv: Sequence[str]) -> Settings:
+    parser = argparse.ArgumentParser()
+    add_settings_arguments(parser)
+    return settings_from_args(parser.parse_args(list(argv)))

@@ -1,0 +1,44 @@
+"""Shared fixtures: offline environment, tiny checkpoints, a ready engine."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+ARCHES = ("sd1", "sd1-inpaint", "sd2", "sd2-v", "sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """One tiny random checkpoint per architecture, in the original single-file layout."""
+    from tests.fixtures.make_tiny_checkpoint import make_tiny_checkpoint
+
+    folder = tmp_path_factory.mktemp("tiny-ckpts")
+    return {arch: make_tiny_checkpoint(arch, folder / f"tiny-{arch}.safetensors") for arch in ARCHES}
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1(tiny_checkpoints) -> Path:
+    return tiny_checkpoints["sd1"]
+
+
+def make_engine(tmp_path: Path, **overrides):
+    from modules.app import build_app
+    from modules.settings import Settings
+
+    settings = Settings(models_dir=tmp_path / "models", outputs_dir=tmp_path / "outputs",
+                        data_dir=tmp_path / "data", device="cpu", precision="fp32", **overrides)
+    return build_app(settings).engine
+
+
+@pytest.fixture(scope="session")
+def sd1_engine(tmp_path_factory, tiny_sd1):
+    """An engine with the tiny SD1 checkpoint loaded (shared: do not switch its model)."""
+    engine = make_engine(tmp_path_factory.mktemp("engine"))
+    engine.load_model(tiny_sd1)
+    return engine
