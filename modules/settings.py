@@ -20,6 +20,7 @@ class Settings:
     ckpt: Path | None = None
     ckpt_dirs: tuple[Path, ...] = ()
     vae_path: Path | None = None
+    sd_vae: str = "Automatic"  # A1111's "SD VAE": Automatic, None, or a file name in models/VAE
     outputs_dir: Path = REPO_ROOT / "outputs"
     data_dir: Path = REPO_ROOT / "data"
     device: str = "auto"
@@ -54,6 +55,8 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ckpt", type=Path, help="checkpoint file or diffusers folder to load")
     group.add_argument("--ckpt-dir", type=Path, action="append", default=[], help="extra checkpoint folder")
     group.add_argument("--vae-path", type=Path, help="VAE file that overrides the checkpoint's VAE")
+    group.add_argument("--vae", dest="sd_vae", default="Automatic",
+                       help="Automatic (NAME.vae.* beside the checkpoint), None, or a file in models/VAE")
     group.add_argument("--outputs-dir", type=Path, help="where images are saved")
     group.add_argument("--data-dir", type=Path, help="caches and state")
     group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -75,6 +78,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         ckpt=args.ckpt,
         ckpt_dirs=tuple(args.ckpt_dir),
         vae_path=args.vae_path,
+        sd_vae=args.sd_vae,
         outputs_dir=args.outputs_dir or base.outputs_dir,
         data_dir=args.data_dir or base.data_dir,
         device=args.device,

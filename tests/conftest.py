@@ -31,8 +31,9 @@ def make_engine(tmp_path: Path, **overrides):
     from modules.app import build_app
     from modules.settings import Settings
 
-    settings = Settings(models_dir=tmp_path / "models", outputs_dir=tmp_path / "outputs",
-                        data_dir=tmp_path / "data", device="cpu", precision="fp32", **overrides)
+    options = dict(models_dir=tmp_path / "models", outputs_dir=tmp_path / "outputs",
+                   data_dir=tmp_path / "data", device="cpu", precision="fp32")
+    settings = Settings(**{**options, **overrides})
     return build_app(settings).engine
 
 

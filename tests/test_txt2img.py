@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from modules import infotext
@@ -150,3 +151,35 @@ def test_nv_rng_and_ensd_are_recorded(sd1_engine):
     result = sd1_engine.txt2img(params(rng_source="nv", eta_noise_seed_delta=31337, save_images=False))
     fields = infotext.parse(result.infotexts[0])
     assert fields["RNG"] == "NV" and fields["ENSD"] == "31337"
+
+
+def test_vae_override_beside_checkpoint_and_by_name(tiny_checkpoints, tmp_path):
+    """NAME.vae.safetensors beside the checkpoint, or a named file in models/VAE, replaces the VAE."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    ckpt = tmp_path / "models" / "Stable-diffusion" / "m.safetensors"
+    ckpt.parent.mkdir(parents=True)
+    shutil.copy(tiny_checkpoints["sd1"], ckpt)
+    donor = load_file(tiny_checkpoints["sd2"])
+    vae = {k: v for k, v in donor.items() if k.startswith("first_stage_model.")}
+    save_file(vae, ckpt.with_name("m.vae.safetensors"))
+    (tmp_path / "models" / "VAE").mkdir()
+    save_file(vae, tmp_path / "models" / "VAE" / "other.safetensors")
+
+    def decoder_weight(engine):
+        model = engine.load_model("m")
+        return model, model.vae.decoder.conv_out.weight.detach().clone()
+
+    plain, own = decoder_weight(make_engine(tmp_path / "a", sd_vae="None", models_dir=tmp_path / "models"))
+    beside, swapped = decoder_weight(make_engine(tmp_path / "b", models_dir=tmp_path / "models"))
+    named, named_w = decoder_weight(make_engine(tmp_path / "c", sd_vae="other", models_dir=tmp_path / "models"))
+    expected = donor["first_stage_model.decoder.conv_out.weight"].float()
+    assert plain.vae_name is None and not torch.equal(own, expected)
+    assert beside.vae_name == "m.vae.safetensors" and torch.equal(swapped, expected)
+    assert named.vae_name == "other.safetensors" and torch.equal(named_w, expected)
+    text = make_engine(tmp_path / "d", models_dir=tmp_path / "models")
+    text.load_model("m")
+    fields = infotext.parse(text.txt2img(params(save_images=False)).infotexts[0])
+    assert fields["VAE"] == "m.vae.safetensors" and len(fields["VAE hash"]) == 10

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from modules.checkpoints.discover import find_checkpoints
+from modules.checkpoints.discover import find_checkpoints, find_vaes, vae_beside_checkpoint
 from modules.checkpoints.manager import ModelManager
 from modules.checkpoints.model import CheckpointInfo, LoadedModel
 from modules.devices import DeviceConfig, apply_attention
@@ -47,9 +47,26 @@ class Engine:
         info = self.find_checkpoint(name_or_path)
         self._per_model.clear()
         model = self.models.load(info, device=self.devices.device, dtype=self.devices.dtype,
-                                 vae_path=self.settings.vae_path, force_v=self.settings.force_v_prediction)
+                                 vae_path=self.vae_for(info), force_v=self.settings.force_v_prediction)
         apply_attention([model.unet, model.vae], self.devices.attention)
         return model
+
+    def vaes(self) -> list[Path]:
+        return find_vaes(self.settings.vae_dir)
+
+    def vae_for(self, info: CheckpointInfo) -> Path | None:
+        """--vae-path, else the `sd_vae` choice: Automatic (beside the checkpoint), None, or a name."""
+        choice = self.settings.sd_vae
+        if self.settings.vae_path:
+            return self.settings.vae_path
+        if choice == "Automatic":
+            return vae_beside_checkpoint(info.path) if info.format != "diffusers" else None
+        if choice == "None":
+            return None
+        for path in self.vaes():
+            if choice in (path.name, path.stem, str(path.relative_to(self.settings.vae_dir))):
+                return path
+        raise CheckpointError(f"VAE not found: {choice}. Put VAE files in {self.settings.vae_dir}.")
 
     def require_model(self) -> LoadedModel:
         model = self.models.current
