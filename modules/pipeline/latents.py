@@ -44,14 +44,14 @@ def _vae_decode(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
 
 
 def decode(vae: torch.nn.Module, latents: torch.Tensor, scale_factor: float) -> tuple[torch.Tensor, bool]:
-    """Decode latents; on NaNs in a half-precision VAE, retry in fp32 and keep it there.
+    """Decode latents; on NaNs or infs from a half-precision VAE, retry in fp32 and keep it there.
 
     Returns the images in [-1, 1] and whether the fp32 fallback was used.
     """
     images = _vae_decode(vae, latents / scale_factor)
-    if not torch.isnan(images).any() or next(vae.parameters()).dtype == torch.float32:
+    if torch.isfinite(images).all() or next(vae.parameters()).dtype == torch.float32:
         return images, False
-    log.warning("NaNs in the VAE output; switching the VAE to fp32")
+    log.warning("NaNs or infs in the VAE output; switching the VAE to fp32")
     vae.to(torch.float32)
     return _vae_decode(vae, latents / scale_factor), True
 
@@ -70,5 +70,5 @@ def txt2img_inpaint_concat(vae: torch.nn.Module, batch: int, height: int, width:
     """9-channel inpainting models in txt2img: a full mask and a grey 'masked image', as A1111."""
     grey = torch.zeros(1, 3, height, width)  # 0.5 grey in [0, 1] is 0 in [-1, 1]
     latent = encode(vae, grey, scale_factor)
-    mask = torch.ones(1, 1, *latent.shape[2:])
+    mask = torch.ones(1, 1, *latent.shape[2:], device=latent.device)
     return torch.cat([mask, latent], dim=1).expand(batch, -1, -1, -1)
