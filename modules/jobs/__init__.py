@@ -1,0 +1,1 @@
+"""Jobs: plain job data, a fair queue with owners, executors, durable history."""

@@ -1,0 +1,151 @@
+"""The executor seam: the job manager hands plain job data to an executor and gets plain results back.
+
+`LocalExecutor` is one worker thread that owns the engine and the device. A distributed
+executor (Ray actors, several GPUs) implements the same `Executor` protocol: it gets a
+`JobSpec` and returns a `JobResult`, and needs no shared in-process objects.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Protocol
+
+from modules.errors import CheckpointError, InvalidParams
+from modules.jobs.model import JobResult, JobSpec
+
+log = logging.getLogger(__name__)
+
+# A progress event: {"fraction", "job_no", "job_count", "step", "steps", "preview": PNG bytes or None}.
+EventCallback = Callable[[dict[str, Any]], None]
+SERVER_ONLY_FIELDS = ("outdir",)  # never taken from job data: the executor decides where files go
+
+
+class Executor(Protocol):
+    """Runs jobs. `run` blocks until the job ends and raises `AtelierError` for a failed job."""
+
+    slots: int  # how many jobs it runs at once; the manager keeps that many dispatchers busy
+
+    def run(self, spec: JobSpec, on_event: EventCallback) -> JobResult: ...
+
+    def interrupt(self, job_id: str) -> None: ...
+
+    def skip(self, job_id: str) -> None: ...
+
+    def load_model(self, name: str) -> str: ...
+
+    def unload_model(self) -> None: ...
+
+    def loaded_model(self) -> str | None: ...
+
+    def close(self) -> None: ...
+
+
+def typed_params(cls: type, data: dict[str, Any]):
+    """Build a params dataclass from a dict, by field name; unknown names are an error."""
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise InvalidParams(f"Unknown parameter(s) for {cls.__name__}: {', '.join(unknown)}")
+    return cls(**{k: v for k, v in data.items() if k not in SERVER_ONLY_FIELDS})
+
+
+def png_bytes(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class LocalExecutor:
+    """One worker thread owns the engine; every engine call runs on it, one at a time."""
+
+    slots = 1
+
+    def __init__(self, engine, job_images_dir: Path) -> None:
+        self.engine = engine
+        self.job_images_dir = Path(job_images_dir)
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="atelier-worker")
+        self._controls: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._loaded: str | None = None
+
+    # -- jobs -----------------------------------------------------------------
+    def run(self, spec: JobSpec, on_event: EventCallback) -> JobResult:
+        from modules.pipeline.control import JobControl
+
+        control = JobControl()
+        with self._lock:
+            self._controls[spec.id] = control
+        try:
+            return self._worker.submit(self._execute, spec, control, on_event).result()
+        finally:
+            with self._lock:
+                self._controls.pop(spec.id, None)
+
+    def interrupt(self, job_id: str) -> None:
+        with self._lock:
+            control = self._controls.get(job_id)
+        if control is not None:
+            control.interrupt()
+
+    def skip(self, job_id: str) -> None:
+        with self._lock:
+            control = self._controls.get(job_id)
+        if control is not None:
+            control.skip()
+
+    def _execute(self, spec: JobSpec, control, on_event: EventCallback) -> JobResult:
+        from modules.jobs import runners
+
+        model = self._ensure_model(spec.params.get("checkpoint"))
+        result = runners.run(self.engine, spec, control, lambda p: on_event(_event(p)))
+        paths = [str(p) for p in result.paths]
+        if not paths:  # not saved to the gallery: keep the job's images under the data folder
+            paths = [str(p) for p in runners.save_job_images(result, self.job_images_dir / spec.id)]
+        return JobResult(images=paths, infotexts=list(result.infotexts), seeds=list(result.seeds),
+                         subseeds=list(result.subseeds), prompts=list(result.prompts),
+                         negative_prompts=list(result.negative_prompts), interrupted=result.interrupted,
+                         warnings=list(result.warnings), model=model)
+
+    # -- models ---------------------------------------------------------------
+    def _ensure_model(self, name: str | None) -> str:
+        """Runs on the worker: load `name` unless it is the loaded model; returns its name."""
+        if not name:
+            raise CheckpointError("No checkpoint is available. Put a model in models/Stable-diffusion "
+                                  "or start with --ckpt FILE.")
+        info = self.engine.find_checkpoint(name)
+        current = self.engine.models.current
+        if current is None or Path(current.info.path).resolve() != Path(info.path).resolve():
+            log.info("loading checkpoint %s", info.name)
+            self.engine.load_model(info.path)
+        self._loaded = info.name
+        return info.name
+
+    def load_model(self, name: str) -> str:
+        return self._worker.submit(self._ensure_model, name).result()
+
+    def unload_model(self) -> None:
+        def unload() -> None:
+            self.engine.models.unload()
+            self._loaded = None
+
+        self._worker.submit(unload).result()
+
+    def loaded_model(self) -> str | None:
+        return self._loaded
+
+    def close(self) -> None:
+        with self._lock:
+            for control in self._controls.values():
+                control.interrupt()
+        self._worker.shutdown(wait=True, cancel_futures=True)
+
+
+def _event(progress) -> dict[str, Any]:
+    return {"fraction": progress.fraction, "job_no": progress.job_no, "job_count": progress.job_count,
+            "step": progress.step, "steps": progress.steps,
+            "preview": png_bytes(progress.preview) if progress.preview is not None else None}
