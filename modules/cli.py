@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from modules.errors import AtelierError
+from modules.server.config import add_server_arguments
 from modules.settings import add_settings_arguments, settings_from_args
 
 
@@ -32,6 +33,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="webui.py", description="Atelier: Stable Diffusion, local-first.")
     add_settings_arguments(parser)
+    add_server_arguments(parser)
     commands = parser.add_subparsers(dest="command")
     generate = commands.add_parser("generate", help="generate images from the command line")
     add_settings_arguments(generate)
@@ -78,8 +80,22 @@ def _print_progress(progress) -> None:
 
 
 def run_app(args: argparse.Namespace) -> int:
-    print("The web UI is not part of this build yet; use `webui.py generate --help`.", file=sys.stderr)
-    return 2
+    """Start the server: the jobs API always, /sdapi/v1 with --api or --nowebui; the UI mounts later."""
+    import dataclasses
+
+    from modules.app import build_app
+    from modules.server.app import serve
+    from modules.server.config import server_config_from_args
+    from modules.server.context import build_context
+
+    config = server_config_from_args(args)
+    config.check_startup()  # before loading anything: refuse --listen without auth at once
+    settings = dataclasses.replace(settings_from_args(args), max_size=args.max_size)
+    app = build_app(settings)
+    if not config.nowebui:
+        logging.getLogger(__name__).warning("The web UI is not part of this build yet; serving the APIs only.")
+    serve(build_context(app, config))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,82 @@
+"""Server flags: where to listen, which APIs to serve, who may use them."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from modules.errors import AtelierError
+
+DEFAULT_PORT = 7860
+
+
+class StartupRefused(AtelierError):
+    """The server was asked to start in an unsafe way."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: bool = False
+    server_name: str | None = None
+    port: int = DEFAULT_PORT
+    api: bool = False
+    nowebui: bool = False
+    api_auth: tuple[tuple[str, str], ...] = ()
+    admin_users: tuple[str, ...] = ()
+    insecure_no_auth: bool = False
+    max_body_mb: int = 100
+    max_prompt_chars: int = 65536
+    max_queued_per_owner: int = 1000
+
+    @property
+    def host(self) -> str:
+        """127.0.0.1 unless --listen or --server-name says otherwise."""
+        return self.server_name or ("0.0.0.0" if self.listen else "127.0.0.1")
+
+    @property
+    def serves_sdapi(self) -> bool:
+        return self.api or self.nowebui
+
+    def check_startup(self) -> None:
+        """With --listen (or another non-loopback address), refuse to start without auth."""
+        exposed = self.host not in ("127.0.0.1", "localhost", "::1")
+        if exposed and not self.api_auth and not self.insecure_no_auth:
+            raise StartupRefused(f"Refusing to listen on {self.host} without authentication: pass "
+                                 "--api-auth USER:PASS[,USER:PASS...], or --insecure-no-auth if you "
+                                 "really want anyone on the network to use this machine.")
+
+
+def parse_api_auth(text: str | None) -> tuple[tuple[str, str], ...]:
+    """'user:pass,user2:pass2' -> pairs; a password may contain ':'."""
+    pairs = []
+    for item in (text or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        user, sep, password = item.partition(":")
+        if not sep or not user or not password:
+            raise AtelierError(f"--api-auth entries look like USER:PASS, got {user or item!r}:...")
+        pairs.append((user, password))
+    return tuple(pairs)
+
+
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("server")
+    group.add_argument("--listen", action="store_true", help="listen on 0.0.0.0 (needs --api-auth)")
+    group.add_argument("--server-name", help="address to bind (default 127.0.0.1)")
+    group.add_argument("--port", type=int, default=DEFAULT_PORT)
+    group.add_argument("--api", action="store_true", help="serve the A1111-compatible API under /sdapi/v1")
+    group.add_argument("--nowebui", action="store_true", help="serve the APIs only, without the web UI")
+    group.add_argument("--api-auth", help="HTTP Basic credentials USER:PASS[,USER:PASS...] for every route")
+    group.add_argument("--admin-users", default="", help="comma-separated users who may control all jobs")
+    group.add_argument("--insecure-no-auth", action="store_true",
+                       help="allow --listen without --api-auth (anyone on the network may use it)")
+    group.add_argument("--api-max-body-mb", type=int, default=100, help="largest request body accepted")
+    group.add_argument("--max-size", type=int, default=4096, help="largest width or height a job may ask for")
+
+
+def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
+        listen=args.listen, server_name=args.server_name, port=args.port, api=args.api, nowebui=args.nowebui,
+        api_auth=parse_api_auth(args.api_auth),
+        admin_users=tuple(u.strip() for u in args.admin_users.split(",") if u.strip()),
+        insecure_no_auth=args.insecure_no_auth, max_body_mb=args.api_max_body_mb)

@@ -1,0 +1,99 @@
+"""What the HTTP layer needs, built once: the App, the job manager, the options, the server flags."""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from modules.app import App
+from modules.checkpoints.model import CheckpointInfo
+from modules.errors import CheckpointError
+from modules.jobs.executor import Executor, LocalExecutor
+from modules.jobs.manager import JobManager
+from modules.jobs.store import JobStore
+from modules.server.config import ServerConfig
+from modules.server.options import Options
+
+_TITLE_HASH = re.compile(r"^(.*?)\s*\[[0-9a-fA-F]{8,64}\]$")
+
+
+@dataclass
+class ServerContext:
+    app: App
+    config: ServerConfig
+    jobs: JobManager
+    options: Options
+    executor: Executor
+
+    @property
+    def data_dir(self) -> Path:
+        return self.app.settings.data_dir
+
+    def start(self) -> None:
+        """Recover and start the queue; choose the default checkpoint (loaded lazily by the first job)."""
+        self.jobs.start()
+        current = self.options.get("sd_model_checkpoint")
+        if current is None or self.find_checkpoint(current) is None:
+            found = self.checkpoints()
+            preferred = [i for i in found if self.app.settings.ckpt and Path(i.path) == Path(self.app.settings.ckpt)]
+            default = (preferred or found or [None])[0]
+            self.options.update({"sd_model_checkpoint": self.title(default) if default else None})
+
+    def close(self) -> None:
+        self.jobs.close()
+
+    # -- checkpoints ------------------------------------------------------------
+    def checkpoints(self) -> list[CheckpointInfo]:
+        return self.app.engine.checkpoints()
+
+    def _cached_sha256(self, info: CheckpointInfo) -> str | None:
+        """Only a hash already computed (on load): listing never reads gigabytes."""
+        try:
+            cache = json.loads(self.app.settings.hash_cache.read_text(encoding="utf-8"))
+            entry = cache.get(str(Path(info.path).resolve()))
+            return entry.get("sha256") if isinstance(entry, dict) else None
+        except (OSError, ValueError, AttributeError):
+            return None
+
+    def title(self, info: CheckpointInfo) -> str:
+        """A1111's title: 'name.safetensors [shorthash]' (no hash until the file was hashed)."""
+        name = info.name + (Path(info.path).suffix if info.format != "diffusers" else "")
+        sha = self._cached_sha256(info)
+        return f"{name} [{sha[:10]}]" if sha else name
+
+    def describe(self, info: CheckpointInfo) -> dict:
+        sha = self._cached_sha256(info)
+        yaml = Path(info.path).with_suffix(".yaml")
+        return {"title": self.title(info), "model_name": info.stem, "hash": sha[:10] if sha else None,
+                "sha256": sha, "filename": str(info.path), "config": str(yaml) if yaml.exists() else None}
+
+    def find_checkpoint(self, name: str) -> CheckpointInfo | None:
+        """By title (with or without ' [hash]'), file name, name or stem; None when unknown."""
+        match = _TITLE_HASH.match(name.strip())
+        wanted = (match.group(1) if match else name).strip()
+        for info in self.checkpoints():
+            keys = {info.name, info.stem, info.name + Path(info.path).suffix, Path(info.path).name}
+            if wanted in keys or name.strip() == self.title(info):
+                return info
+        return None
+
+    def require_checkpoint(self, name: str | None) -> CheckpointInfo:
+        if name is None:
+            name = self.options.get("sd_model_checkpoint")
+            if name is None:
+                raise CheckpointError(
+                    "No checkpoint is available. Put a model in "
+                    f"{self.app.settings.models_dir / 'Stable-diffusion'} or start with --ckpt FILE.")
+        info = self.find_checkpoint(str(name))
+        if info is None:
+            raise CheckpointError(f"Checkpoint not found: {name}. See GET /sdapi/v1/sd-models.")
+        return info
+
+
+def build_context(app: App, config: ServerConfig, executor: Executor | None = None) -> ServerContext:
+    settings = app.settings
+    executor = executor or LocalExecutor(app.engine, settings.data_dir / "job-images")
+    jobs = JobManager(JobStore(settings.data_dir / "jobs.sqlite3"), executor,
+                      max_queued_per_owner=config.max_queued_per_owner)
+    return ServerContext(app, config, jobs, Options(settings, settings.data_dir / "options.json"), executor)

@@ -1,0 +1,142 @@
+"""The A1111-compatible API under /sdapi/v1: thin client of the job manager."""
+from __future__ import annotations
+
+import base64
+import time
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from modules import images as image_files
+from modules import infotext
+from modules.errors import AtelierError
+from modules.jobs.model import FAILED, RUNNING, Caller, Job
+from modules.server import convert, system
+from modules.server.context import ServerContext
+from modules.server.schemas import GenerationResponse, Img2ImgRequest, PngInfoRequest, Txt2ImgRequest
+
+
+def sdapi_router(ctx: ServerContext, get_caller) -> APIRouter:
+    router = APIRouter(prefix="/sdapi/v1", tags=["A1111 compatible"])
+    CallerDep = Depends(get_caller)
+
+    async def generate(request: Request, caller: Caller, kind: str, req: Txt2ImgRequest):
+        params = await run_in_threadpool(convert.job_params, ctx, kind, req)
+        job = await run_in_threadpool(ctx.jobs.submit, caller, kind, params)
+        job = await request.app.state.hub.wait(job.id, caller)
+        if job.state == FAILED:
+            return JSONResponse(status_code=500, content={
+                "error": "JobFailed", "detail": job.error, "errors": job.error, "job_id": job.id})
+        return await run_in_threadpool(convert.a1111_response, job, req.send_images)
+
+    @router.post("/txt2img", response_model=GenerationResponse)
+    async def txt2img(req: Txt2ImgRequest, request: Request, caller: Caller = CallerDep):
+        return await generate(request, caller, "txt2img", req)
+
+    @router.post("/img2img", response_model=GenerationResponse)
+    async def img2img(req: Img2ImgRequest, request: Request, caller: Caller = CallerDep):
+        return await generate(request, caller, "img2img", req)
+
+    @router.post("/png-info")
+    def png_info(req: PngInfoRequest) -> dict[str, Any]:
+        image = convert.decode_image(req.image.strip(), ("image",), 1 << 30)
+        text = image_files.read_infotext(image) or ""
+        items = {k: v for k, v in image.info.items() if isinstance(v, str | int | float) and k != "parameters"}
+        return {"info": text, "items": items, "parameters": infotext.parse(text) if text else {}}
+
+    @router.get("/progress")
+    def progress(skip_current_image: bool = False, caller: Caller = CallerDep) -> dict[str, Any]:
+        return progress_report(ctx, caller, skip_current_image)
+
+    @router.post("/interrupt")
+    def interrupt(caller: Caller = CallerDep) -> dict:
+        for job in running_jobs(ctx, caller):
+            ctx.jobs.interrupt(job.id, caller)
+        return {}
+
+    @router.post("/skip")
+    def skip(caller: Caller = CallerDep) -> dict:
+        for job in running_jobs(ctx, caller):
+            ctx.jobs.skip(job.id, caller)
+        return {}
+
+    @router.get("/options")
+    def get_options() -> dict[str, Any]:
+        return ctx.options.all()
+
+    @router.post("/options")
+    def set_options(changes: dict[str, Any]) -> None:
+        set_options_and_model(ctx, changes)
+
+    @router.post("/refresh-checkpoints")
+    def refresh_checkpoints() -> None:
+        """Checkpoint lists are read from disk on every request; nothing to refresh."""
+
+    @router.post("/refresh-vae")
+    def refresh_vae() -> None:
+        """VAE lists are read from disk on every request."""
+
+    @router.post("/unload-checkpoint")
+    def unload_checkpoint() -> dict:
+        ctx.executor.unload_model()
+        return {}
+
+    @router.post("/reload-checkpoint")
+    def reload_checkpoint() -> dict:
+        ctx.executor.load_model(ctx.require_checkpoint(None).name)
+        return {}
+
+    system.add_list_routes(router, ctx)
+    return router
+
+
+def running_jobs(ctx: ServerContext, caller: Caller) -> list[Job]:
+    """The caller's running jobs; an admin's interrupt and skip reach every running job."""
+    if caller.admin:
+        return ctx.jobs.list(caller, owner=None, state=RUNNING)
+    return [job for job in ctx.jobs.active(caller) if job.state == RUNNING]
+
+
+def progress_report(ctx: ServerContext, caller: Caller, skip_image: bool) -> dict[str, Any]:
+    """A1111's progress shape for the caller's current job (running, else next queued)."""
+    active = ctx.jobs.active(caller)
+    state = {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "",
+             "job_count": 0, "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0,
+             "queued_jobs": len(active)}
+    if not active:
+        return {"progress": 0, "eta_relative": 0, "state": state, "current_image": None, "textinfo": None}
+    job = active[0]
+    p = job.progress
+    n_iter = int(job.params.get("params", {}).get("n_iter", 1))
+    state.update(job=job.id, job_count=max(p.job_count, n_iter, 1), job_no=p.job_no,
+                 sampling_step=p.step, sampling_steps=p.steps,
+                 job_timestamp=time.strftime("%Y%m%d%H%M%S", time.localtime(job.started or job.created)))
+    if job.state != RUNNING:
+        position = ctx.jobs.position(job.id)
+        return {"progress": 0, "eta_relative": 0, "state": state, "current_image": None,
+                "textinfo": f"Queued: {position} job(s) ahead" if position is not None else "Queued"}
+    fraction = min(max(p.fraction, 0.01), 1.0)
+    elapsed = time.time() - (job.started or time.time())
+    preview = None if skip_image else ctx.jobs.preview(job.id)
+    return {"progress": fraction, "eta_relative": max(elapsed / fraction - elapsed, 0.0), "state": state,
+            "current_image": base64.b64encode(preview).decode("ascii") if preview else None,
+            "textinfo": f"Step {p.step}/{p.steps}"}
+
+
+def set_options_and_model(ctx: ServerContext, changes: dict[str, Any]) -> None:
+    """Set options; a new sd_model_checkpoint is loaded by the worker (which owns the model) first."""
+    changes = dict(changes)
+    wanted = changes.pop("sd_model_checkpoint", None)
+    ctx.options.validate(changes)
+    if wanted is not None:
+        info = ctx.find_checkpoint(str(wanted))
+        if info is None:
+            raise convert.RequestError(("sd_model_checkpoint",), f"Checkpoint not found: {wanted}")
+        try:
+            ctx.executor.load_model(info.name)
+        except AtelierError as err:
+            raise convert.RequestError(("sd_model_checkpoint",), str(err)) from None
+        changes["sd_model_checkpoint"] = ctx.title(info)
+    ctx.options.update(changes)

@@ -1,0 +1,98 @@
+"""Read-only A1111 list and system routes: samplers, models, flags, memory, ..."""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter
+
+from modules.server.context import ServerContext
+
+EMPTY_LISTS = ("upscalers", "latent-upscale-modes", "prompt-styles", "loras", "hypernetworks",
+               "face-restorers", "realesrgan-models", "script-info")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def cmd_flags(ctx: ServerContext) -> dict[str, Any]:
+    """Settings and server flags; credentials are never echoed."""
+    flags = {k: _plain(v) for k, v in asdict(ctx.app.settings).items()} if is_dataclass(ctx.app.settings) else {}
+    server = asdict(ctx.config)
+    server["api_auth"] = "<set>" if ctx.config.api_auth else None
+    return {**flags, **{k: _plain(v) for k, v in server.items()}}
+
+
+def memory() -> dict[str, Any]:
+    page = os.sysconf("SC_PAGE_SIZE")
+    total, free = os.sysconf("SC_PHYS_PAGES") * page, os.sysconf("SC_AVPHYS_PAGES") * page
+    result: dict[str, Any] = {"ram": {"free": free, "used": total - free, "total": total}}
+    import torch
+
+    if torch.cuda.is_available():
+        free_c, total_c = torch.cuda.mem_get_info()
+        result["cuda"] = {"system": {"free": free_c, "used": total_c - free_c, "total": total_c},
+                          "active": {"current": torch.cuda.memory_allocated(),
+                                     "peak": torch.cuda.max_memory_allocated()}}
+    else:
+        result["cuda"] = {"error": "CUDA is not available"}
+    return result
+
+
+def add_list_routes(router: APIRouter, ctx: ServerContext) -> None:
+    registries = ctx.app.registries
+
+    @router.get("/samplers")
+    def samplers() -> list[dict[str, Any]]:
+        return [{"name": s.name, "aliases": list(s.aliases), "options": {k: str(v) for k, v in s.options.items()}}
+                for s in registries.samplers]
+
+    @router.get("/schedulers")
+    def schedulers() -> list[dict[str, Any]]:
+        return [{"name": s.name, "label": s.label, "aliases": list(s.aliases) or None,
+                 "default_rho": s.default_rho if s.default_rho is not None else -1,
+                 "need_inner_model": s.need_inner_model} for s in registries.schedulers]
+
+    @router.get("/sd-models")
+    def sd_models() -> list[dict[str, Any]]:
+        return [ctx.describe(info) for info in ctx.checkpoints()]
+
+    @router.get("/sd-vae")
+    def sd_vae() -> list[dict[str, Any]]:
+        return [{"model_name": p.name, "filename": str(p)} for p in ctx.app.engine.vaes()]
+
+    for name in EMPTY_LISTS:  # features that Atelier does not have yet answer with empty lists
+        router.add_api_route(f"/{name}", _empty_list, methods=["GET"], name=name)
+
+    @router.get("/embeddings")
+    def embeddings() -> dict[str, Any]:
+        return {"loaded": {}, "skipped": {}}
+
+    @router.get("/scripts")
+    def scripts() -> dict[str, list[str]]:
+        return {"txt2img": [], "img2img": []}
+
+    @router.get("/extensions")
+    def extensions() -> list[dict[str, Any]]:
+        return list(getattr(ctx, "extension_records", lambda: [])())
+
+    @router.get("/cmd-flags")
+    def flags() -> dict[str, Any]:
+        return cmd_flags(ctx)
+
+    @router.get("/memory")
+    def get_memory() -> dict[str, Any]:
+        return memory()
+
+
+def _empty_list() -> list:
+    return []
