@@ -33,25 +33,31 @@ class PromptConditioner:
         self.extra_network_tags.extend(tags)
         return text
 
-    def scheduled(self, prompt: str, steps: int) -> ScheduledCond:
-        """Prompt editing and alternation: [(end_step, cond), ...]."""
+    def scheduled(self, prompt: str, steps: int, hires_steps: int | None = None) -> ScheduledCond:
+        """Prompt editing and alternation: [(end_step, cond), ...].
+
+        With `hires_steps` the schedule is the hires pass's (A1111: fractions span 1..2,
+        whole numbers count on from the first pass's `steps`).
+        """
         prompt = self._strip_tags(prompt)
-        schedule = prompt_parser.get_learned_conditioning_prompt_schedules([prompt], steps)[0]
+        schedule = prompt_parser.get_learned_conditioning_prompt_schedules([prompt], steps, hires_steps)[0]
         return [(end_step, self.encode(text)) for end_step, text in schedule]
 
-    def composable(self, prompt: str, steps: int) -> list[tuple[ScheduledCond, float]]:
+    def composable(self, prompt: str, steps: int, hires_steps: int | None = None) -> list[tuple[ScheduledCond, float]]:
         """`AND`-separated sub-prompts, each with its own schedule and weight."""
-        return [(self.scheduled(part, steps), weight) for part, weight in prompt_parser.split_and(prompt)]
+        return [(self.scheduled(part, steps, hires_steps), weight)
+                for part, weight in prompt_parser.split_and(prompt)]
 
-    def negative(self, prompt: str, steps: int) -> ScheduledCond:
+    def negative(self, prompt: str, steps: int, hires_steps: int | None = None) -> ScheduledCond:
         if self.zero_empty_negative and prompt == "":
             cond = self.encode("")
             zero = Cond(torch.zeros_like(cond.cross_attn),
                         torch.zeros_like(cond.pooled) if cond.pooled is not None else None)
-            return [(steps, zero)]
-        return self.scheduled(prompt, steps)
+            return [(hires_steps or steps, zero)]
+        return self.scheduled(prompt, steps, hires_steps)
 
-    def for_batch(self, prompts: Sequence[str], negative_prompts: Sequence[str], steps: int):
-        conds = [self.composable(p, steps) for p in prompts]
-        unconds = [self.negative(n, steps) for n in negative_prompts]
+    def for_batch(self, prompts: Sequence[str], negative_prompts: Sequence[str], steps: int,
+                  hires_steps: int | None = None):
+        conds = [self.composable(p, steps, hires_steps) for p in prompts]
+        unconds = [self.negative(n, steps, hires_steps) for n in negative_prompts]
         return conds, unconds

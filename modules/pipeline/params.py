@@ -1,19 +1,21 @@
-"""Typed job parameters and results. Plain, serialisable data."""
+"""Typed job parameters and results. Plain, serialisable data (init images and masks are PIL images)."""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from modules.errors import InvalidParams
 
 MIN_SIZE = 64
+RESIZE_MODES = ("Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)")
+INPAINTING_FILLS = ("fill", "original", "latent noise", "latent nothing")
 
 
 @dataclass(frozen=True)
-class Txt2ImgParams:
-    """A txt2img job, with A1111's field names and defaults."""
+class GenerationParams:
+    """What every task shares: prompts, sampler, schedule, seeds, size, batch; A1111's names and defaults."""
 
     prompt: str = ""
     negative_prompt: str = ""
@@ -43,7 +45,7 @@ class Txt2ImgParams:
     sigma_max: float | None = None
     rho: float | None = None
     save_images: bool = True
-    outdir: Path | None = None  # None: Settings.outputs_dir / "txt2img-images"
+    outdir: Path | None = None  # None: Settings.outputs_dir / "<task>-images"
     max_size: int = 4096
 
     def validate(self) -> None:
@@ -66,9 +68,117 @@ class Txt2ImgParams:
             raise InvalidParams("prompt and negative_prompt must be text")
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        """Fields by name (shallow: init images and masks stay PIL images)."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["outdir"] = str(self.outdir) if self.outdir else None
         return data
+
+
+@dataclass(frozen=True)
+class Txt2ImgParams(GenerationParams):
+    """A txt2img job, with A1111's hires fix fields."""
+
+    enable_hr: bool = False
+    denoising_strength: float = 0.75  # of the hires pass
+    hr_scale: float = 2.0
+    hr_upscaler: str = "Latent"
+    hr_second_pass_steps: int = 0  # 0: the same as steps
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_sampler_name: str | None = None  # None: the same sampler
+    hr_scheduler: str | None = None  # None: the same schedule type
+    hr_prompt: str = ""  # "": the same prompt
+    hr_negative_prompt: str = ""
+
+    def validate(self) -> None:
+        super().validate()
+        if self.enable_hr:
+            _check_number("denoising_strength", self.denoising_strength, 0.0, 1.0)
+            _check_number("hr_scale", self.hr_scale, 1.0, 8.0)
+            _check_int("hr_second_pass_steps", self.hr_second_pass_steps, 0, 1000)
+            for name in ("hr_resize_x", "hr_resize_y"):
+                value = getattr(self, name)
+                if value != 0:
+                    _check_int(name, value, MIN_SIZE, self.max_size)
+            if not isinstance(self.hr_prompt, str) or not isinstance(self.hr_negative_prompt, str):
+                raise InvalidParams("hr_prompt and hr_negative_prompt must be text")
+
+
+@dataclass(frozen=True)
+class Img2ImgParams(GenerationParams):
+    """An img2img job; with a `mask` it is inpainting, with `outpaint` outpainting (A1111's fields).
+
+    `mask`: white (or, for an RGBA mask that is not fully opaque, opaque) pixels are repainted;
+    `modules.pipeline.masks.alpha_mask(image)` turns an init image's transparency into one.
+    `outpaint`: (left, right, up, down) pixels added around the init image, which is first
+    resized to the inner (width - left - right) x (height - up - down) area.
+    """
+
+    init_images: tuple = ()  # PIL images: one, or one per image of a batch
+    mask: Any = None  # PIL image or None
+    denoising_strength: float = 0.75
+    resize_mode: int = 0  # 0 just resize, 1 crop and resize, 2 resize and fill, 3 latent upscale
+    image_cfg_scale: float | None = None  # instruct-pix2pix only (not supported yet: ignored, as A1111 for others)
+    mask_blur: int = 4
+    inpainting_fill: int = 0  # 0 fill, 1 original, 2 latent noise, 3 latent nothing
+    inpaint_full_res: bool = True  # "Only masked"
+    inpaint_full_res_padding: int = 0
+    inpainting_mask_invert: int = 0  # 1: inpaint not masked
+    initial_noise_multiplier: float = 1.0
+    outpaint: tuple[int, int, int, int] | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        _check_images(self.init_images, self.batch_size)
+        if self.mask is not None and not _is_image(self.mask):
+            raise InvalidParams(f"mask must be an image, got {type(self.mask).__name__}")
+        _check_number("denoising_strength", self.denoising_strength, 0.0, 1.0)
+        _check_int("resize_mode", self.resize_mode, 0, 3)
+        _check_int("mask_blur", self.mask_blur, 0, 256)
+        _check_int("inpainting_fill", self.inpainting_fill, 0, 3)
+        _check_int("inpaint_full_res_padding", self.inpaint_full_res_padding, 0, 4096)
+        _check_int("inpainting_mask_invert", int(self.inpainting_mask_invert), 0, 1)
+        _check_number("initial_noise_multiplier", self.initial_noise_multiplier, 0.0, 10.0)
+        if self.image_cfg_scale is not None:
+            _check_number("image_cfg_scale", self.image_cfg_scale, 0.0, 100.0)
+        if self.outpaint is not None:
+            _check_outpaint(self)
+        elif self.resize_mode == 3 and self.mask is not None:
+            raise InvalidParams("resize_mode 3 (latent upscale) cannot be used with a mask; use 0, 1 or 2")
+
+
+def _is_image(value: Any) -> bool:
+    from PIL import Image
+
+    return isinstance(value, Image.Image)
+
+
+def _check_images(images: Any, batch_size: int) -> None:
+    if not isinstance(images, (list, tuple)) or not images:
+        raise InvalidParams("init_images needs at least one image")
+    for i, image in enumerate(images):
+        if not _is_image(image):
+            raise InvalidParams(f"init_images[{i}] must be an image, got {type(image).__name__}")
+        if min(image.size) < 1:
+            raise InvalidParams(f"init_images[{i}] is empty ({image.width}x{image.height})")
+    if len(images) not in (1, batch_size):
+        raise InvalidParams(f"give one init image, or batch_size ({batch_size}) of them; got {len(images)}")
+
+
+def _check_outpaint(p: Img2ImgParams) -> None:
+    pads = p.outpaint
+    if not isinstance(pads, (list, tuple)) or len(pads) != 4:
+        raise InvalidParams(f"outpaint must be (left, right, up, down) pixels, got {pads!r}")
+    for name, value in zip(("left", "right", "up", "down"), pads, strict=True):
+        _check_int(f"outpaint {name}", value, 0, p.max_size)
+    if not any(pads):
+        raise InvalidParams("outpaint needs at least one side above 0 pixels")
+    inner_w, inner_h = p.width - pads[0] - pads[1], p.height - pads[2] - pads[3]
+    if inner_w < 8 or inner_h < 8:
+        raise InvalidParams(f"outpainting {pads} leaves a {inner_w}x{inner_h} area of a {p.width}x{p.height} "
+                            "image for the original; make width and height larger")
+    if p.resize_mode == 3:
+        raise InvalidParams("resize_mode 3 (latent upscale) cannot be used for outpainting; use 0, 1 or 2")
 
 
 def _check_int(name: str, value: Any, low: int, high: int) -> None:

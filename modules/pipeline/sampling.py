@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -63,12 +63,26 @@ def plan_sampling(registries: Registries, sampler_name: str, scheduler_name: str
                         sampler_options(sampler, overrides))
 
 
+def img2img_steps(steps: int, denoising_strength: float) -> int:
+    """A1111's `t_enc`: sampling runs over the last `t_enc + 1` steps of a `steps`-step schedule."""
+    return int(min(denoising_strength, 0.999) * steps)
+
+
+def starting_at(plan: SamplingPlan, t_enc: int) -> SamplingPlan:
+    """The plan cut to its last `t_enc + 1` steps (A1111's `sigmas[steps - t_enc - 1:]`)."""
+    if not 0 <= t_enc < len(plan.sigmas) - 1:
+        raise InvalidParams(f"cannot start {t_enc + 1} steps before the end of a {len(plan.sigmas) - 1}-step schedule")
+    return replace(plan, sigmas=plan.sigmas[-(t_enc + 2):])
+
+
 def run_sampler(plan: SamplingPlan, denoiser: CFGDenoiser, x: torch.Tensor,
                 noise_sampler: Callable[[Any, Any], torch.Tensor] | None,
-                on_step: Callable[[int, torch.Tensor], None]) -> tuple[torch.Tensor, bool]:
+                on_step: Callable[[int, torch.Tensor], None],
+                fallback: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
     """Sample; returns the latents and whether sampling stopped early (interrupt or skip).
 
-    On a stop, the latest denoised prediction is returned, as A1111 does.
+    On a stop, the latest denoised prediction is returned, as A1111 does (before the
+    first step: `fallback`, else `x`; img2img passes its init latents).
     """
     last: dict[str, torch.Tensor] = {}
 
@@ -83,4 +97,4 @@ def run_sampler(plan: SamplingPlan, denoiser: CFGDenoiser, x: torch.Tensor,
                                             disable=True, noise_sampler=noise_sampler, **plan.options)
         return latents, False
     except StopSampling:
-        return last.get("denoised", x), True
+        return last.get("denoised", x if fallback is None else fallback), True

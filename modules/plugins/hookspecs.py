@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pluggy
 
-from modules.plugins.specs import SamplerSpec, SchedulerSpec
+from modules.plugins.specs import SamplerSpec, SchedulerSpec, UpscalerSpec
 
 PROJECT = "atelier"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -18,3 +18,8 @@ def register_samplers() -> list[SamplerSpec]:
 @hookspec
 def register_schedulers() -> list[SchedulerSpec]:
     """Return noise-schedule specs to add to the schedule registry."""
+
+
+@hookspec
+def register_upscalers() -> list[UpscalerSpec]:
+    """Return upscalers (latent modes or pixel-space functions) for the hires fix."""

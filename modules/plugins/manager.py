@@ -8,13 +8,13 @@ import pluggy
 
 from modules.plugins import hookspecs
 from modules.plugins.registry import NamedRegistry
-from modules.plugins.specs import SamplerSpec, SchedulerSpec
+from modules.plugins.specs import SamplerSpec, SchedulerSpec, UpscalerSpec
 
 
 def builtin_plugins() -> list[object]:
-    from modules.plugins.builtins import samplers, schedulers
+    from modules.plugins.builtins import samplers, schedulers, upscalers
 
-    return [samplers, schedulers]
+    return [samplers, schedulers, upscalers]
 
 
 def build_plugin_manager(extra_plugins: Iterable[object] = ()) -> pluggy.PluginManager:
@@ -29,6 +29,7 @@ def build_plugin_manager(extra_plugins: Iterable[object] = ()) -> pluggy.PluginM
 class Registries:
     samplers: NamedRegistry[SamplerSpec]
     schedulers: NamedRegistry[SchedulerSpec]
+    upscalers: NamedRegistry[UpscalerSpec]
 
 
 def _flatten(results: Iterable[list]) -> list:
@@ -40,4 +41,5 @@ def build_registries(manager: pluggy.PluginManager) -> Registries:
     return Registries(
         samplers=NamedRegistry("sampler", _flatten(manager.hook.register_samplers())),
         schedulers=NamedRegistry("schedule type", _flatten(manager.hook.register_schedulers())),
+        upscalers=NamedRegistry("upscaler", _flatten(manager.hook.register_upscalers())),
     )

@@ -68,3 +68,29 @@ class SamplerSpec:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "options", _frozen(self.options))
+
+
+@dataclass(frozen=True)
+class UpscalerSpec:
+    """An upscaler for the hires fix, by A1111's name ("Latent", "Lanczos", ...).
+
+    A latent upscaler sets `latent_mode` (a `torch.nn.functional.interpolate` mode, with
+    `antialias`) and resizes latents. A pixel upscaler sets `function(image, scale) -> image`,
+    which returns the PIL image about `scale` times larger; the pipeline then resizes the
+    result to the exact target size with Lanczos, as A1111 does. Model upscalers (ESRGAN, ...)
+    from extensions are pixel upscalers.
+    """
+
+    name: str
+    function: Callable[[Any, float], Any] | None = None
+    latent_mode: str | None = None
+    antialias: bool = False
+    aliases: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if (self.function is None) == (self.latent_mode is None):
+            raise ValueError(f"upscaler {self.name!r} needs exactly one of function and latent_mode")
+
+    @property
+    def is_latent(self) -> bool:
+        return self.latent_mode is not None
