@@ -186,3 +186,9 @@ def test_webuiapi_img2img_with_mask(api):
     assert fields["Denoising strength"] == "0.8"
     corner = result.images[0].getpixel((2, 2))
     assert abs(corner[0] - 200) < 40  # outside the mask the init image is kept
+
+
+def test_positional_alwayson_script_args_are_refused(http):
+    response = http.post("/sdapi/v1/txt2img", json={**SMALL, "alwayson_scripts": {"X": {"args": [1, 2]}}})
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"][:3] == ["body", "alwayson_scripts", "X"]

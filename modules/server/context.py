@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from modules.app import App
@@ -25,6 +26,8 @@ class ServerContext:
     jobs: JobManager
     options: Options
     executor: Executor
+    # The plugin host sets this to list extensions for /sdapi/v1/extensions.
+    extension_records: Callable[[], list[dict]] = field(default=lambda: [])
 
     @property
     def data_dir(self) -> Path:

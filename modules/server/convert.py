@@ -85,8 +85,6 @@ def _check_request(ctx: ServerContext, req: Txt2ImgRequest) -> None:
             raise RequestError((name,), f"{name} is not supported by Atelier yet")
     if req.script_name:
         raise RequestError(("script_name",), f"Script {req.script_name!r} not found")
-    for name in req.alwayson_scripts:
-        raise RequestError(("alwayson_scripts", name), f"always-on script {name!r} not found")
     registries = ctx.app.registries
     sampler = req.sampler_name or req.sampler_index or "Euler"
     if sampler not in registries.samplers:
@@ -136,6 +134,20 @@ def _save_inputs(ctx: ServerContext, images: dict[str, Any]) -> dict[str, Any]:
     return stored
 
 
+def _extension_args(scripts: dict[str, Any], names: set[str]) -> dict[str, dict[str, Any]]:
+    """`alwayson_scripts` -> the params' `extension_args`, by extension name; options go by name too."""
+    if "extension_args" not in names:
+        raise RequestError(("alwayson_scripts", next(iter(scripts))), "always-on script not found")
+    result = {}
+    for name, spec in scripts.items():
+        args = spec.get("args", spec) if isinstance(spec, dict) else spec
+        if not isinstance(args, dict):
+            raise RequestError(("alwayson_scripts", name, "args"),
+                               'positional script args are not supported; send {"args": {"option": value}}')
+        result[name] = args
+    return result
+
+
 def _input_images(ctx: ServerContext, kind: str, req: Txt2ImgRequest) -> dict[str, Any]:
     images: dict[str, Any] = {}
     if isinstance(req, Img2ImgRequest):
@@ -159,6 +171,9 @@ def job_params(ctx: ServerContext, kind: str, req: Txt2ImgRequest) -> dict[str, 
     if req.enable_hr and "enable_hr" not in names:
         raise RequestError(("enable_hr",), "hires fix is not available in this build yet")
     values = _param_values(ctx, req, names)
+    values.pop("alwayson_scripts", None)
+    if req.alwayson_scripts:
+        values["extension_args"] = _extension_args(req.alwayson_scripts, names)
     overrides = dict(req.override_settings or {})
     checkpoint = _checkpoint(ctx, overrides)
     try:
