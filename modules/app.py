@@ -5,11 +5,11 @@ import logging
 import os
 from dataclasses import dataclass
 
-import pluggy
-
 from modules.devices import DeviceConfig, device_config
 from modules.pipeline.engine import Engine
-from modules.plugins.manager import Registries, build_plugin_manager, build_registries
+from modules.plugins.host import PluginHost
+from modules.plugins.loader import build_plugin_host
+from modules.plugins.manager import Registries, build_registries
 from modules.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ def set_offline_environment() -> None:
 class App:
     settings: Settings
     devices: DeviceConfig
-    plugins: pluggy.PluginManager
+    plugins: PluginHost  # the pluggy manager, extension records, isolated hook calls
     registries: Registries
     engine: Engine
 
@@ -36,8 +36,11 @@ class App:
 def build_app(settings: Settings, extra_plugins: tuple = ()) -> App:
     set_offline_environment()
     devices = device_config(settings.device, settings.precision, settings.xformers)
-    plugins = build_plugin_manager(extra_plugins)
-    registries = build_registries(plugins)
-    engine = Engine(settings, registries, devices)
+    plugins = build_plugin_host(settings, extra_plugins, trace=os.environ.get("ATELIER_TRACE_HOOKS") == "1")
+    registries = build_registries(plugins, settings)
+    engine = Engine(settings, registries, devices, plugins)
     log.info("device %s, dtype %s, attention %s", devices.device, devices.dtype, devices.attention)
-    return App(settings, devices, plugins, registries, engine)
+    app = App(settings, devices, plugins, registries, engine)
+    for warning in plugins.call("on_app_started", refusals=False, app=app).warnings():
+        log.warning(warning)
+    return app

@@ -33,6 +33,12 @@ class Settings:
     eta_noise_seed_delta: int = 0
     preview_every: int = 1
     max_size: int = 4096
+    styles_file: Path = REPO_ROOT / "styles.csv"  # A1111's styles.csv format
+    extensions_dirs: tuple[Path, ...] = (REPO_ROOT / "extensions",)
+    disable_all_extensions: bool = False
+    disable_extra_extensions: bool = False  # keep only the bundled extensions
+    extensions_allow: tuple[str, ...] | None = None  # None: any extension may load
+    enable_insecure_extension_access: bool = False  # allow installs even when listening beyond localhost
     extra: dict = field(default_factory=dict)
 
     @property
@@ -69,6 +75,20 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--clip-skip", type=int, default=1)
     group.add_argument("--emphasis", choices=EMPHASIS_MODES, default="Original")
     group.add_argument("--eta-noise-seed-delta", type=int, default=0, help="A1111's ENSD")
+    add_extension_arguments(parser)
+
+
+def add_extension_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("extensions")
+    group.add_argument("--styles-file", type=Path, help="prompt styles in A1111's styles.csv format")
+    group.add_argument("--extensions-dir", type=Path, action="append", default=[],
+                       help="extra folder of extensions (extensions/ is always searched)")
+    group.add_argument("--disable-all-extensions", action="store_true", help="load no extensions")
+    group.add_argument("--disable-extra-extensions", action="store_true",
+                       help="load only the extensions bundled with Atelier")
+    group.add_argument("--extensions-allow", help="comma-separated names: only these extensions may load")
+    group.add_argument("--enable-insecure-extension-access", action="store_true",
+                       help="allow installing extensions and their requirements even when listening beyond localhost")
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -89,6 +109,13 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         clip_skip=args.clip_skip,
         emphasis=args.emphasis,
         eta_noise_seed_delta=args.eta_noise_seed_delta,
+        styles_file=args.styles_file or base.styles_file,
+        extensions_dirs=(*base.extensions_dirs, *args.extensions_dir),
+        disable_all_extensions=args.disable_all_extensions,
+        disable_extra_extensions=args.disable_extra_extensions,
+        extensions_allow=tuple(n.strip() for n in args.extensions_allow.split(",") if n.strip())
+        if args.extensions_allow is not None else None,
+        enable_insecure_extension_access=args.enable_insecure_extension_access,
     )
 
 

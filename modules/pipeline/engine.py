@@ -10,7 +10,9 @@ from modules.devices import DeviceConfig, apply_attention
 from modules.errors import CheckpointError
 from modules.pipeline.control import JobControl, ProgressCallback
 from modules.pipeline.params import Result, Txt2ImgParams
-from modules.plugins.manager import Registries
+from modules.plugins.host import PluginHost
+from modules.plugins.jobhooks import JobHooks
+from modules.plugins.manager import Registries, build_plugin_manager
 from modules.sampling.schedules import DiscreteSchedule
 from modules.settings import Settings
 
@@ -18,10 +20,12 @@ from modules.settings import Settings
 class Engine:
     """Owns the loaded model and the registries; runs typed jobs."""
 
-    def __init__(self, settings: Settings, registries: Registries, devices: DeviceConfig) -> None:
+    def __init__(self, settings: Settings, registries: Registries, devices: DeviceConfig,
+                 plugins: PluginHost | None = None) -> None:
         self.settings = settings
         self.registries = registries
         self.devices = devices
+        self.plugins = plugins or PluginHost(build_plugin_manager())  # extension hooks, isolated
         self.models = ModelManager(settings.hash_cache)
         self._tokenizer = None
         self._per_model: dict[int, dict] = {}
@@ -98,6 +102,10 @@ class Engine:
         return self._cached(model, "schedule", lambda: DiscreteSchedule(model.spec.alphas_cumprod()))
 
     # -- jobs ---------------------------------------------------------------
+    def job_hooks(self, task: str) -> JobHooks:
+        """The extension hooks one job calls (prepare_params, guidance, post-processing, saved)."""
+        return JobHooks(self.plugins, self.registries, self.settings, task)
+
     def txt2img(self, params: Txt2ImgParams, control: JobControl | None = None,
                 on_progress: ProgressCallback | None = None) -> Result:
         from modules.pipeline.txt2img import txt2img

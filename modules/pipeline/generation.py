@@ -78,6 +78,8 @@ class GenerationRun:
                  on_progress: ProgressCallback | None) -> None:
         params.validate()
         self.engine = engine
+        self.hooks = engine.job_hooks(self.task)  # extensions: prepare_params, guidance, post-processing
+        params = self.hooks.prepare(params)  # random seeds are resolved here, before the hooks
         self.params = params
         self.model = engine.require_model()
         self.control = control or JobControl()
@@ -104,6 +106,7 @@ class GenerationRun:
             self._run_batch(n, BatchSeeds(seeds[part], subseeds[part]))
             self.control.clear_skip()
         self.result.interrupted = self.control.interrupted
+        self.result.warnings.extend(self.hooks.warnings)
         tags = sorted({f"{t.name}:{t.args[0] if t.args else ''}" for t in self.conditioner.extra_network_tags})
         if tags:
             self.result.warnings.append(f"Extra networks are not supported yet, ignored: {', '.join(tags)}")
@@ -156,7 +159,8 @@ class GenerationRun:
             time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32)
         inner = ModelDenoiser(model.unet, self.engine.discrete_schedule(model).sigma_to_t,
                               model.spec.prediction, time_ids=time_ids)
-        return CFGDenoiser(inner, conds, unconds, self.params.cfg_scale, self.control, concat)
+        return CFGDenoiser(inner, conds, unconds, self.params.cfg_scale, self.control, concat,
+                           on_guided=self.hooks.on_guided)
 
     def inpaint_concat(self, batch: int, height: int, width: int) -> torch.Tensor | None:
         """9-channel inpainting models without a mask: a full mask over a grey image (A1111)."""
@@ -191,7 +195,7 @@ class GenerationRun:
     def infotext_fields(self, seed: int, subseed: int) -> dict[str, Any]:
         fields = base_infotext_fields(self.params, self.plan, self.model, seed, subseed)
         version = fields.pop("Version")
-        return {**fields, **self.extra_fields, "Version": version}
+        return {**fields, **self.extra_fields, **self.hooks.infotext(), "Version": version}
 
     def _report(self, n: int, step: int, denoised: torch.Tensor) -> None:
         if self.on_progress is None:
@@ -208,6 +212,7 @@ class GenerationRun:
     def _collect(self, pil_images, seeds: BatchSeeds, prompts, negatives) -> None:
         p = self.params
         for i, image in enumerate(pil_images):
+            image = self.hooks.postprocess(image, p, len(self.result.images), seeds.seeds[i], seeds.subseeds[i])
             text = infotext.build(prompts[i], negatives[i], self.infotext_fields(seeds.seeds[i], seeds.subseeds[i]))
             image.info["parameters"] = text
             self.result.images.append(image)
@@ -218,3 +223,4 @@ class GenerationRun:
             self.result.negative_prompts.append(negatives[i])
             if p.save_images:
                 self.result.paths.append(image_files.save_image(image, self.outdir(), seeds.seeds[i], text))
+                self.hooks.saved(self.result.paths[-1], p, text)

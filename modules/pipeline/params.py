@@ -47,6 +47,8 @@ class GenerationParams:
     save_images: bool = True
     outdir: Path | None = None  # None: Settings.outputs_dir / "<task>-images"
     max_size: int = 4096
+    styles: tuple[str, ...] = ()  # prompt style names, applied in order before the job runs
+    extension_args: dict[str, dict[str, Any]] = field(default_factory=dict)  # option values by extension name
 
     def validate(self) -> None:
         """Raise InvalidParams naming the first bad field."""

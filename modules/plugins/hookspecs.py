@@ -1,9 +1,24 @@
-"""Every hook Atelier calls. Built-in features implement these hooks too."""
+"""Every hook Atelier calls. Built-in features implement these hooks too.
+
+A hook implementation may accept any subset of a spec's arguments (pluggy matches
+them by name), so specs can gain arguments without breaking extensions.
+`docs/extensions.md` documents each hook with an example; a test checks that.
+"""
 from __future__ import annotations
+
+from typing import Any
 
 import pluggy
 
-from modules.plugins.specs import SamplerSpec, SchedulerSpec, UpscalerSpec
+from modules.plugins.specs import (
+    PostprocessorSpec,
+    SamplerSpec,
+    SchedulerSpec,
+    StyleSpec,
+    UISectionSpec,
+    UITabSpec,
+    UpscalerSpec,
+)
 
 PROJECT = "atelier"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -23,3 +38,48 @@ def register_schedulers() -> list[SchedulerSpec]:
 @hookspec
 def register_upscalers() -> list[UpscalerSpec]:
     """Return upscalers (latent modes or pixel-space functions) for the hires fix."""
+
+
+@hookspec
+def register_styles(settings: Any) -> list[StyleSpec]:
+    """Return prompt styles to add to the styles selector."""
+
+
+@hookspec
+def register_postprocessors() -> list[PostprocessorSpec]:
+    """Return image post-processors that run after decoding, with their UI options."""
+
+
+@hookspec
+def prepare_params(params: Any, context: Any) -> Any:
+    """Return changed job parameters (or None to keep them) before a job runs."""
+
+
+@hookspec
+def cfg_denoiser(step: Any, params: Any) -> Any:
+    """Return a replacement for a step's guided prediction (or None), after classifier-free guidance."""
+
+
+@hookspec
+def on_image_saved(path: Any, params: Any, infotext: str) -> None:
+    """Called after a generated image was written to disk."""
+
+
+@hookspec
+def on_app_started(app: Any) -> None:
+    """Called once the App (settings, engine, registries, extensions) is built."""
+
+
+@hookspec
+def register_ui_sections(tab: str) -> list[UISectionSpec]:
+    """Return sections of controls to add to a generation tab ("txt2img" or "img2img")."""
+
+
+@hookspec
+def register_ui_tabs() -> list[UITabSpec]:
+    """Return whole top-level tabs to add to the web UI."""
+
+
+@hookspec
+def register_api_routes() -> list[Any]:
+    """Return FastAPI routers; they are mounted under /ext/<extension name>/."""

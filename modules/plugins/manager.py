@@ -1,27 +1,31 @@
 """Builds the pluggy manager and the registries that hooks fill."""
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import pluggy
 
 from modules.plugins import hookspecs
+from modules.plugins.host import PluginHost
 from modules.plugins.registry import NamedRegistry
-from modules.plugins.specs import SamplerSpec, SchedulerSpec, UpscalerSpec
+from modules.plugins.specs import PostprocessorSpec, SamplerSpec, SchedulerSpec, StyleSpec, UpscalerSpec
 
-
-def builtin_plugins() -> list[object]:
-    from modules.plugins.builtins import samplers, schedulers, upscalers
-
-    return [samplers, schedulers, upscalers]
+log = logging.getLogger("atelier.plugins")
 
 
 def build_plugin_manager(extra_plugins: Iterable[object] = ()) -> pluggy.PluginManager:
+    """Built-in plugins plus `extra_plugins`, without extensions (tests, tools)."""
+    from modules.plugins.loader import builtin_plugins
+
     manager = pluggy.PluginManager(hookspecs.PROJECT)
     manager.add_hookspecs(hookspecs)
-    for plugin in [*builtin_plugins(), *extra_plugins]:
+    for plugin in reversed(list(extra_plugins)):
         manager.register(plugin)
+    for name, plugin in reversed(builtin_plugins()):
+        manager.register(plugin, name=name)
     return manager
 
 
@@ -29,17 +33,38 @@ def build_plugin_manager(extra_plugins: Iterable[object] = ()) -> pluggy.PluginM
 class Registries:
     samplers: NamedRegistry[SamplerSpec]
     schedulers: NamedRegistry[SchedulerSpec]
+    styles: NamedRegistry[StyleSpec]
+    postprocessors: NamedRegistry[PostprocessorSpec]
     upscalers: NamedRegistry[UpscalerSpec]
 
 
-def _flatten(results: Iterable[list]) -> list:
-    # pluggy returns the last-registered plugin first; keep registration order.
-    return [spec for result in reversed(list(results)) for spec in result or ()]
+def _registry(host: PluginHost, kind: str, hook: str, spec_type: type, **kwargs: Any) -> NamedRegistry:
+    """Collect one `register_*` hook; a bad or duplicate spec is skipped and noted on its extension."""
+    registry: NamedRegistry = NamedRegistry(kind, ())
+    for plugin, spec in host.specs(hook, **kwargs):
+        problem = None
+        if not isinstance(spec, spec_type):
+            problem = f"{hook} returned {type(spec).__name__}, expected {spec_type.__name__}"
+        elif spec.name.lower() in registry:
+            problem = f"{kind} {spec.name!r} is already registered; the second one is ignored"
+        if problem is None:
+            registry.add(spec)
+            host.owners[(kind, spec.name)] = plugin
+            continue
+        log.warning("plugin %r: %s", plugin, problem)
+        info = host.extension(plugin)
+        if info is not None:
+            info.warnings.append(problem)
+    return registry
 
 
-def build_registries(manager: pluggy.PluginManager) -> Registries:
+def build_registries(plugins: PluginHost | pluggy.PluginManager, settings: Any = None) -> Registries:
+    host = plugins if isinstance(plugins, PluginHost) else PluginHost(plugins)
+    postprocessors = _registry(host, "post-processor", "register_postprocessors", PostprocessorSpec)
     return Registries(
-        samplers=NamedRegistry("sampler", _flatten(manager.hook.register_samplers())),
-        schedulers=NamedRegistry("schedule type", _flatten(manager.hook.register_schedulers())),
-        upscalers=NamedRegistry("upscaler", _flatten(manager.hook.register_upscalers())),
+        samplers=_registry(host, "sampler", "register_samplers", SamplerSpec),
+        schedulers=_registry(host, "schedule type", "register_schedulers", SchedulerSpec),
+        styles=_registry(host, "style", "register_styles", StyleSpec, settings=settings),
+        postprocessors=NamedRegistry("post-processor", sorted(postprocessors, key=lambda s: s.order)),
+        upscalers=_registry(host, "upscaler", "register_upscalers", UpscalerSpec),
     )

@@ -71,6 +71,79 @@ class SamplerSpec:
 
 
 @dataclass(frozen=True)
+class StyleSpec:
+    """A prompt style: text merged into the prompt, at `{prompt}` when the style has one."""
+
+    name: str
+    prompt: str = ""
+    negative_prompt: str = ""
+    source: str = ""  # where it came from ("styles.csv", an extension's name), for the UI
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One user-facing option of a post-processor or UI section, rendered by the UI and written to infotext.
+
+    `kind` is "checkbox", "slider", "number", "dropdown" or "text". `infotext` is the
+    infotext key; empty means "<owner label> <label>".
+    """
+
+    name: str
+    label: str
+    default: Any
+    kind: str = "number"
+    minimum: float | None = None
+    maximum: float | None = None
+    step: float | None = None
+    choices: tuple[str, ...] = ()
+    infotext: str = ""
+
+
+@dataclass(frozen=True)
+class PostprocessorSpec:
+    """An image post-processor that runs after decoding, in `order` (lower first).
+
+    `function(image, params, context) -> image` takes and returns a PIL image;
+    `context.options` holds this job's option values. It runs when the job's
+    `extension_args` has an entry named `name` (its `enabled` option not False),
+    or on every job when `always_on` is set.
+    """
+
+    name: str
+    label: str
+    function: Callable[..., Any]
+    options: tuple[OptionSpec, ...] = ()
+    order: int = 100
+    always_on: bool = False
+
+
+@dataclass(frozen=True)
+class UISectionSpec:
+    """A block of controls in the txt2img or img2img tab; values reach `extension_args[name]`.
+
+    Declared `options` are rendered by the UI itself; `build(context)`, when given,
+    builds custom Gradio components inside the section and returns them by option name.
+    """
+
+    name: str
+    title: str
+    tabs: tuple[str, ...] = ("txt2img", "img2img")
+    options: tuple[OptionSpec, ...] = ()
+    build: Callable[..., Any] | None = None
+    order: int = 100
+
+
+@dataclass(frozen=True)
+class UITabSpec:
+    """A whole top-level tab; `build(context)` creates its Gradio components."""
+
+    name: str
+    title: str
+    build: Callable[..., Any]
+    order: int = 100
+
+
+@dataclass(frozen=True)
 class UpscalerSpec:
     """An upscaler for the hires fix, by A1111's name ("Latent", "Lanczos", ...).
 

@@ -8,6 +8,7 @@ sigma_data = 1). `CFGDenoiser` adds classifier-free guidance (Ho & Salimans
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -79,6 +80,26 @@ class ModelDenoiser:
 
 
 @dataclass(frozen=True)
+class DenoiserStep:
+    """One guided model call, as the `cfg_denoiser` hook and guidance-aware samplers see it.
+
+    `denoised == uncond + cfg_scale * (cond - uncond)` per image, where `cond` folds the
+    `AND` parts into one prediction; `uncond` is None when CFG scale 1 skipped it.
+    """
+
+    x: torch.Tensor
+    sigma: torch.Tensor
+    step: int  # sampling steps completed before this call
+    cfg_scale: float
+    cond: torch.Tensor
+    uncond: torch.Tensor | None
+    denoised: torch.Tensor
+
+
+GuidanceHook = Callable[[DenoiserStep], torch.Tensor]
+
+
+@dataclass(frozen=True)
 class Row:
     """One UNet input row: which image it belongs to and its conditioning."""
 
@@ -97,8 +118,10 @@ class CFGDenoiser:
 
     def __init__(self, inner: ModelDenoiser, conds: Sequence[Sequence[tuple[ScheduledCond, float]]],
                  unconds: Sequence[ScheduledCond], cfg_scale: float,
-                 control: JobControl | None = None, concat: torch.Tensor | None = None) -> None:
+                 control: JobControl | None = None, concat: torch.Tensor | None = None,
+                 on_guided: GuidanceHook | None = None) -> None:
         self.inner = inner
+        self.on_guided = on_guided  # wraps each guided prediction (the cfg_denoiser hook)
         self.conds = conds
         self.unconds = unconds
         self.cfg_scale = cfg_scale
@@ -128,18 +151,38 @@ class CFGDenoiser:
         return rows, cond_rows, uncond_rows
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        if self.on_guided is None:
+            return self._guide(x, sigma)[0]
+        return self.guidance(x, sigma).denoised
+
+    def guidance(self, x: torch.Tensor, sigma: torch.Tensor) -> DenoiserStep:
+        """The guided prediction with its cond and uncond parts (for CFG++-style samplers), after hooks."""
+        denoised, out, cond_rows, uncond_rows = self._guide(x, sigma)
+        uncond = torch.stack([out[r] for r in uncond_rows]) if uncond_rows else None
+        conds = []
+        for b, parts in enumerate(cond_rows):
+            if uncond is None or (len(parts) == 1 and parts[0][1] == 1.0):
+                conds.append(out[parts[0][0]])
+            else:
+                conds.append(uncond[b] + sum(w * (out[r] - uncond[b]) for r, w in parts))
+        step = DenoiserStep(x, sigma, self.step, self.cfg_scale, torch.stack(conds), uncond, denoised)
+        if self.on_guided is not None:
+            step = dataclasses.replace(step, denoised=self.on_guided(step))
+        return step
+
+    def _guide(self, x: torch.Tensor, sigma: torch.Tensor):
         if self.control is not None:
             self.control.check()
         rows, cond_rows, uncond_rows = self._rows()
         out = self._evaluate(x, sigma, rows)
         if not uncond_rows:
-            return torch.stack([out[parts[0][0]] for parts in cond_rows])
+            return torch.stack([out[parts[0][0]] for parts in cond_rows]), out, cond_rows, uncond_rows
         denoised = []
         for b, parts in enumerate(cond_rows):
             uncond = out[uncond_rows[b]]
             guided = uncond + sum(w * self.cfg_scale * (out[r] - uncond) for r, w in parts)
             denoised.append(guided)
-        return torch.stack(denoised)
+        return torch.stack(denoised), out, cond_rows, uncond_rows
 
     def _evaluate(self, x: torch.Tensor, sigma: torch.Tensor, rows: list[Row]) -> list[torch.Tensor]:
         """Run the UNet over all rows, batching rows whose token counts match."""

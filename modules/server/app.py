@@ -88,11 +88,28 @@ def create_app(ctx: ServerContext, mount_ui: MountUI | None = None) -> FastAPI:
         return {"ok": True, "version": VERSION, "queued": ctx.jobs.queue_length(),
                 "model": ctx.executor.loaded_model()}
 
+    _mount_extensions(app, ctx, get_caller)
     if mount_ui is not None:
         mount_ui(app, ctx)
     app.add_middleware(GateMiddleware, credentials=ctx.config.api_auth,
                        max_body=ctx.config.max_body_mb << 20)
     return app
+
+
+def _mount_extensions(app: FastAPI, ctx: ServerContext, get_caller: Callable[[Request], Caller]) -> None:
+    """The Extensions-tab API under /api/v1/extensions (changes: admins, or anyone without auth) and
+    every extension's own routers under /ext/<name>/."""
+    from modules.plugins.admin import a1111_extension_records, extensions_router
+    from modules.plugins.routes import routes_for_extensions
+
+    ctx.extension_records = lambda: a1111_extension_records(ctx.app.plugins)
+
+    def may_change(request: Request) -> bool:
+        return not ctx.config.api_auth or get_caller(request).admin
+
+    app.include_router(extensions_router(ctx.app.plugins, ctx.app.settings, ctx.config.host, may_change),
+                       prefix="/api/v1", tags=["extensions"])
+    mount_extension_routes(app, routes_for_extensions(ctx.app.plugins))
 
 
 def mount_extension_routes(app: FastAPI, routers: Iterable[tuple[str, Any]]) -> list[str]:

@@ -10,7 +10,7 @@ from fastapi import APIRouter
 
 from modules.server.context import ServerContext
 
-EMPTY_LISTS = ("upscalers", "latent-upscale-modes", "prompt-styles", "loras", "hypernetworks",
+EMPTY_LISTS = ("upscalers", "latent-upscale-modes", "loras", "hypernetworks",
                "face-restorers", "realesrgan-models", "script-info")
 
 
@@ -50,6 +50,11 @@ def memory() -> dict[str, Any]:
 
 def add_list_routes(router: APIRouter, ctx: ServerContext) -> None:
     registries = ctx.app.registries
+
+    @router.get("/prompt-styles")
+    def prompt_styles() -> list[dict[str, Any]]:
+        return [{"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt}
+                for s in registries.styles]
 
     @router.get("/samplers")
     def samplers() -> list[dict[str, Any]]:

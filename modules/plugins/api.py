@@ -1,0 +1,52 @@
+"""The public plugin API: the only Atelier module an extension should import.
+
+    from modules.plugins import api
+
+    @api.hookimpl
+    def register_styles():
+        return [api.StyleSpec("Noir", "{prompt}, film noir, high contrast")]
+
+`API_VERSION` is "MAJOR.MINOR". An extension declares the version it was written
+for (`api_version` in extension.toml); it loads when the major versions match and
+its minor is not newer than ours. Removing or changing anything here bumps the
+major; adding something bumps the minor. See docs/extensions.md.
+"""
+from __future__ import annotations
+
+import logging
+
+from modules.errors import AtelierError, InvalidParams
+from modules.pipeline.params import GenerationParams, Img2ImgParams, Result, Txt2ImgParams
+from modules.plugins.context import JobContext, PostprocessContext
+from modules.plugins.hookspecs import hookimpl
+from modules.plugins.specs import (
+    OptionSpec,
+    PostprocessorSpec,
+    SamplerSpec,
+    ScheduleContext,
+    SchedulerSpec,
+    StyleSpec,
+    UISectionSpec,
+    UITabSpec,
+    UpscalerSpec,
+)
+from modules.sampling.denoisers import DenoiserStep
+
+API_VERSION = "1.0"
+
+__all__ = [
+    "API_VERSION", "AtelierError", "DenoiserStep", "GenerationParams", "Img2ImgParams", "InvalidParams",
+    "JobContext", "OptionSpec", "PostprocessContext", "PostprocessorSpec", "Result", "SamplerSpec",
+    "ScheduleContext", "SchedulerSpec", "StyleSpec", "Txt2ImgParams", "UISectionSpec", "UITabSpec",
+    "UpscalerSpec", "get_logger", "hookimpl", "to_d",
+]
+
+
+def get_logger(extension_name: str) -> logging.Logger:
+    """A logger under "atelier.ext.<name>", so users can filter one extension's messages."""
+    return logging.getLogger(f"atelier.ext.{extension_name}")
+
+
+def to_d(x, sigma, denoised):
+    """Karras ODE derivative dx/dsigma = (x - denoised) / sigma, for sampler extensions."""
+    return (x - denoised) / sigma

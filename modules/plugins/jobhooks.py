@@ -1,0 +1,234 @@
+"""Job-time hooks, called by the pipeline: prepare_params, post-processors, the guidance hook,
+on_image_saved, and the infotext of extension options.
+
+The failure rule: a failure in something the user explicitly asked for (an extension or
+post-processor named in `params.extension_args`) fails the job with `ExtensionError`;
+any other failure is logged, recorded on the extension and attached to the result as
+a warning.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from modules.errors import InvalidParams
+from modules.plugins.context import JobContext, PostprocessContext
+from modules.plugins.extensions import ExtensionError
+from modules.plugins.host import PluginHost
+from modules.plugins.specs import OptionSpec, PostprocessorSpec
+from modules.sampling import rng
+from modules.sampling.denoisers import DenoiserStep, GuidanceHook
+
+log = logging.getLogger("atelier.plugins")
+
+
+def extension_args(params: Any) -> Mapping[str, Mapping[str, Any]]:
+    return getattr(params, "extension_args", None) or {}
+
+
+def _asked(params: Any):
+    """Whose failures fail the job: the extensions the job's extension_args turn on."""
+    names = {n for n, v in extension_args(params).items() if not (isinstance(v, Mapping) and v.get("enabled") is False)}
+    return lambda plugin: plugin in names
+
+
+def check_extension_args(host: PluginHost, registries: Any, params: Any, task: str) -> None:
+    """Every entry must name a loaded extension, a post-processor or a UI section, and hold a mapping."""
+    args = extension_args(params)
+    if not isinstance(args, Mapping):
+        raise InvalidParams("extension_args must map names to option mappings")
+    sections = {s.name for s in ui_sections(host, task)}
+    for name, values in args.items():
+        if not isinstance(values, Mapping):
+            raise InvalidParams(f"extension_args[{name!r}] must be a mapping of option values")
+        info = host.extension(name)
+        if info is not None and not info.loaded:
+            raise ExtensionError(f"Extension {name!r} was asked for but is {info.status}: {info.error}".rstrip(": "))
+        if info is None and name not in registries.postprocessors and name not in sections:
+            raise InvalidParams(f"extension_args names {name!r}, which is no loaded extension, "
+                                "post-processor or UI section")
+
+
+def prepare_params(host: PluginHost, params: Any, context: JobContext) -> Any:
+    """Resolve random seeds (so hooks can use them), then chain every prepare_params hook."""
+    params = dataclasses.replace(params, seed=rng.resolve_seed(params.seed),
+                                 subseed=rng.resolve_seed(params.subseed))
+    check_extension_args(host, context.registries, params, context.task)
+    asked = _asked(params)
+    for impl in host.implementations("prepare_params"):
+        ok, value = host.call_one("prepare_params", impl, {"params": params, "context": context},
+                                  strict=asked(impl.plugin_name))
+        if not ok:
+            context.warn(f"Extension {impl.plugin_name!r} failed in prepare_params and was skipped: {value.message}")
+        elif value is not None and type(value) is not type(params):
+            context.warn(f"Extension {impl.plugin_name!r} returned {type(value).__name__} from prepare_params; "
+                         "ignored")
+        elif value is not None:
+            params = value
+    params.validate()
+    return params
+
+
+def ui_sections(host: PluginHost, tab: str) -> list[Any]:
+    sections = [spec for _, spec in host.specs("register_ui_sections", tab=tab)]
+    return sorted((s for s in sections if tab in s.tabs), key=lambda s: s.order)
+
+
+def _enabled(spec: PostprocessorSpec, params: Any) -> bool:
+    values = extension_args(params).get(spec.name)
+    if values is None:
+        return spec.always_on
+    return values.get("enabled", True) is not False
+
+
+def _options(options: tuple[OptionSpec, ...], values: Mapping[str, Any] | None) -> dict[str, Any]:
+    chosen = {o.name: o.default for o in options}
+    chosen.update(values or {})
+    return chosen
+
+
+def postprocess(host: PluginHost, image: Any, params: Any, context: JobContext,
+                index: int, seed: int, subseed: int) -> Any:
+    """Run the enabled post-processors in order on one decoded PIL image."""
+    for spec in context.registries.postprocessors:
+        if not _enabled(spec, params):
+            continue
+        values = _options(spec.options, extension_args(params).get(spec.name))
+        ctx = PostprocessContext(context, index, seed, subseed, values)
+        try:
+            result = spec.function(image, params, ctx)
+            if not hasattr(result, "size") or result.size != image.size:
+                raise TypeError(f"returned {type(result).__name__} instead of an image of size {image.size}")
+        except InvalidParams:
+            raise
+        except Exception as err:  # an extension bug: fatal only if asked for
+            owner = host.owners.get(("post-processor", spec.name), spec.name)
+            error = host.record(f"post-processor {spec.name}", owner, err)
+            if spec.name in extension_args(params):
+                raise ExtensionError(f"Post-processor {spec.label!r} failed: {error.message}") from err
+            context.warn(f"Post-processor {spec.label!r} failed and was skipped: {error.message}")
+            continue
+        image = result
+    return image
+
+
+def guidance_hook(host: PluginHost, params: Any, context: JobContext) -> GuidanceHook | None:
+    """A wrapper for CFGDenoiser that chains the cfg_denoiser hooks; None when nobody implements it."""
+    impls = host.implementations("cfg_denoiser")
+    if not impls:
+        return None
+    asked, failed = _asked(params), set()
+
+    def hook(step: DenoiserStep) -> torch.Tensor:
+        for impl in impls:
+            if impl.plugin_name in failed:
+                continue
+            ok, value = host.call_one("cfg_denoiser", impl, {"step": step, "params": params},
+                                      strict=asked(impl.plugin_name))
+            if ok and value is not None and getattr(value, "shape", None) != step.denoised.shape:
+                ok = False
+                value = host.record("cfg_denoiser", impl.plugin_name, TypeError(
+                    f"returned {type(value).__name__} {getattr(value, 'shape', '')}, expected a tensor "
+                    f"shaped {tuple(step.denoised.shape)}"))
+                if asked(impl.plugin_name):
+                    raise ExtensionError(f"Extension {impl.plugin_name!r} failed in cfg_denoiser: {value.message}")
+            if not ok:
+                failed.add(impl.plugin_name)
+                context.warn(f"Extension {impl.plugin_name!r} failed in cfg_denoiser and was skipped for "
+                             f"the rest of the job: {value.message}")
+            elif value is not None:
+                step = dataclasses.replace(step, denoised=value)
+        return step.denoised
+
+    return hook
+
+
+def image_saved(host: PluginHost, path: Any, params: Any, infotext: str, context: JobContext) -> None:
+    outcome = host.call("on_image_saved", strict=_asked(params), path=path, params=params, infotext=infotext)
+    for warning in outcome.warnings():
+        context.warn(warning)
+
+
+def _option_owners(host: PluginHost, registries: Any, task: str) -> dict[str, tuple[str, tuple[OptionSpec, ...]]]:
+    owners = {s.name: (s.label, s.options) for s in registries.postprocessors}
+    owners.update({s.name: (s.title, s.options) for s in ui_sections(host, task)})
+    return owners
+
+
+def infotext_key(owner_label: str, option: OptionSpec) -> str:
+    return option.infotext or f"{owner_label} {option.label}"
+
+
+def extension_infotext(host: PluginHost, registries: Any, params: Any, task: str = "txt2img") -> dict[str, Any]:
+    """Infotext fields for the declared options of the job's extension_args (enabled ones only)."""
+    fields: dict[str, Any] = {}
+    owners = _option_owners(host, registries, task)
+    for name, values in extension_args(params).items():
+        if name not in owners or values.get("enabled", True) is False:
+            continue
+        label, options = owners[name]
+        chosen = _options(options, values)  # every declared option, defaults filled in
+        for option in options:
+            if option.name != "enabled":
+                fields[infotext_key(label, option)] = chosen[option.name]
+    return fields
+
+
+def _coerce(option: OptionSpec, text: str) -> Any:
+    default = option.default
+    if isinstance(default, bool):
+        return text.strip().lower() in ("true", "1", "yes", "on")
+    if isinstance(default, int):
+        return int(float(text))
+    if isinstance(default, float):
+        return float(text)
+    return text
+
+
+def extension_args_from_infotext(host: PluginHost, registries: Any, fields: Mapping[str, str],
+                                 task: str = "txt2img") -> dict[str, dict[str, Any]]:
+    """The reverse of `extension_infotext`, for "send to txt2img" and PNG info."""
+    result: dict[str, dict[str, Any]] = {}
+    for name, (label, options) in _option_owners(host, registries, task).items():
+        for option in options:
+            key = infotext_key(label, option)
+            if key in fields:
+                try:
+                    result.setdefault(name, {})[option.name] = _coerce(option, fields[key])
+                except ValueError:
+                    log.warning("infotext %s: %r is not a valid value", key, fields[key])
+    return result
+
+
+class JobHooks:
+    """What one job's run loop calls, bound to the job's context; warnings collect in `context`."""
+
+    def __init__(self, host: PluginHost, registries: Any, settings: Any, task: str) -> None:
+        self.host = host
+        self.context = JobContext(settings, registries, task)
+        self.on_guided: GuidanceHook | None = None
+        self._infotext: dict[str, Any] = {}
+
+    def prepare(self, params: Any) -> Any:
+        """prepare_params hooks (seeds resolved first); binds the guidance hook and infotext to the result."""
+        params = prepare_params(self.host, params, self.context)
+        self.on_guided = guidance_hook(self.host, params, self.context)
+        self._infotext = extension_infotext(self.host, self.context.registries, params, self.context.task)
+        return params
+
+    def infotext(self) -> dict[str, Any]:
+        return dict(self._infotext)
+
+    def postprocess(self, image: Any, params: Any, index: int, seed: int, subseed: int) -> Any:
+        return postprocess(self.host, image, params, self.context, index, seed, subseed)
+
+    def saved(self, path: Any, params: Any, infotext: str) -> None:
+        image_saved(self.host, path, params, infotext, self.context)
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.context.warnings

@@ -1,0 +1,61 @@
+"""Prompt styles: A1111's styles.csv format and its merge rule.
+
+A style's prompt is merged into the user's prompt at `{prompt}` when it has that
+placeholder; otherwise it is appended after ", ". The negative prompt works the same way.
+"""
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterable
+from pathlib import Path
+
+from modules.errors import AtelierError
+from modules.plugins.specs import StyleSpec
+
+CSV_FIELDS = ("name", "prompt", "negative_prompt")
+
+
+def merge_prompt(style_prompt: str, prompt: str) -> str:
+    if "{prompt}" in style_prompt:
+        return style_prompt.replace("{prompt}", prompt)
+    return ", ".join(part for part in (prompt.strip(), style_prompt.strip()) if part)
+
+
+def apply_styles(prompt: str, negative_prompt: str, styles: Iterable[StyleSpec]) -> tuple[str, str]:
+    """Apply styles in order to the prompt and the negative prompt."""
+    for style in styles:
+        prompt = merge_prompt(style.prompt, prompt)
+        negative_prompt = merge_prompt(style.negative_prompt, negative_prompt)
+    return prompt, negative_prompt
+
+
+def load_styles_csv(path: Path, source: str = "styles.csv") -> list[StyleSpec]:
+    """Read A1111's styles.csv: columns name, prompt (or the older "text"), negative_prompt.
+
+    Rows without a name, and rows whose name starts with "#" (A1111's dividers), are skipped.
+    """
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as file:
+            rows = list(csv.DictReader(file, skipinitialspace=True))
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise AtelierError(f"Cannot read styles from {path}: {err}") from err
+    styles = []
+    for row in rows:
+        name = (row.get("name") or "").strip()
+        if not name or name.startswith("#"):
+            continue
+        prompt = row.get("prompt") if "prompt" in row else row.get("text")
+        styles.append(StyleSpec(name, prompt or "", row.get("negative_prompt") or "", source))
+    return styles
+
+
+def save_styles_csv(path: Path, styles: Iterable[StyleSpec]) -> None:
+    """Write styles in A1111's format (atomically), for the UI's "save style" button."""
+    path = Path(path)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8-sig", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        for style in styles:
+            writer.writerow({"name": style.name, "prompt": style.prompt, "negative_prompt": style.negative_prompt})
+    tmp.replace(path)
