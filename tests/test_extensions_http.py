@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 from modules.plugins.install import install_refusal, name_from_url
 from tests.plugin_helpers import FIXTURES, ext_app, statuses
 
-PLUGINS = ("web-ext", "evil-routes", "style-pack")
+PLUGINS = ("web-ext", "evil-routes", "style-pack", "euler-cfg-pp")
 
 
 def client_for(app, **config) -> TestClient:
@@ -129,5 +129,36 @@ def test_a1111_lists_show_extensions_and_styles(app):
     client = client_for(app)
     records = {r["name"]: r for r in client.get("/sdapi/v1/extensions").json()}
     assert records["web-ext"]["enabled"] is True and records["broken-import"]["enabled"] is False
+    assert "Euler CFG++" in [s["name"] for s in client.get("/sdapi/v1/samplers").json()]
     styles = {s["name"]: s for s in client.get("/sdapi/v1/prompt-styles").json()}
     assert styles["Cinematic"]["prompt"].startswith("cinematic still of {prompt}")
+
+
+def test_requirements_are_installed_only_on_request_and_never_beyond_localhost(tmp_path):
+    from modules.plugins.admin import extensions_router
+    from modules.plugins.extensions import ExtensionInfo
+    from modules.plugins.host import PluginHost
+    from modules.plugins.manager import build_plugin_manager
+    from tests.plugin_helpers import ext_settings
+
+    (tmp_path / "requirements.txt").write_text("some-package==1.0\n")
+    info = ExtensionInfo("needs-deps", path=tmp_path, requirements=tmp_path / "requirements.txt", status="loaded")
+    host = PluginHost(build_plugin_manager(), [info])
+    calls = []
+
+    def runner(cmd, **kwargs):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, stdout="installed", stderr="")
+
+    def client(server_host):
+        from fastapi import FastAPI
+
+        app = FastAPI()
+        app.include_router(extensions_router(host, ext_settings(tmp_path), server_host, runner=runner))
+        return TestClient(app)
+
+    assert client("0.0.0.0").post("/extensions/needs-deps/requirements").status_code == 403
+    assert calls == []
+    response = client("127.0.0.1").post("/extensions/needs-deps/requirements")
+    assert response.status_code == 200 and response.json()["output"] == "installed"
+    assert calls[0][-3:] == ["install", "-r", str(tmp_path / "requirements.txt")]

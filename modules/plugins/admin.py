@@ -16,7 +16,12 @@ from pydantic import BaseModel
 from modules.errors import AtelierError, InvalidParams
 from modules.plugins.extensions import ExtensionState
 from modules.plugins.host import PluginHost
-from modules.plugins.install import ExtensionAccessDenied, check_install_allowed, install_from_git
+from modules.plugins.install import (
+    ExtensionAccessDenied,
+    check_install_allowed,
+    install_from_git,
+    install_requirements,
+)
 
 
 class EnabledBody(BaseModel):
@@ -30,7 +35,7 @@ class InstallBody(BaseModel):
 
 def extensions_router(host: PluginHost, settings: Any, server_host: str | None,
                       may_change: Callable[[Any], bool] | None = None, runner: Any = None):
-    """A FastAPI router: GET /extensions, POST /extensions/{name}/enabled, POST /extensions/install.
+    """GET /extensions; POST /extensions/{name}/enabled, /extensions/install, /extensions/{name}/requirements.
 
     `may_change(request)` says whether the caller may change extensions (the server: admins,
     or anyone when auth is off); the localhost rule applies on top of it.
@@ -71,6 +76,20 @@ def extensions_router(host: PluginHost, settings: Any, server_host: str | None,
         except AtelierError as err:
             raise refuse(err) from err
         return {**info.to_dict(), "restart_required": True}
+
+    @router.post("/extensions/{name}/requirements")
+    def requirements(name: str, request: Request) -> dict:
+        """pip-install the extension's requirements.txt: only ever on this explicit request."""
+        check_caller(request)
+        info = host.extension(name)
+        if info is None:
+            raise HTTPException(status_code=404, detail=f"No extension named {name!r}")
+        try:
+            kwargs = {"runner": runner} if runner else {}
+            output = install_requirements(info, settings, server_host, **kwargs)
+        except AtelierError as err:
+            raise refuse(err) from err
+        return {"name": name, "output": output[-2000:], "restart_required": True}
 
     return router
 
