@@ -88,7 +88,7 @@ def add_list_routes(router: APIRouter, ctx: ServerContext) -> None:
 
     @router.get("/extensions")
     def extensions() -> list[dict[str, Any]]:
-        return list(getattr(ctx, "extension_records", lambda: [])())
+        return list(ctx.extension_records())
 
     @router.get("/cmd-flags")
     def flags() -> dict[str, Any]:
