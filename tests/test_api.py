@@ -75,6 +75,9 @@ def test_lists_and_system_routes(api, http):
     for route in ("sd-vae", "upscalers", "latent-upscale-modes", "prompt-styles", "loras", "hypernetworks",
                   "face-restorers", "realesrgan-models", "script-info", "extensions"):
         assert isinstance(http.get(f"/sdapi/v1/{route}").json(), list), route
+    assert {"Lanczos", "Nearest", "None"} <= {u["name"] for u in http.get("/sdapi/v1/upscalers").json()}
+    latent = [m["name"] for m in http.get("/sdapi/v1/latent-upscale-modes").json()]
+    assert latent[0] == "Latent" and "Latent (nearest-exact)" in latent and "Lanczos" not in latent
     assert api.get_scripts() == {"txt2img": [], "img2img": []}
     assert http.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {}}
     assert api.get_memory()["ram"]["total"] > 0

@@ -10,7 +10,7 @@ from fastapi import APIRouter
 
 from modules.server.context import ServerContext
 
-EMPTY_LISTS = ("upscalers", "latent-upscale-modes", "loras", "hypernetworks",
+EMPTY_LISTS = ("loras", "hypernetworks",
                "face-restorers", "realesrgan-models", "script-info")
 
 
@@ -29,6 +29,7 @@ def cmd_flags(ctx: ServerContext) -> dict[str, Any]:
     flags = {k: _plain(v) for k, v in asdict(ctx.app.settings).items()} if is_dataclass(ctx.app.settings) else {}
     server = asdict(ctx.config)
     server["api_auth"] = "<set>" if ctx.config.api_auth else None
+    server["gradio_auth"] = "<set>" if ctx.config.gradio_auth else None
     return {**flags, **{k: _plain(v) for k, v in server.items()}}
 
 
@@ -74,6 +75,15 @@ def add_list_routes(router: APIRouter, ctx: ServerContext) -> None:
     @router.get("/sd-vae")
     def sd_vae() -> list[dict[str, Any]]:
         return [{"model_name": p.name, "filename": str(p)} for p in ctx.app.engine.vaes()]
+
+    @router.get("/upscalers")
+    def upscalers() -> list[dict[str, Any]]:
+        return [{"name": u.name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+                for u in registries.upscalers if u.latent_mode is None]
+
+    @router.get("/latent-upscale-modes")
+    def latent_upscale_modes() -> list[dict[str, str]]:
+        return [{"name": u.name} for u in registries.upscalers if u.latent_mode is not None]
 
     for name in EMPTY_LISTS:  # features that Atelier does not have yet answer with empty lists
         router.add_api_route(f"/{name}", _empty_list, methods=["GET"], name=name)
