@@ -80,7 +80,7 @@ def _print_progress(progress) -> None:
 
 
 def run_app(args: argparse.Namespace) -> int:
-    """Start the server: the jobs API always, /sdapi/v1 with --api or --nowebui; the UI mounts later."""
+    """Start the server: the jobs API always, /sdapi/v1 with --api or --nowebui, the web UI unless --nowebui."""
     import dataclasses
 
     from modules.app import build_app
@@ -92,9 +92,10 @@ def run_app(args: argparse.Namespace) -> int:
     config.check_startup()  # before loading anything: refuse --listen without auth at once
     settings = dataclasses.replace(settings_from_args(args), max_size=args.max_size)
     app = build_app(settings)
+    mount_ui = None
     if not config.nowebui:
-        logging.getLogger(__name__).warning("The web UI is not part of this build yet; serving the APIs only.")
-    serve(build_context(app, config))
+        from modules.ui.mount import mount_webui as mount_ui
+    serve(build_context(app, config), mount_ui)
     return 0
 
 

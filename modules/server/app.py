@@ -91,7 +91,7 @@ def create_app(ctx: ServerContext, mount_ui: MountUI | None = None) -> FastAPI:
     _mount_extensions(app, ctx, get_caller)
     if mount_ui is not None:
         mount_ui(app, ctx)
-    app.add_middleware(GateMiddleware, credentials=ctx.config.api_auth,
+    app.add_middleware(GateMiddleware, credentials=ctx.config.credentials,
                        max_body=ctx.config.max_body_mb << 20)
     return app
 
@@ -105,7 +105,7 @@ def _mount_extensions(app: FastAPI, ctx: ServerContext, get_caller: Callable[[Re
     ctx.extension_records = lambda: a1111_extension_records(ctx.app.plugins)
 
     def may_change(request: Request) -> bool:
-        return not ctx.config.api_auth or get_caller(request).admin
+        return not ctx.config.credentials or get_caller(request).admin
 
     app.include_router(extensions_router(ctx.app.plugins, ctx.app.settings, ctx.config.host, may_change),
                        prefix="/api/v1", tags=["extensions"])
@@ -133,6 +133,7 @@ def serve(ctx: ServerContext, mount_ui: MountUI | None = None) -> None:
 
     ctx.config.check_startup()
     app = create_app(ctx, mount_ui)
-    log.info("serving on http://%s:%d (A1111 API: %s)", ctx.config.host, ctx.config.port,
-             "on" if ctx.config.serves_sdapi else "off")
+    log.warning("%s", ctx.config.banner())
+    log.info("A1111 API: %s; web UI: %s", "on" if ctx.config.serves_sdapi else "off",
+             "on" if mount_ui is not None else "off")
     uvicorn.run(app, host=ctx.config.host, port=ctx.config.port, log_level="info", timeout_graceful_shutdown=5)

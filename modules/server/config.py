@@ -21,6 +21,7 @@ class ServerConfig:
     api: bool = False
     nowebui: bool = False
     api_auth: tuple[tuple[str, str], ...] = ()
+    gradio_auth: tuple[tuple[str, str], ...] = ()  # the UI's users; the gate accepts both sets everywhere
     admin_users: tuple[str, ...] = ()
     insecure_no_auth: bool = False
     max_body_mb: int = 100
@@ -33,28 +34,45 @@ class ServerConfig:
         return self.server_name or ("0.0.0.0" if self.listen else "127.0.0.1")
 
     @property
+    def credentials(self) -> tuple[tuple[str, str], ...]:
+        """Every user the auth gate accepts: --api-auth and --gradio-auth (and --gradio-auth-path)."""
+        return tuple(dict.fromkeys((*self.api_auth, *self.gradio_auth)))
+
+    @property
     def serves_sdapi(self) -> bool:
         return self.api or self.nowebui
 
     def check_startup(self) -> None:
         """With --listen (or another non-loopback address), refuse to start without auth."""
         exposed = self.host not in ("127.0.0.1", "localhost", "::1")
-        if exposed and not self.api_auth and not self.insecure_no_auth:
+        if exposed and not self.credentials and not self.insecure_no_auth:
             raise StartupRefused(f"Refusing to listen on {self.host} without authentication: pass "
-                                 "--api-auth USER:PASS[,USER:PASS...], or --insecure-no-auth if you "
-                                 "really want anyone on the network to use this machine.")
+                                 "--gradio-auth or --api-auth USER:PASS[,USER:PASS...] (or --gradio-auth-path "
+                                 "FILE), or --insecure-no-auth if you really want anyone on the network to "
+                                 "use this machine.")
+
+    def banner(self) -> str:
+        """The start-up line that says who can reach this server."""
+        exposed = self.host not in ("127.0.0.1", "localhost", "::1")
+        where = f"http://{self.host}:{self.port}"
+        if not exposed:
+            return f"Atelier on {where} (this machine only)" + (", login required" if self.credentials else "")
+        if self.credentials:
+            return f"Atelier on {where}: reachable from the network, login required ({len(self.credentials)} users)"
+        return (f"WARNING: Atelier on {where} is reachable from the network WITHOUT a login "
+                "(--insecure-no-auth): anyone who can reach this machine can use it.")
 
 
-def parse_api_auth(text: str | None) -> tuple[tuple[str, str], ...]:
-    """'user:pass,user2:pass2' -> pairs; a password may contain ':'."""
+def parse_api_auth(text: str | None, flag: str = "--api-auth") -> tuple[tuple[str, str], ...]:
+    """'user:pass,user2:pass2' -> pairs; a password may contain ':'. Newlines separate entries too."""
     pairs = []
-    for item in (text or "").split(","):
+    for item in (text or "").replace("\n", ",").split(","):
         item = item.strip()
         if not item:
             continue
         user, sep, password = item.partition(":")
         if not sep or not user or not password:
-            raise AtelierError(f"--api-auth entries look like USER:PASS, got {user or item!r}:...")
+            raise AtelierError(f"{flag} entries look like USER:PASS, got {user or item!r}:...")
         pairs.append((user, password))
     return tuple(pairs)
 
@@ -67,6 +85,8 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--api", action="store_true", help="serve the A1111-compatible API under /sdapi/v1")
     group.add_argument("--nowebui", action="store_true", help="serve the APIs only, without the web UI")
     group.add_argument("--api-auth", help="HTTP Basic credentials USER:PASS[,USER:PASS...] for every route")
+    group.add_argument("--gradio-auth", help="web UI logins USER:PASS[,USER:PASS...] (also accepted by the APIs)")
+    group.add_argument("--gradio-auth-path", help="file with USER:PASS entries, one per line or comma-separated")
     group.add_argument("--admin-users", default="", help="comma-separated users who may control all jobs")
     group.add_argument("--insecure-no-auth", action="store_true",
                        help="allow --listen without --api-auth (anyone on the network may use it)")
@@ -78,5 +98,19 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         listen=args.listen, server_name=args.server_name, port=args.port, api=args.api, nowebui=args.nowebui,
         api_auth=parse_api_auth(args.api_auth),
+        gradio_auth=gradio_auth_from_args(args),
         admin_users=tuple(u.strip() for u in args.admin_users.split(",") if u.strip()),
         insecure_no_auth=args.insecure_no_auth, max_body_mb=args.api_max_body_mb)
+
+
+def gradio_auth_from_args(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
+    """--gradio-auth pairs plus those in --gradio-auth-path (as A1111 reads them)."""
+    pairs = parse_api_auth(getattr(args, "gradio_auth", None), "--gradio-auth")
+    path = getattr(args, "gradio_auth_path", None)
+    if path:
+        try:
+            text = open(path, encoding="utf-8").read()
+        except OSError as err:
+            raise AtelierError(f"Cannot read --gradio-auth-path {path}: {err}") from err
+        pairs += parse_api_auth(text, "--gradio-auth-path")
+    return pairs

@@ -99,4 +99,5 @@ def build_context(app: App, config: ServerConfig, executor: Executor | None = No
     executor = executor or LocalExecutor(app.engine, settings.data_dir / "job-images")
     jobs = JobManager(JobStore(settings.data_dir / "jobs.sqlite3"), executor,
                       max_queued_per_owner=config.max_queued_per_owner)
-    return ServerContext(app, config, jobs, Options(settings, settings.data_dir / "options.json"), executor)
+    return ServerContext(app, config, jobs, Options(settings, settings.data_dir / "config.json",
+                                                     legacy_path=settings.data_dir / "options.json"), executor)

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from modules.errors import InvalidParams
 from modules.settings import Settings
+
+log = logging.getLogger(__name__)
 
 # A1111 option key -> params field it sets for a job.
 PARAM_OPTIONS = {
@@ -39,10 +43,12 @@ def _option_to_param(key: str, value: Any) -> Any:
 
 
 class Options:
-    """The option values, persisted atomically to `<data>/options.json`."""
+    """The option values, persisted atomically to `<data>/config.json` (A1111's name for its settings)."""
 
-    def __init__(self, settings: Settings, path: Path) -> None:
+    def __init__(self, settings: Settings, path: Path, legacy_path: Path | None = None) -> None:
         self.path = Path(path)
+        self.legacy_path = legacy_path  # read when `path` does not exist yet (older data folders)
+        self.load_error: str | None = None
         self._lock = threading.Lock()
         self._values: dict[str, Any] = {
             "sd_model_checkpoint": None,
@@ -60,11 +66,27 @@ class Options:
         self._values.update(self._load())
 
     def _load(self) -> dict[str, Any]:
+        """The saved values; a corrupt file is moved aside (reported in `load_error`), never fatal."""
+        path = self.path if self.path.exists() or self.legacy_path is None else self.legacy_path
         try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
             return {}
-        return {k: v for k, v in data.items() if k not in READ_ONLY} if isinstance(data, dict) else {}
+        except OSError as err:
+            self.load_error = f"Cannot read {path}: {err}; using defaults."
+            return {}
+        try:
+            data = json.loads(text)
+            if not isinstance(data, dict):
+                raise ValueError("the file does not hold a JSON object")
+        except ValueError as err:
+            backup = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(path, backup)
+            self.load_error = (f"{path.name} was not valid ({err}); it was moved to {backup.name} "
+                               "and the defaults are used.")
+            log.warning("%s", self.load_error)
+            return {}
+        return {k: v for k, v in data.items() if k not in READ_ONLY}
 
     def all(self) -> dict[str, Any]:
         with self._lock:

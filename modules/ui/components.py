@@ -1,0 +1,156 @@
+"""Shared widgets of the generation tabs, each registered in a `Fields` under its params field name."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import gradio as gr
+
+from modules.pipeline.params import MIN_SIZE
+from modules.ui.bindings import Fields
+
+AUTOMATIC = "Automatic"
+SAME = "Use same sampler"
+SAME_SCHEDULE = "Use same scheduler"
+
+
+@dataclass
+class PromptArea:
+    prompt: gr.Textbox
+    negative: gr.Textbox
+    prompt_tokens: gr.HTML
+    negative_tokens: gr.HTML
+    read_params: gr.Button
+    styles: gr.Dropdown
+    apply_styles: gr.Button
+    style_name: gr.Textbox
+    save_style: gr.Button
+
+
+@dataclass
+class ActionButtons:
+    generate: gr.Button
+    interrupt: gr.Button
+    skip: gr.Button
+
+
+@dataclass
+class SeedRow:
+    random: gr.Button
+    reuse: gr.Button
+
+
+@dataclass
+class ParamsPanel:
+    """Everything a generation tab binds: `fields` by params name, plus the buttons around them."""
+
+    fields: Fields
+    prompts: PromptArea
+    actions: ActionButtons
+    seed: SeedRow
+    swap_size: gr.Button
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def prompt_area(tab: str, style_names: list[str], fields: Fields) -> tuple[PromptArea, ActionButtons]:
+    """Prompt boxes on the left; Generate/Interrupt/Skip, token counters and styles on the right."""
+    with gr.Row():
+        with gr.Column(scale=6):
+            prompt = gr.Textbox(label="Prompt", lines=3, elem_id=f"{tab}-prompt",
+                                placeholder="Prompt (paste infotext here and press ↙ to read it)")
+            prompt_tokens = gr.HTML("<span class='atelier-tokens'>0/75</span>", elem_id=f"{tab}-token-counter")
+            negative = gr.Textbox(label="Negative prompt", lines=2, elem_id=f"{tab}-negative-prompt")
+            negative_tokens = gr.HTML("<span class='atelier-tokens'>0/75</span>",
+                                      elem_id=f"{tab}-negative-token-counter")
+        with gr.Column(scale=2, min_width=240):
+            actions = action_buttons(tab)
+            read_params = gr.Button("↙ Read parameters from prompt", size="sm", elem_id=f"{tab}-read-params")
+            styles = gr.Dropdown(style_names, value=[], multiselect=True, label="Styles", elem_id=f"{tab}-styles")
+            with gr.Row():
+                apply_styles = gr.Button("Apply styles", size="sm", elem_id=f"{tab}-apply-styles")
+                save_style = gr.Button("Save as style", size="sm", elem_id=f"{tab}-save-style")
+            style_name = gr.Textbox(label="New style name", max_lines=1, elem_id=f"{tab}-style-name")
+    fields.update(prompt=prompt, negative_prompt=negative, styles=styles)
+    area = PromptArea(prompt, negative, prompt_tokens, negative_tokens, read_params, styles, apply_styles,
+                      style_name, save_style)
+    return area, actions
+
+
+def action_buttons(tab: str) -> ActionButtons:
+    with gr.Row():
+        generate = gr.Button("Generate", variant="primary", elem_id=f"{tab}-generate", scale=2)
+        interrupt = gr.Button("Interrupt", elem_id=f"{tab}-interrupt", scale=1)
+        skip = gr.Button("Skip", elem_id=f"{tab}-skip", scale=1)
+    return ActionButtons(generate, interrupt, skip)
+
+
+def sampler_row(tab: str, samplers: list[str], schedules: list[str], defaults: dict, fields: Fields) -> None:
+    with gr.Row():
+        fields["sampler_name"] = gr.Dropdown(samplers, value=defaults["sampler_name"], label="Sampling method",
+                                             elem_id=f"{tab}-sampler")
+        fields["scheduler"] = gr.Dropdown([AUTOMATIC, *schedules], value=defaults["scheduler"],
+                                          label="Schedule type", elem_id=f"{tab}-scheduler")
+        fields["steps"] = gr.Slider(1, 150, value=defaults["steps"], step=1, label="Sampling steps",
+                                    elem_id=f"{tab}-steps")
+
+
+def size_rows(tab: str, defaults: dict, fields: Fields, max_size: int) -> gr.Button:
+    with gr.Row():
+        with gr.Column(scale=4):
+            fields["width"] = gr.Slider(MIN_SIZE, max_size, value=defaults["width"], step=8, label="Width",
+                                        elem_id=f"{tab}-width")
+            fields["height"] = gr.Slider(MIN_SIZE, max_size, value=defaults["height"], step=8, label="Height",
+                                         elem_id=f"{tab}-height")
+        swap = gr.Button("⇅", size="sm", scale=0, min_width=40, elem_id=f"{tab}-swap-size")
+        with gr.Column(scale=2):
+            fields["n_iter"] = gr.Slider(1, 100, value=1, step=1, label="Batch count", elem_id=f"{tab}-n-iter")
+            fields["batch_size"] = gr.Slider(1, 8, value=1, step=1, label="Batch size", elem_id=f"{tab}-batch-size")
+    fields["cfg_scale"] = gr.Slider(1.0, 30.0, value=defaults["cfg_scale"], step=0.5, label="CFG Scale",
+                                    elem_id=f"{tab}-cfg-scale")
+    return swap
+
+
+def seed_row(tab: str, fields: Fields) -> SeedRow:
+    with gr.Row():
+        fields["seed"] = gr.Number(-1, label="Seed", precision=0, elem_id=f"{tab}-seed", scale=4)
+        random = gr.Button("🎲", size="sm", scale=0, min_width=40, elem_id=f"{tab}-random-seed")
+        reuse = gr.Button("♻", size="sm", scale=0, min_width=40, elem_id=f"{tab}-reuse-seed")
+    with gr.Accordion("Variation seed", open=False):
+        with gr.Row():
+            fields["subseed"] = gr.Number(-1, label="Variation seed", precision=0, elem_id=f"{tab}-subseed")
+            fields["subseed_strength"] = gr.Slider(0.0, 1.0, value=0.0, step=0.01, label="Variation strength",
+                                                   elem_id=f"{tab}-subseed-strength")
+        with gr.Row():
+            fields["seed_resize_from_w"] = gr.Slider(0, 2048, value=0, step=8, label="Resize seed from width")
+            fields["seed_resize_from_h"] = gr.Slider(0, 2048, value=0, step=8, label="Resize seed from height")
+    return SeedRow(random, reuse)
+
+
+def hires_accordion(tab: str, samplers: list[str], schedules: list[str], upscalers: list[str],
+                    fields: Fields) -> None:
+    with gr.Accordion("Hires. fix", open=False, elem_id=f"{tab}-hires"):
+        fields["enable_hr"] = gr.Checkbox(False, label="Enable hires. fix", elem_id=f"{tab}-enable-hr")
+        with gr.Row():
+            fields["hr_upscaler"] = gr.Dropdown(upscalers, value=upscalers[0] if upscalers else None,
+                                                label="Upscaler", elem_id=f"{tab}-hr-upscaler")
+            fields["hr_second_pass_steps"] = gr.Slider(0, 150, value=0, step=1, label="Hires steps")
+            fields["denoising_strength"] = gr.Slider(0.0, 1.0, value=0.7, step=0.01, label="Denoising strength",
+                                                     elem_id=f"{tab}-hr-denoising")
+        with gr.Row():
+            fields["hr_scale"] = gr.Slider(1.0, 4.0, value=2.0, step=0.05, label="Upscale by")
+            fields["hr_resize_x"] = gr.Slider(0, 4096, value=0, step=8, label="Resize width to")
+            fields["hr_resize_y"] = gr.Slider(0, 4096, value=0, step=8, label="Resize height to")
+        with gr.Row():
+            fields["hr_sampler_name"] = gr.Dropdown([SAME, *samplers], value=SAME, label="Hires sampling method")
+            fields["hr_scheduler"] = gr.Dropdown([SAME_SCHEDULE, AUTOMATIC, *schedules], value=SAME_SCHEDULE,
+                                                 label="Hires schedule type")
+        fields["hr_prompt"] = gr.Textbox(label="Hires prompt (empty: the same)", lines=1)
+        fields["hr_negative_prompt"] = gr.Textbox(label="Hires negative prompt (empty: the same)", lines=1)
+
+
+def same_as_none(values: dict[str, Any]) -> dict[str, Any]:
+    """'Use same ...' choices mean None (the first pass's value) in the params."""
+    for name, same in (("hr_sampler_name", SAME), ("hr_scheduler", SAME_SCHEDULE)):
+        if values.get(name) == same:
+            values[name] = None
+    return values

@@ -1,0 +1,48 @@
+"""create_ui: composes the tabs; every tab lives in its own module."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+
+from modules.ui.checkpoints import build_checkpoint_row
+from modules.ui.context import UIContext
+
+CSS_PATH = Path(__file__).with_name("style.css")
+
+
+def create_ui(ui: UIContext) -> gr.Blocks:
+    """The whole page: checkpoint row, then the tabs; tabs are linked by send-to buttons."""
+    from modules.ui.extensions_tab import build_extension_tabs, build_extensions_tab
+    from modules.ui.history import build_history_tab
+    from modules.ui.img2img import build_img2img_tab
+    from modules.ui.pnginfo import build_pnginfo_tab
+    from modules.ui.sendto import wire_send_to
+    from modules.ui.settings_tab import build_settings_tab
+    from modules.ui.txt2img import build_txt2img_tab
+
+    with gr.Blocks(title="Atelier", analytics_enabled=False) as blocks:
+        checkpoint = build_checkpoint_row(ui)
+        with gr.Tabs(elem_id="tabs") as tabs:
+            ui.tabs["txt2img"] = build_txt2img_tab(ui, checkpoint)
+            ui.tabs["img2img"] = build_img2img_tab(ui, checkpoint)
+            ui.tabs["pnginfo"] = build_pnginfo_tab(ui)
+            ui.tabs["history"] = build_history_tab(ui)
+            ui.tabs["settings"] = build_settings_tab(ui)
+            ui.tabs["extensions"] = build_extensions_tab(ui)
+            build_extension_tabs(ui)
+        wire_send_to(ui, tabs, checkpoint)
+        blocks.load(lambda: on_page_load(ui), outputs=[checkpoint, *default_widgets(ui)], queue=False)
+    return blocks
+
+
+def default_widgets(ui: UIContext) -> list:
+    return [ui.tabs[name].fields[field] for name in ("txt2img", "img2img") for field in ("sampler_name", "scheduler")]
+
+
+def on_page_load(ui: UIContext) -> list:
+    """Fresh values for each page load: the checkpoint list and the default sampler and schedule."""
+    titles = ui.checkpoint_titles()
+    checkpoint = gr.update(choices=titles, value=ui.current_checkpoint() if titles else None)
+    defaults = [ui.default("sampler", "DPM++ 2M"), ui.default("scheduler", "Automatic")]
+    return [checkpoint, *defaults, *defaults]

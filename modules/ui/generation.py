@@ -1,0 +1,190 @@
+"""A generation tab (txt2img or img2img): prompts, parameters, extension sections, results, events.
+
+The tab-specific part (img2img's image inputs) is passed in as `build_inputs`; everything here
+binds widgets to params fields by name through `Fields`.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import gradio as gr
+
+from modules import infotext
+from modules.errors import AtelierError, InvalidParams
+from modules.ui import components as ui_components
+from modules.ui import prompts as prompt_events
+from modules.ui.bindings import Fields, field_defaults
+from modules.ui.context import UIContext
+from modules.ui.jobs import follow, interrupt_mine, params_class, readable, submit
+from modules.ui.results import (
+    ResultsPanel,
+    finished_message,
+    infotext_html,
+    preview_image,
+    progress_html,
+    result_state,
+    results_panel,
+)
+from modules.ui.sections import render_sections, section_components, section_values
+
+# build_inputs(fields) renders the tab's own inputs and returns (extra input components, collect)
+# where collect({component: value}) -> (kind, extra field values, images by field name).
+Collect = Callable[[dict], tuple[str, dict[str, Any], dict[str, Any]]]
+
+
+@dataclass
+class GenerationTab:
+    name: str
+    fields: Fields
+    panel: ui_components.ParamsPanel
+    results: ResultsPanel
+    sections: dict[str, dict[str, Any]]
+    extra_inputs: set = field(default_factory=set)
+    handles: dict[str, Any] = field(default_factory=dict)  # tab-specific components (img2img images)
+
+
+def build_generation_tab(ui: UIContext, name: str, kind: str, checkpoint: gr.Dropdown,
+                         build_inputs: Callable[[Fields], tuple[set, Collect, dict]] | None = None) -> GenerationTab:
+    registries = ui.app.registries
+    defaults = field_defaults(params_class(kind))
+    defaults.update(sampler_name=ui.default("sampler", "DPM++ 2M"), scheduler=ui.default("scheduler", "Automatic"))
+    samplers, schedules = registries.samplers.names(), registries.schedulers.names()
+    fields = Fields()
+    prompts, actions = ui_components.prompt_area(name, registries.styles.names(), fields)
+    extra_inputs, collect, handles = set(), None, {}
+    with gr.Row():
+        with gr.Column(scale=1):
+            if build_inputs is not None:
+                extra_inputs, collect, handles = build_inputs(fields)
+            ui_components.sampler_row(name, samplers, schedules, defaults, fields)
+            swap = ui_components.size_rows(name, defaults, fields, ui.app.settings.max_size)
+            seed = ui_components.seed_row(name, fields)
+            if kind == "txt2img":
+                ui_components.hires_accordion(name, samplers, schedules, registries.upscalers.names(), fields)
+            sections = render_sections(ui.app, kind)
+        with gr.Column(scale=1):
+            results = results_panel(name)
+    panel = ui_components.ParamsPanel(fields, prompts, actions, seed, swap)
+    tab = GenerationTab(name, fields, panel, results, sections, extra_inputs, handles)
+    _wire(ui, tab, kind, defaults, checkpoint, collect)
+    return tab
+
+
+def _wire(ui: UIContext, tab: GenerationTab, kind: str, defaults: dict, checkpoint: gr.Dropdown,
+          collect: Collect | None) -> None:
+    fields, results, panel = tab.fields, tab.results, tab.panel
+    prompt_events.wire_prompt_area(ui, tab.name, panel.prompts, fields, defaults, checkpoint)
+    panel.seed.random.click(lambda: -1, outputs=fields["seed"], queue=False)
+    panel.seed.reuse.click(_reuse_seed, inputs=results.state, outputs=fields["seed"], queue=False)
+    panel.swap_size.click(lambda w, h: (h, w), inputs=[fields["width"], fields["height"]],
+                          outputs=[fields["width"], fields["height"]], queue=False)
+    inputs = set(fields.values()) | tab.extra_inputs | section_components(tab.sections) | {checkpoint}
+    outputs = [results.progress, results.preview, results.gallery, results.infotext, results.message,
+               results.state, results.download]
+
+    def generate(data: dict, request: gr.Request) -> Iterator[dict]:
+        yield from _run(ui, tab, kind, defaults, data, request, collect, checkpoint)
+
+    panel.actions.generate.click(generate, inputs=inputs, outputs=outputs, concurrency_limit=None,
+                                 show_progress="hidden")
+    def interrupt(request: gr.Request) -> str:
+        return _interrupt(ui, request, False)
+
+    def skip(request: gr.Request) -> str:
+        return _interrupt(ui, request, True)
+
+    panel.actions.interrupt.click(interrupt, outputs=results.message, queue=False)
+    panel.actions.skip.click(skip, outputs=results.message, queue=False)
+    results.gallery.select(_select, inputs=results.state, outputs=[results.state, results.infotext,
+                                                                   results.download], queue=False)
+    results.open_folder.click(lambda: _open_folder(ui, kind), outputs=results.message, queue=False)
+
+
+def _run(ui: UIContext, tab: GenerationTab, kind: str, defaults: dict, data: dict, request: gr.Request,
+         collect: Collect | None, checkpoint: gr.Dropdown) -> Iterator[dict]:
+    results = tab.results
+    caller = ui.caller(request)
+    try:
+        values = ui_components.same_as_none(tab.fields.read(data, defaults))
+        values["styles"] = tuple(values.get("styles") or ())
+        job_kind, images = kind, {}
+        if collect is not None:
+            job_kind, extra, images = collect(data)
+            values.update(extra)
+        values["extension_args"] = section_values(tab.sections, data)
+        job = submit(ui.server, caller, job_kind, values, images, data.get(checkpoint))
+    except (AtelierError, InvalidParams) as err:
+        yield {results.message: f"❌ **Error:** {readable(err)}", results.progress: "",
+               results.preview: gr.update(visible=False)}
+        return
+    except Exception as err:  # never a stack trace in the page
+        yield {results.message: f"❌ **Error:** {readable(err)}", results.progress: ""}
+        return
+    yield {results.message: "", results.gallery: [], results.infotext: ""}
+    update = None
+    for update in follow(ui.server, caller, job.id, ui.preview_every()):
+        out: dict = {results.progress: progress_html(update)}
+        if update.preview is not None:
+            out[results.preview] = gr.update(value=preview_image(update.preview), visible=True)
+        if not update.job.is_finished:
+            yield out
+    yield _finished(results, update.job)
+
+
+def _finished(results: ResultsPanel, job) -> dict:
+    state = result_state(job)
+    gallery = [(path, f"Seed: {seed}") for path, seed in zip(state["images"], state["seeds"], strict=False)]
+    first_text = state["infotexts"][0] if state["infotexts"] else ""
+    return {results.progress: "", results.preview: gr.update(visible=False, value=None), results.gallery: gallery,
+            results.infotext: infotext_html(first_text), results.message: finished_message(job),
+            results.state: state, results.download: state["images"][0] if state["images"] else None}
+
+
+def _reuse_seed(state: dict) -> int:
+    seeds = state.get("seeds") or []
+    index = min(int(state.get("selected") or 0), max(len(seeds) - 1, 0))
+    return seeds[index] if seeds else -1
+
+
+def _select(state: dict, evt: gr.SelectData) -> tuple:
+    state = {**state, "selected": evt.index if isinstance(evt.index, int) else 0}
+    images, texts = state.get("images") or [], state.get("infotexts") or []
+    index = min(state["selected"], max(len(images) - 1, 0))
+    text = texts[index] if index < len(texts) else ""
+    return state, infotext_html(text), images[index] if images else None
+
+
+def _interrupt(ui: UIContext, request: gr.Request, skip: bool) -> str:
+    caller = ui.caller(request)
+    reached = interrupt_mine(ui.server, caller, skip)
+    if reached:
+        return "⏭ Skipping to the next batch…" if skip else "⏹ Interrupting your job…"
+    cancelled = 0
+    if not skip:
+        for job in ui.server.jobs.active(caller):
+            ui.server.jobs.cancel(job.id, caller)
+            cancelled += 1
+    return f"⏹ Cancelled {cancelled} queued job(s)." if cancelled else "You have no running job."
+
+
+def _open_folder(ui: UIContext, kind: str) -> str:
+    from modules.ui.results import open_folder
+
+    return open_folder(ui.app.settings.outputs_dir / f"{kind}-images", ui.local_only)
+
+
+def infotext_values(text: str, defaults: dict) -> dict[str, Any]:
+    """Parsed infotext -> {field name: value} for a generation tab (None hires choices -> 'same')."""
+    from modules.ui.bindings import values_from_infotext
+
+    values = values_from_infotext(infotext.parse(text), defaults)
+    if "hr_sampler_name" in defaults:
+        values.setdefault("hr_sampler_name", None)
+        values.setdefault("hr_scheduler", None)
+        if values["hr_sampler_name"] is None:
+            values["hr_sampler_name"] = ui_components.SAME
+        if values["hr_scheduler"] is None:
+            values["hr_scheduler"] = ui_components.SAME_SCHEDULE
+    return values

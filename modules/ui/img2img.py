@@ -1,0 +1,124 @@
+"""The img2img tab: img2img, inpaint (brush in Gradio's image editor), inpaint upload, outpaint."""
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+from PIL import Image
+
+from modules.errors import InvalidParams
+from modules.pipeline.params import INPAINTING_FILLS, RESIZE_MODES
+from modules.ui.bindings import Fields
+from modules.ui.context import UIContext
+from modules.ui.generation import GenerationTab, build_generation_tab
+
+MODES = (("img2img", "img2img"), ("inpaint", "Inpaint"), ("inpaint_upload", "Inpaint upload"),
+         ("outpaint", "Outpaint"))
+INPAINT_AREAS = ("Whole picture", "Only masked")
+MASK_MODES = ("Inpaint masked", "Inpaint not masked")
+
+
+def build_img2img_tab(ui: UIContext, checkpoint: gr.Dropdown) -> GenerationTab:
+    with gr.Tab("img2img", id="img2img", elem_id="tab-img2img"):
+        return build_generation_tab(ui, "img2img", "img2img", checkpoint, _image_inputs)
+
+
+def _image_inputs(fields: Fields) -> tuple[set, Any, dict]:
+    mode = gr.State("img2img")
+    handles: dict[str, Any] = {"mode": mode}
+    with gr.Tabs(elem_id="img2img-modes") as modes:
+        for key, label in MODES:
+            with gr.Tab(label, id=key, elem_id=f"img2img-mode-{key}") as tab:
+                _mode_inputs(key, handles)
+            tab.select(lambda k=key: k, outputs=mode, queue=False)
+    handles["modes"] = modes
+    _img2img_fields(fields)
+    extra = {mode, handles["image"], handles["editor"], handles["upload_image"], handles["upload_mask"],
+             handles["outpaint_image"], *handles["pads"].values()}
+
+    def collect(data: dict) -> tuple[str, dict[str, Any], dict[str, Any]]:
+        return collect_inputs(data[mode], data, handles)
+
+    return extra, collect, handles
+
+
+def _mode_inputs(key: str, handles: dict[str, Any]) -> None:
+    if key == "img2img":
+        handles["image"] = gr.Image(label="Image", type="pil", image_mode="RGBA", height=360,
+                                    elem_id="img2img-image", sources=["upload", "clipboard"])
+    elif key == "inpaint":
+        handles["editor"] = gr.ImageEditor(
+            label="Image and mask (paint the area to repaint)", type="pil", image_mode="RGBA", height=420,
+            elem_id="inpaint-editor", sources=["upload", "clipboard"], transforms=(), layers=False,
+            brush=gr.Brush(default_size=24, colors=["#ffffff"], default_color="#ffffff", color_mode="fixed"))
+    elif key == "inpaint_upload":
+        with gr.Row():
+            handles["upload_image"] = gr.Image(label="Image", type="pil", image_mode="RGBA", height=300,
+                                               elem_id="inpaint-upload-image")
+            handles["upload_mask"] = gr.Image(label="Mask (white: repaint)", type="pil", image_mode="L",
+                                              height=300, elem_id="inpaint-upload-mask")
+    else:
+        handles["outpaint_image"] = gr.Image(label="Image", type="pil", image_mode="RGBA", height=300,
+                                             elem_id="outpaint-image")
+        with gr.Row():
+            handles["pads"] = {side: gr.Slider(0, 512, value=64 if side in ("left", "right") else 0, step=8,
+                                               label=f"Pixels to add: {side}", elem_id=f"outpaint-{side}")
+                               for side in ("left", "right", "up", "down")}
+
+
+def _img2img_fields(fields: Fields) -> None:
+    fields["resize_mode"] = gr.Radio(list(RESIZE_MODES), value=RESIZE_MODES[0], type="index", label="Resize mode",
+                                     elem_id="img2img-resize-mode")
+    fields["denoising_strength"] = gr.Slider(0.0, 1.0, value=0.75, step=0.01, label="Denoising strength",
+                                             elem_id="img2img-denoising")
+    with gr.Accordion("Inpainting", open=False, elem_id="img2img-inpaint-options"):
+        fields["mask_blur"] = gr.Slider(0, 64, value=4, step=1, label="Mask blur", elem_id="img2img-mask-blur")
+        fields["inpainting_mask_invert"] = gr.Radio(list(MASK_MODES), value=MASK_MODES[0], type="index",
+                                                    label="Mask mode")
+        fields["inpainting_fill"] = gr.Radio(list(INPAINTING_FILLS), value="original", type="index",
+                                             label="Masked content", elem_id="img2img-inpainting-fill")
+        fields["inpaint_full_res"] = gr.Radio(list(INPAINT_AREAS), value=INPAINT_AREAS[0], type="index",
+                                              label="Inpaint area")
+        fields["inpaint_full_res_padding"] = gr.Slider(0, 256, value=32, step=4,
+                                                       label="Only masked padding, pixels")
+
+
+def editor_mask(value: dict | None) -> tuple[Image.Image | None, Image.Image | None]:
+    """Gradio's editor value -> (background image, mask: white where any layer was painted)."""
+    if not value or value.get("background") is None:
+        return None, None
+    background = value["background"]
+    mask = Image.new("L", background.size, 0)
+    for layer in value.get("layers") or []:
+        if layer is None:
+            continue
+        alpha = layer.convert("RGBA").getchannel("A")
+        if alpha.size != background.size:
+            alpha = alpha.resize(background.size)
+        mask.paste(255, (0, 0), alpha.point(lambda a: 255 if a > 0 else 0))
+    return background.convert("RGB"), mask if mask.getbbox() else None
+
+
+def collect_inputs(mode: str, data: dict, handles: dict[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """The active mode's images (and outpaint sizes) as params fields; raises InvalidParams when missing."""
+    extra: dict[str, Any] = {}
+    if mode == "inpaint":
+        image, mask = editor_mask(data.get(handles["editor"]))
+        if image is not None and mask is None:
+            raise InvalidParams("Paint a mask on the image first (the area to repaint).")
+    elif mode == "inpaint_upload":
+        image, mask = data.get(handles["upload_image"]), data.get(handles["upload_mask"])
+        if image is not None and mask is None:
+            raise InvalidParams("Upload a mask as well (white: the area to repaint).")
+    else:
+        image = data.get(handles["outpaint_image" if mode == "outpaint" else "image"])
+        mask = None
+    if image is None:
+        raise InvalidParams("Add an image first (drop one on the image box).")
+    if mode == "outpaint":
+        pads = tuple(int(data.get(handles["pads"][s]) or 0) for s in ("left", "right", "up", "down"))
+        extra["outpaint"] = pads
+    if mask is not None:
+        mask = mask.convert("L")
+    return "inpaint" if mask is not None else "img2img", extra, {"init_images": [image.convert("RGB")],
+                                                                "mask": mask}

@@ -1,0 +1,123 @@
+"""The UI as a thin client of the job queue: build typed params by field name, submit, follow."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from modules.errors import AtelierError, InvalidParams
+from modules.jobs.model import Caller, Job
+from modules.server import convert
+from modules.server.context import ServerContext
+
+IMAGE_FIELDS = ("init_images", "mask")
+SERVER_ONLY = ("outdir", *IMAGE_FIELDS)
+
+
+def params_class(kind: str) -> type:
+    from modules.pipeline import params
+
+    return params.Txt2ImgParams if kind == "txt2img" else params.Img2ImgParams
+
+
+def field_names(kind: str) -> set[str]:
+    return {f.name for f in dataclasses.fields(params_class(kind))}
+
+
+def build_params(ctx: ServerContext, kind: str, values: dict[str, Any], images: dict[str, Any]):
+    """The typed params object from widget values by field name; option defaults fill the rest.
+
+    Raises InvalidParams with a readable message for the first bad field.
+    """
+    cls = params_class(kind)
+    names = field_names(kind)
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise InvalidParams(f"Unknown parameter(s): {', '.join(unknown)}")
+    registries = ctx.app.registries
+    sampler = values.get("sampler_name")
+    if sampler is not None and sampler not in registries.samplers:
+        raise InvalidParams(f"Unknown sampler {sampler!r}.")
+    scheduler = values.get("scheduler")
+    if scheduler and scheduler != "Automatic" and scheduler not in registries.schedulers:
+        raise InvalidParams(f"Unknown schedule type {scheduler!r}.")
+    merged = {**ctx.options.job_defaults(names), **values, **images,
+              "max_size": ctx.app.settings.max_size, "save_images": True}
+    try:
+        params = cls(**merged)
+    except TypeError as err:
+        raise InvalidParams(str(err)) from None
+    params.validate()
+    return params
+
+
+def submit(ctx: ServerContext, caller: Caller, kind: str, values: dict[str, Any],
+           images: dict[str, Any] | None = None, checkpoint: str | None = None) -> Job:
+    """Validate and queue a job for `caller`; raises AtelierError with a readable message."""
+    images = {k: v for k, v in (images or {}).items() if v is not None}
+    info = ctx.require_checkpoint(checkpoint or None)
+    params = build_params(ctx, kind, values, images)
+    plain = {f.name: getattr(params, f.name) for f in dataclasses.fields(params) if f.name not in SERVER_ONLY}
+    plain = json.loads(json.dumps(plain, default=str))
+    stored = convert._save_inputs(ctx, images)  # input images go to files beside the job
+    request = {**plain, "override_settings": {"sd_model_checkpoint": ctx.title(info)}}
+    job_kind = "txt2img" if kind == "txt2img" else "img2img"
+    return ctx.jobs.submit(caller, job_kind, {"checkpoint": info.name, "params": plain, "inputs": stored,
+                                              "warnings": [], "request": request, "source": "ui"})
+
+
+@dataclass(frozen=True)
+class Update:
+    """One look at a followed job: the job, its queue position, a new preview (PNG bytes) or None."""
+
+    job: Job
+    position: int | None
+    preview: bytes | None
+    eta: float | None
+
+
+def follow(ctx: ServerContext, caller: Caller, job_id: str, preview_every: int = 1,
+           interval: float = 0.25) -> Iterator[Update]:
+    """Poll a job until it finishes; a preview is passed on when the step reaches the next multiple of N."""
+    shown_step = -1
+    last_preview: bytes | None = None
+    while True:
+        job = ctx.jobs.get(job_id, caller)
+        preview = None
+        if not job.is_finished and preview_every > 0:
+            step_mark = (job.progress.job_no, job.progress.step // max(preview_every, 1))
+            candidate = ctx.jobs.preview(job_id)
+            if candidate is not None and candidate is not last_preview and step_mark != shown_step:
+                preview, last_preview, shown_step = candidate, candidate, step_mark
+        yield Update(job, ctx.jobs.position(job_id), preview, _eta(job))
+        if job.is_finished:
+            return
+        time.sleep(interval)
+
+
+def _eta(job: Job) -> float | None:
+    fraction = job.progress.fraction
+    if job.started is None or fraction <= 0:
+        return None
+    elapsed = time.time() - job.started
+    return max(elapsed / fraction - elapsed, 0.0)
+
+
+def interrupt_mine(ctx: ServerContext, caller: Caller, skip: bool = False) -> int:
+    """Interrupt (or skip) the caller's running jobs only; returns how many were reached."""
+    from modules.server.sdapi import running_jobs
+
+    jobs = [job for job in running_jobs(ctx, Caller(caller.owner)) if job.owner == caller.owner]
+    for job in jobs:
+        (ctx.jobs.skip if skip else ctx.jobs.interrupt)(job.id, caller)
+    return len(jobs)
+
+
+def readable(err: Exception) -> str:
+    """A user-facing message for an error; never a stack trace."""
+    if isinstance(err, AtelierError):
+        return str(err)
+    return f"Something went wrong: {type(err).__name__}: {err}"

@@ -1,0 +1,92 @@
+"""Prompt-area events: token counters, "read parameters" (↙), apply and save styles."""
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+
+from modules import styles as style_files
+from modules.plugins.specs import StyleSpec
+from modules.ui.bindings import Fields
+from modules.ui.context import UIContext
+from modules.ui.tokens import counter_text
+
+
+def checkpoint_for(ui: UIContext, parsed: dict[str, Any]) -> str | None:
+    """The title of the checkpoint an infotext names (by name, then by hash), if it is here."""
+    server = ui.server
+    name, short = parsed.get("Model"), parsed.get("Model hash")
+    if name:
+        info = server.find_checkpoint(str(name))
+        if info is not None:
+            return server.title(info)
+    if short:
+        for info in server.checkpoints():
+            description = server.describe(info)
+            if description.get("hash") and str(description["hash"]).startswith(str(short)[:10]):
+                return description["title"]
+    return None
+
+
+def wire_prompt_area(ui: UIContext, tab: str, prompts, fields: Fields, defaults: dict,
+                     checkpoint: gr.Dropdown) -> None:
+    tokenizer = ui.app.engine.tokenizer
+
+    def count(text: str, steps: float) -> str:
+        return f"<span class='atelier-tokens'>{counter_text(tokenizer(), text or '', int(steps or 20))}</span>"
+
+    for box, counter in ((prompts.prompt, prompts.prompt_tokens), (prompts.negative, prompts.negative_tokens)):
+        box.change(count, inputs=[box, fields["steps"]], outputs=counter, queue=False, show_progress="hidden",
+                   trigger_mode="always_last")
+
+    def read_parameters(text: str) -> dict:
+        return apply_infotext(ui, fields, defaults, checkpoint, text)
+
+    prompts.read_params.click(read_parameters, inputs=prompts.prompt,
+                              outputs=[*fields.values(), checkpoint], queue=False)
+
+    def apply_styles(prompt: str, negative: str, chosen: list[str]) -> tuple:
+        specs = [ui.app.registries.styles.get(name) for name in chosen or []]
+        prompt, negative = style_files.apply_styles(prompt or "", negative or "", specs)
+        return prompt, negative, []
+
+    prompts.apply_styles.click(apply_styles, inputs=[prompts.prompt, prompts.negative, prompts.styles],
+                               outputs=[prompts.prompt, prompts.negative, prompts.styles], queue=False)
+
+    def save_style(name: str, prompt: str, negative: str) -> tuple:
+        return save_prompt_style(ui, name, prompt, negative)
+
+    prompts.save_style.click(save_style, inputs=[prompts.style_name, prompts.prompt, prompts.negative],
+                             outputs=[prompts.styles, prompts.style_name], queue=False)
+
+
+def apply_infotext(ui: UIContext, fields: Fields, defaults: dict, checkpoint: gr.Dropdown, text: str) -> dict:
+    """Fill a tab's fields from infotext; switch the checkpoint when the named one is here."""
+    from modules.ui.generation import infotext_values
+
+    if not (text or "").strip():
+        return {}
+    values = infotext_values(text, defaults)
+    updates = fields.updates(values)
+    from modules import infotext
+
+    title = checkpoint_for(ui, infotext.parse(text))
+    if title is not None:
+        updates[checkpoint] = title
+    return updates
+
+
+def save_prompt_style(ui: UIContext, name: str, prompt: str, negative: str) -> tuple:
+    """Add or replace a style in the styles file (A1111's styles.csv) and in the dropdowns."""
+    name = (name or "").strip()
+    if not name:
+        raise gr.Error("Give the new style a name first.")
+    path = ui.app.settings.styles_file
+    existing = style_files.load_styles_csv(path) if path.exists() else []
+    spec = StyleSpec(name, prompt or "", negative or "", "styles.csv")
+    style_files.save_styles_csv(path, [s for s in existing if s.name != name] + [spec])
+    registry = ui.app.registries.styles
+    if name not in registry:
+        registry.add(spec)
+    gr.Info(f"Saved style {name!r} to {path.name}.")
+    return gr.update(choices=registry.names()), ""

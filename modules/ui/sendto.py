@@ -1,0 +1,81 @@
+"""Send-to buttons between tabs: results -> img2img / inpaint / PNG info, PNG info -> txt2img / img2img."""
+from __future__ import annotations
+
+import gradio as gr
+from PIL import Image
+
+from modules.ui.bindings import field_defaults
+from modules.ui.context import UIContext
+from modules.ui.generation import GenerationTab
+from modules.ui.jobs import params_class
+from modules.ui.prompts import apply_infotext
+from modules.ui.results import selected
+
+
+def _open(path: str | None) -> Image.Image | None:
+    if not path:
+        return None
+    with Image.open(path) as image:
+        image.load()
+        return image.copy()
+
+
+def _image_outputs(target: GenerationTab, mode: str) -> dict:
+    handles = target.handles
+    return {"img2img": handles["image"], "inpaint": handles["editor"]}.get(mode) or handles["image"]
+
+
+def _to_tab(ui: UIContext, target: GenerationTab, tabs: gr.Tabs, checkpoint: gr.Dropdown, mode: str | None,
+            text: str, image: Image.Image | None) -> dict:
+    """Updates that fill `target` from infotext, put the image in place and switch to the tab."""
+    defaults = field_defaults(params_class("txt2img" if target.name == "txt2img" else "img2img"))
+    updates = apply_infotext(ui, target.fields, defaults, checkpoint, text) if text else {}
+    updates[tabs] = gr.Tabs(selected=target.name)
+    if mode is not None:
+        handles = target.handles
+        updates[handles["modes"]] = gr.Tabs(selected=mode)
+        updates[handles["mode"]] = mode
+        if image is not None:
+            if mode == "inpaint":
+                updates[handles["editor"]] = {"background": image, "layers": [], "composite": image}
+            else:
+                updates[handles["image"]] = image
+    return updates
+
+
+def _outputs(target: GenerationTab, tabs: gr.Tabs, checkpoint: gr.Dropdown, with_images: bool) -> list:
+    outputs = [*target.fields.values(), tabs, checkpoint]
+    if with_images:
+        handles = target.handles
+        outputs += [handles["modes"], handles["mode"], handles["image"], handles["editor"]]
+    return outputs
+
+
+def wire_send_to(ui: UIContext, tabs: gr.Tabs, checkpoint: gr.Dropdown) -> None:
+    txt2img, img2img, pnginfo = ui.tabs["txt2img"], ui.tabs["img2img"], ui.tabs["pnginfo"]
+    for source in (txt2img, img2img):
+        results = source.results
+        for mode in ("img2img", "inpaint"):
+            def send(state: dict, mode: str = mode) -> dict:
+                path, text = selected(state)
+                return _to_tab(ui, img2img, tabs, checkpoint, mode, text, _open(path))
+
+            results.send[mode].click(send, inputs=results.state, outputs=_outputs(img2img, tabs, checkpoint, True))
+
+        def to_pnginfo(state: dict) -> dict:
+            path, _ = selected(state)
+            return {pnginfo.image: _open(path), tabs: gr.Tabs(selected="pnginfo")}
+
+        results.send["pnginfo"].click(to_pnginfo, inputs=results.state, outputs=[pnginfo.image, tabs])
+
+    def png_to_txt2img(text: str) -> dict:
+        return _to_tab(ui, txt2img, tabs, checkpoint, None, text, None)
+
+    pnginfo.send["txt2img"].click(png_to_txt2img, inputs=pnginfo.text,
+                                  outputs=_outputs(txt2img, tabs, checkpoint, False))
+    for mode in ("img2img", "inpaint"):
+        def png_to_img2img(text: str, image, mode: str = mode) -> dict:
+            return _to_tab(ui, img2img, tabs, checkpoint, mode, text, image)
+
+        pnginfo.send[mode].click(png_to_img2img, inputs=[pnginfo.text, pnginfo.image],
+                                 outputs=_outputs(img2img, tabs, checkpoint, True))
