@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from modules.cli_img2img import add_image_arguments, hires_kwargs, img2img_params
 from modules.errors import AtelierError
 from modules.server.config import add_server_arguments
 from modules.settings import add_settings_arguments, settings_from_args
@@ -22,12 +23,13 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=-1)
     parser.add_argument("--subseed", type=int, default=-1)
     parser.add_argument("--subseed-strength", type=float, default=0.0)
-    parser.add_argument("--width", type=int, default=512)
-    parser.add_argument("--height", type=int, default=512)
+    parser.add_argument("--width", type=int, help="default 512, or the init image's size")
+    parser.add_argument("--height", type=int, help="default 512, or the init image's size")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--n-iter", type=int, default=1)
     parser.add_argument("--eta", type=float)
-    parser.add_argument("--out", type=Path, help="output folder (default outputs/txt2img-images)")
+    parser.add_argument("--out", type=Path, help="output folder (default outputs/txt2img-images or img2img-images)")
+    add_image_arguments(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,10 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def txt2img_params(args: argparse.Namespace, settings):
-    from modules.pipeline.params import Txt2ImgParams
-
-    return Txt2ImgParams(
+def common_params(args: argparse.Namespace, settings) -> dict:
+    """The fields every task shares (width and height may be None: the task's default)."""
+    return dict(
         prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
         sampler_name=args.sampler, scheduler=args.scheduler, cfg_scale=args.cfg_scale, seed=args.seed,
         subseed=args.subseed, subseed_strength=args.subseed_strength, width=args.width, height=args.height,
@@ -56,17 +57,28 @@ def txt2img_params(args: argparse.Namespace, settings):
         eta_noise_seed_delta=settings.eta_noise_seed_delta, outdir=args.out, max_size=settings.max_size)
 
 
+def txt2img_params(args: argparse.Namespace, settings):
+    from modules.pipeline.params import Txt2ImgParams
+
+    common = common_params(args, settings)
+    common.update(width=args.width or 512, height=args.height or 512)
+    return Txt2ImgParams(**common, **hires_kwargs(args))
+
+
 def run_generate(args: argparse.Namespace) -> int:
     from modules.app import build_app
 
     settings = settings_from_args(args)
     app = build_app(settings)
-    params = txt2img_params(args, settings)
+    if args.init_image:
+        params, task = img2img_params(args, common_params(args, settings)), app.engine.img2img
+    else:
+        params, task = txt2img_params(args, settings), app.engine.txt2img
     params.validate()
     if settings.ckpt is None:
         raise AtelierError("generate needs --ckpt FILE (a .safetensors/.ckpt file or a diffusers folder)")
     app.engine.load_model(settings.ckpt)
-    result = app.engine.txt2img(params, on_progress=_print_progress)
+    result = task(params, on_progress=_print_progress)
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     for path in result.paths:

@@ -9,7 +9,7 @@ from modules.checkpoints.model import CheckpointInfo, LoadedModel
 from modules.devices import DeviceConfig, apply_attention
 from modules.errors import CheckpointError
 from modules.pipeline.control import JobControl, ProgressCallback
-from modules.pipeline.params import Result, Txt2ImgParams
+from modules.pipeline.params import Img2ImgParams, Result, Txt2ImgParams
 from modules.plugins.host import PluginHost
 from modules.plugins.jobhooks import JobHooks
 from modules.plugins.manager import Registries, build_plugin_manager
@@ -111,3 +111,10 @@ class Engine:
         from modules.pipeline.txt2img import txt2img
 
         return txt2img(self, params, control, on_progress)
+
+    def img2img(self, params: Img2ImgParams, control: JobControl | None = None,
+                on_progress: ProgressCallback | None = None) -> Result:
+        """img2img; with `params.mask` inpainting, with `params.outpaint` outpainting."""
+        from modules.pipeline.img2img import img2img
+
+        return img2img(self, params, control, on_progress)

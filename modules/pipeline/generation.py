@@ -86,7 +86,8 @@ class GenerationRun:
         self.on_progress = on_progress
         self.plan = self.make_plan(params.sampler_name, params.scheduler, params.steps)
         self.conditioner = PromptConditioner(engine.text_conditioner(self.model), params.clip_skip,
-                                             params.emphasis, zero_empty_negative=self.model.spec.is_sdxl)
+                                             params.emphasis, zero_empty_negative=self.model.spec.is_sdxl,
+                                             embeddings=self.hooks.embeddings(self.model, engine.tokenizer(), params))
         self.result = Result()
         self.samples: list[torch.Tensor] = []  # each batch's final latents
         self.extra_fields: dict[str, Any] = {}  # A1111's extra_generation_params, in insertion order
@@ -99,17 +100,15 @@ class GenerationRun:
         p = self.params
         seeds, subseeds = rng.batch_seeds(rng.resolve_seed(p.seed), rng.resolve_seed(p.subseed),
                                           p.subseed_strength, p.n_iter * p.batch_size)
-        for n in range(p.n_iter):
-            if self.control.interrupted:
-                break
-            part = slice(n * p.batch_size, (n + 1) * p.batch_size)
-            self._run_batch(n, BatchSeeds(seeds[part], subseeds[part]))
-            self.control.clear_skip()
+        with self.hooks.patch(self.model, p).applied():  # LoRA etc.: copy-on-write, reverted on exit
+            for n in range(p.n_iter):
+                if self.control.interrupted:
+                    break
+                part = slice(n * p.batch_size, (n + 1) * p.batch_size)
+                self._run_batch(n, BatchSeeds(seeds[part], subseeds[part]))
+                self.control.clear_skip()
         self.result.interrupted = self.control.interrupted
         self.result.warnings.extend(self.hooks.warnings)
-        tags = sorted({f"{t.name}:{t.args[0] if t.args else ''}" for t in self.conditioner.extra_network_tags})
-        if tags:
-            self.result.warnings.append(f"Extra networks are not supported yet, ignored: {', '.join(tags)}")
         return self.result
 
     def _run_batch(self, n: int, seeds: BatchSeeds) -> None:
@@ -119,18 +118,18 @@ class GenerationRun:
         self._collect(self.make_images(n, seeds, prompts, negatives), seeds, prompts, negatives)
 
     def make_images(self, n: int, seeds: BatchSeeds, prompts: list[str], negatives: list[str]) -> list[Image.Image]:
-        """Sample, decode and finish one batch."""
+        """Sample and decode one batch."""
         latents = self.sample_batch(n, seeds, prompts, negatives)
         self.samples.append(latents)
-        return self.finish(self.decode(latents), seeds)
+        return self.decode(latents)
 
     def sample_batch(self, n: int, seeds: BatchSeeds, prompts: list[str], negatives: list[str]) -> torch.Tensor:
         """The batch's final latents."""
         raise NotImplementedError
 
-    def finish(self, images: list[Image.Image], seeds: BatchSeeds) -> list[Image.Image]:
-        """Decoded images -> the images the job returns (inpainting pastes the original back)."""
-        return images
+    def finish(self, image: Image.Image, index: int) -> Image.Image:
+        """The last step for image `index` of a batch, after post-processing (inpainting pastes back)."""
+        return image
 
     # -- building blocks ----------------------------------------------------------
     def make_plan(self, sampler_name: str, scheduler: str, steps: int) -> SamplingPlan:
@@ -213,6 +212,7 @@ class GenerationRun:
         p = self.params
         for i, image in enumerate(pil_images):
             image = self.hooks.postprocess(image, p, len(self.result.images), seeds.seeds[i], seeds.subseeds[i])
+            image = self.finish(image, i)
             text = infotext.build(prompts[i], negatives[i], self.infotext_fields(seeds.seeds[i], seeds.subseeds[i]))
             image.info["parameters"] = text
             self.result.images.append(image)
