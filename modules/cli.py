@@ -75,9 +75,10 @@ def run_generate(args: argparse.Namespace) -> int:
     else:
         params, task = txt2img_params(args, settings), app.engine.txt2img
     params.validate()
-    if settings.ckpt is None:
+    info = app.engine.default_checkpoint()
+    if info is None:
         raise AtelierError("generate needs --ckpt FILE (a .safetensors/.ckpt file or a diffusers folder)")
-    app.engine.load_model(settings.ckpt)
+    app.engine.load_model(info.path)
     result = task(params, on_progress=_print_progress)
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)

@@ -35,6 +35,19 @@ class Engine:
         files = [self.settings.ckpt] if self.settings.ckpt else []
         return find_checkpoints(self.settings.checkpoint_dirs, files)
 
+    def default_checkpoint(self) -> CheckpointInfo | None:
+        """--ckpt if given; else the first checkpoint found that is not the bundled demo; else the demo."""
+        from modules.demo import DEMO_CHECKPOINT
+
+        if self.settings.ckpt:
+            return self.find_checkpoint(self.settings.ckpt)
+        found = self.checkpoints()
+        others = [i for i in found if Path(i.path).resolve() != DEMO_CHECKPOINT]
+        if others:
+            return others[0]
+        demo = find_checkpoints([], [DEMO_CHECKPOINT])
+        return demo[0] if demo else None
+
     def find_checkpoint(self, name_or_path: str | Path) -> CheckpointInfo:
         path = Path(name_or_path)
         if path.exists():
