@@ -39,6 +39,8 @@ class Settings:
     disable_extra_extensions: bool = False  # keep only the bundled extensions
     extensions_allow: tuple[str, ...] | None = None  # None: any extension may load
     enable_insecure_extension_access: bool = False  # allow installs even when listening beyond localhost
+    lora_dirs: tuple[Path, ...] = ()  # --lora-dir: searched after models/Lora
+    embeddings_dirs: tuple[Path, ...] = ()  # --embeddings-dir: searched after models/embeddings
     extra: dict = field(default_factory=dict)
 
     @property
@@ -48,6 +50,14 @@ class Settings:
     @property
     def vae_dir(self) -> Path:
         return self.models_dir / "VAE"
+
+    @property
+    def lora_folders(self) -> list[Path]:
+        return [self.models_dir / "Lora", *self.lora_dirs]
+
+    @property
+    def embedding_folders(self) -> list[Path]:
+        return [self.models_dir / "embeddings", *self.embeddings_dirs]
 
     @property
     def hash_cache(self) -> Path:
@@ -61,6 +71,10 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ckpt", type=Path, help="checkpoint file or diffusers folder to load")
     group.add_argument("--ckpt-dir", type=Path, action="append", default=[], help="extra checkpoint folder")
     group.add_argument("--vae-path", type=Path, help="VAE file that overrides the checkpoint's VAE")
+    group.add_argument("--lora-dir", type=Path, action="append", default=[],
+                       help="extra LoRA / LyCORIS folder (models/Lora is always searched)")
+    group.add_argument("--embeddings-dir", type=Path, action="append", default=[],
+                       help="extra textual-inversion folder (models/embeddings is always searched)")
     group.add_argument("--vae", dest="sd_vae", default="Automatic",
                        help="Automatic (NAME.vae.* beside the checkpoint), None, or a file in models/VAE")
     group.add_argument("--outputs-dir", type=Path, help="where images are saved")
@@ -98,6 +112,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         ckpt=args.ckpt,
         ckpt_dirs=tuple(args.ckpt_dir),
         vae_path=args.vae_path,
+        lora_dirs=tuple(getattr(args, "lora_dir", ())),
+        embeddings_dirs=tuple(getattr(args, "embeddings_dir", ())),
         sd_vae=args.sd_vae,
         outputs_dir=args.outputs_dir or base.outputs_dir,
         data_dir=args.data_dir or base.data_dir,

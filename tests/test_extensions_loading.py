@@ -6,6 +6,7 @@ import logging
 
 import pytest
 
+from modules.plugins import api
 from modules.plugins.extensions import (
     ExtensionInfo,
     ExtensionState,
@@ -27,7 +28,7 @@ def test_bundled_and_fixture_extensions_are_found(app):
                  "order-a", "order-b", "order-c", "cfg-probe", "raising-hook"):
         assert status[name] == "loaded", (name, status[name])
     bundled = {i.name for i in app.plugins.extensions if i.bundled}
-    assert bundled == {"euler-cfg-pp", "film-grain", "style-pack", "wildcards"}
+    assert bundled == {"euler-cfg-pp", "film-grain", "style-pack", "wildcards", "lora"}
     info = app.plugins.extension("film-grain")
     assert info.version == "1.0.0" and info.api_version == "1.0" and info.load_time_s > 0
 
@@ -43,7 +44,7 @@ def test_broken_import_is_isolated_with_its_stack_trace(app):
 def test_incompatible_api_version_is_skipped_with_a_clear_message(app):
     info = app.plugins.extension("future-api")
     assert info.status == "incompatible"
-    assert "needs plugin API 2.0" in info.error and "provides 1.0" in info.error
+    assert "needs plugin API 2.0" in info.error and f"provides {api.API_VERSION}" in info.error
     assert app.plugins.manager.get_plugin("future-api") is None  # never imported (it would raise)
 
 

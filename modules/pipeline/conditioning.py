@@ -13,8 +13,9 @@ class PromptConditioner:
     """Encodes each distinct prompt text once per job and builds A1111's schedules."""
 
     def __init__(self, text_conditioner, clip_skip: int = 1, emphasis: str = "Original",
-                 zero_empty_negative: bool = False) -> None:
+                 zero_empty_negative: bool = False, embeddings=None) -> None:
         self.text = text_conditioner
+        self.embeddings = embeddings  # the job's textual-inversion EmbeddingLookup, or None
         self.zero_empty_negative = zero_empty_negative  # SDXL: an empty negative is all zeros, as A1111
         self.clip_skip = clip_skip
         self.emphasis = emphasis
@@ -24,7 +25,8 @@ class PromptConditioner:
     def encode(self, text: str) -> Cond:
         if text not in self._cache:
             with torch.inference_mode():
-                result = self.text.encode([text], clip_skip=self.clip_skip, emphasis=self.emphasis)
+                result = self.text.encode([text], clip_skip=self.clip_skip, emphasis=self.emphasis,
+                                          embeddings=self.embeddings)
             self._cache[text] = Cond(result.cross_attn, getattr(result, "pooled", None))
         return self._cache[text]
 

@@ -19,7 +19,11 @@ from modules.errors import AtelierError, InvalidParams
 from modules.pipeline.params import GenerationParams, Img2ImgParams, Result, Txt2ImgParams
 from modules.plugins.context import JobContext, PostprocessContext
 from modules.plugins.hookspecs import hookimpl
+from modules.plugins.patch import ModelPatch
 from modules.plugins.specs import (
+    EmbeddingSpec,
+    ExtraNetworkItem,
+    ExtraNetworkSpec,
     OptionSpec,
     PostprocessorSpec,
     SamplerSpec,
@@ -31,12 +35,15 @@ from modules.plugins.specs import (
     UpscalerSpec,
 )
 from modules.sampling.denoisers import DenoiserStep
+from modules.text.prompt_parser import ExtraNetworkTag
 
-API_VERSION = "1.0"
+# 1.1: register_extra_networks, patch_model, register_embeddings; ExtraNetworkSpec, ExtraNetworkItem,
+#      ExtraNetworkTag, EmbeddingSpec, ModelPatch; JobContext.infotext
+API_VERSION = "1.1"
 
 __all__ = [
-    "API_VERSION", "AtelierError", "DenoiserStep", "GenerationParams", "Img2ImgParams", "InvalidParams",
-    "JobContext", "OptionSpec", "PostprocessContext", "PostprocessorSpec", "Result", "SamplerSpec",
+    "API_VERSION", "AtelierError", "DenoiserStep", "EmbeddingSpec", "ExtraNetworkItem", "ExtraNetworkSpec",
+    "ExtraNetworkTag", "GenerationParams", "Img2ImgParams", "InvalidParams", "JobContext", "ModelPatch", "OptionSpec", "PostprocessContext", "PostprocessorSpec", "Result", "SamplerSpec",
     "ScheduleContext", "SchedulerSpec", "StyleSpec", "Txt2ImgParams", "UISectionSpec", "UITabSpec",
     "UpscalerSpec", "get_logger", "hookimpl", "to_d",
 ]

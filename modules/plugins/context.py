@@ -14,6 +14,7 @@ class JobContext:
     registries: Any
     task: str = "txt2img"
     warnings: list[str] = field(default_factory=list)
+    infotext: dict[str, Any] = field(default_factory=dict)  # extra infotext fields ("Lora hashes", ...)
 
     def warn(self, message: str) -> None:
         """Attach a warning to the job's result (shown to the user, never fatal)."""

@@ -11,6 +11,8 @@ from typing import Any
 import pluggy
 
 from modules.plugins.specs import (
+    EmbeddingSpec,
+    ExtraNetworkSpec,
     PostprocessorSpec,
     SamplerSpec,
     SchedulerSpec,
@@ -83,3 +85,18 @@ def register_ui_tabs() -> list[UITabSpec]:
 @hookspec
 def register_api_routes() -> list[Any]:
     """Return FastAPI routers; they are mounted under /ext/<extension name>/."""
+
+
+@hookspec
+def register_extra_networks(settings: Any) -> list[ExtraNetworkSpec]:
+    """Return extra-network kinds that prompt tags `<name:...>` name, with their browser cards."""
+
+
+@hookspec
+def patch_model(patch: Any, tags: Any, params: Any, context: Any) -> None:
+    """Add copy-on-write weight deltas to a job's model for its prompt tags; they are reverted after the job."""
+
+
+@hookspec
+def register_embeddings(settings: Any) -> list[EmbeddingSpec]:
+    """Return textual-inversion embeddings whose trigger words prompts may use."""

@@ -19,6 +19,8 @@ from modules.errors import InvalidParams
 from modules.plugins.context import JobContext, PostprocessContext
 from modules.plugins.extensions import ExtensionError
 from modules.plugins.host import PluginHost
+from modules.plugins.networks import build_patch, job_embeddings, ti_hashes
+from modules.plugins.patch import ModelPatch
 from modules.plugins.specs import OptionSpec, PostprocessorSpec
 from modules.sampling import rng
 from modules.sampling.denoisers import DenoiserStep, GuidanceHook
@@ -212,6 +214,7 @@ class JobHooks:
         self.context = JobContext(settings, registries, task)
         self.on_guided: GuidanceHook | None = None
         self._infotext: dict[str, Any] = {}
+        self.embedding_lookup: Any = None  # the job's textual-inversion lookup (records what was used)
 
     def prepare(self, params: Any) -> Any:
         """prepare_params hooks (seeds resolved first); binds the guidance hook and infotext to the result."""
@@ -221,7 +224,22 @@ class JobHooks:
         return params
 
     def infotext(self) -> dict[str, Any]:
-        return dict(self._infotext)
+        """Extension options, then what hooks added ("Lora hashes"), then "TI hashes"."""
+        fields = {**self._infotext, **self.context.infotext}
+        hashes = ti_hashes(self.embedding_lookup)
+        if hashes:
+            fields["TI hashes"] = hashes
+        return fields
+
+    def patch(self, model: Any, params: Any) -> ModelPatch:
+        """The job's copy-on-write model patch from the prompt tags (`patch_model` hooks); apply it with `.applied()`."""
+        return build_patch(self.host, model, params, self.context)
+
+    def embeddings(self, model: Any, tokenizer: Any, params: Any) -> Any:
+        """The job's textual-inversion lookup (`register_embeddings` hooks), or None when there is none."""
+        self.embedding_lookup = job_embeddings(self.host, self.context.settings, model, tokenizer, params,
+                                               self.context)
+        return self.embedding_lookup
 
     def postprocess(self, image: Any, params: Any, index: int, seed: int, subseed: int) -> Any:
         return postprocess(self.host, image, params, self.context, index, seed, subseed)

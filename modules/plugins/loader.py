@@ -33,7 +33,7 @@ from modules.plugins.host import PluginHost
 log = logging.getLogger("atelier.plugins")
 ENTRY_POINT_GROUP = "atelier.extensions"
 # What --disable-extra-extensions keeps: the extensions shipped in the repository's extensions/ folder.
-BUNDLED_EXTENSIONS = frozenset({"euler-cfg-pp", "film-grain", "style-pack", "wildcards"})
+BUNDLED_EXTENSIONS = frozenset({"euler-cfg-pp", "film-grain", "style-pack", "wildcards", "lora"})
 
 Loader = Callable[[], object]
 

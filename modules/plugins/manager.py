@@ -11,7 +11,14 @@ import pluggy
 from modules.plugins import hookspecs
 from modules.plugins.host import PluginHost
 from modules.plugins.registry import NamedRegistry
-from modules.plugins.specs import PostprocessorSpec, SamplerSpec, SchedulerSpec, StyleSpec, UpscalerSpec
+from modules.plugins.specs import (
+    ExtraNetworkSpec,
+    PostprocessorSpec,
+    SamplerSpec,
+    SchedulerSpec,
+    StyleSpec,
+    UpscalerSpec,
+)
 
 log = logging.getLogger("atelier.plugins")
 
@@ -36,6 +43,7 @@ class Registries:
     styles: NamedRegistry[StyleSpec]
     postprocessors: NamedRegistry[PostprocessorSpec]
     upscalers: NamedRegistry[UpscalerSpec]
+    extra_networks: NamedRegistry[ExtraNetworkSpec]
 
 
 def _registry(host: PluginHost, kind: str, hook: str, spec_type: type, **kwargs: Any) -> NamedRegistry:
@@ -67,4 +75,6 @@ def build_registries(plugins: PluginHost | pluggy.PluginManager, settings: Any =
         styles=_registry(host, "style", "register_styles", StyleSpec, settings=settings),
         postprocessors=NamedRegistry("post-processor", sorted(postprocessors, key=lambda s: s.order)),
         upscalers=_registry(host, "upscaler", "register_upscalers", UpscalerSpec),
+        extra_networks=_registry(host, "extra network", "register_extra_networks", ExtraNetworkSpec,
+                                  settings=settings),
     )

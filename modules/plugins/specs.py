@@ -167,3 +167,65 @@ class UpscalerSpec:
     @property
     def is_latent(self) -> bool:
         return self.latent_mode is not None
+
+
+@dataclass(frozen=True)
+class ExtraNetworkItem:
+    """One card of the extra-networks browser (a LoRA file, an embedding, a checkpoint).
+
+    `prompt` is the text a click inserts ("<lora:name:0.8>", an embedding's trigger word);
+    empty means the card is not inserted into the prompt (checkpoints). `metadata()`, when
+    given, reads the file's training metadata on demand (it may be slow).
+    """
+
+    name: str
+    path: str = ""
+    folder: str = ""  # subfolder relative to the network's root folder, "/"-separated ("" at the top)
+    prompt: str = ""
+    alias: str = ""
+    preview: str | None = None  # path of NAME.preview.png (or .jpg/.webp) when one exists
+    description: str = ""
+    activation_text: str = ""  # from NAME.json, appended to the prompt on click
+    preferred_weight: float | None = None  # from NAME.json; None means 1.0
+    search_terms: tuple[str, ...] = ()
+    metadata: Callable[[], Mapping[str, Any]] | None = None
+
+
+@dataclass(frozen=True)
+class ExtraNetworkSpec:
+    """A kind of extra network: prompt tags `<name:...>` (and `aliases`) are routed to it.
+
+    `items()` lists its browser cards and `refresh()` rescans its folders. With `tags=False`
+    the spec only supplies cards (textual inversion, checkpoints): no prompt tag names it.
+    The job-time work happens in `patch_model`, which receives the tags by spec name.
+    """
+
+    name: str
+    title: str
+    aliases: tuple[str, ...] = ()
+    items: Callable[[], list[ExtraNetworkItem]] | None = None
+    refresh: Callable[[], Any] | None = None
+    tags: bool = True
+    order: int = 100
+
+
+@dataclass(frozen=True)
+class EmbeddingSpec:
+    """A textual-inversion embedding: a trigger word and its vectors.
+
+    `vectors` maps a text-encoder flavour to a `[n_vectors, width]` tensor: "clip_l" and
+    "clip_g" for SDXL files, "" for single-encoder files (SD1, SD2). The engine checks the
+    widths against the loaded model and skips a misfit with a warning.
+    """
+
+    name: str
+    vectors: Mapping[str, torch.Tensor]
+    hash: str = ""  # sha256 of the file, first 12 hex digits (A1111's "TI hashes")
+    path: str = ""
+    step: int | None = None
+    checkpoint: str | None = None  # the sd_checkpoint hash recorded in the file, if any
+    checkpoint_name: str | None = None
+
+    @property
+    def n_vectors(self) -> int:
+        return int(next(iter(self.vectors.values())).shape[0]) if self.vectors else 0

@@ -9,8 +9,9 @@ from typing import Any
 from fastapi import APIRouter
 
 from modules.server.context import ServerContext
+from modules.server.networks import add_network_routes
 
-EMPTY_LISTS = ("loras", "hypernetworks",
+EMPTY_LISTS = ("hypernetworks",
                "face-restorers", "realesrgan-models", "script-info")
 
 
@@ -88,9 +89,7 @@ def add_list_routes(router: APIRouter, ctx: ServerContext) -> None:
     for name in EMPTY_LISTS:  # features that Atelier does not have yet answer with empty lists
         router.add_api_route(f"/{name}", _empty_list, methods=["GET"], name=name)
 
-    @router.get("/embeddings")
-    def embeddings() -> dict[str, Any]:
-        return {"loaded": {}, "skipped": {}}
+    add_network_routes(router, ctx)  # loras, refresh-loras, embeddings
 
     @router.get("/scripts")
     def scripts() -> dict[str, list[str]]:

@@ -15,12 +15,21 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from modules.text.tokenizer import SpecialTokens
 
 CHUNK_LENGTH = 75  # prompt tokens per chunk; +BOS +EOS = 77
 COMMA_BACKTRACK = 20  # A1111's `comma_padding_backtrack` default
 BREAK = "BREAK"
+EMBEDDING_PLACEHOLDER = 0  # token id under an embedding's vectors, as A1111 (it never reaches the model)
+
+
+class EmbeddingMatcher(Protocol):
+    """Finds a textual-inversion trigger word at a position of a fragment's token ids."""
+
+    def match(self, tokens: Sequence[int], position: int) -> tuple[Any, int]:
+        """(embedding, tokens its trigger word spans) or (None, 0); the embedding has `n_vectors`."""
 
 
 @dataclass
@@ -29,6 +38,7 @@ class PromptChunk:
 
     tokens: list[int] = field(default_factory=list)
     multipliers: list[float] = field(default_factory=list)
+    fixes: list[tuple[int, Any]] = field(default_factory=list)  # (offset after BOS, embedding)
 
 
 @dataclass(frozen=True)
@@ -75,15 +85,17 @@ class _Packer:
         pad = n - len(chunk.tokens)
         tokens = [self.ids.bos, *chunk.tokens, *[self.ids.eos] * pad, self.ids.eos]
         weights = [1.0, *chunk.multipliers, *[1.0] * pad, 1.0]
-        self.chunks.append(PromptChunk(tokens, weights))
+        self.chunks.append(PromptChunk(tokens, weights, [(offset + 1, emb) for offset, emb in chunk.fixes]))
         self.chunk = PromptChunk()
         self.last_comma = -1
 
     def _backtrack(self) -> None:
         """Move the tokens after the last comma into a new chunk."""
         cut = self.last_comma + 1
-        moved = PromptChunk(self.chunk.tokens[cut:], self.chunk.multipliers[cut:])
+        moved = PromptChunk(self.chunk.tokens[cut:], self.chunk.multipliers[cut:],
+                            [(offset - cut, emb) for offset, emb in self.chunk.fixes if offset >= cut])
         del self.chunk.tokens[cut:], self.chunk.multipliers[cut:]
+        self.chunk.fixes = [(offset, emb) for offset, emb in self.chunk.fixes if offset < cut]
         self.close_chunk()
         self.chunk = moved
 
@@ -99,6 +111,21 @@ class _Packer:
         self.chunk.tokens.append(token)
         self.chunk.multipliers.append(weight)
 
+    def add_embedding(self, first_token: int, embedding: Any, weight: float) -> None:
+        """An embedding's vectors take one slot each and never cross into the next chunk (A1111)."""
+        n = int(embedding.n_vectors)
+        if n > self.chunk_length:
+            raise ValueError(f"embedding {getattr(embedding, 'name', '?')!r} has {n} vectors; "
+                             f"at most {self.chunk_length} fit in a chunk")
+        self.add(first_token, weight)  # comma backtrack and the full-chunk check, as for a token
+        self.chunk.tokens.pop()
+        self.chunk.multipliers.pop()
+        if len(self.chunk.tokens) + n > self.chunk_length:
+            self.close_chunk()
+        self.chunk.fixes.append((len(self.chunk.tokens), embedding))
+        self.chunk.tokens.extend([EMBEDDING_PLACEHOLDER] * n)
+        self.chunk.multipliers.extend([weight] * n)
+
     def finish(self) -> ChunkedPrompt:
         if self.chunk.tokens or not self.chunks:
             self.close_chunk(is_last=True)
@@ -111,11 +138,13 @@ def chunk_prompt(
     ids: SpecialTokens,
     chunk_length: int = CHUNK_LENGTH,
     comma_backtrack: int = COMMA_BACKTRACK,
+    embeddings: EmbeddingMatcher | None = None,
 ) -> ChunkedPrompt:
     """Chunk parsed fragments whose token ids (no BOS/EOS) are given in `tokenized`.
 
     `fragments[i]` is `[text, weight]`; a `["BREAK", -1]` fragment closes the current chunk.
     An empty prompt gives one chunk. `comma_backtrack=0` turns backtracking off.
+    With `embeddings`, a trigger word becomes placeholder slots recorded in the chunk's `fixes`.
     """
     if len(fragments) != len(tokenized):
         raise ValueError(f"{len(fragments)} fragments but {len(tokenized)} token lists")
@@ -124,8 +153,15 @@ def chunk_prompt(
         if is_break(text, weight):
             packer.close_chunk()
             continue
-        for token in tokens:
-            packer.add(token, float(weight))
+        position = 0
+        while position < len(tokens):
+            embedding, span = embeddings.match(tokens, position) if embeddings is not None else (None, 0)
+            if embedding is None:
+                packer.add(tokens[position], float(weight))
+                position += 1
+            else:
+                packer.add_embedding(tokens[position], embedding, float(weight))
+                position += span
     return packer.finish()
 
 

@@ -35,6 +35,7 @@ from modules.text.chunking import (
     pad_after_first_eos,
     target_token_count,
 )
+from modules.text.embeddings import EmbeddingLookup, injected
 from modules.text.prompt_parser import parse_prompt_attention
 from modules.text.tokenizer import SpecialTokens, special_tokens, tokenize_many
 
@@ -134,22 +135,25 @@ class TextConditioner:
         self.parse = parse if parse is not None else parse_prompt_attention
 
     # -- tokens -------------------------------------------------------------------------------
-    def chunk(self, text: str, emphasis: str = "Original") -> ChunkedPrompt:
-        """Parse (unless emphasis is "None"), tokenize and chunk one prompt text."""
+    def chunk(self, text: str, emphasis: str = "Original", embeddings: EmbeddingLookup | None = None
+              ) -> ChunkedPrompt:
+        """Parse (unless emphasis is "None"), tokenize and chunk one prompt text (trigger words of `embeddings`)."""
         if emphasis not in EMPHASIS_MODES:
             raise InvalidParams(f"unknown emphasis mode {emphasis!r}; expected one of {EMPHASIS_MODES}")
         fragments = [[text, 1.0]] if emphasis == "None" else self.parse(text)
         texts = [frag[0] for frag in fragments]
-        return chunk_prompt(fragments, tokenize_many(self.tokenizer, texts), self.ids)
+        return chunk_prompt(fragments, tokenize_many(self.tokenizer, texts), self.ids,
+                            embeddings=embeddings or None)
 
-    def count_tokens(self, text: str, emphasis: str = "Original") -> tuple[int, int]:
+    def count_tokens(self, text: str, emphasis: str = "Original", embeddings: EmbeddingLookup | None = None
+                     ) -> tuple[int, int]:
         """A1111's token counter for one (already schedule-expanded) text: (used, capacity), e.g. (80, 150)."""
-        count = self.chunk(text, emphasis).token_count
+        count = self.chunk(text, emphasis, embeddings).token_count
         return count, target_token_count(count)
 
     # -- encoding -----------------------------------------------------------------------------
     def encode(self, texts: Sequence[str], clip_skip: int = 1, emphasis: str = "Original",
-               sdxl_clip_l_skip: bool = False) -> Conditioning:
+               sdxl_clip_l_skip: bool = False, embeddings: EmbeddingLookup | None = None) -> Conditioning:
         """Encode a batch of prompt texts (identical texts are chunked once).
 
         As in A1111, "Original" emphasis restores the mean over the whole batch at each chunk
@@ -161,7 +165,7 @@ class TextConditioner:
         chunked: dict[str, ChunkedPrompt] = {}
         for text in texts:
             if text not in chunked:
-                chunked[text] = self.chunk(text, emphasis)
+                chunked[text] = self.chunk(text, emphasis, embeddings)
         return self.encode_chunks([chunked[t] for t in texts], clip_skip, emphasis, sdxl_clip_l_skip)
 
     def encode_chunks(self, prompts: Sequence[ChunkedPrompt], clip_skip: int = 1, emphasis: str = "Original",
@@ -176,10 +180,12 @@ class TextConditioner:
         # chunk-major order: rows [i*B:(i+1)*B] are chunk i of every prompt, as A1111 batches them
         ordered = [prompt[i] for i in range(n_chunks) for prompt in padded]
         tokens = [c.tokens for c in ordered]
+        fixes = [c.fixes for c in ordered]
         weights = torch.tensor([c.multipliers for c in ordered], dtype=torch.float32)
         states, pooled = [], None
-        for encoder, spec in zip(self.encoders, self.specs, strict=True):
-            z, pool = self._run(encoder, spec, tokens, clip_skip, sdxl_clip_l_skip)
+        for index, (encoder, spec) in enumerate(zip(self.encoders, self.specs, strict=True)):
+            with injected(encoder, index, fixes):
+                z, pool = self._run(encoder, spec, tokens, clip_skip, sdxl_clip_l_skip)
             z = self._weight(z, weights.to(z.device), len(prompts), n_chunks, emphasis)
             states.append(z)
             if spec.pooled:
