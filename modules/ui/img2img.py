@@ -50,7 +50,7 @@ def _mode_inputs(key: str, handles: dict[str, Any]) -> None:
         handles["editor"] = gr.ImageEditor(
             label="Image and mask (paint the area to repaint)", type="pil", image_mode="RGBA", height=420,
             elem_id="inpaint-editor", sources=["upload", "clipboard"], transforms=(), layers=False,
-            brush=gr.Brush(default_size=24, colors=["#ffffff"], default_color="#ffffff", color_mode="fixed"))
+            brush=gr.Brush(default_size="auto", colors=["#ffffff"], default_color="#ffffff", color_mode="fixed"))
     elif key == "inpaint_upload":
         with gr.Row():
             handles["upload_image"] = gr.Image(label="Image", type="pil", image_mode="RGBA", height=300,

@@ -92,10 +92,19 @@ def follow(ctx: ServerContext, caller: Caller, job_id: str, preview_every: int =
             candidate = ctx.jobs.preview(job_id)
             if candidate is not None and candidate is not last_preview and step_mark != shown_step:
                 preview, last_preview, shown_step = candidate, candidate, step_mark
-        yield Update(job, ctx.jobs.position(job_id), preview, _eta(job))
+        yield Update(job, jobs_ahead(ctx, job), preview, _eta(job))
         if job.is_finished:
             return
         time.sleep(interval)
+
+
+def jobs_ahead(ctx: ServerContext, job: Job) -> int | None:
+    """How many jobs run before this queued one: the queue position plus the jobs running now."""
+    position = ctx.jobs.position(job.id)
+    if position is None:
+        return None
+    running = ctx.jobs.list(Caller("ui", admin=True), owner=None, state="running", limit=100)
+    return position + len(running)
 
 
 def _eta(job: Job) -> float | None:

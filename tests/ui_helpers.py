@@ -1,0 +1,77 @@
+"""The real server with the web UI on 127.0.0.1, and Debian's chromium driven by PyPI playwright."""
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.api_server import RunningServer, free_port, models_dir_with
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+REPO = Path(__file__).resolve().parent.parent
+
+
+def screenshot_dir() -> Path:
+    """Where browser tests save screenshots (ATELIER_TEST_OUTPUT, default test-output/ in the repo)."""
+    folder = Path(os.environ.get("ATELIER_TEST_OUTPUT", REPO / "test-output")) / "screenshots"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def require_browser():
+    """playwright's sync API and the chromium binary, or skip (test.sh installs both)."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
+    return playwright
+
+
+def start_ui_server(tmp_path: Path, checkpoints: dict[str, Path] | None = None, **config) -> RunningServer:
+    import uvicorn
+
+    from modules.app import build_app
+    from modules.server.app import create_app
+    from modules.server.config import ServerConfig
+    from modules.server.context import build_context
+    from modules.settings import Settings
+    from modules.ui.mount import mount_webui
+
+    models = models_dir_with(tmp_path, checkpoints or {})
+    settings = Settings(models_dir=models, outputs_dir=tmp_path / "outputs", data_dir=tmp_path / "data",
+                        device="cpu", precision="fp32", max_size=1024, extensions_dirs=())
+    port = free_port()
+    ctx = build_context(build_app(settings), ServerConfig(port=port, api=True, **config))
+    app = create_app(ctx, mount_webui)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the UI server did not start")
+        time.sleep(0.05)
+    return RunningServer(f"http://127.0.0.1:{port}", port, ctx, server, thread)
+
+
+def launch_browser(playwright):
+    return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+
+
+def chromium_version() -> str:
+    return subprocess.run([CHROMIUM, "--version"], capture_output=True, text=True).stdout.strip()
+
+
+def external_request_guard(page, seen: list[str], base: str) -> None:
+    """Record any request that leaves 127.0.0.1 (there must be none)."""
+    def check(request) -> None:
+        url = request.url
+        if not url.startswith((base, "data:", "blob:")):
+            seen.append(url)
+
+    page.on("request", check)
