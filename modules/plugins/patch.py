@@ -77,12 +77,16 @@ class ModelPatch:
             for (target, module), deltas in self._deltas.items():
                 weight = self.weight(target, module)
                 original = weight.detach().clone()
-                total = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+                total = None
                 for delta in deltas:
                     value = delta(original) if callable(delta) else delta
-                    total += value.to(device=weight.device, dtype=torch.float32).reshape(weight.shape)
+                    value = value.to(device=weight.device, dtype=torch.float32).reshape(weight.shape)
+                    total = value if total is None else total + value
                 self._saved[(target, module)] = original
-                weight.copy_((original.float() + total).to(weight.dtype))
+                if weight.dtype == torch.float32:
+                    weight.add_(total)  # the same float32 sum as below, without two more copies
+                else:
+                    weight.copy_((original.float() + total).to(weight.dtype))
         self.apply_seconds = time.perf_counter() - start
 
     def restore(self) -> None:
