@@ -223,7 +223,10 @@ def test_inpaint_mask_stroke_keeps_pixels_outside(page, server, tmp_path):
                         ("img2img-denoising", 1)):
         set_number(page, elem, value)
     page.click("#img2img-inpaint-options")  # open the accordion; no blur: the mask edge is exact
+    page.locator("#img2img-mask-blur input[type=number]").wait_for(state="visible")
     set_number(page, "img2img-mask-blur", 0)
+    assert page.locator("#img2img-mask-blur input[type=number]").input_value() == "0"
+    time.sleep(0.3)
     page.fill("#img2img-prompt textarea", "a blue stone")
     page.screenshot(path=str(screenshot_dir() / "inpaint-stroke.png"), full_page=False)
     page.click("#img2img-generate")
@@ -231,6 +234,10 @@ def test_inpaint_mask_stroke_keeps_pixels_outside(page, server, tmp_path):
     assert "Denoising strength: 1" in info and "Seed:" in info, info
     result = gallery_image(page, server, "img2img")
     assert result.size == (64, 64)
+    from modules.jobs.model import Caller
+
+    last = server.context.jobs.list(Caller("test", admin=True), owner=None, limit=1)[0]
+    assert last.params["params"]["mask_blur"] == 0, last.params["params"]["mask_blur"]
     mask = stored_mask(server)  # what the stroke became on the server: white = repaint
     assert mask is not None and mask.size == (64, 64)
     left, _, _, _ = mask.getbbox()
