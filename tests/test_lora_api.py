@@ -44,6 +44,7 @@ def test_loras_refresh_and_embeddings_routes(server, tmp_path):
         listing = http.get("/sdapi/v1/embeddings").json()
         assert listing["loaded"]["twin"]["vectors"] == 2 and listing["loaded"]["twin"]["shape"] == 32
         assert listing["skipped"]["big"]["shape"] == 768
+        assert "/ext/lora/preview" in http.get("/openapi.json").json()["paths"]
 
 
 def test_generate_accepts_lora_and_embeddings_dirs(tmp_path):

@@ -128,8 +128,8 @@ def api_router(specs: dict[str, list[api.ExtraNetworkSpec]]) -> Any:
 
     router = APIRouter()
 
-    @router.get("/preview")
-    def card_preview(kind: str, name: str) -> FileResponse:
+    @router.get("/preview", response_class=FileResponse, response_model=None)
+    def card_preview(kind: str, name: str):
         item = find_item(specs.get(kind, []), name)
         if item is None or not item.preview:
             raise HTTPException(404, "no preview")
