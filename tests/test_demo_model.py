@@ -142,3 +142,37 @@ def test_default_checkpoint_is_the_demo_only_when_nothing_else_is_there(tmp_path
     shutil.copy(tiny_sd1, folder / "zz-real.safetensors")
     assert engine.default_checkpoint().stem == "zz-real"
     assert make_engine(tmp_path, ckpt=tiny_sd1).default_checkpoint().path == tiny_sd1
+
+
+@pytest.fixture(scope="module")
+def demo_engine(tmp_path_factory):
+    if not DEMO_CHECKPOINT.exists():
+        pytest.skip("bundled demo checkpoint missing")
+    engine = make_engine(tmp_path_factory.mktemp("demo"))
+    engine.load_model(engine.default_checkpoint().path)
+    return engine
+
+
+def test_bundled_model_paints_the_two_colours_it_is_asked_for(demo_engine):
+    """Held-out prompts: the {background, shape} colour pair matches the prompt's (chance: 1 in 28)."""
+    from modules.demo.evaluate import EvalOptions, _txt2img, held_out_prompts
+
+    hits = 0
+    for i, (prompt, scene) in enumerate(held_out_prompts(4)):
+        reading = classify(_txt2img(demo_engine, EvalOptions(), prompt, 1, 7.0, 1000 + i)[0])
+        hits += {reading.background, reading.colour} == {scene.background, scene.colour}
+    assert hits >= 2
+
+
+def test_bundled_model_img2img_at_0_3_keeps_the_position(demo_engine):
+    from modules.demo.evaluate import EvalOptions, img2img_keeps
+
+    kept = img2img_keeps(demo_engine, 2, EvalOptions(steps=10))
+    assert kept["position"] == 1.0  # shape: the VAE rounds corners, so squares may read as circles
+
+
+def test_bundled_model_inpainting_leaves_the_unmasked_part_alone(demo_engine):
+    from modules.demo.evaluate import EvalOptions, inpaint_green
+
+    result = inpaint_green(demo_engine, 1, EvalOptions(steps=10))
+    assert result["mean_change_outside"] < 2.0
