@@ -27,14 +27,18 @@ def tiny_sd1(tiny_checkpoints) -> Path:
     return tiny_checkpoints["sd1"]
 
 
-def make_engine(tmp_path: Path, **overrides):
+def make_app(tmp_path: Path, **overrides):
+    """An App on the CPU in fp32 whose folders all live under tmp_path."""
     from modules.app import build_app
     from modules.settings import Settings
 
     options = dict(models_dir=tmp_path / "models", outputs_dir=tmp_path / "outputs",
                    data_dir=tmp_path / "data", device="cpu", precision="fp32")
-    settings = Settings(**{**options, **overrides})
-    return build_app(settings).engine
+    return build_app(Settings(**{**options, **overrides}))
+
+
+def make_engine(tmp_path: Path, **overrides):
+    return make_app(tmp_path, **overrides).engine
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from modules.demo import DEMO_CHECKPOINT, shapes
 from modules.demo.classify import classify
 from modules.demo.nets import DemoArch, build_nets
 from modules.pipeline.latents import to_pil
-from tests.conftest import make_engine
+from tests.conftest import make_app, make_engine
 
 TINY = DemoArch(image_size=64, unet_channels=(32, 64), unet_attention=(True, False),
                 vae_channels=(32, 32, 32, 32), clip_hidden=64, clip_layers=1)
@@ -176,3 +176,21 @@ def test_bundled_model_inpainting_leaves_the_unmasked_part_alone(demo_engine):
 
     result = inpaint_green(demo_engine, 1, EvalOptions(steps=10))
     assert result["mean_change_outside"] < 2.0
+
+
+@pytest.mark.skipif(not DEMO_CHECKPOINT.exists(), reason="bundled demo checkpoint missing")
+def test_server_selects_the_engines_default_checkpoint(tmp_path, tiny_sd1):
+    """With a real model beside the demo, the server starts on the real one (it sorts after the demo)."""
+    from modules.server.config import ServerConfig
+    from modules.server.context import build_context
+
+    folder = tmp_path / "models" / "Stable-diffusion"
+    folder.mkdir(parents=True)
+    shutil.copy(tiny_sd1, folder / "zz-real.safetensors")
+    shutil.copy(DEMO_CHECKPOINT, folder / DEMO_CHECKPOINT.name)
+    ctx = build_context(make_app(tmp_path), ServerConfig(api=True, nowebui=True))
+    ctx.start()
+    try:
+        assert ctx.options.get("sd_model_checkpoint").startswith("zz-real")
+    finally:
+        ctx.close()

@@ -42,7 +42,7 @@ class Engine:
         if self.settings.ckpt:
             return self.find_checkpoint(self.settings.ckpt)
         found = self.checkpoints()
-        others = [i for i in found if Path(i.path).resolve() != DEMO_CHECKPOINT]
+        others = [i for i in found if Path(i.path).name != DEMO_CHECKPOINT.name]  # the demo, or a copy
         if others:
             return others[0]
         demo = find_checkpoints([], [DEMO_CHECKPOINT])

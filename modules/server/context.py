@@ -9,7 +9,7 @@ from pathlib import Path
 
 from modules.app import App
 from modules.checkpoints.model import CheckpointInfo
-from modules.errors import CheckpointError
+from modules.errors import AtelierError, CheckpointError
 from modules.jobs.executor import Executor, LocalExecutor
 from modules.jobs.manager import JobManager
 from modules.jobs.store import JobStore
@@ -38,9 +38,10 @@ class ServerContext:
         self.jobs.start()
         current = self.options.get("sd_model_checkpoint")
         if current is None or self.find_checkpoint(current) is None:
-            found = self.checkpoints()
-            preferred = [i for i in found if self.app.settings.ckpt and Path(i.path) == Path(self.app.settings.ckpt)]
-            default = (preferred or found or [None])[0]
+            try:
+                default = self.app.engine.default_checkpoint()
+            except AtelierError:
+                default = None
             self.options.update({"sd_model_checkpoint": self.title(default) if default else None})
 
     def close(self) -> None:
