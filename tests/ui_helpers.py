@@ -32,7 +32,9 @@ def require_browser():
     return playwright
 
 
-def start_ui_server(tmp_path: Path, checkpoints: dict[str, Path] | None = None, **config) -> RunningServer:
+def start_ui_server(tmp_path: Path, checkpoints: dict[str, Path] | None = None,
+                    settings_overrides: dict | None = None, **config) -> RunningServer:
+    """The server with the web UI; `settings_overrides` go to Settings (e.g. lora_dirs), `config` to ServerConfig."""
     import uvicorn
 
     from modules.app import build_app
@@ -43,8 +45,9 @@ def start_ui_server(tmp_path: Path, checkpoints: dict[str, Path] | None = None, 
     from modules.ui.mount import mount_webui
 
     models = models_dir_with(tmp_path, checkpoints or {})
-    settings = Settings(models_dir=models, outputs_dir=tmp_path / "outputs", data_dir=tmp_path / "data",
-                        device="cpu", precision="fp32", max_size=1024, extensions_dirs=())
+    options = dict(models_dir=models, outputs_dir=tmp_path / "outputs", data_dir=tmp_path / "data",
+                   device="cpu", precision="fp32", max_size=1024, extensions_dirs=())
+    settings = Settings(**{**options, **(settings_overrides or {})})
     port = free_port()
     ctx = build_context(build_app(settings), ServerConfig(port=port, api=True, **config))
     app = create_app(ctx, mount_webui)

@@ -1,4 +1,5 @@
-"""Send-to buttons between tabs: results -> img2img / inpaint / PNG info, PNG info -> txt2img / img2img."""
+"""Send-to buttons between tabs: results -> img2img / inpaint / PNG info,
+PNG info and History -> txt2img / img2img."""
 from __future__ import annotations
 
 import gradio as gr
@@ -79,3 +80,20 @@ def wire_send_to(ui: UIContext, tabs: gr.Tabs, checkpoint: gr.Dropdown) -> None:
 
         pnginfo.send[mode].click(png_to_img2img, inputs=[pnginfo.text, pnginfo.image],
                                  outputs=_outputs(img2img, tabs, checkpoint, True))
+    _wire_history(ui, tabs, checkpoint)
+
+
+def _wire_history(ui: UIContext, tabs: gr.Tabs, checkpoint: gr.Dropdown) -> None:
+    """History's selected job (its selected image and infotext) -> txt2img, or img2img with the image."""
+    txt2img, img2img, history = ui.tabs["txt2img"], ui.tabs["img2img"], ui.tabs["history"]
+
+    def to_txt2img(state: dict) -> dict:
+        _, text = selected(state)
+        return _to_tab(ui, txt2img, tabs, checkpoint, None, text, None)
+
+    def to_img2img(state: dict) -> dict:
+        path, text = selected(state)
+        return _to_tab(ui, img2img, tabs, checkpoint, "img2img", text, _open(path))
+
+    history.send["txt2img"].click(to_txt2img, inputs=history.state, outputs=_outputs(txt2img, tabs, checkpoint, False))
+    history.send["img2img"].click(to_img2img, inputs=history.state, outputs=_outputs(img2img, tabs, checkpoint, True))
