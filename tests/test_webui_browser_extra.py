@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 from tests import test_webui_browser as base
@@ -34,6 +35,7 @@ def server(tmp_path_factory, tiny_checkpoints):
     root = tmp_path_factory.mktemp("webui-extra")
     loras = root / "my-loras"
     write_lora(loras, "inky", weight=0.7)
+    Image.new("RGB", (256, 256), (40, 90, 200)).save(loras / "inky.preview.png")
     write_lora(loras, "plain")
     embeddings = root / "models" / "embeddings"
     embeddings.mkdir(parents=True)
@@ -97,6 +99,10 @@ def test_cards_insert_tags_at_preferred_weight(page):
     assert prompt_of(page) == "a cat <lora:inky:0.7>"
     card(page, "plain").click()
     assert prompt_of(page) == "a cat <lora:inky:0.7> <lora:plain:1>"
+    preview = card(page, "inky").locator("img")
+    preview.evaluate("img => img.decode()")  # served by /ext/lora/preview, drawn inside its card
+    assert preview.evaluate("img => img.naturalWidth") == 256
+    assert preview.bounding_box()["width"] <= card(page, "inky").bounding_box()["width"]
     page.screenshot(path=str(screenshot_dir() / "txt2img-lora-cards.png"), full_page=True)
     open_cards_tab(page, "Textual Inversion")
     card(page, "twin").click()

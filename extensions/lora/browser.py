@@ -111,6 +111,16 @@ def render_cards(items: list[api.ExtraNetworkItem], tab: str, kind: str) -> str:
 
 
 _GRID = "display:grid;grid-template-columns:repeat(auto-fill,minmax(128px,1fr));gap:6px;max-height:480px;overflow:auto"
+# Scoped to the grid's gr.HTML: a card looks clickable and a preview fills its width.
+CARD_CSS = """
+.atelier-card { display: flex; flex-direction: column; justify-content: flex-end; gap: 4px; min-height: 48px;
+  padding: 6px; border: 1px solid var(--border-color-primary); border-radius: 6px; overflow: hidden;
+  background: var(--block-background-fill); }
+.atelier-card[onclick] { cursor: pointer; }
+.atelier-card[onclick]:hover { border-color: var(--color-accent); }
+.atelier-card img { width: 100%; aspect-ratio: 1; object-fit: cover; border-radius: 4px; }
+.atelier-card-name { font-size: 12px; overflow-wrap: anywhere; }
+"""
 
 
 def find_item(specs: list[api.ExtraNetworkSpec], name: str) -> api.ExtraNetworkItem | None:
@@ -167,7 +177,7 @@ def build_tab(spec: api.ExtraNetworkSpec, tab: str, registry: Any) -> None:
         search = gr.Textbox(show_label=False, placeholder="Search", scale=3, elem_id=f"{tab}-en-{spec.name}-search")
         folder = gr.Dropdown(["", *folders(items)], value="", label="Folder", scale=1)
         refresh = gr.Button("Refresh", size="sm", scale=0)
-    grid = gr.HTML(render_cards(items, tab, spec.name))
+    grid = gr.HTML(render_cards(items, tab, spec.name), css_template=CARD_CSS)
 
     def update(text: str, where: str) -> str:
         return render_cards(filter_items(spec.items() if spec.items else [], text, where), tab, spec.name)
