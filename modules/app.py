@@ -39,7 +39,7 @@ def build_app(settings: Settings, extra_plugins: tuple = ()) -> App:
     plugins = build_plugin_host(settings, extra_plugins, trace=os.environ.get("ATELIER_TRACE_HOOKS") == "1")
     registries = build_registries(plugins, settings)
     engine = Engine(settings, registries, devices, plugins)
-    log.info("device %s, dtype %s, attention %s", devices.device, devices.dtype, devices.attention)
+    log.info("device %s", devices.describe())
     app = App(settings, devices, plugins, registries, engine)
     for warning in plugins.call("on_app_started", refusals=False, app=app).warnings():
         log.warning(warning)

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from modules.benchmark import add_benchmark_arguments
 from modules.cli_img2img import add_image_arguments, hires_kwargs, img2img_params
 from modules.errors import AtelierError
 from modules.server.config import add_server_arguments
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="webui.py", description="Atelier: Stable Diffusion, local-first.")
     add_settings_arguments(parser)
     add_server_arguments(parser)
+    add_benchmark_arguments(parser)
     commands = parser.add_subparsers(dest="command")
     generate = commands.add_parser("generate", help="generate images from the command line")
     add_settings_arguments(generate)
@@ -112,12 +114,25 @@ def run_app(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_benchmark_command(args: argparse.Namespace) -> int:
+    """--benchmark: time a short generation with this machine's settings and default model."""
+    from modules.app import build_app
+    from modules.benchmark import run_benchmark
+
+    app = build_app(settings_from_args(args))
+    result = run_benchmark(app.engine, size=args.benchmark_size, steps=args.benchmark_steps)
+    print(result.table())
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
         if args.command == "generate":
             return run_generate(args)
+        if args.benchmark:
+            return run_benchmark_command(args)
         return run_app(args)
     except AtelierError as err:
         print(f"error: {err}", file=sys.stderr)

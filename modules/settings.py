@@ -32,6 +32,9 @@ class Settings:
     emphasis: str = "Original"
     eta_noise_seed_delta: int = 0
     preview_every: int = 1
+    vae_tiling: bool = False  # decode / encode large images tile by tile (bounded memory)
+    vae_tile_size: int = 64  # latents per tile side (64 = 512 pixels); tiles overlap by a quarter
+    vram: str = "normal"  # "normal", "medvram" (one model on the GPU at a time) or "lowvram" (one block)
     max_size: int = 4096
     styles_file: Path = REPO_ROOT / "styles.csv"  # A1111's styles.csv format
     extensions_dirs: tuple[Path, ...] = (REPO_ROOT / "extensions",)
@@ -89,6 +92,19 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--clip-skip", type=int, default=1)
     group.add_argument("--emphasis", choices=EMPHASIS_MODES, default="Original")
     group.add_argument("--eta-noise-seed-delta", type=int, default=0, help="A1111's ENSD")
+    add_performance_arguments(parser)
+
+
+def add_performance_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("performance and memory")
+    group.add_argument("--vae-tiling", action="store_true",
+                       help="decode and encode large images tile by tile (blended overlaps), in bounded memory")
+    group.add_argument("--vae-tile-size", type=int, default=64, help="VAE tile side in latents (64 = 512 px)")
+    vram = group.add_mutually_exclusive_group()
+    vram.add_argument("--medvram", dest="vram", action="store_const", const="medvram", default="normal",
+                      help="keep only the model in use (text encoder, UNet or VAE) on the GPU")
+    vram.add_argument("--lowvram", dest="vram", action="store_const", const="lowvram",
+                      help="keep only the block in use on the GPU (slowest, least VRAM)")
     add_extension_arguments(parser)
 
 
@@ -125,6 +141,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         clip_skip=args.clip_skip,
         emphasis=args.emphasis,
         eta_noise_seed_delta=args.eta_noise_seed_delta,
+        vae_tiling=getattr(args, "vae_tiling", False),
+        vae_tile_size=getattr(args, "vae_tile_size", 64),
+        vram=getattr(args, "vram", "normal"),
         styles_file=args.styles_file or base.styles_file,
         extensions_dirs=(*base.extensions_dirs, *args.extensions_dir),
         disable_all_extensions=args.disable_all_extensions,

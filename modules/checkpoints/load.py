@@ -37,7 +37,7 @@ def load_vae_file(path: Path, spec: ModelSpec, *, device: torch.device, dtype: t
 
 
 def _load_single_file(info: CheckpointInfo, device: torch.device, dtype: torch.dtype, yaml_path: Path | None,
-                      force_v: bool, vae_path: Path | None
+                      force_v: bool, vae_path: Path | None, vae_dtype: torch.dtype
                       ) -> tuple[ModelSpec, torch.nn.Module, torch.nn.Module, list[torch.nn.Module]]:
     sd = read_state_dict(info.path)
     metadata = read_safetensors_metadata(info.path) if info.path.suffix.lower() in SAFETENSORS_SUFFIXES else None
@@ -45,16 +45,16 @@ def _load_single_file(info: CheckpointInfo, device: torch.device, dtype: torch.d
     arch = next(a for a in ARCH_TABLE if a.arch == spec.arch.replace("sd2-v", "sd2"))
     unet = build_unet(sd, spec.unet_config, device=device, dtype=dtype)
     if vae_path is not None:
-        vae = load_vae_file(vae_path, spec, device=device, dtype=dtype)
+        vae = load_vae_file(vae_path, spec, device=device, dtype=vae_dtype)
     else:
-        vae = build_vae(vae_source(sd, VAE), spec.vae_config, device=device, dtype=dtype)
+        vae = build_vae(vae_source(sd, VAE), spec.vae_config, device=device, dtype=vae_dtype)
     encoders = [build_text_encoder(sd, te, prefix, device=device, dtype=dtype)
                 for te, (prefix, *_rest) in zip(spec.text_encoders, arch.encoders, strict=True)]
     return spec, unet, vae, encoders
 
 
 def _load_diffusers(info: CheckpointInfo, device: torch.device, dtype: torch.dtype,
-                    force_v: bool) -> tuple[ModelSpec, torch.nn.Module, torch.nn.Module, list[torch.nn.Module]]:
+                    force_v: bool, vae_dtype: torch.dtype) -> tuple[ModelSpec, torch.nn.Module, torch.nn.Module, list[torch.nn.Module]]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -63,7 +63,7 @@ def _load_diffusers(info: CheckpointInfo, device: torch.device, dtype: torch.dty
     try:
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True,
                                                     torch_dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True, torch_dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True, torch_dtype=vae_dtype)
         encoders = []
         for i, te in enumerate(spec.text_encoders):
             cls = CLIPTextModelWithProjection if te.pooled else CLIPTextModel
@@ -79,28 +79,30 @@ def _load_diffusers(info: CheckpointInfo, device: torch.device, dtype: torch.dty
 
 def load_checkpoint(info: CheckpointInfo, *, device: torch.device | str, dtype: torch.dtype,
                     vae_path: Path | None = None, yaml_path: Path | None = None, force_v: bool = False,
-                    hash_cache: Path | None = None) -> LoadedModel:
-    """Build the UNet, VAE and text encoders of `info` on `device` in `dtype`.
+                    hash_cache: Path | None = None, vae_dtype: torch.dtype | None = None) -> LoadedModel:
+    """Build the UNet, VAE and text encoders of `info` on `device` in `dtype` (the VAE in `vae_dtype`, default `dtype`).
 
     `yaml_path` defaults to `NAME.yaml` beside a single-file checkpoint. `vae_path` replaces the
     checkpoint's own VAE. Raises CheckpointError / UnsafeCheckpointError with a user-facing message.
     """
     device = torch.device(device)
+    vae_dtype = dtype if vae_dtype is None else vae_dtype
     path = Path(info.path)
     if not path.exists():
         raise CheckpointError(f"Checkpoint not found: {path}")
     if info.format == "diffusers":
-        spec, unet, vae, encoders = _load_diffusers(info, device, dtype, force_v)
+        spec, unet, vae, encoders = _load_diffusers(info, device, dtype, force_v, vae_dtype)
         short_hash = ""
     else:
         yaml_path = yaml_path if yaml_path is not None else yaml_beside_checkpoint(path)
         vae_path = Path(vae_path) if vae_path is not None else None
-        spec, unet, vae, encoders = _load_single_file(info, device, dtype, yaml_path, force_v, vae_path)
+        spec, unet, vae, encoders = _load_single_file(info, device, dtype, yaml_path, force_v, vae_path,
+                                                         vae_dtype)
         short_hash = model_hash(path, hash_cache)
     vae_name = vae_hash = None
     if vae_path is not None:
         if info.format == "diffusers":
-            vae = load_vae_file(Path(vae_path), spec, device=device, dtype=dtype)
+            vae = load_vae_file(Path(vae_path), spec, device=device, dtype=vae_dtype)
         vae_name, vae_hash = Path(vae_path).name, model_hash(Path(vae_path), hash_cache)
     return LoadedModel(info=info, spec=spec, model_hash=short_hash, unet=unet, vae=vae,
                        text_encoders=encoders, device=device, dtype=dtype, vae_name=vae_name, vae_hash=vae_hash)

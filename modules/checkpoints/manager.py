@@ -20,6 +20,7 @@ class _LoadKey:
     format: str
     device: str
     dtype: torch.dtype
+    vae_dtype: torch.dtype | None
     vae_path: Path | None
     yaml_path: Path | None
     force_v: bool
@@ -62,16 +63,17 @@ class ModelManager:
         return self._current
 
     def load(self, info: CheckpointInfo, *, device: torch.device | str, dtype: torch.dtype,
-             vae_path: Path | None = None, yaml_path: Path | None = None, force_v: bool = False) -> LoadedModel:
+             vae_path: Path | None = None, yaml_path: Path | None = None, force_v: bool = False,
+             vae_dtype: torch.dtype | None = None) -> LoadedModel:
         """The loaded `info`, loading it (and releasing the previous model first) when needed."""
-        key = _LoadKey(Path(info.path).resolve(), info.format, str(torch.device(device)), dtype,
+        key = _LoadKey(Path(info.path).resolve(), info.format, str(torch.device(device)), dtype, vae_dtype,
                        Path(vae_path).resolve() if vae_path else None,
                        Path(yaml_path).resolve() if yaml_path else None, force_v)
         if self._current is not None and key == self._key:
             return self._current
         self.unload()
         model = load_checkpoint(info, device=device, dtype=dtype, vae_path=vae_path, yaml_path=yaml_path,
-                                force_v=force_v, hash_cache=self._hash_cache)
+                                force_v=force_v, hash_cache=self._hash_cache, vae_dtype=vae_dtype)
         self._current, self._key = model, key
         return model
 

@@ -6,10 +6,12 @@ from pathlib import Path
 from modules.checkpoints.discover import find_checkpoints, find_vaes, vae_beside_checkpoint
 from modules.checkpoints.manager import ModelManager
 from modules.checkpoints.model import CheckpointInfo, LoadedModel
-from modules.devices import DeviceConfig, apply_attention
+from modules.devices import DeviceConfig, apply_attention, apply_memory_format
 from modules.errors import CheckpointError
 from modules.pipeline.control import JobControl, ProgressCallback
+from modules.pipeline.offload import Placement
 from modules.pipeline.params import Img2ImgParams, Result, Txt2ImgParams
+from modules.pipeline.vae_tiling import VaeTiling
 from modules.plugins.host import PluginHost
 from modules.plugins.jobhooks import JobHooks
 from modules.plugins.manager import Registries, build_plugin_manager
@@ -27,6 +29,7 @@ class Engine:
         self.devices = devices
         self.plugins = plugins or PluginHost(build_plugin_manager())  # extension hooks, isolated
         self.models = ModelManager(settings.hash_cache)
+        self.placement = Placement(settings.vram, devices.device)  # --medvram / --lowvram
         self._tokenizer = None
         self._per_model: dict[int, dict] = {}
 
@@ -63,9 +66,15 @@ class Engine:
     def load_model(self, name_or_path: str | Path) -> LoadedModel:
         info = self.find_checkpoint(name_or_path)
         self._per_model.clear()
-        model = self.models.load(info, device=self.devices.device, dtype=self.devices.dtype,
-                                 vae_path=self.vae_for(info), force_v=self.settings.force_v_prediction)
+        self.placement.detach()
+        model = self.models.load(info, device=self.placement.load_device(), dtype=self.devices.dtype,
+                                 vae_path=self.vae_for(info), force_v=self.settings.force_v_prediction,
+                                 vae_dtype=self.devices.vae_dtype)
         apply_attention([model.unet, model.vae], self.devices.attention)
+        apply_memory_format([model.unet, model.vae], self.devices.channels_last)
+        if self.placement.enabled:  # built on the CPU; each part comes to the GPU when it runs
+            model.device = self.devices.device
+            self.placement.attach(model.unet, model.vae, model.text_encoders)
         return model
 
     def vaes(self) -> list[Path]:
@@ -90,6 +99,13 @@ class Engine:
         if model is None:
             raise CheckpointError("No model is loaded. Choose a checkpoint first.")
         return model
+
+    def vae_tiling(self) -> VaeTiling | None:
+        """Tile sizes for the VAE when --vae-tiling is on, else None."""
+        if not self.settings.vae_tiling:
+            return None
+        tile = self.settings.vae_tile_size
+        return VaeTiling(tile=tile, overlap=max(tile // 4, 1))
 
     # -- per-model helpers, built once per loaded model ----------------------
     def _cached(self, model: LoadedModel, key: str, build):

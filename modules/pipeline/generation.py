@@ -182,10 +182,12 @@ class GenerationRun:
     def encode(self, images: list[Image.Image]) -> torch.Tensor:
         """PIL images -> scaled latents on the model's device."""
         pixels = latent_ops.from_pil(images)
-        return latent_ops.encode(self.model.vae, pixels, self.model.spec.vae_scale_factor).to(self.model.device)
+        return latent_ops.encode(self.model.vae, pixels, self.model.spec.vae_scale_factor,
+                                 self.engine.vae_tiling()).to(self.model.device)
 
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
-        decoded, fell_back = latent_ops.decode(self.model.vae, latents, self.model.spec.vae_scale_factor)
+        decoded, fell_back = latent_ops.decode(self.model.vae, latents, self.model.spec.vae_scale_factor,
+                                               self.engine.vae_tiling())
         if fell_back:
             self.result.warnings.append("NaNs in the VAE output: the VAE now runs in fp32")
         return latent_ops.to_pil(decoded)

@@ -69,7 +69,8 @@ class Img2ImgRun(GenerationRun):
             return self.inpaint_concat(len(self.inputs.images), p.height, p.width)
         mask = masks.conditioning_mask(self.inputs.mask)
         masked = latent_ops.from_pil(self.inputs.images) * (1.0 - mask)
-        masked_latent = latent_ops.encode(model.vae, masked, model.spec.vae_scale_factor).to(model.device)
+        masked_latent = latent_ops.encode(model.vae, masked, model.spec.vae_scale_factor,
+                                          self.engine.vae_tiling()).to(model.device)
         small = F.interpolate(mask, size=size).to(model.device)
         return torch.cat([small.expand(masked_latent.shape[0], -1, -1, -1), masked_latent], dim=1)
 

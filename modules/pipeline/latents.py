@@ -7,6 +7,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from modules.pipeline.vae_tiling import VaeTiling, tiled_decode, tiled_encode
+
 log = logging.getLogger(__name__)
 
 # Linear latent -> RGB factors for a cheap preview (A1111's "Approx cheap" idea).
@@ -36,33 +38,48 @@ def from_pil(images: list[Image.Image]) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
-def _vae_decode(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
+def _vae_decode(vae: torch.nn.Module, latents: torch.Tensor, tiling: VaeTiling | None = None) -> torch.Tensor:
     dtype = next(vae.parameters()).dtype
     device = next(vae.parameters()).device
+
+    def run(z: torch.Tensor) -> torch.Tensor:
+        return vae.decode(z.to(device, dtype), return_dict=False)[0].float()
+
     with torch.inference_mode():
-        return vae.decode(latents.to(device, dtype), return_dict=False)[0].float()
+        if tiling is not None and tiling.needed(*latents.shape[2:]):
+            return tiled_decode(run, latents, tiling).to(device)
+        return run(latents)
 
 
-def decode(vae: torch.nn.Module, latents: torch.Tensor, scale_factor: float) -> tuple[torch.Tensor, bool]:
-    """Decode latents; on NaNs or infs from a half-precision VAE, retry in fp32 and keep it there.
+def decode(vae: torch.nn.Module, latents: torch.Tensor, scale_factor: float,
+           tiling: VaeTiling | None = None) -> tuple[torch.Tensor, bool]:
+    """Decode latents (tile by tile when `tiling` is given and the image is larger than a tile);
+    on NaNs or infs from a half-precision VAE, retry in fp32 and keep it there.
 
     Returns the images in [-1, 1] and whether the fp32 fallback was used.
     """
-    images = _vae_decode(vae, latents / scale_factor)
+    images = _vae_decode(vae, latents / scale_factor, tiling)
     if torch.isfinite(images).all() or next(vae.parameters()).dtype == torch.float32:
         return images, False
     log.warning("NaNs or infs in the VAE output; switching the VAE to fp32")
     vae.to(torch.float32)
-    return _vae_decode(vae, latents / scale_factor), True
+    return _vae_decode(vae, latents / scale_factor, tiling), True
 
 
-def encode(vae: torch.nn.Module, images: torch.Tensor, scale_factor: float) -> torch.Tensor:
-    """Images [B, 3, H, W] in [-1, 1] -> scaled latents (the distribution's mode)."""
+def encode(vae: torch.nn.Module, images: torch.Tensor, scale_factor: float,
+           tiling: VaeTiling | None = None) -> torch.Tensor:
+    """Images [B, 3, H, W] in [-1, 1] -> scaled latents (the distribution's mode), tiled if asked."""
     dtype = next(vae.parameters()).dtype
     device = next(vae.parameters()).device
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return vae.encode(x.to(device, dtype), return_dict=False)[0].mode().float()
+
     with torch.inference_mode():
-        dist = vae.encode(images.to(device, dtype), return_dict=False)[0]
-        return dist.mode().float() * scale_factor
+        if tiling is not None and tiling.needed(images.shape[2] // 8, images.shape[3] // 8):
+            channels = vae.config.latent_channels if hasattr(vae, "config") else 4
+            return tiled_encode(run, images, tiling, channels).to(device) * scale_factor
+        return run(images) * scale_factor
 
 
 def txt2img_inpaint_concat(vae: torch.nn.Module, batch: int, height: int, width: int,
