@@ -67,6 +67,17 @@ def set_number(page, elem_id: str, value) -> None:
     box.press("Enter")
 
 
+def set_number_settled(page, elem_id: str, value, tries: int = 5) -> None:
+    """set_number, again while the widget falls back to its old value (re-rendered on an accordion's first open)."""
+    box = page.locator(f"#{elem_id} input[type=number]")
+    for _ in range(tries):
+        set_number(page, elem_id, value)
+        time.sleep(0.5)
+        if box.input_value() == str(value):
+            return
+    raise AssertionError(f"{elem_id} keeps {box.input_value()!r}, not {value!r}")
+
+
 def fill_txt2img(page, prompt: str, seed: int, steps: int, size: int = 64) -> None:
     page.fill("#txt2img-prompt textarea", prompt)
     for elem, value in (("txt2img-width", size), ("txt2img-height", size), ("txt2img-steps", steps)):
@@ -121,7 +132,7 @@ def gallery_image(page, server, tab: str) -> Image.Image:
 
 
 def test_txt2img_generate_with_progress_preview_and_seed(page, server):
-    fill_txt2img(page, "a red fox in the snow", seed=1234, steps=8)
+    fill_txt2img(page, "a red fox in the snow", seed=1234, steps=40)  # long enough to watch the bar move
     assert page.locator("#txt2img-token-counter").inner_text().strip() == "6/75"
     page.click("#txt2img-generate")
     steps_seen, preview_seen, widths = set(), False, set()
@@ -135,7 +146,7 @@ def test_txt2img_generate_with_progress_preview_and_seed(page, server):
         preview_seen = preview_seen or page.locator("#txt2img-preview img").count() > 0
         time.sleep(0.05)
     info = infotext_of(page)
-    assert "Seed: 1234" in info and "Size: 64x64" in info and "Steps: 8" in info
+    assert "Seed: 1234" in info and "Size: 64x64" in info and "Steps: 40" in info
     assert len(steps_seen) >= 2 and len(widths) >= 2, (steps_seen, widths)  # the bar moved
     assert preview_seen, "no live preview appeared"
     assert page.locator("#txt2img-gallery img").count() >= 1
@@ -207,7 +218,8 @@ def test_inpaint_mask_stroke_keeps_pixels_outside(page, server, tmp_path):
     upload = page.locator("#inpaint-editor input[type=file]")
     upload.wait_for(state="attached")
     time.sleep(0.5)
-    upload.set_input_files(str(tmp_path / "stripes.png"))
+    with page.expect_response(lambda r: r.url.endswith("/run/predict"), timeout=30_000):  # the brush fits the image
+        upload.set_input_files(str(tmp_path / "stripes.png"))
     page.wait_for_function("!document.querySelector('#inpaint-editor').innerText.includes('Upload an image')")
     time.sleep(1.0)
     canvas = page.locator("#inpaint-editor canvas").first
@@ -224,11 +236,11 @@ def test_inpaint_mask_stroke_keeps_pixels_outside(page, server, tmp_path):
         set_number(page, elem, value)
     page.click("#img2img-inpaint-options")  # open the accordion; no blur: the mask edge is exact
     page.locator("#img2img-mask-blur input[type=number]").wait_for(state="visible")
-    set_number(page, "img2img-mask-blur", 0)
-    assert page.locator("#img2img-mask-blur input[type=number]").input_value() == "0"
+    set_number_settled(page, "img2img-mask-blur", 0)
     time.sleep(0.3)
     page.fill("#img2img-prompt textarea", "a blue stone")
     page.screenshot(path=str(screenshot_dir() / "inpaint-stroke.png"), full_page=False)
+    assert page.locator("#img2img-mask-blur input[type=number]").input_value() == "0"
     page.click("#img2img-generate")
     info = wait_result(page, "img2img")
     assert "Denoising strength: 1" in info and "Seed:" in info, info
@@ -240,8 +252,9 @@ def test_inpaint_mask_stroke_keeps_pixels_outside(page, server, tmp_path):
     assert last.params["params"]["mask_blur"] == 0, last.params["params"]["mask_blur"]
     mask = stored_mask(server)  # what the stroke became on the server: white = repaint
     assert mask is not None and mask.size == (64, 64)
-    left, _, _, _ = mask.getbbox()
+    left, _, right, _ = mask.getbbox()
     assert left >= 16, f"the stroke should cover the right part only, mask bbox {mask.getbbox()}"
+    assert right - left <= 12, f"the brush should be about 6 px wide on a 64 px image, mask bbox {mask.getbbox()}"
     changed = _changed(result, original)
     Image.fromarray(changed.astype("uint8") * 255).resize((256, 256)).save(
         screenshot_dir() / "inpaint-changed-pixels.png")

@@ -16,6 +16,7 @@ MODES = (("img2img", "img2img"), ("inpaint", "Inpaint"), ("inpaint_upload", "Inp
          ("outpaint", "Outpaint"))
 INPAINT_AREAS = ("Whole picture", "Only masked")
 MASK_MODES = ("Inpaint masked", "Inpaint not masked")
+DEFAULT_BRUSH = 20  # radius before an image is known (a 512x512 image gets 21)
 
 
 def build_img2img_tab(ui: UIContext, checkpoint: gr.Dropdown) -> GenerationTab:
@@ -47,10 +48,11 @@ def _mode_inputs(key: str, handles: dict[str, Any]) -> None:
         handles["image"] = gr.Image(label="Image", type="pil", image_mode="RGBA", height=360,
                                     elem_id="img2img-image", sources=["upload", "clipboard"])
     elif key == "inpaint":
-        handles["editor"] = gr.ImageEditor(
+        editor = handles["editor"] = gr.ImageEditor(
             label="Image and mask (paint the area to repaint)", type="pil", image_mode="RGBA", height=420,
             elem_id="inpaint-editor", sources=["upload", "clipboard"], transforms=(), layers=False,
-            brush=gr.Brush(default_size="auto", colors=["#ffffff"], default_color="#ffffff", color_mode="fixed"))
+            brush=mask_brush(None))
+        editor.upload(fit_brush, inputs=editor, outputs=editor, queue=False, show_progress="hidden")
     elif key == "inpaint_upload":
         with gr.Row():
             handles["upload_image"] = gr.Image(label="Image", type="pil", image_mode="RGBA", height=300,
@@ -81,6 +83,22 @@ def _img2img_fields(fields: Fields) -> None:
                                               label="Inpaint area")
         fields["inpaint_full_res_padding"] = gr.Slider(0, 256, value=32, step=4,
                                                        label="Only masked padding, pixels")
+
+
+def brush_size(image: Image.Image | None) -> int:
+    """Brush radius in image pixels: about 1/24 of the short side (3 px at 64, 21 at 512, 43 at 1024)."""
+    if image is None:
+        return DEFAULT_BRUSH
+    return max(2, min(round(min(image.size) / 24), 64))
+
+
+def mask_brush(image: Image.Image | None) -> gr.Brush:
+    return gr.Brush(default_size=brush_size(image), colors=["#ffffff"], default_color="#ffffff", color_mode="fixed")
+
+
+def fit_brush(value: dict | None) -> gr.ImageEditor:
+    """After an upload: a brush sized to the image (Gradio's "auto" is a fixed 25 px, huge on small images)."""
+    return gr.ImageEditor(brush=mask_brush((value or {}).get("background")))
 
 
 def editor_mask(value: dict | None) -> tuple[Image.Image | None, Image.Image | None]:
