@@ -39,7 +39,8 @@ def build_history_tab(ui: UIContext) -> HistoryTab:
         refresh = gr.Button("🔄 Refresh", size="sm", elem_id="history-refresh")
         table = gr.Dataframe(headers=COLUMNS, value=[], interactive=False, wrap=True, elem_id="history-table")
         with gr.Row():
-            gallery = gr.Gallery(label="Images", columns=4, height=300, interactive=False, elem_id="history-gallery")
+            gallery = gr.Gallery(label="Images", columns=4, height=300, object_fit="contain", interactive=False,
+                                 elem_id="history-gallery")
             with gr.Column():
                 message = gr.Markdown("", elem_id="history-message")
                 infotext = gr.HTML("", elem_id="history-infotext")
