@@ -77,6 +77,12 @@ class ModelManager:
         self._current, self._key = model, key
         return model
 
+    def adopt(self, model: LoadedModel) -> LoadedModel:
+        """Make an already-built model current (benchmarks and tests build modules directly)."""
+        self.unload()
+        self._current, self._key = model, None
+        return model
+
     def unload(self) -> None:
         """Drop the current model and return its memory."""
         if self._current is not None:
