@@ -101,16 +101,19 @@ def peak_rss_gb() -> float:
 
 
 def child_raw_read(ckpt: Path) -> dict:
-    """Every tensor of the file into memory (safetensors' own `load_file`), nothing else."""
+    """Every tensor of the file copied into process memory (`load_file` memory-maps lazily, so clone)."""
     from safetensors.torch import load_file
 
     began = time.perf_counter()
-    tensors = load_file(str(ckpt))
+    tensors = {k: v.clone() for k, v in load_file(str(ckpt)).items()}
     took = time.perf_counter() - began
     return {"load_s": took, "params": sum(t.numel() for t in tensors.values()), "peak_rss_gb": peak_rss_gb()}
 
 
 def child_atelier(ckpt: Path, precision: str, size: int, steps: int, cache: Path) -> dict:
+    from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401  imported before the clock starts,
+    from transformers import CLIPTextModel  # noqa: F401  as the diffusers child imports its pipeline class
+
     from modules.app import build_app
     from modules.pipeline.params import Txt2ImgParams
     from modules.settings import Settings

@@ -19,7 +19,7 @@ class DeviceConfig:
     dtype: torch.dtype  # UNet and text encoders
     vae_dtype: torch.dtype
     attention: str  # "xformers" or "sdpa"
-    channels_last: bool = False  # convolution weights in NHWC (bf16 on the CPU: the VAE decodes ~2x faster)
+    channels_last: bool = False  # VAE convolution weights in NHWC (bf16 on the CPU: decodes ~2x faster)
 
     def describe(self) -> str:
         layout = ", channels_last" if self.channels_last else ""
@@ -89,7 +89,8 @@ def device_config(device: str = "auto", precision: str = "auto", xformers: bool 
     """Pick device, dtypes, attention and memory layout. `flags`: CPU flags (read from /proc/cpuinfo if None).
 
     On the CPU, bf16 (explicit, or `auto` on a CPU with bf16 hardware) also runs the VAE in bf16 with
-    channels_last weights; the VAE keeps its fp32 retry on NaNs. fp32 stays exactly as it was.
+    channels_last weights (the UNet stays contiguous: NHWC measured ~5% slower for it at 512x512); the
+    VAE keeps its fp32 retry on NaNs. fp32 stays exactly as it was.
     """
     dev = choose_device(device)
     fast_bf16 = False

@@ -71,7 +71,7 @@ class Engine:
                                  vae_path=self.vae_for(info), force_v=self.settings.force_v_prediction,
                                  vae_dtype=self.devices.vae_dtype)
         apply_attention([model.unet, model.vae], self.devices.attention)
-        apply_memory_format([model.unet, model.vae], self.devices.channels_last)
+        apply_memory_format([model.vae], self.devices.channels_last)  # the UNet measured ~5% slower in NHWC
         if self.placement.enabled:  # built on the CPU; each part comes to the GPU when it runs
             model.device = self.devices.device
             self.placement.attach(model.unet, model.vae, model.text_encoders)
