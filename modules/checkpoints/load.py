@@ -39,7 +39,7 @@ def load_vae_file(path: Path, spec: ModelSpec, *, device: torch.device, dtype: t
 def _load_single_file(info: CheckpointInfo, device: torch.device, dtype: torch.dtype, yaml_path: Path | None,
                       force_v: bool, vae_path: Path | None, vae_dtype: torch.dtype
                       ) -> tuple[ModelSpec, torch.nn.Module, torch.nn.Module, list[torch.nn.Module]]:
-    sd = read_state_dict(info.path)
+    sd = read_state_dict(info.path, dtype=dtype)  # converted while read: no second full copy
     metadata = read_safetensors_metadata(info.path) if info.path.suffix.lower() in SAFETENSORS_SUFFIXES else None
     spec = detect_model_spec(sd, yaml_path=yaml_path, force_v=force_v, metadata=metadata)
     arch = next(a for a in ARCH_TABLE if a.arch == spec.arch.replace("sd2-v", "sd2"))

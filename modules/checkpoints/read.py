@@ -10,6 +10,7 @@ import json
 import pickle
 import re
 import struct
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,42 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"Checkpoint {path} could not be read as safetensors: {err}") from err
 
 
+_SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
+                       "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+                       "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _read_safetensors_as(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
+    """Every tensor read with plain file reads, floating ones converted to `dtype` one at a time.
+
+    Nothing is memory-mapped, so the process holds the converted weights plus one tensor's bytes
+    (a mapped fp16 file stays resident beside its bf16 copy until it is unmapped). Returns None
+    for dtypes this reader does not know, or a big-endian machine; the caller falls back to safe_open.
+    """
+    if sys.byteorder != "little":
+        return None
+    with path.open("rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        base = 8 + n
+        entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
+                         key=lambda kv: kv[1]["data_offsets"][0])
+        if any(v.get("dtype") not in _SAFETENSORS_DTYPES for _, v in entries):
+            return None
+        out: dict[str, torch.Tensor] = {}
+        for key, info in entries:
+            start, end = info["data_offsets"]
+            stored = _SAFETENSORS_DTYPES[info["dtype"]]
+            f.seek(base + start)
+            raw = bytearray(end - start)
+            if f.readinto(raw) != end - start:
+                raise CheckpointError(f"Checkpoint {path} is truncated at tensor {key}")
+            t = torch.frombuffer(raw, dtype=stored) if raw else torch.empty(0, dtype=stored)
+            t = t.reshape(info["shape"])
+            out[key] = t.to(dtype) if t.is_floating_point() and stored != dtype else t.clone()
+    return out
+
+
 def _torch_load(path: Path) -> Any:
     """`torch.load` restricted to weights; mmap for the zip format, plain read for legacy pickles."""
     mmap = zipfile.is_zipfile(path)
@@ -116,8 +153,11 @@ def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint file, on the CPU, keyed as stored.
+
+    With `dtype`, floating tensors of a .safetensors file are converted to it while reading,
+    one at a time (peak memory: the converted weights, not the file plus them).
 
     Raises CheckpointError for missing, empty, truncated or corrupt files and
     UnsafeCheckpointError for pickles that would need code execution.
@@ -126,6 +166,11 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     _check_file(path)
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
+        if dtype is not None:
+            _check_safetensors_header(path)
+            converted = _read_safetensors_as(path, dtype)
+            if converted is not None:
+                return converted
         return _read_safetensors(path)
     if suffix in PICKLE_SUFFIXES:
         return _unwrap(_torch_load(path), path)
