@@ -75,3 +75,38 @@ def test_infotext_fills_fields_by_name():
     assert (values["width"], values["height"]) == (96, 64) and values["sampler_name"] == "Euler a"
     assert values["enable_hr"] and values["hr_scale"] == 1.5 and values["denoising_strength"] == 0.5
     Txt2ImgParams(**values).validate()  # every name is a params field
+
+
+def _git_extension(folder):
+    """A local git repository holding a valid extension, cloned through a file:// URL (no network)."""
+    import subprocess
+
+    folder.mkdir(parents=True)
+    (folder / "extension.toml").write_text('name = "hello-ext"\nversion = "0.2"\napi_version = "1.0"\n')
+    (folder / "extension.py").write_text("from modules.plugins import api\n")
+    git = ["git", "-C", str(folder), "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
+    subprocess.run(["git", "init", "-q", str(folder)], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "init"], check=True)
+    return f"file://{folder}"
+
+
+@pytest.mark.parametrize("listen", [False, True])
+def test_extensions_tab_installs_from_git_only_on_localhost(tmp_path, listen):
+    from types import SimpleNamespace
+
+    from modules.server.context import build_context
+    from modules.ui.context import UIContext
+    from modules.ui.extensions_tab import install_extension
+    from tests.conftest import make_app
+
+    url = _git_extension(tmp_path / "src" / "hello-ext")
+    app = make_app(tmp_path, extensions_dirs=(tmp_path / "ext",))
+    config = ServerConfig(listen=listen, insecure_no_auth=True)
+    ui = UIContext(build_context(app, config))
+    message = install_extension(ui, url, SimpleNamespace(headers={}, cookies={}))
+    installed = (tmp_path / "ext" / "hello-ext" / "extension.toml").exists()
+    if listen:
+        assert message.startswith("❌") and "localhost" in message and not installed
+    else:
+        assert message.startswith("✅ Installed hello-ext") and installed

@@ -7,7 +7,7 @@ import gradio as gr
 
 from modules.errors import AtelierError
 from modules.plugins.extensions import ExtensionState
-from modules.plugins.install import check_install_allowed
+from modules.plugins.install import check_install_allowed, install_from_git
 from modules.plugins.ui import extensions_table, ui_tabs
 from modules.ui.context import UIContext
 from modules.ui.sections import UIBuildContext
@@ -21,6 +21,8 @@ class ExtensionsTab:
     enabled: gr.CheckboxGroup
     apply: gr.Button
     message: gr.Markdown
+    install_url: gr.Textbox
+    install: gr.Button
 
 
 def extension_rows(ui: UIContext) -> list[list]:
@@ -42,14 +44,35 @@ def build_extensions_tab(ui: UIContext) -> ExtensionsTab:
                                    label="Enabled extensions (applied at the next start)",
                                    elem_id="extensions-enabled")
         apply = gr.Button("Apply", elem_id="extensions-apply")
+        with gr.Row():
+            install_url = gr.Textbox(label="Install from a git URL (off when serving beyond localhost)",
+                                     placeholder="https://example.org/someone/atelier-extension.git",
+                                     elem_id="extensions-install-url", scale=4)
+            install = gr.Button("Install", elem_id="extensions-install", scale=1)
         message = gr.Markdown("", elem_id="extensions-message")
 
     def save(chosen: list[str], request: gr.Request) -> tuple:
         return apply_enabled(ui, set(chosen or []), request)
 
+    def install_clicked(url: str, request: gr.Request) -> str:
+        return install_extension(ui, url, request)
+
     apply.click(save, inputs=enabled, outputs=[table, message], queue=False)
+    install.click(install_clicked, inputs=install_url, outputs=message)
     tab.select(lambda: extension_rows(ui), outputs=table, queue=False)
-    return ExtensionsTab(table, enabled, apply, message)
+    return ExtensionsTab(table, enabled, apply, message, install_url, install)
+
+
+def install_extension(ui: UIContext, url: str, request) -> str:
+    """Clone an extension from a git URL into extensions/; refused beyond localhost and for non-admins."""
+    server = ui.server
+    if server.config.credentials and not ui.caller(request).admin:
+        return "❌ Only admin users (`--admin-users`) may install extensions."
+    try:
+        info = install_from_git(url or "", ui.app.settings, server.config.host)
+    except AtelierError as err:
+        return f"❌ {err}"
+    return f"✅ Installed {info.name} {info.version or ''}. Restart Atelier to load it."
 
 
 def apply_enabled(ui: UIContext, chosen: set[str], request) -> tuple:
