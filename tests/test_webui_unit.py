@@ -110,3 +110,18 @@ def test_extensions_tab_installs_from_git_only_on_localhost(tmp_path, listen):
         assert message.startswith("❌") and "localhost" in message and not installed
     else:
         assert message.startswith("✅ Installed hello-ext") and installed
+
+
+def test_demo_model_notice_says_where_real_checkpoints_go(tmp_path):
+    from modules.demo import DEMO_CHECKPOINT
+    from modules.server.context import build_context
+    from modules.ui.checkpoints import _status
+    from modules.ui.context import UIContext
+    from tests.conftest import make_app
+
+    ui = UIContext(build_context(make_app(tmp_path), ServerConfig()))
+    notice = _status(ui, f"{DEMO_CHECKPOINT.name} [0123456789]")
+    assert "demo model" in notice and str(tmp_path / "models" / "Stable-diffusion") in notice
+    assert ".safetensors" in notice and "diffusers" in notice
+    assert _status(ui, "my-real-model.safetensors") == ""
+    assert "No checkpoint found" in _status(ui, None)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gradio as gr
 
+from modules.demo import DEMO_CHECKPOINT, DEMO_RESOLUTION
 from modules.errors import AtelierError
 from modules.server.sdapi import set_options_and_model
 from modules.ui.context import UIContext
@@ -15,27 +16,45 @@ def build_checkpoint_row(ui: UIContext) -> gr.Dropdown:
                                label="Stable Diffusion checkpoint", elem_id="checkpoint", scale=4,
                                allow_custom_value=True)  # titles gain a hash once a model was hashed
         refresh = gr.Button("🔄", size="sm", scale=0, min_width=40, elem_id="checkpoint-refresh")
-        status = gr.Markdown("" if titles else _none_found(ui), elem_id="checkpoint-status")
+        status = gr.Markdown(_status(ui, ui.current_checkpoint() if titles else None), elem_id="checkpoint-status")
 
     def refresh_list(current: str | None):
         titles = ui.checkpoint_titles()
         value = current if current in titles else (ui.current_checkpoint() if titles else None)
-        return gr.update(choices=titles, value=value), "" if titles else _none_found(ui)
+        return gr.update(choices=titles, value=value), _status(ui, value)
 
     def switch(title: str | None, progress=gr.Progress()):  # noqa: B008 (Gradio's progress injection)
         info = ui.server.find_checkpoint(title) if title else None
         if info is None or ui.server.title(info) == ui.current_checkpoint():
-            return ""
+            return _status(ui, title)
         progress(0.1, desc=f"Loading {title}…")
         try:
             set_options_and_model(ui.server, {"sd_model_checkpoint": title})
         except AtelierError as err:
             return f"❌ **Could not load {title}:** {err}"
-        return f"✅ Loaded {title}"
+        return f"✅ Loaded {title}" + (f"\n\n{demo_notice(ui)}" if is_demo(title) else "")
 
     refresh.click(refresh_list, inputs=dropdown, outputs=[dropdown, status], queue=False)
     dropdown.change(switch, inputs=dropdown, outputs=status, concurrency_limit=1)
     return dropdown
+
+
+def is_demo(title: str | None) -> bool:
+    return bool(title) and str(title).startswith(DEMO_CHECKPOINT.stem)
+
+
+def demo_notice(ui: UIContext) -> str:
+    folder = ui.app.settings.models_dir / "Stable-diffusion"
+    return (f"ℹ This is Atelier's small **demo model** (coloured shapes, {DEMO_RESOLUTION}×{DEMO_RESOLUTION}; "
+            f"try \"a red circle on a blue background, top left\"). For real images, put Stable Diffusion "
+            f"1.x, 2.x or SDXL checkpoints (`.safetensors` single files, or diffusers folders) in `{folder}` "
+            "and press 🔄.")
+
+
+def _status(ui: UIContext, title: str | None) -> str:
+    if not title:
+        return _none_found(ui)
+    return demo_notice(ui) if is_demo(title) else ""
 
 
 def _none_found(ui: UIContext) -> str:
