@@ -38,11 +38,18 @@ class ServerContext:
         self.jobs.start()
         current = self.options.get("sd_model_checkpoint")
         if current is None or self.find_checkpoint(current) is None:
-            try:
-                default = self.app.engine.default_checkpoint()
-            except AtelierError:
-                default = None
-            self.options.update({"sd_model_checkpoint": self.title(default) if default else None})
+            self.options.update({"sd_model_checkpoint": self._default_title()})
+
+    def _default_title(self) -> str | None:
+        """The engine's choice (a real model before the bundled demo), among the listed checkpoints."""
+        found = self.checkpoints()
+        try:
+            preferred = self.app.engine.default_checkpoint()
+        except AtelierError:
+            preferred = None
+        listed = [i for i in found if preferred and Path(i.path).resolve() == Path(preferred.path).resolve()]
+        default = (listed or found or [None])[0]
+        return self.title(default) if default else None
 
     def close(self) -> None:
         self.jobs.close()
