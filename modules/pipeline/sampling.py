@@ -12,6 +12,7 @@ from modules.errors import InvalidParams
 from modules.pipeline.control import StopSampling
 from modules.plugins.manager import Registries
 from modules.plugins.specs import SamplerSpec, ScheduleContext, SchedulerSpec
+from modules.sampling import schedules
 from modules.sampling.denoisers import CFGDenoiser
 
 SAMPLER_OPTION_FIELDS = ("eta", "s_churn", "s_tmin", "s_tmax", "s_noise")
@@ -23,22 +24,6 @@ class SamplingPlan:
     scheduler: SchedulerSpec
     sigmas: torch.Tensor
     options: dict[str, Any]
-
-
-def resolve_scheduler(registries: Registries, sampler: SamplerSpec, name: str) -> SchedulerSpec:
-    if str(name).strip().lower() in ("", "automatic"):
-        name = sampler.default_scheduler
-        if name.lower() == "automatic":
-            name = "uniform"
-    return registries.schedulers.get(name)
-
-
-def build_sigmas(sampler: SamplerSpec, scheduler: SchedulerSpec, steps: int, context: ScheduleContext) -> torch.Tensor:
-    """`steps + 1` sigmas ending in 0; DPM2-style samplers drop the next-to-last, as A1111."""
-    if sampler.discard_next_to_last_sigma:
-        sigmas = scheduler.function(steps + 1, context)
-        return torch.cat([sigmas[:-2], sigmas[-1:]])
-    return scheduler.function(steps, context)
 
 
 def sampler_options(sampler: SamplerSpec, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -55,8 +40,9 @@ def sampler_options(sampler: SamplerSpec, overrides: dict[str, Any]) -> dict[str
 def plan_sampling(registries: Registries, sampler_name: str, scheduler_name: str, steps: int,
                   context: ScheduleContext, overrides: dict[str, Any]) -> SamplingPlan:
     sampler = registries.samplers.get(sampler_name)
-    scheduler = resolve_scheduler(registries, sampler, scheduler_name)
-    sigmas = build_sigmas(sampler, scheduler, steps, context)
+    chosen = registries.schedulers.get(str(scheduler_name).strip() or "automatic")
+    scheduler = schedules.resolve_scheduler(sampler, chosen, registries.schedulers)
+    sigmas = schedules.sigmas_for(sampler, scheduler, steps, context)
     if not torch.isfinite(sigmas).all():
         raise InvalidParams(f"schedule {scheduler.label!r} gave invalid sigmas for {steps} steps")
     return SamplingPlan(sampler, scheduler, sigmas.to(context.device, torch.float32),
