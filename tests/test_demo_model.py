@@ -86,7 +86,7 @@ def tiny_training(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("train")
     return TrainConfig(out=root / "a" / "m.safetensors", work_dir=root / "a", seed=5, device="cpu", max_minutes=5,
-                       vae_steps=2, steps=3, vae_batch=2, batch=2, sample_every=100, save_every=100, arch=TINY)
+                       vae_steps=2, steps=3, vae_batch=2, batch=2, pool_size=8, sample_every=100, save_every=100, arch=TINY)
 
 
 def test_training_resumes_exactly(tiny_training):

@@ -41,6 +41,7 @@ class TrainConfig:
     steps: int = 200_000
     vae_batch: int = 16
     batch: int = 32
+    pool_size: int = 8192  # training items encoded once after the VAE stage
     vae_lr: float = 5e-4
     lr: float = 4e-4
     uncond_rate: float = 0.1  # empty caption, for classifier-free guidance
@@ -80,6 +81,43 @@ class TokenCache:
         return torch.tensor([self._cache[t] for t in texts], dtype=torch.long, device=device)
 
 
+class LatentPool:
+    """Training items encoded once by the finished VAE and kept on the device.
+
+    Each item keeps its latent mean and std (a fresh latent is drawn every time it is used) and
+    its caption's token ids, so a diffusion step touches no Python per item and runs no encoder.
+    """
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, tokens: torch.Tensor, empty: torch.Tensor) -> None:
+        self.mean, self.std, self.tokens, self.empty = mean, std, tokens, empty
+
+    def __len__(self) -> int:
+        return len(self.mean)
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, trainer: Trainer, size: int, chunk: int = 1024) -> LatentPool:
+        means, stds, tokens = [], [], []
+        for start in range(0, size, chunk):
+            images, captions = trainer.batch(0, start, min(chunk, size - start))
+            with trainer.autocast():
+                dist = trainer.nets.vae.encode(images).latent_dist
+            means.append(dist.mean.to(torch.bfloat16))
+            stds.append(dist.std.to(torch.bfloat16))
+            tokens.append(trainer.tokens(captions, trainer.device))
+        empty = trainer.tokens([""], trainer.device)
+        return cls(torch.cat(means), torch.cat(stds), torch.cat(tokens), empty)
+
+    def draw(self, count: int, uncond_rate: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """`count` items at random: scaled latents [N, 4, h, w] and token ids, some captions emptied."""
+        device = self.mean.device
+        index = torch.randint(0, len(self), (count,), generator=gen, device=device)
+        mean, std = self.mean[index].float(), self.std[index].float()
+        latents = (mean + std * torch.randn(mean.shape, generator=gen, device=device)) * SCALE
+        drop = torch.rand(count, generator=gen, device=device) < uncond_rate
+        return latents, torch.where(drop[:, None], self.empty, self.tokens[index])
+
+
 @dataclass
 class TrainState:
     """What a resume needs besides the networks."""
@@ -115,6 +153,7 @@ class Trainer:
         ac = scaled_linear_alphas_cumprod().to(self.device)
         self.alphas_cumprod = ac
         self.schedule = DiscreteSchedule(ac.cpu())
+        self.pool: LatentPool | None = None
         self._started = time.monotonic()
         self._elapsed_at_start = 0.0
         self.log_path = cfg.work_dir / "train.log"
@@ -207,20 +246,19 @@ class Trainer:
         return {"latent_scale": k, "latent_shift": [round(float(v), 4) for v in mu]}
 
     # -- diffusion ----------------------------------------------------------------------------
-    def diffusion_step(self) -> float:
+    def diffusion_step(self) -> torch.Tensor:
+        """One optimiser step; returns the loss without waiting for the device."""
         cfg, step = self.cfg, self.state.step
+        if self.pool is None:
+            self.pool = LatentPool.build(self, cfg.pool_size)
         gen = self.generator(step, 0)
-        images, captions = self.batch(0, step * cfg.batch, cfg.batch)
-        drop = torch.rand(cfg.batch, generator=gen, device=self.device) < cfg.uncond_rate
-        captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
-        with torch.no_grad(), self.autocast():
-            latents = self.nets.vae.encode(images).latent_dist.sample(generator=gen).float() * SCALE
+        latents, ids = self.pool.draw(cfg.batch, cfg.uncond_rate, gen)
         t = torch.randint(0, len(self.alphas_cumprod), (cfg.batch,), generator=gen, device=self.device)
         noise = torch.randn(latents.shape, generator=gen, device=self.device)
         a = self.alphas_cumprod[t][:, None, None, None]
         noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
         with self.autocast():
-            context = self.nets.text_encoder(input_ids=self.tokens(captions, self.device)).last_hidden_state
+            context = self.nets.text_encoder(input_ids=ids).last_hidden_state
             eps = self.nets.unet(noisy, t, encoder_hidden_states=context).sample.float()
         snr = a.flatten() / (1 - a.flatten())
         weight = snr.clamp(max=5.0) / snr  # min-SNR-5 weighting for the eps objective
@@ -234,7 +272,7 @@ class Trainer:
         self.opt.step()
         self.update_ema()
         self.state.step += 1
-        return loss.item()
+        return loss.detach()
 
     @torch.no_grad()
     def update_ema(self) -> None:
@@ -313,13 +351,17 @@ def _train_vae(tr: Trainer, budget: float) -> None:
 
 def _train_diffusion(tr: Trainer, budget: float, reserve: float) -> None:
     cfg, st = tr.cfg, tr.state
+    if tr.pool is None and st.step < cfg.steps:
+        began = tr.elapsed()
+        tr.pool = LatentPool.build(tr, cfg.pool_size)
+        tr.log(event="pool", items=len(tr.pool), seconds=round(tr.elapsed() - began, 1))
     bar = _progress(cfg.steps, st.step, "UNet+CLIP")
-    recent: list[float] = []
+    recent: list[torch.Tensor] = []
     while st.step < cfg.steps and tr.elapsed() < budget - reserve:
         recent.append(tr.diffusion_step())
         bar.update(1)
         if st.step % 50 == 0:
-            mean = sum(recent) / len(recent)
+            mean = float(torch.stack(recent).mean())
             recent.clear()
             st.losses.append(round(mean, 5))
             bar.set_postfix(loss=f"{mean:.4f}")
