@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from modules.checkpoints.stream import Entry, read_entries
 from modules.errors import CheckpointError, UnsafeCheckpointError
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -87,11 +88,12 @@ _SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torc
                        "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
-def _read_safetensors_as(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
-    """Every tensor read with plain file reads, floating ones converted to `dtype` one at a time.
+def _read_safetensors_as(path: Path, dtype: torch.dtype, channels_last: tuple[str, ...] = ()
+                         ) -> dict[str, torch.Tensor] | None:
+    """Every tensor read with plain file reads, floating ones converted to `dtype` piece by piece.
 
-    Nothing is memory-mapped, so the process holds the converted weights plus one tensor's bytes
-    (a mapped fp16 file stays resident beside its bf16 copy until it is unmapped). Returns None
+    Nothing is memory-mapped, so the process holds the converted weights plus a few MB per reading
+    thread (a mapped fp16 file stays resident beside its bf16 copy until it is unmapped). Returns None
     for dtypes this reader does not know, or a big-endian machine; the caller falls back to safe_open.
     """
     if sys.byteorder != "little":
@@ -99,23 +101,14 @@ def _read_safetensors_as(path: Path, dtype: torch.dtype) -> dict[str, torch.Tens
     with path.open("rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))
-        base = 8 + n
-        entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
-                         key=lambda kv: kv[1]["data_offsets"][0])
-        if any(v.get("dtype") not in _SAFETENSORS_DTYPES for _, v in entries):
-            return None
-        out: dict[str, torch.Tensor] = {}
-        for key, info in entries:
-            start, end = info["data_offsets"]
-            stored = _SAFETENSORS_DTYPES[info["dtype"]]
-            f.seek(base + start)
-            raw = bytearray(end - start)
-            if f.readinto(raw) != end - start:
-                raise CheckpointError(f"Checkpoint {path} is truncated at tensor {key}")
-            t = torch.frombuffer(raw, dtype=stored) if raw else torch.empty(0, dtype=stored)
-            t = t.reshape(info["shape"])
-            out[key] = t.to(dtype) if t.is_floating_point() and stored != dtype else t.clone()
-    return out
+    tensors = [(k, v) for k, v in header.items() if k != "__metadata__"]
+    if any(v.get("dtype") not in _SAFETENSORS_DTYPES for _, v in tensors):
+        return None
+    entries = [Entry(key, _SAFETENSORS_DTYPES[v["dtype"]], tuple(v["shape"]), start=8 + n + v["data_offsets"][0],
+                     nbytes=v["data_offsets"][1] - v["data_offsets"][0], channels_last=key.startswith(channels_last))
+               for key, v in tensors]
+    entries.sort(key=lambda e: e.start)
+    return read_entries(path, entries, dtype)
 
 
 def _torch_load(path: Path) -> Any:
@@ -153,11 +146,13 @@ def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def read_state_dict(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def read_state_dict(path: Path, dtype: torch.dtype | None = None, channels_last: tuple[str, ...] = ()
+                    ) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint file, on the CPU, keyed as stored.
 
     With `dtype`, floating tensors of a .safetensors file are converted to it while reading,
-    one at a time (peak memory: the converted weights, not the file plus them).
+    piece by piece (peak memory: the converted weights, not the file plus them). Their 4-D tensors
+    whose keys start with a prefix in `channels_last` are then laid out NHWC as they are read.
 
     Raises CheckpointError for missing, empty, truncated or corrupt files and
     UnsafeCheckpointError for pickles that would need code execution.
@@ -168,7 +163,7 @@ def read_state_dict(path: Path, dtype: torch.dtype | None = None) -> dict[str, t
     if suffix in SAFETENSORS_SUFFIXES:
         if dtype is not None:
             _check_safetensors_header(path)
-            converted = _read_safetensors_as(path, dtype)
+            converted = _read_safetensors_as(path, dtype, channels_last)
             if converted is not None:
                 return converted
         return _read_safetensors(path)
