@@ -37,9 +37,10 @@ def load_vae_file(path: Path, spec: ModelSpec, *, device: torch.device, dtype: t
 
 
 def _load_single_file(info: CheckpointInfo, device: torch.device, dtype: torch.dtype, yaml_path: Path | None,
-                      force_v: bool, vae_path: Path | None, vae_dtype: torch.dtype
+                      force_v: bool, vae_path: Path | None, vae_dtype: torch.dtype, channels_last_vae: bool
                       ) -> tuple[ModelSpec, torch.nn.Module, torch.nn.Module, list[torch.nn.Module]]:
-    sd = read_state_dict(info.path, dtype=dtype)  # converted while read: no second full copy
+    nhwc = (VAE,) if channels_last_vae and vae_path is None else ()
+    sd = read_state_dict(info.path, dtype=dtype, channels_last=nhwc)  # converted while read: no second full copy
     metadata = read_safetensors_metadata(info.path) if info.path.suffix.lower() in SAFETENSORS_SUFFIXES else None
     spec = detect_model_spec(sd, yaml_path=yaml_path, force_v=force_v, metadata=metadata)
     arch = next(a for a in ARCH_TABLE if a.arch == spec.arch.replace("sd2-v", "sd2"))
@@ -79,11 +80,14 @@ def _load_diffusers(info: CheckpointInfo, device: torch.device, dtype: torch.dty
 
 def load_checkpoint(info: CheckpointInfo, *, device: torch.device | str, dtype: torch.dtype,
                     vae_path: Path | None = None, yaml_path: Path | None = None, force_v: bool = False,
-                    hash_cache: Path | None = None, vae_dtype: torch.dtype | None = None) -> LoadedModel:
+                    hash_cache: Path | None = None, vae_dtype: torch.dtype | None = None,
+                    channels_last_vae: bool = False) -> LoadedModel:
     """Build the UNet, VAE and text encoders of `info` on `device` in `dtype` (the VAE in `vae_dtype`, default `dtype`).
 
     `yaml_path` defaults to `NAME.yaml` beside a single-file checkpoint. `vae_path` replaces the
-    checkpoint's own VAE. Raises CheckpointError / UnsafeCheckpointError with a user-facing message.
+    checkpoint's own VAE. `channels_last_vae` reads a single file's VAE convolution weights straight
+    into NHWC (a hint: other VAEs keep NCHW). Raises CheckpointError / UnsafeCheckpointError with a
+    user-facing message.
     """
     device = torch.device(device)
     vae_dtype = dtype if vae_dtype is None else vae_dtype
@@ -97,7 +101,7 @@ def load_checkpoint(info: CheckpointInfo, *, device: torch.device | str, dtype: 
         yaml_path = yaml_path if yaml_path is not None else yaml_beside_checkpoint(path)
         vae_path = Path(vae_path) if vae_path is not None else None
         spec, unet, vae, encoders = _load_single_file(info, device, dtype, yaml_path, force_v, vae_path,
-                                                         vae_dtype)
+                                                         vae_dtype, channels_last_vae)
         short_hash = model_hash(path, hash_cache)
     vae_name = vae_hash = None
     if vae_path is not None:
