@@ -72,7 +72,9 @@ class ModelDenoiser:
     def _unet(self, model_in, t, cross_attn, pooled) -> torch.Tensor:
         kwargs = {}
         if pooled is not None:
-            time_ids = self.time_ids.to(model_in.device).expand(model_in.shape[0], -1)
+            if self.time_ids.device != model_in.device:  # once: a host-to-GPU copy waits for the GPU
+                self.time_ids = self.time_ids.to(model_in.device)
+            time_ids = self.time_ids.expand(model_in.shape[0], -1)
             kwargs["added_cond_kwargs"] = {"text_embeds": pooled.to(self.dtype), "time_ids": time_ids}
         out = self.unet(model_in.to(self.dtype), t.to(model_in.device),
                         encoder_hidden_states=cross_attn.to(self.dtype), return_dict=False, **kwargs)[0]
@@ -128,6 +130,7 @@ class CFGDenoiser:
         self.control = control
         self.concat = concat
         self.step = 0
+        self._indices: dict[tuple[int, ...], torch.Tensor] = {}
 
     def set_step(self, step: int) -> None:
         self.step = step
@@ -191,7 +194,7 @@ class CFGDenoiser:
         for i, row in enumerate(rows):
             groups.setdefault(row.cond.cross_attn.shape[1], []).append(i)
         for indices in groups.values():
-            images = [rows[i].image for i in indices]
+            images = self._index([rows[i].image for i in indices], x.device)
             pooled = [rows[i].cond.pooled for i in indices]
             result = self.inner(
                 x[images], sigma[images],
@@ -202,3 +205,11 @@ class CFGDenoiser:
             for i, value in zip(indices, result, strict=True):
                 out[i] = value
         return out
+
+    def _index(self, images: list[int], device: torch.device) -> torch.Tensor:
+        """`images` as an index tensor on `device`, built once per pattern: indexing a GPU tensor
+        with a Python list copies the list to the GPU, which waits for the GPU at every step."""
+        key = tuple(images)
+        if key not in self._indices:
+            self._indices[key] = torch.tensor(images, dtype=torch.long, device=device)
+        return self._indices[key]

@@ -56,6 +56,7 @@ class DiscreteSchedule:
         if sigmas.numel() < 2 or not bool((sigmas[1:] > sigmas[:-1]).all()) or not bool(sigmas[0] > 0):
             raise InvalidParams("A model's sigma table must be positive and strictly ascending.")
         self._log_sigmas = sigmas.log()
+        self._device_tables: dict[torch.device, torch.Tensor] = {sigmas.device: self._log_sigmas}
         self.sigmas = sigmas.float()
 
     @property
@@ -70,14 +71,27 @@ class DiscreteSchedule:
         return self.sigmas.numel()
 
     def sigma_to_t(self, sigma: torch.Tensor | float) -> torch.Tensor:
-        """Fractional timestep for each sigma, clamped to [0, len - 1]."""
+        """Fractional timestep for each sigma, clamped to [0, len - 1].
+
+        Computed on the sigma's own device: a copy to the CPU and back would make a GPU wait
+        for its queue to drain before every UNet call.
+        """
         sigma = torch.as_tensor(sigma)
-        log_sigma = sigma.detach().to("cpu", torch.float64).log()
-        high = torch.searchsorted(self._log_sigmas, log_sigma).clamp(1, len(self) - 1)
+        log_sigmas = self._log_sigmas_on(sigma.device)
+        log_sigma = sigma.detach().to(log_sigmas.dtype).log()
+        high = torch.searchsorted(log_sigmas, log_sigma).clamp(1, len(self) - 1)
         low = high - 1
-        lo, hi = self._log_sigmas[low], self._log_sigmas[high]
+        lo, hi = log_sigmas[low], log_sigmas[high]
         w = ((log_sigma - lo) / (hi - lo)).clamp(0, 1)
-        return (low + w).to(sigma.device, torch.float32)
+        return (low + w).to(torch.float32)
+
+    def _log_sigmas_on(self, device: torch.device) -> torch.Tensor:
+        """The log-sigma table on `device` (float64 where the device has it), copied once."""
+        cached = self._device_tables.get(device)
+        if cached is None:
+            dtype = torch.float32 if device.type == "mps" else torch.float64
+            cached = self._device_tables[device] = self._log_sigmas.to(device, dtype)
+        return cached
 
     def t_to_sigma(self, t: torch.Tensor | float) -> torch.Tensor:
         """Sigma at a (fractional) timestep."""
