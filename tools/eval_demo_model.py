@@ -44,7 +44,7 @@ def table(report: dict) -> str:
         met = "" if target is None else ("yes" if hi >= target else f"no ({hi - target:+.0%})")
         rows.append(f"{a:<12}{hi:>8.0%}{lo:>8.0%}{(f'{target:.0%}' if target else ''):>8}  {met}")
     neg, i2i, inp = report["negative_prompt"], report["img2img_0.3"], report["inpaint_green_square"]
-    rows += ["", f"negative 'red': red shapes {neg['without_negative']:.0%} -> {neg['with_negative']:.0%}",
+    rows += ["", f"negative 'red': images showing red {neg['without_negative']:.0%} -> {neg['with_negative']:.0%}",
              f"img2img 0.3: shape kept {i2i['shape']:.0%}, position kept {i2i['position']:.0%}",
              f"inpaint 'a green square': green inside {inp['green_share_inside']:.0%}, "
              f"mean change outside {inp['mean_change_outside']:.1f}/255"]

@@ -62,16 +62,19 @@ def adherence(engine, prompts: Sequence[tuple[str, shapes.Scene]], per_prompt: i
 
 def negative_prompt_effect(engine, count: int, per_prompt: int, opts: EvalOptions,
                            colour: str = "red") -> dict[str, float]:
-    """Rate of `colour` shapes for prompts that name no shape colour, without and with it as negative."""
-    scenes = [s for s in shapes.all_scenes() if s.background != colour]
+    """Share of images showing `colour` (as shape or background) for prompts that name no colour,
+    without and with `colour` as the negative prompt."""
+    scenes = shapes.all_scenes()
     random.Random(opts.seed).shuffle(scenes)
-    prompts = [shapes.caption(s, 0, frozenset({"size", "colour"})) for s in scenes[:count]]
+    prompts = [shapes.caption(s, i % 5, frozenset({"size", "colour", "background"}))
+               for i, s in enumerate(scenes[:count])]
     rates = {}
     for negative in ("", colour):
         found = total = 0
         for i, prompt in enumerate(prompts):
             for image in _txt2img(engine, opts, prompt, per_prompt, 7.0, opts.seed + 100 * i, negative):
-                found += classify(image).colour == colour
+                reading = classify(image)
+                found += colour in (reading.colour, reading.background)
                 total += 1
         rates["with_negative" if negative else "without_negative"] = found / max(total, 1)
     return rates
@@ -102,31 +105,35 @@ def _render(scene: shapes.Scene, size: int) -> Image.Image:
     return to_pil(shapes.render([scene], size))[0]
 
 
-def square_mask(size: int, side: int) -> tuple[Image.Image, tuple[int, int, int, int]]:
-    """A white centred square on black, and its box (left, top, right, bottom)."""
-    lo = (size - side) // 2
-    box = (lo, lo, lo + side, lo + side)
-    mask = Image.new("L", (size, size), 0)
-    mask.paste(255, box)
-    return mask, box
+def shape_box(scene: shapes.Scene, size: int) -> tuple[int, int, int, int]:
+    """The pixel box (left, top, right, bottom) of a rendered square (no position jitter)."""
+    col, row = shapes.POSITIONS[scene.position]
+    half = 0.85 * shapes.SIZES[scene.size] * size  # the square's half side, as `shapes._sdf` draws it
+    cx, cy = shapes.GRID[col] * size, shapes.GRID[row] * size
+    return round(cx - half), round(cy - half), round(cx + half), round(cy + half)
 
 
 def inpaint_green(engine, count: int, opts: EvalOptions, margin: int = 8) -> dict[str, float]:
-    """Inpaint a centred square with 'a green square': green share inside, change outside (0-255)."""
+    """Mask the square of a rendered scene and inpaint it with "a green square" (whole picture,
+    original content under the mask, denoising 1.0).
+
+    Returns the green share of the masked pixels, and the mean change (0-255) outside the mask
+    and a `margin` around it (mask blur reaches a few pixels out).
+    """
     from modules.pipeline.params import Img2ImgParams
 
-    scenes = [s for s in shapes.all_scenes() if s.position not in ("centre", "top", "bottom", "left", "right")
-              and "green" not in (s.colour, s.background)]
+    scenes = [s for s in shapes.all_scenes() if s.shape == "square" and "green" not in (s.colour, s.background)]
     random.Random(opts.seed + 1).shuffle(scenes)
-    mask, box = square_mask(opts.size, opts.size * 3 // 8)
     green, change = [], []
     for i, scene in enumerate(scenes[:count]):
         source = _render(scene, opts.size)
+        left, top, right, bottom = shape_box(scene, opts.size)
+        mask = Image.new("L", (opts.size, opts.size), 0)
+        mask.paste(255, (left, top, right, bottom))
         params = Img2ImgParams(prompt="a green square", init_images=(source,), mask=mask, denoising_strength=1.0,
-                               inpainting_fill=1, steps=opts.steps, sampler_name=opts.sampler,
+                               inpainting_fill=1, inpaint_full_res=False, steps=opts.steps, sampler_name=opts.sampler,
                                seed=opts.seed + i, width=opts.size, height=opts.size, save_images=False)
         out = np.asarray(engine.img2img(params).images[0].convert("RGB"), dtype=np.float32)
-        left, top, right, bottom = box
         inside = out[top:bottom, left:right].reshape(-1, 3)
         green.append(float(np.mean([nearest_colour(p) == "green" for p in inside])))
         keep = np.ones(out.shape[:2], dtype=bool)
