@@ -26,14 +26,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--max-minutes", type=float, default=85.0, help="wall-clock budget, counted across resumes")
-    ap.add_argument("--vae-share", type=float, default=0.15, help="share of the budget for the VAE stage")
+    ap.add_argument("--vae-share", type=float, default=0.2, help="share of the budget for the VAE stage")
     ap.add_argument("--vae-steps", type=int, default=4000)
     ap.add_argument("--steps", type=int, default=200_000)
     ap.add_argument("--batch", type=int, help="default: 512 on a GPU, 32 on the CPU")
-    ap.add_argument("--vae-batch", type=int, help="default: 64 on a GPU, 16 on the CPU")
+    ap.add_argument("--vae-batch", type=int, help="default: 128 on a GPU, 16 on the CPU")
     ap.add_argument("--pool-size", type=int, help="items encoded once for the UNet stage; "
-                    "default: 131072 on a GPU, 8192 on the CPU")
-    ap.add_argument("--lr", type=float, default=4e-4)
+                    "default: 131072 on a GPU, 4096 on the CPU")
+    ap.add_argument("--lr", type=float, help="default: 8e-4 on a GPU (batch 512), 4e-4 on the CPU")
     ap.add_argument("--sample-every", type=int, default=1000)
     ap.add_argument("--save-every", type=int, default=2000)
     ap.add_argument("--resume", action="store_true")
@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TrainConfig(out=args.out, work_dir=args.work_dir, seed=args.seed, device=args.device,
                       max_minutes=args.max_minutes, vae_share=args.vae_share, vae_steps=args.vae_steps,
                       steps=args.steps, batch=args.batch or (512 if gpu else 32),
-                      pool_size=args.pool_size or (131072 if gpu else 8192),
-                      vae_batch=args.vae_batch or (64 if gpu else 16), lr=args.lr,
+                      pool_size=args.pool_size or (131072 if gpu else 4096),
+                      vae_batch=args.vae_batch or (128 if gpu else 16), lr=args.lr or (8e-4 if gpu else 4e-4),
                       sample_every=args.sample_every, save_every=args.save_every)
     print(train(cfg, resume=args.resume))
     return 0

@@ -36,12 +36,12 @@ class TrainConfig:
     seed: int = 1234
     device: str = "auto"
     max_minutes: float = 85.0
-    vae_share: float = 0.15  # of max_minutes
+    vae_share: float = 0.2  # of max_minutes
     vae_steps: int = 4000
     steps: int = 200_000
     vae_batch: int = 16
     batch: int = 32
-    pool_size: int = 8192  # training items encoded once after the VAE stage
+    pool_size: int = 4096  # training items encoded once after the VAE stage
     vae_lr: float = 5e-4
     lr: float = 4e-4
     uncond_rate: float = 0.1  # empty caption, for classifier-free guidance
