@@ -56,12 +56,53 @@ def test_tiled_decode_close_to_untiled(sd1_engine):
     plain, _ = latent_ops.decode(vae, z, 0.18215)
     tiled, _ = latent_ops.decode(vae, z, 0.18215, VaeTiling(tile=24, overlap=8))
     assert tiled.shape == plain.shape == (1, 3, 384, 512)
-    # Tiles normalise over their own context (GroupNorm, mid attention): 24.6 dB measured on this
-    # random VAE with 192-pixel tiles; the bound leaves room for other torch builds.
-    assert psnr(tiled, plain) > 22.0
+    # 25.6 dB measured on this random VAE with 192-pixel tiles (24.6 dB with per-tile GroupNorm
+    # statistics, which this bound rejects); the rest is the mid attention seeing one tile.
+    assert psnr(tiled, plain) > 25.0
     # No seam: the error along tile borders is no worse than the error anywhere else.
     err = (tiled - plain).abs().mean(dim=(0, 1))
     assert err[:, 120:136].mean() < 3 * err.mean() + 1e-3
+
+
+def test_shared_group_norms_beat_per_tile_ones(sd1_engine):
+    """A latent whose colours vary across the image: per-tile GroupNorm statistics pull every tile
+    towards the same mean; whole-image ones keep the regions apart."""
+    vae = sd1_engine.require_model().vae
+    coarse = F.interpolate(torch.randn(1, 4, 3, 4, generator=torch.Generator().manual_seed(1)), size=(48, 64),
+                           mode="bicubic", align_corners=False)
+    z = (2 * coarse + 0.3 * smooth_latents(48, 64) / 0.18215) * 0.18215
+    plain, _ = latent_ops.decode(vae, z, 0.18215)
+    shared, _ = latent_ops.decode(vae, z, 0.18215, VaeTiling(tile=24, overlap=8))
+    own, _ = latent_ops.decode(vae, z, 0.18215, VaeTiling(tile=24, overlap=8, shared_norms=False))
+    # Measured 16.2 dB shared against 13.9 dB per tile (the mid attention takes the rest).
+    assert psnr(shared, plain) > psnr(own, plain) + 1.0
+
+
+def test_group_norms_restored_after_tiling(sd1_engine):
+    vae = sd1_engine.require_model().vae
+    z = smooth_latents(16, 16, seed=3)
+    before, _ = latent_ops.decode(vae, z, 0.18215)
+    latent_ops.decode(vae, smooth_latents(32, 32), 0.18215, VaeTiling(tile=16, overlap=4))
+    after, _ = latent_ops.decode(vae, z, 0.18215)
+    torch.testing.assert_close(after, before, atol=0, rtol=0)
+
+    def failing(x: torch.Tensor) -> torch.Tensor:
+        vae.decode(x, return_dict=False)
+        raise RuntimeError("tile failed")
+
+    with pytest.raises(RuntimeError, match="tile failed"):
+        tiled_decode(failing, smooth_latents(32, 32), VaeTiling(tile=16, overlap=4), norm_net=vae)
+    assert not any("forward" in vars(m) for m in vae.modules() if isinstance(m, torch.nn.GroupNorm))
+
+
+def test_shared_group_norms_are_per_sample(sd1_engine):
+    """Statistics are kept per sample: a tiled batch decodes as its samples do one by one."""
+    vae = sd1_engine.require_model().vae
+    z = torch.cat([smooth_latents(32, 32, seed=1), 2 * smooth_latents(32, 32, seed=2) + 1])
+    tiling = VaeTiling(tile=16, overlap=4)
+    batch, _ = latent_ops.decode(vae, z, 0.18215, tiling)
+    one, _ = latent_ops.decode(vae, z[1:], 0.18215, tiling)
+    torch.testing.assert_close(batch[1:], one, atol=1e-4, rtol=1e-4)
 
 
 def test_tiled_encode_close_to_untiled(sd1_engine):

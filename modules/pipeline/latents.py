@@ -47,7 +47,7 @@ def _vae_decode(vae: torch.nn.Module, latents: torch.Tensor, tiling: VaeTiling |
 
     with torch.inference_mode():
         if tiling is not None and tiling.needed(*latents.shape[2:]):
-            return tiled_decode(run, latents, tiling).to(device)
+            return tiled_decode(run, latents, tiling, norm_net=vae).to(device)
         return run(latents)
 
 
@@ -78,7 +78,7 @@ def encode(vae: torch.nn.Module, images: torch.Tensor, scale_factor: float,
     with torch.inference_mode():
         if tiling is not None and tiling.needed(images.shape[2] // 8, images.shape[3] // 8):
             channels = vae.config.latent_channels if hasattr(vae, "config") else 4
-            return tiled_encode(run, images, tiling, channels).to(device) * scale_factor
+            return tiled_encode(run, images, tiling, channels, norm_net=vae).to(device) * scale_factor
         return run(images) * scale_factor
 
 
