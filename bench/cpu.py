@@ -222,15 +222,19 @@ def ratios(s: dict[str, dict], variants: list[str]) -> dict[str, float]:
     return out
 
 
+def print_markdown_table(rows: dict[str, dict], columns: dict[str, str]) -> None:
+    """One row per variant; `columns` maps each header to its measure's key ('-' where missing)."""
+    print("| variant | " + " | ".join(columns) + " |\n|" + "---|" * (len(columns) + 1))
+    for name, r in rows.items():
+        cells = [name] + [f"{r[k]:.2f}" if k in r else "-" for k in columns.values()]
+        print("| " + " | ".join(cells) + " |")
+
+
 def print_table(s: dict[str, dict], rats: dict[str, float], args: argparse.Namespace) -> None:
     print(f"\n{args.size}x{args.size}, {args.steps} Euler steps, CFG 7 (batch 2 per UNet call), "
           f"median of {args.repeats}")
-    head = ("variant", "load s", "text s", "s/step", "decode s", "total s", "peak RSS GB")
-    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
-    for name, r in s.items():
-        cells = [name] + [f"{r[k]:.2f}" if k in r else "-" for k in
-                          ("load_s", "text_s", "step_s", "decode_s", "total_s", "peak_rss_gb")]
-        print("| " + " | ".join(cells) + " |")
+    print_markdown_table(s, {"load s": "load_s", "text s": "text_s", "s/step": "step_s", "decode s": "decode_s",
+                             "total s": "total_s", "peak RSS GB": "peak_rss_gb"})
     for k, v in rats.items():
         print(f"  {k}: {v:.2f}x")
 

@@ -117,12 +117,10 @@ def summarise(runs: dict[str, list[dict]]) -> dict[str, dict]:
 
 def print_table(s: dict[str, dict], repeats: int) -> None:
     print(f"\nmedian of {repeats} interleaved repeats, page cache warm; CPU s is user + system, all threads")
-    head = ("variant", "load s", "read s", "CPU s", "load / raw", "peak RSS GB", "RSS after GB")
-    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
-    for name, r in s.items():
-        cells = [name] + [f"{r[k]:.2f}" if k in r else "-" for k in
-                          ("load_s", "read_s", "cpu_s", "load_over_raw", "peak_rss_gb", "rss_after_gb")]
-        print("| " + " | ".join(cells) + " |")
+    from cpu import print_markdown_table
+
+    print_markdown_table(s, {"load s": "load_s", "read s": "read_s", "CPU s": "cpu_s", "load / raw": "load_over_raw",
+                             "peak RSS GB": "peak_rss_gb", "RSS after GB": "rss_after_gb"})
 
 
 def main(argv: list[str] | None = None) -> int:

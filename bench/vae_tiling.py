@@ -99,7 +99,7 @@ def latent_for(size: int):
     """The encoded 2048 image's latent: whole, or its centre crop for a smaller size."""
     import torch
 
-    z = torch.load(WORK / "latent-2048.pt")
+    z = torch.load(WORK / "latent-2048.pt", weights_only=True)
     n, full = size // 8, z.shape[-1]
     start = (full - n) // 2
     return z[:, :, start:start + n, start:start + n].contiguous()
@@ -223,7 +223,7 @@ def compare(runs: dict[str, dict]) -> dict:
     for name, run in runs.items():
         path = WORK / f"{name}.pt"
         if run.get("op") == "decode" and path.exists():
-            saved[name] = torch.load(path)
+            saved[name] = torch.load(path, weights_only=True)
     for name, image in saved.items():
         if VARIANTS[name][3]:
             out[f"seam_ratio {name}"] = seam_ratio(image, tile_edges(image.shape[-1], tiling))
