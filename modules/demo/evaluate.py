@@ -108,7 +108,7 @@ def _render(scene: shapes.Scene, size: int) -> Image.Image:
 def shape_box(scene: shapes.Scene, size: int) -> tuple[int, int, int, int]:
     """The pixel box (left, top, right, bottom) of a rendered square (no position jitter)."""
     col, row = shapes.POSITIONS[scene.position]
-    half = 0.85 * shapes.SIZES[scene.size] * size  # the square's half side, as `shapes._sdf` draws it
+    half = shapes.SQUARE_HALF_SIDE * shapes.SIZES[scene.size] * size
     cx, cy = shapes.GRID[col] * size, shapes.GRID[row] * size
     return round(cx - half), round(cy - half), round(cx + half), round(cy + half)
 

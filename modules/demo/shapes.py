@@ -30,6 +30,7 @@ POSITION_WORDS: dict[str, tuple[str, str]] = {  # (short form, "in the ..." form
     "bottom right": ("bottom right", "lower right corner"),
 }
 SIZES = {"small": 0.11, "large": 0.17}  # radius as a fraction of the image side
+SQUARE_HALF_SIDE = 0.85  # of the radius: a square's half side, so its area is close to the circle's
 GRID = (0.22, 0.5, 0.78)  # shape centres as fractions of the side
 HELD_OUT_EVERY = 12  # one attribute combination in this many is never used in training
 
@@ -108,7 +109,7 @@ def _sdf(shape: str, x: torch.Tensor, y: torch.Tensor, r: float) -> torch.Tensor
     if shape == "circle":
         return torch.sqrt(x * x + y * y) - r
     if shape == "square":
-        h = 0.85 * r
+        h = SQUARE_HALF_SIDE * r
         return torch.maximum(x.abs(), y.abs()) - h
     # upward triangle inscribed in the 2r box: apex (0, -r), base corners (+-r, r)
     left = (-2 * x - y - r) / 5**0.5

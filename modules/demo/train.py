@@ -247,10 +247,8 @@ class Trainer:
 
     # -- diffusion ----------------------------------------------------------------------------
     def diffusion_step(self) -> torch.Tensor:
-        """One optimiser step; returns the loss without waiting for the device."""
+        """One optimiser step on draws from the pool; returns the loss without waiting for the device."""
         cfg, step = self.cfg, self.state.step
-        if self.pool is None:
-            self.pool = LatentPool.build(self, cfg.pool_size)
         gen = self.generator(step, 0)
         latents, ids = self.pool.draw(cfg.batch, cfg.uncond_rate, gen)
         t = torch.randint(0, len(self.alphas_cumprod), (cfg.batch,), generator=gen, device=self.device)
@@ -297,7 +295,7 @@ class Trainer:
             ctx = nets.text_encoder(input_ids=self.tokens(list(prompts) + [""] * n, self.device)).last_hidden_state
         for i in range(steps):
             sigma = sigmas[i]
-            t = self.schedule.sigma_to_t(sigma.cpu()).to(self.device).expand(2 * n)
+            t = self.schedule.sigma_to_t(sigma).expand(2 * n)
             inp = torch.cat([x, x]) / (sigma**2 + 1) ** 0.5
             with self.autocast():
                 eps = nets.unet(inp, t, encoder_hidden_states=ctx).sample.float()
@@ -351,7 +349,7 @@ def _train_vae(tr: Trainer, budget: float) -> None:
 
 def _train_diffusion(tr: Trainer, budget: float, reserve: float) -> None:
     cfg, st = tr.cfg, tr.state
-    if tr.pool is None and st.step < cfg.steps:
+    if st.step < cfg.steps:
         began = tr.elapsed()
         tr.pool = LatentPool.build(tr, cfg.pool_size)
         tr.log(event="pool", items=len(tr.pool), seconds=round(tr.elapsed() - began, 1))
