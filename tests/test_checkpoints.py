@@ -5,6 +5,7 @@ import builtins
 import hashlib
 import json
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -302,8 +303,8 @@ def test_broken_files_give_checkpoint_errors(tiny: dict[str, Path], tmp_path: Pa
     cases = {
         "truncated.safetensors": data[: len(data) // 2],
         "header_only.safetensors": data[:20],
-        "random.safetensors": os.urandom(4096),
-        "random.ckpt": os.urandom(4096),
+        "random.safetensors": random.Random(0).randbytes(4096),
+        "random.ckpt": random.Random(0).randbytes(4096),
         "empty.safetensors": b"",
         "notes.txt": b"hello",
     }
@@ -320,6 +321,23 @@ def test_broken_files_give_checkpoint_errors(tiny: dict[str, Path], tmp_path: Pa
     save_file({"a": torch.zeros(3)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(CheckpointError, match="Unknown checkpoint architecture"):
         _load(tmp_path / "other.safetensors")
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])
+def test_garbage_files_always_give_checkpoint_errors(tmp_path: Path, suffix: str) -> None:
+    """Random bytes make the unpickler fail with IndexError, KeyError, UnicodeDecodeError...: all must be
+    CheckpointErrors, and never read as code (seeds 0-299 cover each of those error types)."""
+    causes = set()
+    for seed in range(300):
+        path = tmp_path / f"garbage-{seed}{suffix}"
+        path.write_bytes(random.Random(seed).randbytes(4096))
+        with pytest.raises(CheckpointError) as err:
+            read_state_dict(path)
+        assert not isinstance(err.value, UnsafeCheckpointError), seed
+        causes.add(type(err.value.__cause__).__name__)
+    if suffix == ".ckpt":
+        assert {"UnpicklingError", "IndexError", "KeyError"} <= causes
 
 
 # ---------------------------------------------------------------- diffusers folders

@@ -105,11 +105,14 @@ def message_of(page, tab: str = "txt2img") -> str:
 
 def wait_result(page, tab: str = "txt2img", timeout: float = 90) -> str:
     """Wait for the job to end; returns the infotext (or the message when there is no image)."""
-    deadline = time.monotonic() + timeout
+    deadline, last = time.monotonic() + timeout, None
     while time.monotonic() < deadline:
-        info, message = infotext_of(page, tab), message_of(page, tab)
-        if info or (message and not message.startswith("⏹ Interrupting")):
+        seen = infotext_of(page, tab), message_of(page, tab)
+        info, message = seen
+        final = info or (message and not message.startswith("⏹ Interrupting"))
+        if final and seen == last:  # the same twice: the message and infotext may render a frame apart
             return info or message
+        last = seen
         time.sleep(0.2)
     raise TimeoutError(f"{tab}: no result; progress {progress_text(page, tab)!r}")
 
@@ -138,10 +141,11 @@ def test_txt2img_generate_with_progress_preview_and_seed(page, server):
     steps_seen, preview_seen, widths = set(), False, set()
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline and not infotext_of(page):
-        match = STEP.search(progress_text(page))
+        text = progress_text(page)  # read once: the bar empties when the job ends
+        match = STEP.search(text)
         if match:
             steps_seen.add(int(match.group(1)))
-            assert "ETA" in progress_text(page)
+            assert "ETA" in text
             widths.add(page.locator("#txt2img-progress .atelier-progress").get_attribute("data-percent"))
         preview_seen = preview_seen or page.locator("#txt2img-preview img").count() > 0
         time.sleep(0.05)
