@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from modules.ui.img2img import brush_size
+
 from tests.ui_helpers import (
     external_request_guard,
     launch_browser,
@@ -95,6 +97,13 @@ def progress_text(page, tab: str = "txt2img") -> str:
     return text_at(page, f"#{tab}-progress .atelier-progress-text")
 
 
+def progress_bar(page, tab: str = "txt2img") -> tuple[str, str | None]:
+    """(text, data-percent) of the progress bar, read in one go."""
+    return tuple(page.evaluate("""s => { const bar = document.querySelector(s);
+        return [(bar?.innerText || '').trim(), bar?.getAttribute('data-percent') ?? null]; }""",
+                               f"#{tab}-progress .atelier-progress"))
+
+
 def infotext_of(page, tab: str = "txt2img") -> str:
     return text_at(page, f"#{tab}-infotext pre")
 
@@ -141,12 +150,12 @@ def test_txt2img_generate_with_progress_preview_and_seed(page, server):
     steps_seen, preview_seen, widths = set(), False, set()
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline and not infotext_of(page):
-        text = progress_text(page)  # read once: the bar empties when the job ends
+        text, percent = progress_bar(page)  # one read: the bar empties when the job ends
         match = STEP.search(text)
         if match:
             steps_seen.add(int(match.group(1)))
             assert "ETA" in text
-            widths.add(page.locator("#txt2img-progress .atelier-progress").get_attribute("data-percent"))
+            widths.add(percent)
         preview_seen = preview_seen or page.locator("#txt2img-preview img").count() > 0
         time.sleep(0.05)
     info = infotext_of(page)
@@ -225,7 +234,7 @@ def test_inpaint_mask_stroke_keeps_pixels_outside(page, server, tmp_path):
     with page.expect_response(lambda r: r.url.endswith("/run/predict"), timeout=30_000):  # the brush fits the image
         upload.set_input_files(str(tmp_path / "stripes.png"))
     page.wait_for_function("!document.querySelector('#inpaint-editor').innerText.includes('Upload an image')")
-    time.sleep(1.0)
+    wait_brush_size(page, brush_size(original))
     canvas = page.locator("#inpaint-editor canvas").first
     canvas.scroll_into_view_if_needed()
     box = canvas.bounding_box()
@@ -267,6 +276,16 @@ def test_inpaint_mask_stroke_keeps_pixels_outside(page, server, tmp_path):
     assert not (changed & outside).any(), f"{int((changed & outside).sum())} pixels outside the stroke changed"
     assert changed[~outside].mean() > 0.5, "most of the stroke should be repainted"
     page.screenshot(path=str(screenshot_dir() / "inpaint-result.png"), full_page=True)
+
+
+def wait_brush_size(page, size: int) -> None:
+    """Open the editor's Brush Size control, wait until it shows `size`, and close it again."""
+    control = page.locator("#inpaint-editor button[aria-label='Brush Size']").first
+    control.click()
+    page.wait_for_function("s => document.querySelector('#inpaint-editor input[type=range]')?.value === s",
+                           arg=str(size), timeout=30_000)
+    control.click()
+    time.sleep(0.3)
 
 
 def stored_mask(server) -> Image.Image | None:
