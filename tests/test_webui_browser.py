@@ -14,7 +14,6 @@ import pytest
 from PIL import Image, ImageDraw
 
 from modules.ui.img2img import brush_size
-
 from tests.ui_helpers import (
     external_request_guard,
     launch_browser,
