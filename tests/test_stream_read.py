@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from modules.checkpoints import stream
 from modules.checkpoints.load import load_checkpoint
 from modules.checkpoints.model import CheckpointInfo
-from modules.checkpoints.read import read_state_dict
+from modules.checkpoints.read import read_state_dict, safetensors_entries
 from modules.errors import CheckpointError
 
 
@@ -39,17 +39,7 @@ def _mixed_file(tmp_path, stored: torch.dtype):
 
 
 def _entries(path):
-    import json
-    import struct
-
-    from modules.checkpoints.read import _SAFETENSORS_DTYPES
-
-    with path.open("rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    return [stream.Entry(k, _SAFETENSORS_DTYPES[v["dtype"]], tuple(v["shape"]), 8 + n + v["data_offsets"][0],
-                         v["data_offsets"][1] - v["data_offsets"][0], channels_last=k.startswith("conv"))
-            for k, v in header.items() if k != "__metadata__"]
+    return safetensors_entries(path, channels_last=("conv",))
 
 
 @pytest.mark.parametrize("stored", [torch.float16, torch.float32, torch.bfloat16])

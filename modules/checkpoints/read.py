@@ -49,8 +49,9 @@ def read_safetensors_metadata(path: Path) -> dict[str, str]:
         raise CheckpointError(f"Checkpoint {path} is not a readable safetensors file: {err}") from err
 
 
-def _check_safetensors_header(path: Path) -> None:
-    """Validate the header and that the file holds every byte the header promises."""
+def _check_safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
+    """Validate the header and that the file holds every byte the header promises;
+    returns the header's length in bytes and the parsed header."""
     size = path.stat().st_size
     with path.open("rb") as f:
         head = f.read(8)
@@ -72,6 +73,7 @@ def _check_safetensors_header(path: Path) -> None:
         raise CheckpointError(f"Checkpoint {path} is truncated: {size} bytes, the header needs {8 + n + end}")
     if end == 0:
         raise CheckpointError(f"Checkpoint {path} holds no tensors")
+    return n, header
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -88,6 +90,19 @@ _SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torc
                        "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
+def safetensors_entries(path: Path, channels_last: tuple[str, ...] = ()) -> list[Entry] | None:
+    """The tensors a safetensors file's (validated) header describes, in file order; 4-D tensors whose
+    keys start with a prefix in `channels_last` are marked for NHWC. None when a dtype is unknown here."""
+    n, header = _check_safetensors_header(path)
+    tensors = [(k, v) for k, v in header.items() if k != "__metadata__"]
+    if any(v.get("dtype") not in _SAFETENSORS_DTYPES for _, v in tensors):
+        return None
+    entries = [Entry(key, _SAFETENSORS_DTYPES[v["dtype"]], tuple(v["shape"]), start=8 + n + v["data_offsets"][0],
+                     nbytes=v["data_offsets"][1] - v["data_offsets"][0], channels_last=key.startswith(channels_last))
+               for key, v in tensors]
+    return sorted(entries, key=lambda e: e.start)
+
+
 def _read_safetensors_as(path: Path, dtype: torch.dtype, channels_last: tuple[str, ...] = ()
                          ) -> dict[str, torch.Tensor] | None:
     """Every tensor read with plain file reads, floating ones converted to `dtype` piece by piece.
@@ -96,19 +111,8 @@ def _read_safetensors_as(path: Path, dtype: torch.dtype, channels_last: tuple[st
     thread (a mapped fp16 file stays resident beside its bf16 copy until it is unmapped). Returns None
     for dtypes this reader does not know, or a big-endian machine; the caller falls back to safe_open.
     """
-    if sys.byteorder != "little":
-        return None
-    with path.open("rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    tensors = [(k, v) for k, v in header.items() if k != "__metadata__"]
-    if any(v.get("dtype") not in _SAFETENSORS_DTYPES for _, v in tensors):
-        return None
-    entries = [Entry(key, _SAFETENSORS_DTYPES[v["dtype"]], tuple(v["shape"]), start=8 + n + v["data_offsets"][0],
-                     nbytes=v["data_offsets"][1] - v["data_offsets"][0], channels_last=key.startswith(channels_last))
-               for key, v in tensors]
-    entries.sort(key=lambda e: e.start)
-    return read_entries(path, entries, dtype)
+    entries = safetensors_entries(path, channels_last) if sys.byteorder == "little" else None
+    return None if entries is None else read_entries(path, entries, dtype)
 
 
 def _torch_load(path: Path) -> Any:
@@ -164,7 +168,6 @@ def read_state_dict(path: Path, dtype: torch.dtype | None = None, channels_last:
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
         if dtype is not None:
-            _check_safetensors_header(path)
             converted = _read_safetensors_as(path, dtype, channels_last)
             if converted is not None:
                 return converted
