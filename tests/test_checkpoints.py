@@ -340,6 +340,23 @@ def test_garbage_files_always_give_checkpoint_errors(tmp_path: Path, suffix: str
         assert {"UnpicklingError", "IndexError", "KeyError"} <= causes
 
 
+@pytest.mark.parametrize("entry", [
+    {"dtype": "F16", "data_offsets": [0, 8]},  # no shape
+    {"dtype": "F16", "shape": [4], "data_offsets": [0, "8"]},  # an offset that is text
+    {"dtype": "F16", "shape": [-2, -2], "data_offsets": [0, 8]},  # negative sizes that multiply out
+    {"dtype": "F16", "shape": [4], "data_offsets": [8, 0]},  # reversed offsets
+    {"dtype": "F16", "shape": [4]},  # no offsets
+    7,  # not an object
+])
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_malformed_header_entries_give_checkpoint_errors(tmp_path: Path, entry, dtype) -> None:
+    header = json.dumps({"w": entry, "ok": {"dtype": "F16", "shape": [4], "data_offsets": [0, 8]}}).encode()
+    path = tmp_path / "bad-header.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
+    with pytest.raises(CheckpointError, match="bad-header.safetensors"):
+        read_state_dict(path, dtype)
+
+
 # ---------------------------------------------------------------- diffusers folders
 
 @pytest.mark.parametrize("arch", ["sd1", "sdxl"])

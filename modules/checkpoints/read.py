@@ -95,12 +95,24 @@ def safetensors_entries(path: Path, channels_last: tuple[str, ...] = ()) -> list
     keys start with a prefix in `channels_last` are marked for NHWC. None when a dtype is unknown here."""
     n, header = _check_safetensors_header(path)
     tensors = [(k, v) for k, v in header.items() if k != "__metadata__"]
-    if any(v.get("dtype") not in _SAFETENSORS_DTYPES for _, v in tensors):
+    if any(isinstance(v, dict) and v.get("dtype") not in _SAFETENSORS_DTYPES for _, v in tensors):
         return None
-    entries = [Entry(key, _SAFETENSORS_DTYPES[v["dtype"]], tuple(v["shape"]), start=8 + n + v["data_offsets"][0],
-                     nbytes=v["data_offsets"][1] - v["data_offsets"][0], channels_last=key.startswith(channels_last))
-               for key, v in tensors]
+    try:
+        entries = [_entry(key, v, 8 + n, key.startswith(channels_last)) for key, v in tensors]
+    except (KeyError, TypeError, ValueError, IndexError) as err:
+        raise CheckpointError(f"Checkpoint {path} has a corrupt safetensors header: "
+                              f"a tensor entry lacks a valid shape or offsets ({err!r})") from err
     return sorted(entries, key=lambda e: e.start)
+
+
+def _entry(key: str, v: dict[str, Any], data_start: int, channels_last: bool) -> Entry:
+    shape, (begin, end) = tuple(v["shape"]), v["data_offsets"]
+    if not all(type(i) is int for i in (*shape, begin, end)):
+        raise TypeError(f"{key}: shape {shape} and offsets {[begin, end]} must be integers")
+    if min(shape, default=0) < 0 or not 0 <= begin <= end:
+        raise ValueError(f"{key}: shape {list(shape)}, offsets {[begin, end]}")
+    return Entry(key, _SAFETENSORS_DTYPES[v["dtype"]], shape, start=data_start + begin, nbytes=end - begin,
+                 channels_last=channels_last)
 
 
 def _read_safetensors_as(path: Path, dtype: torch.dtype, channels_last: tuple[str, ...] = ()
