@@ -105,7 +105,7 @@ def _mount_extensions(app: FastAPI, ctx: ServerContext, get_caller: Callable[[Re
     ctx.extension_records = lambda: a1111_extension_records(ctx.app.plugins)
 
     def may_change(request: Request) -> bool:
-        return not ctx.config.credentials or get_caller(request).admin
+        return ctx.may_change_extensions(get_caller(request))
 
     app.include_router(extensions_router(ctx.app.plugins, ctx.app.settings, ctx.config.host, may_change),
                        prefix="/api/v1", tags=["extensions"])

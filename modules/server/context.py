@@ -12,6 +12,7 @@ from modules.checkpoints.model import CheckpointInfo
 from modules.errors import AtelierError, CheckpointError
 from modules.jobs.executor import Executor, LocalExecutor
 from modules.jobs.manager import JobManager
+from modules.jobs.model import Caller
 from modules.jobs.store import JobStore
 from modules.server.config import ServerConfig
 from modules.server.options import Options
@@ -32,6 +33,11 @@ class ServerContext:
     @property
     def data_dir(self) -> Path:
         return self.app.settings.data_dir
+
+    def may_change_extensions(self, caller: Caller) -> bool:
+        """Enabling or installing extensions: anyone without auth, else admin users only
+        (the localhost rule of plugins.install applies on top)."""
+        return not self.config.credentials or caller.admin
 
     def start(self) -> None:
         """Recover and start the queue; choose the default checkpoint (loaded lazily by the first job)."""

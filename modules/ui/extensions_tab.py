@@ -66,7 +66,7 @@ def build_extensions_tab(ui: UIContext) -> ExtensionsTab:
 def install_extension(ui: UIContext, url: str, request) -> str:
     """Clone an extension from a git URL into extensions/; refused beyond localhost and for non-admins."""
     server = ui.server
-    if server.config.credentials and not ui.caller(request).admin:
+    if not server.may_change_extensions(ui.caller(request)):
         return "❌ Only admin users (`--admin-users`) may install extensions."
     try:
         info = install_from_git(url or "", ui.app.settings, server.config.host)
@@ -77,7 +77,7 @@ def install_extension(ui: UIContext, url: str, request) -> str:
 
 def apply_enabled(ui: UIContext, chosen: set[str], request) -> tuple:
     server = ui.server
-    if server.config.credentials and not ui.caller(request).admin:
+    if not server.may_change_extensions(ui.caller(request)):
         return gr.skip(), "❌ Only admin users (`--admin-users`) may change extensions."
     try:
         check_install_allowed(server.config.host, ui.app.settings)
