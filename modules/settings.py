@@ -47,8 +47,13 @@ class Settings:
     extra: dict = field(default_factory=dict)
 
     @property
+    def checkpoint_dir(self) -> Path:
+        """Where users put their checkpoints (searched first)."""
+        return self.models_dir / "Stable-diffusion"
+
+    @property
     def checkpoint_dirs(self) -> list[Path]:
-        return [self.models_dir / "Stable-diffusion", *self.ckpt_dirs]
+        return [self.checkpoint_dir, *self.ckpt_dirs]
 
     @property
     def vae_dir(self) -> Path:

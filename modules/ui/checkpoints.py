@@ -44,7 +44,7 @@ def is_demo(title: str | None) -> bool:
 
 
 def demo_notice(ui: UIContext) -> str:
-    folder = ui.app.settings.models_dir / "Stable-diffusion"
+    folder = ui.app.settings.checkpoint_dir
     return (f"ℹ This is Atelier's small **demo model** (coloured shapes, {DEMO_RESOLUTION}×{DEMO_RESOLUTION}; "
             f"try \"a red circle on a blue background, top left\"). For real images, put Stable Diffusion "
             f"1.x, 2.x or SDXL checkpoints (`.safetensors` single files, or diffusers folders) in `{folder}` "
@@ -58,5 +58,5 @@ def _status(ui: UIContext, title: str | None) -> str:
 
 
 def _none_found(ui: UIContext) -> str:
-    folder = ui.app.settings.models_dir / "Stable-diffusion"
+    folder = ui.app.settings.checkpoint_dir
     return f"⚠ No checkpoint found. Put a model in `{folder}` and press 🔄."
