@@ -94,6 +94,14 @@ class Timers:
         self.calls[name].append(took)
 
 
+def status_gb(field: str = "VmRSS") -> float:
+    """A memory line of /proc/self/status in GB (VmRSS: now, VmHWM: the peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024**2
+    return float("nan")
+
+
 def peak_rss_gb() -> float:
     import resource
 

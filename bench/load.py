@@ -44,15 +44,8 @@ def child_raw(ckpt: Path) -> dict:
     return {**out, "cpu_s": cpu_s() - began}
 
 
-def rss_gb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024**2
-    return float("nan")
-
-
 def child_atelier(ckpt: Path, precision: str, cache: Path) -> dict:
-    from cpu import peak_rss_gb
+    from cpu import peak_rss_gb, status_gb
     from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401  imported before the clock starts
     from transformers import CLIPTextModel  # noqa: F401
 
@@ -72,11 +65,11 @@ def child_atelier(ckpt: Path, precision: str, cache: Path) -> dict:
         return out
 
     load_module.read_state_dict = timed_read
-    rss_before, cpu_began = rss_gb(), cpu_s()
+    rss_before, cpu_began = status_gb(), cpu_s()
     began = time.perf_counter()
     model = app.engine.load_model(ckpt)
     load_s = time.perf_counter() - began
-    return {"load_s": load_s, **spent, "cpu_s": cpu_s() - cpu_began, "rss_before_gb": rss_before, "rss_after_gb": rss_gb(),
+    return {"load_s": load_s, **spent, "cpu_s": cpu_s() - cpu_began, "rss_before_gb": rss_before, "rss_after_gb": status_gb(),
             "peak_rss_gb": peak_rss_gb(), "dtype": str(model.dtype), "code": str(Path(load_module.__file__).parents[2])}
 
 

@@ -20,15 +20,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 
-def rss_gb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024**2
-    return float("nan")
-
-
 def main(argv: list[str] | None = None) -> int:
-    from cpu import CACHE, build_checkpoint
+    from cpu import CACHE, build_checkpoint, status_gb
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--switches", type=int, default=5)
@@ -52,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         app.engine.load_model(first if i % 2 == 0 else second)
         app.engine.txt2img(Txt2ImgParams(prompt="a", steps=1, sampler_name="Euler", seed=1, width=64, height=64,
                                          save_images=False))
-        series.append({"load": i, "rss_gb": rss_gb(), "seconds": time.perf_counter() - began})
+        series.append({"load": i, "rss_gb": status_gb(), "seconds": time.perf_counter() - began})
         print(f"load {i}: RSS {series[-1]['rss_gb']:.2f} GB ({series[-1]['seconds']:.1f} s)", flush=True)
     growth = series[-1]["rss_gb"] / series[0]["rss_gb"]
     print(f"RSS after {args.switches} switches / after the first load: {growth:.3f}")

@@ -25,9 +25,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-CACHE = REPO / "bench" / "cache"
+from cpu import CACHE, CKPT, cpu_name, status_gb  # noqa: E402  (bench/ is the script's own folder)
+
 WORK = CACHE / "vae_tiling"
-CKPT = CACHE / "sd15-random-seed0.safetensors"
+CHECKPOINT = CACHE / CKPT
 SCALE = 0.18215
 # name: (operation, precision, pixel size, tiled)
 VARIANTS = {
@@ -43,13 +44,6 @@ DEFAULT_VARIANTS = list(VARIANTS)[:5]
 
 
 # -- child: one operation in a fresh process ------------------------------------------------
-def status_gb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024**2
-    return float("nan")
-
-
 def load_vae(precision: str):
     """The checkpoint's VAE (or a seeded random one) in the engine's dtype, layout and attention."""
     import torch
@@ -60,10 +54,10 @@ def load_vae(precision: str):
     from modules.devices import apply_attention, apply_memory_format, device_config
 
     devices = device_config("cpu", precision)
-    if CKPT.exists():
+    if CHECKPOINT.exists():
         from safetensors import safe_open
 
-        with safe_open(str(CKPT), framework="pt") as f:
+        with safe_open(str(CHECKPOINT), framework="pt") as f:
             sd = {k: f.get_tensor(k) for k in f.keys() if k.startswith(VAE)}
         vae = build_vae(vae_source(sd, VAE), {**infer_vae_config(sd), "scaling_factor": SCALE},
                         device=devices.device, dtype=devices.vae_dtype)
@@ -283,16 +277,10 @@ def main(argv: list[str] | None = None) -> int:
 def write_results(out: Path, runs: dict[str, dict]) -> dict:
     measures = compare(runs)
     machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "load_avg": os.getloadavg(),
-               "checkpoint": CKPT.name if CKPT.exists() else None}
+               "checkpoint": CHECKPOINT.name if CHECKPOINT.exists() else None}
     out.write_text(json.dumps({"machine": machine, "runs": runs, "measures": measures}, indent=2))
     return measures
 
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 if __name__ == "__main__":
