@@ -1,6 +1,7 @@
 """Helpers for the plugin tests: settings and apps that load the fixture extension pack."""
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 from modules.settings import REPO_ROOT, Settings
@@ -23,3 +24,17 @@ def ext_app(tmp_path: Path, **overrides):
 
 def statuses(app) -> dict[str, str]:
     return {info.name: info.status for info in app.plugins.extensions}
+
+
+def git_extension_repo(repo: Path) -> str:
+    """A git repository at `repo` holding a valid extension "hello-ext" (it adds the style "Hello"),
+    as a file:// URL: installs are tested with no network."""
+    repo.mkdir(parents=True)
+    (repo / "extension.toml").write_text('name = "hello-ext"\nversion = "0.2"\napi_version = "1.0"\n')
+    (repo / "extension.py").write_text("from modules.plugins import api\n\n@api.hookimpl\ndef register_styles():\n"
+                                       "    return [api.StyleSpec('Hello', '{prompt}, hello')]\n")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "init"], check=True)
+    return repo.as_uri()

@@ -8,7 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from modules.plugins.install import install_refusal, name_from_url
-from tests.plugin_helpers import FIXTURES, ext_app, statuses
+from tests.plugin_helpers import FIXTURES, ext_app, git_extension_repo, statuses
 
 PLUGINS = ("web-ext", "evil-routes", "style-pack", "euler-cfg-pp")
 
@@ -29,17 +29,7 @@ def app(tmp_path_factory):
 
 @pytest.fixture
 def local_repo(tmp_path):
-    """A git repository holding a valid extension, reachable as a file:// URL (no network)."""
-    repo = tmp_path / "src" / "hello-ext"
-    repo.mkdir(parents=True)
-    (repo / "extension.toml").write_text('name = "hello-ext"\nversion = "0.2"\napi_version = "1.0"\n')
-    (repo / "extension.py").write_text("from modules.plugins import api\n\n@api.hookimpl\ndef register_styles():\n"
-                                       "    return [api.StyleSpec('Hello', '{prompt}, hello')]\n")
-    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
-    subprocess.run(["git", "init", "-q", str(repo)], check=True)
-    subprocess.run([*git, "add", "."], check=True)
-    subprocess.run([*git, "commit", "-q", "-m", "init"], check=True)
-    return repo.as_uri()
+    return git_extension_repo(tmp_path / "src" / "hello-ext")
 
 
 def test_extension_routes_are_served_under_their_prefix(app):

@@ -77,20 +77,6 @@ def test_infotext_fills_fields_by_name():
     Txt2ImgParams(**values).validate()  # every name is a params field
 
 
-def _git_extension(folder):
-    """A local git repository holding a valid extension, cloned through a file:// URL (no network)."""
-    import subprocess
-
-    folder.mkdir(parents=True)
-    (folder / "extension.toml").write_text('name = "hello-ext"\nversion = "0.2"\napi_version = "1.0"\n')
-    (folder / "extension.py").write_text("from modules.plugins import api\n")
-    git = ["git", "-C", str(folder), "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
-    subprocess.run(["git", "init", "-q", str(folder)], check=True)
-    subprocess.run([*git, "add", "."], check=True)
-    subprocess.run([*git, "commit", "-q", "-m", "init"], check=True)
-    return f"file://{folder}"
-
-
 @pytest.mark.parametrize("listen", [False, True])
 def test_extensions_tab_installs_from_git_only_on_localhost(tmp_path, listen):
     from types import SimpleNamespace
@@ -99,8 +85,9 @@ def test_extensions_tab_installs_from_git_only_on_localhost(tmp_path, listen):
     from modules.ui.context import UIContext
     from modules.ui.extensions_tab import install_extension
     from tests.conftest import make_app
+    from tests.plugin_helpers import git_extension_repo
 
-    url = _git_extension(tmp_path / "src" / "hello-ext")
+    url = git_extension_repo(tmp_path / "src" / "hello-ext")
     app = make_app(tmp_path, extensions_dirs=(tmp_path / "ext",))
     config = ServerConfig(listen=listen, insecure_no_auth=True)
     ui = UIContext(build_context(app, config))
