@@ -56,7 +56,7 @@ def common_params(args: argparse.Namespace, settings) -> dict:
         subseed=args.subseed, subseed_strength=args.subseed_strength, width=args.width, height=args.height,
         batch_size=args.batch_size, n_iter=args.n_iter, eta=args.eta, clip_skip=settings.clip_skip,
         rng_source=settings.rng_source, emphasis=settings.emphasis,
-        eta_noise_seed_delta=settings.eta_noise_seed_delta, outdir=args.out, max_size=settings.max_size)
+        eta_noise_seed_delta=settings.eta_noise_seed_delta, outdir=args.out)
 
 
 def txt2img_params(args: argparse.Namespace, settings):
@@ -76,7 +76,7 @@ def run_generate(args: argparse.Namespace) -> int:
         params, task = img2img_params(args, common_params(args, settings)), app.engine.img2img
     else:
         params, task = txt2img_params(args, settings), app.engine.txt2img
-    params.validate()
+    params.validate(settings.limits)
     info = app.engine.default_checkpoint()
     if info is None:
         raise AtelierError("generate needs --ckpt FILE (a .safetensors/.ckpt file or a diffusers folder)")

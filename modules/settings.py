@@ -13,6 +13,19 @@ EMPHASIS_MODES = ("Original", "No norm", "Ignore")
 
 
 @dataclass(frozen=True)
+class Limits:
+    """Server policy: the largest job a request may ask for. No job field can raise these."""
+
+    max_size: int = 4096  # pixels a side
+    max_batch_size: int = 64
+    max_n_iter: int = 10000
+    max_steps: int = 1000
+
+
+DEFAULT_LIMITS = Limits()
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the engine needs to know about this process. Never mutated."""
 
@@ -45,6 +58,10 @@ class Settings:
     lora_dirs: tuple[Path, ...] = ()  # --lora-dir: searched after models/Lora
     embeddings_dirs: tuple[Path, ...] = ()  # --embeddings-dir: searched after models/embeddings
     extra: dict = field(default_factory=dict)
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(max_size=self.max_size)
 
     @property
     def checkpoint_dir(self) -> Path:

@@ -76,7 +76,7 @@ class GenerationRun:
 
     def __init__(self, engine, params: GenerationParams, control: JobControl | None,
                  on_progress: ProgressCallback | None) -> None:
-        params.validate()
+        params.validate(engine.settings.limits)
         self.engine = engine
         self.hooks = engine.job_hooks(self.task)  # extensions: prepare_params, guidance, post-processing
         params = self.hooks.prepare(params)  # random seeds are resolved here, before the hooks

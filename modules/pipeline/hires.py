@@ -15,9 +15,10 @@ from modules.errors import InvalidParams
 from modules.pipeline.params import MIN_SIZE, Txt2ImgParams
 from modules.pipeline.resize import LANCZOS
 from modules.pipeline.sampling import SamplingPlan, starting_at
+from modules.settings import DEFAULT_LIMITS
 
 
-def hires_target(p: Txt2ImgParams) -> tuple[int, int, int, int]:
+def hires_target(p: Txt2ImgParams, max_size: int = DEFAULT_LIMITS.max_size) -> tuple[int, int, int, int]:
     """(width, height, truncate_x, truncate_y) of the hires pass, as A1111 computes them.
 
     With both `hr_resize_x` and `hr_resize_y`, the image is upscaled to cover that size
@@ -37,9 +38,9 @@ def hires_target(p: Txt2ImgParams) -> tuple[int, int, int, int]:
         else:
             width, height = ry * p.width // p.height, ry
         truncate_x, truncate_y = (width - rx) // 8, (height - ry) // 8
-    if min(width, height) < MIN_SIZE or max(width, height) > p.max_size:
+    if min(width, height) < MIN_SIZE or max(width, height) > max_size:
         raise InvalidParams(f"the hires fix would make a {width}x{height} image; "
-                            f"sizes must lie between {MIN_SIZE} and {p.max_size}")
+                            f"sizes must lie between {MIN_SIZE} and {max_size}")
     return width, height, truncate_x, truncate_y
 
 
@@ -50,7 +51,7 @@ class HiresPass:
         p: Txt2ImgParams = run.params
         self.run = run
         self.upscaler = run.engine.registries.upscalers.get(p.hr_upscaler)
-        self.width, self.height, self.truncate_x, self.truncate_y = hires_target(p)
+        self.width, self.height, self.truncate_x, self.truncate_y = hires_target(p, run.engine.settings.limits.max_size)
         self.steps = p.hr_second_pass_steps or p.steps
         self.plan: SamplingPlan | None = None  # None: denoising strength 0, no second sampling
         if p.denoising_strength > 0:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from modules.errors import InvalidParams
+from modules.settings import DEFAULT_LIMITS, Limits
 
 MIN_SIZE = 64
 RESIZE_MODES = ("Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)")
@@ -46,17 +47,16 @@ class GenerationParams:
     rho: float | None = None
     save_images: bool = True
     outdir: Path | None = None  # None: Settings.outputs_dir / "<task>-images"
-    max_size: int = 4096
     styles: tuple[str, ...] = ()  # prompt style names, applied in order before the job runs
     extension_args: dict[str, dict[str, Any]] = field(default_factory=dict)  # option values by extension name
 
-    def validate(self) -> None:
-        """Raise InvalidParams naming the first bad field."""
-        _check_size("width", self.width, self.max_size)
-        _check_size("height", self.height, self.max_size)
-        _check_int("steps", self.steps, 1, 1000)
-        _check_int("batch_size", self.batch_size, 1, 64)
-        _check_int("n_iter", self.n_iter, 1, 10000)
+    def validate(self, limits: Limits = DEFAULT_LIMITS) -> None:
+        """Raise InvalidParams naming the first bad field; sizes and counts within the server's `limits`."""
+        _check_size("width", self.width, limits.max_size)
+        _check_size("height", self.height, limits.max_size)
+        _check_int("steps", self.steps, 1, limits.max_steps)
+        _check_int("batch_size", self.batch_size, 1, limits.max_batch_size)
+        _check_int("n_iter", self.n_iter, 1, limits.max_n_iter)
         _check_int("clip_skip", self.clip_skip, 1, 12)
         _check_number("cfg_scale", self.cfg_scale, 0.0, 100.0)
         _check_number("subseed_strength", self.subseed_strength, 0.0, 1.0)
@@ -65,7 +65,7 @@ class GenerationParams:
         for name in ("seed_resize_from_w", "seed_resize_from_h"):
             value = getattr(self, name)
             if value not in (0, -1):
-                _check_size(name, value, self.max_size)
+                _check_size(name, value, limits.max_size)
         if not isinstance(self.prompt, str) or not isinstance(self.negative_prompt, str):
             raise InvalidParams("prompt and negative_prompt must be text")
 
@@ -92,8 +92,8 @@ class Txt2ImgParams(GenerationParams):
     hr_prompt: str = ""  # "": the same prompt
     hr_negative_prompt: str = ""
 
-    def validate(self) -> None:
-        super().validate()
+    def validate(self, limits: Limits = DEFAULT_LIMITS) -> None:
+        super().validate(limits)
         if self.enable_hr:
             _check_number("denoising_strength", self.denoising_strength, 0.0, 1.0)
             _check_number("hr_scale", self.hr_scale, 1.0, 8.0)
@@ -101,7 +101,7 @@ class Txt2ImgParams(GenerationParams):
             for name in ("hr_resize_x", "hr_resize_y"):
                 value = getattr(self, name)
                 if value != 0:
-                    _check_int(name, value, MIN_SIZE, self.max_size)
+                    _check_int(name, value, MIN_SIZE, limits.max_size)
             if not isinstance(self.hr_prompt, str) or not isinstance(self.hr_negative_prompt, str):
                 raise InvalidParams("hr_prompt and hr_negative_prompt must be text")
 
@@ -129,8 +129,8 @@ class Img2ImgParams(GenerationParams):
     initial_noise_multiplier: float = 1.0
     outpaint: tuple[int, int, int, int] | None = None
 
-    def validate(self) -> None:
-        super().validate()
+    def validate(self, limits: Limits = DEFAULT_LIMITS) -> None:
+        super().validate(limits)
         _check_images(self.init_images, self.batch_size)
         if self.mask is not None and not _is_image(self.mask):
             raise InvalidParams(f"mask must be an image, got {type(self.mask).__name__}")
@@ -144,7 +144,7 @@ class Img2ImgParams(GenerationParams):
         if self.image_cfg_scale is not None:
             _check_number("image_cfg_scale", self.image_cfg_scale, 0.0, 100.0)
         if self.outpaint is not None:
-            _check_outpaint(self)
+            _check_outpaint(self, limits.max_size)
         elif self.resize_mode == 3 and self.mask is not None:
             raise InvalidParams("resize_mode 3 (latent upscale) cannot be used with a mask; use 0, 1 or 2")
 
@@ -167,12 +167,12 @@ def _check_images(images: Any, batch_size: int) -> None:
         raise InvalidParams(f"give one init image, or batch_size ({batch_size}) of them; got {len(images)}")
 
 
-def _check_outpaint(p: Img2ImgParams) -> None:
+def _check_outpaint(p: Img2ImgParams, max_size: int) -> None:
     pads = p.outpaint
     if not isinstance(pads, (list, tuple)) or len(pads) != 4:
         raise InvalidParams(f"outpaint must be (left, right, up, down) pixels, got {pads!r}")
     for name, value in zip(("left", "right", "up", "down"), pads, strict=True):
-        _check_int(f"outpaint {name}", value, 0, p.max_size)
+        _check_int(f"outpaint {name}", value, 0, max_size)
     if not any(pads):
         raise InvalidParams("outpaint needs at least one side above 0 pixels")
     inner_w, inner_h = p.width - pads[0] - pads[1], p.height - pads[2] - pads[3]

@@ -71,7 +71,7 @@ def prepare_params(host: PluginHost, params: Any, context: JobContext) -> Any:
                          "ignored")
         elif value is not None:
             params = value
-    params.validate()
+    params.validate(context.settings.limits)
     return params
 
 

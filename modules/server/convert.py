@@ -104,8 +104,7 @@ def _checkpoint(ctx: ServerContext, overrides: dict[str, Any]) -> str:
 def _param_values(ctx: ServerContext, req: Txt2ImgRequest, names: set[str]) -> dict[str, Any]:
     values = {k: v for k, v in req.model_dump().items() if k in names and k not in SERVER_ONLY}
     values.update(sampler_name=req.sampler_name or req.sampler_index or "Euler",
-                  scheduler=req.scheduler or "Automatic", save_images=req.save_images,
-                  max_size=ctx.app.settings.max_size)
+                  scheduler=req.scheduler or "Automatic", save_images=req.save_images)
     for name in ZERO_MEANS_DEFAULT:
         if name in values and not values[name]:
             values[name] = None
@@ -182,13 +181,12 @@ def job_params(ctx: ServerContext, kind: str, req: Txt2ImgRequest) -> dict[str, 
             params, warnings = apply_overrides(params, overrides)
         except InvalidParams as err:
             raise RequestError(("override_settings", _field_of(str(err), set(overrides))), str(err)) from None
-        params.validate()
+        params.validate(ctx.app.settings.limits)
     except InvalidParams as err:
         raise RequestError((_field_of(str(err), names),), str(err)) from None
     except TypeError as err:
         raise RequestError(("params",), str(err)) from None
     plain = {f.name: getattr(params, f.name) for f in dataclasses.fields(params) if f.name not in SERVER_ONLY}
-    plain["max_size"] = params.max_size
     return {"checkpoint": checkpoint, "params": json.loads(json.dumps(plain, default=str)),
             "inputs": _save_inputs(ctx, images), "warnings": warnings,
             "request": _request_record(req)}

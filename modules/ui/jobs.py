@@ -45,12 +45,12 @@ def build_params(ctx: ServerContext, kind: str, values: dict[str, Any], images: 
     if scheduler and scheduler != "Automatic" and scheduler not in registries.schedulers:
         raise InvalidParams(f"Unknown schedule type {scheduler!r}.")
     merged = {**ctx.options.job_defaults(names), **values, **images,
-              "max_size": ctx.app.settings.max_size, "save_images": True}
+              "save_images": True}
     try:
         params = cls(**merged)
     except TypeError as err:
         raise InvalidParams(str(err)) from None
-    params.validate()
+    params.validate(ctx.app.settings.limits)
     return params
 
 
