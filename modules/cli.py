@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from modules.benchmark import add_benchmark_arguments
-from modules.cli_img2img import add_image_arguments, hires_kwargs, img2img_params
+from modules.cli_img2img import add_image_arguments, hires_kwargs, img2img_values
 from modules.errors import AtelierError
 from modules.server.config import add_server_arguments
 from modules.settings import add_settings_arguments, settings_from_args
@@ -48,50 +48,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def common_params(args: argparse.Namespace, settings) -> dict:
-    """The fields every task shares (width and height may be None: the task's default)."""
+def common_values(args: argparse.Namespace) -> dict:
+    """The params fields every task shares (width and height may be None: the task's default)."""
     return dict(
         prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
         sampler_name=args.sampler, scheduler=args.scheduler, cfg_scale=args.cfg_scale, seed=args.seed,
         subseed=args.subseed, subseed_strength=args.subseed_strength, width=args.width, height=args.height,
-        batch_size=args.batch_size, n_iter=args.n_iter, eta=args.eta, clip_skip=settings.clip_skip,
-        rng_source=settings.rng_source, emphasis=settings.emphasis,
-        eta_noise_seed_delta=settings.eta_noise_seed_delta, outdir=args.out)
+        batch_size=args.batch_size, n_iter=args.n_iter, eta=args.eta)
 
 
-def txt2img_params(args: argparse.Namespace, settings):
-    from modules.pipeline.params import Txt2ImgParams
+def submission(args: argparse.Namespace):
+    """The `generate` flags as a job submission (txt2img, or img2img with --init-image)."""
+    from modules.jobs.submit import Submission
 
-    common = common_params(args, settings)
+    common = common_values(args)
+    hires = hires_kwargs(args)  # refuses the hires flags with --init-image
+    if args.init_image:
+        values, images = img2img_values(args, common)
+        return Submission("img2img", values, images, source="cli")
     common.update(width=args.width or 512, height=args.height or 512)
-    return Txt2ImgParams(**common, **hires_kwargs(args))
+    return Submission("txt2img", {**common, **hires}, source="cli")
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    """Generate through the same submit service and job queue as the server, on an in-memory history."""
     from modules.app import build_app
+    from modules.jobs.local import local_jobs
+    from modules.jobs.model import DONE, Caller
 
-    settings = settings_from_args(args)
-    app = build_app(settings)
-    if args.init_image:
-        params, task = img2img_params(args, common_params(args, settings)), app.engine.img2img
-    else:
-        params, task = txt2img_params(args, settings), app.engine.txt2img
-    params.validate(settings.limits)
-    info = app.engine.default_checkpoint()
-    if info is None:
-        raise AtelierError("generate needs --ckpt FILE (a .safetensors/.ckpt file or a diffusers folder)")
-    app.engine.load_model(info.path)
-    result = task(params, on_progress=_print_progress)
-    for warning in result.warnings:
+    app = build_app(settings_from_args(args))
+    with local_jobs(app, outdir=args.out, on_event=_print_progress) as (jobs, submitter):
+        job = jobs.wait(submitter.submit(Caller("cli"), submission(args)).id)
+    if job.state != DONE:
+        raise AtelierError(job.error or f"the job ended {job.state}")
+    for warning in job.result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    for path in result.paths:
+    for path in job.result.images:
         print(path)
     return 0
 
 
-def _print_progress(progress) -> None:
-    print(f"\rbatch {progress.job_no + 1}/{progress.job_count} step {progress.step}/{progress.steps}",
-          end="\n" if progress.step == progress.steps else "", file=sys.stderr, flush=True)
+def _print_progress(event) -> None:
+    if event.type != "progress" or event.job is None:
+        return
+    p = event.job.progress
+    print(f"\rbatch {p.job_no + 1}/{p.job_count} step {p.step}/{p.steps}",
+          end="\n" if p.step == p.steps else "", file=sys.stderr, flush=True)
 
 
 def run_app(args: argparse.Namespace) -> int:

@@ -81,11 +81,10 @@ def hires_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 hr_prompt=values["hires_prompt"], hr_negative_prompt=values["hires_negative_prompt"])
 
 
-def img2img_params(args: argparse.Namespace, common: dict[str, Any]):
-    """Img2ImgParams from the flags; `common` holds the shared fields (width/height may be None)."""
+def img2img_values(args: argparse.Namespace, common: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Img2ImgParams fields and the input images from the flags; `common` may leave width/height None."""
     from modules.pipeline import masks
     from modules.pipeline.inputs import load_image
-    from modules.pipeline.params import Img2ImgParams
 
     images = [load_image(path, f"init image {path}") for path in args.init_image]
     mask = None
@@ -94,12 +93,11 @@ def img2img_params(args: argparse.Namespace, common: dict[str, Any]):
     elif args.mask:
         mask = load_image(args.mask, f"mask {args.mask}")
     width, height = _size(args, common, images[0])
-    return Img2ImgParams(
-        **{**common, "width": width, "height": height}, init_images=tuple(images), mask=mask,
-        denoising_strength=args.denoising_strength, resize_mode=args.resize_mode, mask_blur=args.mask_blur,
-        inpainting_fill=args.inpainting_fill, inpaint_full_res=args.inpaint_full_res,
-        inpaint_full_res_padding=args.inpaint_full_res_padding,
-        inpainting_mask_invert=int(args.inpainting_mask_invert), outpaint=args.outpaint)
+    values = {**common, "width": width, "height": height, "denoising_strength": args.denoising_strength,
+              "resize_mode": args.resize_mode, "mask_blur": args.mask_blur, "inpainting_fill": args.inpainting_fill,
+              "inpaint_full_res": args.inpaint_full_res, "inpaint_full_res_padding": args.inpaint_full_res_padding,
+              "inpainting_mask_invert": int(args.inpainting_mask_invert), "outpaint": args.outpaint}
+    return {k: v for k, v in values.items() if v is not None}, {"init_images": images, "mask": mask}
 
 
 def _size(args: argparse.Namespace, common: dict[str, Any], image) -> tuple[int, int]:

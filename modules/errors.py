@@ -10,7 +10,11 @@ class AtelierError(Exception):
 
 
 class InvalidParams(AtelierError, ValueError):
-    """A job parameter is out of range or names something unknown."""
+    """A job parameter is out of range or names something unknown; `field` names it when known."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class CheckpointError(AtelierError):

@@ -11,18 +11,17 @@ import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import fields
 from pathlib import Path
 from typing import Any, Protocol
 
-from modules.errors import CheckpointError, InvalidParams
+from modules.errors import CheckpointError
+from modules.jobs import runners
 from modules.jobs.model import JobResult, JobSpec
 
 log = logging.getLogger(__name__)
 
 # A progress event: {"fraction", "job_no", "job_count", "step", "steps", "preview": PNG bytes or None}.
 EventCallback = Callable[[dict[str, Any]], None]
-SERVER_ONLY_FIELDS = ("outdir",)  # never taken from job data: the executor decides where files go
 
 
 class Executor(Protocol):
@@ -45,15 +44,6 @@ class Executor(Protocol):
     def close(self) -> None: ...
 
 
-def typed_params(cls: type, data: dict[str, Any]):
-    """Build a params dataclass from a dict, by field name; unknown names are an error."""
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise InvalidParams(f"Unknown parameter(s) for {cls.__name__}: {', '.join(unknown)}")
-    return cls(**{k: v for k, v in data.items() if k not in SERVER_ONLY_FIELDS})
-
-
 def png_bytes(image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
@@ -65,9 +55,10 @@ class LocalExecutor:
 
     slots = 1
 
-    def __init__(self, engine, job_images_dir: Path) -> None:
+    def __init__(self, engine, job_images_dir: Path, outdir: Path | None = None) -> None:
         self.engine = engine
         self.job_images_dir = Path(job_images_dir)
+        self.outdir = outdir  # where saved images go; None: the engine's outputs/<task>-images
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="atelier-worker")
         self._controls: dict[str, Any] = {}
         self._lock = threading.Lock()
@@ -99,10 +90,8 @@ class LocalExecutor:
             control.skip()
 
     def _execute(self, spec: JobSpec, control, on_event: EventCallback) -> JobResult:
-        from modules.jobs import runners
-
         model = self._ensure_model(spec.params.get("checkpoint"))
-        result = runners.run(self.engine, spec, control, lambda p: on_event(_event(p)))
+        result = runners.run(self.engine, spec, control, lambda p: on_event(_event(p)), self.outdir)
         paths = [str(p) for p in result.paths]
         if not paths:  # not saved to the gallery: keep the job's images under the data folder
             paths = [str(p) for p in runners.save_job_images(result, self.job_images_dir / spec.id)]

@@ -5,6 +5,7 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from modules.app import App
@@ -14,6 +15,7 @@ from modules.jobs.executor import Executor, LocalExecutor
 from modules.jobs.manager import JobManager
 from modules.jobs.model import Caller
 from modules.jobs.store import JobStore
+from modules.jobs.submit import SubmitService
 from modules.server.config import ServerConfig
 from modules.server.options import Options
 
@@ -33,6 +35,17 @@ class ServerContext:
     @property
     def data_dir(self) -> Path:
         return self.app.settings.data_dir
+
+    @cached_property
+    def submitter(self) -> SubmitService:
+        """The one way jobs are queued, for the UI and both APIs alike."""
+        return SubmitService(self.jobs, self.app.settings.limits, self.app.registries, self.options.all,
+                             self.checkpoint_for_job, self.data_dir / "job-inputs")
+
+    def checkpoint_for_job(self, name: str | None) -> tuple[str, str]:
+        """A job's checkpoint (None: the current one) as (name, A1111 title)."""
+        info = self.require_checkpoint(name)
+        return info.name, self.title(info)
 
     def may_change_extensions(self, caller: Caller) -> bool:
         """Enabling or installing extensions: anyone without auth, else admin users only

@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-import dataclasses
 import io
 import json
-import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -15,13 +13,12 @@ from PIL import Image
 
 from modules import infotext
 from modules.errors import AtelierError, InvalidParams
-from modules.jobs.model import Job
+from modules.jobs.model import Caller, Job
+from modules.jobs.payload import JobPayload, field_names, params_class
+from modules.jobs.submit import Submission
 from modules.server.context import ServerContext
-from modules.server.options import apply_overrides
 from modules.server.schemas import Img2ImgRequest, Txt2ImgRequest
 
-IMAGE_FIELDS = ("init_images", "mask")
-SERVER_ONLY = ("outdir", "max_size", *IMAGE_FIELDS)  # never taken from a client
 ZERO_MEANS_DEFAULT = ("s_churn", "s_tmin", "s_tmax", "s_noise")  # A1111: `value or default`
 
 
@@ -34,17 +31,6 @@ class RequestError(AtelierError):
 
     def detail(self) -> list[dict[str, Any]]:
         return [{"loc": list(self.loc), "msg": str(self), "type": "value_error"}]
-
-
-def params_class(kind: str):
-    from modules.pipeline import params
-
-    if kind == "txt2img":
-        return params.Txt2ImgParams
-    cls = getattr(params, "Img2ImgParams", None)
-    if cls is None:
-        raise RequestError(("init_images",), "img2img is not available in this build yet.")
-    return cls
 
 
 def decode_image(data: Any, loc: tuple, max_size: int) -> Image.Image:
@@ -70,12 +56,8 @@ def decode_image(data: Any, loc: tuple, max_size: int) -> Image.Image:
     return image
 
 
-def _field_of(message: str, names: set[str]) -> str:
-    first = message.split(" ", 1)[0]
-    return first if first in names else "params"
-
-
 def _check_request(ctx: ServerContext, req: Txt2ImgRequest) -> None:
+    """What only A1111 requests can get wrong; the submit service checks the params themselves."""
     limit = ctx.config.max_prompt_chars
     for name in ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt"):
         if len(getattr(req, name)) > limit:
@@ -85,24 +67,11 @@ def _check_request(ctx: ServerContext, req: Txt2ImgRequest) -> None:
             raise RequestError((name,), f"{name} is not supported by Atelier yet")
     if req.script_name:
         raise RequestError(("script_name",), f"Script {req.script_name!r} not found")
-    registries = ctx.app.registries
-    sampler = req.sampler_name or req.sampler_index or "Euler"
-    if sampler not in registries.samplers:
-        raise RequestError(("sampler_name",), f"Unknown sampler {sampler!r}. Known: {', '.join(registries.samplers.names())}")
-    if req.scheduler and req.scheduler.lower() != "automatic" and req.scheduler not in registries.schedulers:
-        raise RequestError(("scheduler",), f"Unknown scheduler {req.scheduler!r}. "
-                                          f"Known: Automatic, {', '.join(registries.schedulers.names())}")
 
 
-def _checkpoint(ctx: ServerContext, overrides: dict[str, Any]) -> str:
-    try:
-        return ctx.require_checkpoint(overrides.get("sd_model_checkpoint")).name
-    except AtelierError as err:
-        raise RequestError(("override_settings", "sd_model_checkpoint"), str(err)) from None
-
-
-def _param_values(ctx: ServerContext, req: Txt2ImgRequest, names: set[str]) -> dict[str, Any]:
-    values = {k: v for k, v in req.model_dump().items() if k in names and k not in SERVER_ONLY}
+def _param_values(req: Txt2ImgRequest, names: frozenset[str]) -> dict[str, Any]:
+    """A1111 request fields -> params fields by name; None means "not set" (the params' default)."""
+    values = {k: v for k, v in req.model_dump().items() if k in names}
     values.update(sampler_name=req.sampler_name or req.sampler_index or "Euler",
                   scheduler=req.scheduler or "Automatic", save_images=req.save_images)
     for name in ZERO_MEANS_DEFAULT:
@@ -111,29 +80,14 @@ def _param_values(ctx: ServerContext, req: Txt2ImgRequest, names: set[str]) -> d
     for name in ("seed_resize_from_w", "seed_resize_from_h"):
         if values.get(name) == -1:
             values[name] = 0
-    # None means "not set" in A1111 requests: the params' own default applies.
-    return {**ctx.options.job_defaults(names), **{k: v for k, v in values.items() if v is not None}}
+    if req.enable_hr and "enable_hr" not in names:
+        raise RequestError(("enable_hr",), "hires fix is only for txt2img")
+    if req.alwayson_scripts:
+        values["extension_args"] = _extension_args(req.alwayson_scripts, names)
+    return {k: v for k, v in values.items() if v is not None}
 
 
-def _save_inputs(ctx: ServerContext, images: dict[str, Any]) -> dict[str, Any]:
-    """Decoded input images go to files beside the job, so job data stays small and plain."""
-    folder = ctx.data_dir / "job-inputs" / f"{time.strftime('%Y%m%d')}-{secrets.token_hex(8)}"
-    folder.mkdir(parents=True, exist_ok=True)
-    stored: dict[str, Any] = {}
-    for name, value in images.items():
-        group = value if isinstance(value, list) else [value]
-        paths = []
-        for n, image in enumerate(group):
-            path = folder / f"{name}-{n}.png"
-            tmp = path.with_name(f".{path.name}.tmp")
-            image.save(tmp, format="PNG")
-            tmp.replace(path)
-            paths.append(str(path))
-        stored[name] = paths if isinstance(value, list) else paths[0]
-    return stored
-
-
-def _extension_args(scripts: dict[str, Any], names: set[str]) -> dict[str, dict[str, Any]]:
+def _extension_args(scripts: dict[str, Any], names: frozenset[str]) -> dict[str, dict[str, Any]]:
     """`alwayson_scripts` -> the params' `extension_args`, by extension name; options go by name too."""
     if "extension_args" not in names:
         raise RequestError(("alwayson_scripts", next(iter(scripts))), "always-on script not found")
@@ -161,35 +115,30 @@ def _input_images(ctx: ServerContext, kind: str, req: Txt2ImgRequest) -> dict[st
     return images
 
 
-def job_params(ctx: ServerContext, kind: str, req: Txt2ImgRequest) -> dict[str, Any]:
-    """Validate a request and return the job's plain params; raises RequestError (422)."""
+def submission(ctx: ServerContext, kind: str, req: Txt2ImgRequest, source: str = "api") -> Submission:
+    """An A1111 request as the submit service takes it; raises RequestError (422) for request-only faults."""
     _check_request(ctx, req)
     images = _input_images(ctx, kind, req)
-    cls = params_class(kind)
-    names = {f.name for f in dataclasses.fields(cls)}
-    if req.enable_hr and "enable_hr" not in names:
-        raise RequestError(("enable_hr",), "hires fix is not available in this build yet")
-    values = _param_values(ctx, req, names)
-    values.pop("alwayson_scripts", None)
-    if req.alwayson_scripts:
-        values["extension_args"] = _extension_args(req.alwayson_scripts, names)
+    job_kind = "img2img" if kind == "inpaint" else kind
     overrides = dict(req.override_settings or {})
-    checkpoint = _checkpoint(ctx, overrides)
+    return Submission(job_kind, _param_values(req, field_names(params_class(job_kind))), images,
+                      checkpoint=overrides.get("sd_model_checkpoint"), overrides=overrides,
+                      request=_request_record(req), source=source)
+
+
+def submit(ctx: ServerContext, caller: Caller, kind: str, req: Txt2ImgRequest, source: str = "api") -> Job:
+    """Validate and queue an A1111 request for `caller`; a bad field is a RequestError at its place."""
+    sub = submission(ctx, kind, req, source)
     try:
-        params = cls(**values, **{k: v for k, v in images.items() if k in names})
-        try:
-            params, warnings = apply_overrides(params, overrides)
-        except InvalidParams as err:
-            raise RequestError(("override_settings", _field_of(str(err), set(overrides))), str(err)) from None
-        params.validate(ctx.app.settings.limits)
+        return ctx.submitter.submit(caller, sub)
     except InvalidParams as err:
-        raise RequestError((_field_of(str(err), names),), str(err)) from None
-    except TypeError as err:
-        raise RequestError(("params",), str(err)) from None
-    plain = {f.name: getattr(params, f.name) for f in dataclasses.fields(params) if f.name not in SERVER_ONLY}
-    return {"checkpoint": checkpoint, "params": json.loads(json.dumps(plain, default=str)),
-            "inputs": _save_inputs(ctx, images), "warnings": warnings,
-            "request": _request_record(req)}
+        raise RequestError(_location(err.field, sub.overrides), str(err)) from None
+
+
+def _location(field: str | None, overrides: dict[str, Any]) -> tuple:
+    if field == "sd_model_checkpoint" or field in overrides:
+        return ("override_settings", field)
+    return (field or "params",)
 
 
 def _request_record(req: Txt2ImgRequest) -> dict[str, Any]:
@@ -206,35 +155,36 @@ def image_b64(path: str) -> str:
 
 
 def a1111_info(job: Job) -> dict[str, Any]:
-    """The `info` object A1111 returns (as a JSON string) for a finished job."""
-    p = job.params.get("params", {})
-    result = job.result
+    """The `info` object A1111 returns (as a JSON string) for a job, written from its payload."""
+    payload = JobPayload.from_json(job.params, kind=job.kind)
+    p, result = payload.params, job.result
     texts = result.infotexts if result else []
     first = infotext.parse(texts[0]) if texts else {}
     seeds = result.seeds if result else []
     return {
-        "prompt": p.get("prompt", ""), "all_prompts": result.prompts if result else [],
-        "negative_prompt": p.get("negative_prompt", ""),
+        "prompt": p.prompt, "all_prompts": result.prompts if result else [],
+        "negative_prompt": p.negative_prompt,
         "all_negative_prompts": result.negative_prompts if result else [],
-        "seed": seeds[0] if seeds else p.get("seed"), "all_seeds": seeds,
-        "subseed": result.subseeds[0] if result and result.subseeds else p.get("subseed"),
-        "all_subseeds": result.subseeds if result else [], "subseed_strength": p.get("subseed_strength"),
-        "width": p.get("width"), "height": p.get("height"), "sampler_name": p.get("sampler_name"),
-        "cfg_scale": p.get("cfg_scale"), "steps": p.get("steps"), "batch_size": p.get("batch_size"),
+        "seed": seeds[0] if seeds else p.seed, "all_seeds": seeds,
+        "subseed": result.subseeds[0] if result and result.subseeds else p.subseed,
+        "all_subseeds": result.subseeds if result else [], "subseed_strength": p.subseed_strength,
+        "width": p.width, "height": p.height, "sampler_name": p.sampler_name,
+        "cfg_scale": p.cfg_scale, "steps": p.steps, "batch_size": p.batch_size,
         "restore_faces": False, "face_restoration_model": None,
         "sd_model_name": first.get("Model"), "sd_model_hash": first.get("Model hash"),
         "sd_vae_name": first.get("VAE"), "sd_vae_hash": first.get("VAE hash"),
-        "seed_resize_from_w": p.get("seed_resize_from_w"), "seed_resize_from_h": p.get("seed_resize_from_h"),
-        "denoising_strength": p.get("denoising_strength"), "extra_generation_params": {},
+        "seed_resize_from_w": p.seed_resize_from_w, "seed_resize_from_h": p.seed_resize_from_h,
+        "denoising_strength": getattr(p, "denoising_strength", None), "extra_generation_params": {},
         "index_of_first_image": 0, "infotexts": texts, "styles": [],
         "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.started or job.created)),
-        "clip_skip": p.get("clip_skip"), "is_using_inpainting_conditioning": False,
+        "clip_skip": p.clip_skip, "is_using_inpainting_conditioning": False,
         "version": first.get("Version"), "job_id": job.id,
         "interrupted": bool(result and result.interrupted),
-        "warnings": [*job.params.get("warnings", []), *(result.warnings if result else [])],
+        "warnings": [*payload.warnings, *(result.warnings if result else [])],
     }
 
 
 def a1111_response(job: Job, send_images: bool) -> dict[str, Any]:
     images = [image_b64(p) for p in job.result.images] if send_images and job.result else []
-    return {"images": images, "parameters": job.params.get("request", {}), "info": json.dumps(a1111_info(job))}
+    return {"images": images, "parameters": JobPayload.from_json(job.params, kind=job.kind).request,
+            "info": json.dumps(a1111_info(job))}

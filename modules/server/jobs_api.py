@@ -52,9 +52,7 @@ def jobs_router(ctx: ServerContext, get_caller) -> APIRouter:
             detail = [{"loc": ["body", "params", *e["loc"]], "msg": e["msg"], "type": e["type"]}
                       for e in err.errors(include_url=False, include_context=False, include_input=False)]
             raise HTTPException(status_code=422, detail=detail) from None
-        params = await run_in_threadpool(convert.job_params, ctx, body.kind, req)
-        kind = "img2img" if body.kind == "inpaint" else body.kind
-        job = await run_in_threadpool(ctx.jobs.submit, caller, kind, params)
+        job = await run_in_threadpool(convert.submit, ctx, caller, body.kind, req, "jobs-api")
         return {"id": job.id, "position": ctx.jobs.position(job.id), "state": job.state}
 
     @router.get("")

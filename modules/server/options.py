@@ -1,12 +1,11 @@
-"""A1111-style options (GET/POST /sdapi/v1/options) and per-job `override_settings`.
+"""A1111-style options (GET/POST /sdapi/v1/options), persisted in the data folder.
 
-Options are the server's defaults for new jobs. A job copies what it needs when it is
-submitted; `override_settings` produces a new params object for that job only
-(`dataclasses.replace`), and nothing global is changed and restored.
+Options are the server's defaults for new jobs. The per-job whitelist (which options a job
+reads, and which `override_settings` may change) lives in `modules.jobs.overrides`; nothing
+global is changed and restored for a job.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -16,30 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from modules.errors import InvalidParams
+from modules.jobs.overrides import PARAM_OPTIONS, RNG_LABELS, option_to_param, options_from_settings
 from modules.settings import Settings
+
+__all__ = ["Options", "RNG_LABELS"]
 
 log = logging.getLogger(__name__)
 
-# A1111 option key -> params field it sets for a job.
-PARAM_OPTIONS = {
-    "CLIP_stop_at_last_layers": "clip_skip",
-    "eta_noise_seed_delta": "eta_noise_seed_delta",
-    "randn_source": "rng_source",
-    "emphasis": "emphasis",
-}
-RNG_LABELS = {"gpu": "GPU", "cpu": "CPU", "nv": "NV"}
 READ_ONLY = ("sd_vae", "outdir_txt2img_samples", "outdir_img2img_samples", "samples_format")
-
-
-def _option_to_param(key: str, value: Any) -> Any:
-    if key == "randn_source":
-        value = str(value).lower()
-        if value not in RNG_LABELS:
-            raise InvalidParams(f"randn_source must be one of GPU, CPU, NV, got {value!r}")
-    if key in ("CLIP_stop_at_last_layers", "eta_noise_seed_delta") and (
-            isinstance(value, bool) or not isinstance(value, int)):
-        raise InvalidParams(f"{key} must be a whole number, got {value!r}")
-    return value
 
 
 class Options:
@@ -53,10 +36,7 @@ class Options:
         self._values: dict[str, Any] = {
             "sd_model_checkpoint": None,
             "sd_vae": settings.sd_vae,
-            "CLIP_stop_at_last_layers": settings.clip_skip,
-            "eta_noise_seed_delta": settings.eta_noise_seed_delta,
-            "randn_source": RNG_LABELS.get(settings.rng_source, settings.rng_source),
-            "emphasis": settings.emphasis,
+            **options_from_settings(settings),
             "samples_format": "png",
             "outdir_txt2img_samples": str(settings.outputs_dir / "txt2img-images"),
             "outdir_img2img_samples": str(settings.outputs_dir / "img2img-images"),
@@ -99,7 +79,7 @@ class Options:
     def validate(self, changes: dict[str, Any]) -> None:
         for key, value in changes.items():
             if key in PARAM_OPTIONS:
-                _option_to_param(key, value)
+                option_to_param(key, value)
             elif key in READ_ONLY and value != self.get(key):
                 raise InvalidParams(f"{key} cannot be changed while the server runs (it is {self.get(key)!r})")
 
@@ -113,23 +93,3 @@ class Options:
             tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
             tmp.write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")
             os.replace(tmp, self.path)
-
-    def job_defaults(self, param_fields: set[str]) -> dict[str, Any]:
-        """Params fields that come from the options, e.g. clip_skip from CLIP_stop_at_last_layers."""
-        values = self.all()
-        return {field: _option_to_param(key, values[key]) for key, field in PARAM_OPTIONS.items()
-                if field in param_fields and key in values}
-
-
-def apply_overrides(params, overrides: dict[str, Any]) -> tuple[Any, list[str]]:
-    """A new params object with the job's `override_settings`; returns it and warnings for ignored keys."""
-    names = {f.name for f in dataclasses.fields(params)}
-    changes, ignored = {}, []
-    for key, value in overrides.items():
-        field = PARAM_OPTIONS.get(key)
-        if field in names:
-            changes[field] = _option_to_param(key, value)
-        elif key != "sd_model_checkpoint":
-            ignored.append(key)
-    warnings = [f"override_settings ignored (not a per-job setting here): {', '.join(ignored)}"] if ignored else []
-    return dataclasses.replace(params, **changes), warnings

@@ -23,8 +23,7 @@ def sdapi_router(ctx: ServerContext, get_caller) -> APIRouter:
     CallerDep = Depends(get_caller)
 
     async def generate(request: Request, caller: Caller, kind: str, req: Txt2ImgRequest):
-        params = await run_in_threadpool(convert.job_params, ctx, kind, req)
-        job = await run_in_threadpool(ctx.jobs.submit, caller, kind, params)
+        job = await run_in_threadpool(convert.submit, ctx, caller, kind, req)
         job = await request.app.state.hub.wait(job.id, caller)
         if job.state == FAILED:
             return JSONResponse(status_code=500, content={

@@ -1,72 +1,29 @@
 """The UI as a thin client of the job queue: build typed params by field name, submit, follow."""
 from __future__ import annotations
 
-import dataclasses
-import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from modules.errors import AtelierError, InvalidParams
+from modules.errors import AtelierError
+from modules.jobs import payload
 from modules.jobs.model import Caller, Job
-from modules.server import convert
+from modules.jobs.submit import Submission
 from modules.server.context import ServerContext
-
-IMAGE_FIELDS = ("init_images", "mask")
-SERVER_ONLY = ("outdir", *IMAGE_FIELDS)
 
 
 def params_class(kind: str) -> type:
-    from modules.pipeline import params
-
-    return params.Txt2ImgParams if kind == "txt2img" else params.Img2ImgParams
-
-
-def field_names(kind: str) -> set[str]:
-    return {f.name for f in dataclasses.fields(params_class(kind))}
-
-
-def build_params(ctx: ServerContext, kind: str, values: dict[str, Any], images: dict[str, Any]):
-    """The typed params object from widget values by field name; option defaults fill the rest.
-
-    Raises InvalidParams with a readable message for the first bad field.
-    """
-    cls = params_class(kind)
-    names = field_names(kind)
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise InvalidParams(f"Unknown parameter(s): {', '.join(unknown)}")
-    registries = ctx.app.registries
-    sampler = values.get("sampler_name")
-    if sampler is not None and sampler not in registries.samplers:
-        raise InvalidParams(f"Unknown sampler {sampler!r}.")
-    scheduler = values.get("scheduler")
-    if scheduler and scheduler != "Automatic" and scheduler not in registries.schedulers:
-        raise InvalidParams(f"Unknown schedule type {scheduler!r}.")
-    merged = {**ctx.options.job_defaults(names), **values, **images,
-              "save_images": True}
-    try:
-        params = cls(**merged)
-    except TypeError as err:
-        raise InvalidParams(str(err)) from None
-    params.validate(ctx.app.settings.limits)
-    return params
+    return payload.params_class("txt2img" if kind == "txt2img" else "img2img")
 
 
 def submit(ctx: ServerContext, caller: Caller, kind: str, values: dict[str, Any],
            images: dict[str, Any] | None = None, checkpoint: str | None = None) -> Job:
-    """Validate and queue a job for `caller`; raises AtelierError with a readable message."""
-    images = {k: v for k, v in (images or {}).items() if v is not None}
-    info = ctx.require_checkpoint(checkpoint or None)
-    params = build_params(ctx, kind, values, images)
-    plain = {f.name: getattr(params, f.name) for f in dataclasses.fields(params) if f.name not in SERVER_ONLY}
-    plain = json.loads(json.dumps(plain, default=str))
-    stored = convert._save_inputs(ctx, images)  # input images go to files beside the job
-    request = {**plain, "override_settings": {"sd_model_checkpoint": ctx.title(info)}}
+    """Queue a job for `caller` from widget values by field name; raises AtelierError with a readable message."""
     job_kind = "txt2img" if kind == "txt2img" else "img2img"
-    return ctx.jobs.submit(caller, job_kind, {"checkpoint": info.name, "params": plain, "inputs": stored,
-                                              "warnings": [], "request": request, "source": "ui"})
+    submission = Submission(job_kind, {**values, "save_images": True}, images or {},
+                            checkpoint=checkpoint or None, source="ui")
+    return ctx.submitter.submit(caller, submission)
 
 
 @dataclass(frozen=True)

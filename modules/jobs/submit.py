@@ -1,0 +1,106 @@
+"""The one submit service: every front end (web UI, /sdapi/v1, the jobs API, the CLI) queues jobs here.
+
+A front end turns its own request shape into a `Submission` (params fields by name, decoded
+input images, the checkpoint, `override_settings`). The service validates it once, at this
+edge, against the server's limits and registries, and raises `InvalidParams` naming the
+field; it then stores the input images, builds the typed `JobPayload` and queues it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from modules.errors import AtelierError, InvalidParams
+from modules.jobs import overrides as job_overrides
+from modules.jobs.inputs import discard_inputs, store_inputs
+from modules.jobs.manager import JobManager
+from modules.jobs.model import Caller, Job
+from modules.jobs.payload import IMAGE_FIELDS, JobPayload, build_params, encode_params, field_names, params_class
+from modules.settings import Limits
+
+
+@dataclass(frozen=True)
+class Submission:
+    """A job as a front end asks for it; `values` are params fields by name (unset ones take defaults)."""
+
+    kind: str  # "txt2img" or "img2img" (inpainting is img2img with a mask)
+    values: Mapping[str, Any]
+    images: Mapping[str, Any] = field(default_factory=dict)  # init_images: [PIL images], mask: PIL image
+    checkpoint: str | None = None  # None: the server's current sd_model_checkpoint
+    overrides: Mapping[str, Any] = field(default_factory=dict)  # A1111's override_settings
+    request: Mapping[str, Any] | None = None  # what the client sent, echoed back; None: the params
+    warnings: tuple[str, ...] = ()
+    source: str = "api"
+
+
+@dataclass(frozen=True)
+class SubmitService:
+    """Validates submissions once and queues them on the job manager (the only caller of its `submit`)."""
+
+    jobs: JobManager
+    limits: Limits
+    registries: Any  # samplers and schedulers by name
+    options: Callable[[], Mapping[str, Any]]  # the server's current A1111 options
+    resolve_checkpoint: Callable[[str | None], tuple[str, str]]  # name (None: current) -> (name, title)
+    inputs_dir: Path
+
+    def prepare(self, submission: Submission) -> JobPayload:
+        """The validated payload, input images still in memory; raises InvalidParams naming the field."""
+        cls = params_class(submission.kind)
+        names = field_names(cls)
+        self._check_names(submission.values)
+        changes, warnings = job_overrides.overridden(submission.overrides, names)
+        values = {**job_overrides.job_defaults(self.options(), names), **submission.values, **changes}
+        images = {k: v for k, v in submission.images.items() if k in IMAGE_FIELDS and v is not None}
+        try:
+            params = build_params(cls, values, **images)
+        except TypeError as err:  # a dataclass refusing an argument
+            raise InvalidParams(str(err)) from None
+        _validate(params, self.limits, names)
+        checkpoint, title = self._checkpoint(submission.checkpoint)
+        request = submission.request
+        if request is None:
+            request = {**encode_params(params), "override_settings": {"sd_model_checkpoint": title}}
+        return JobPayload(submission.kind, dataclasses.replace(params, init_images=(), mask=None)
+                          if images else params, checkpoint, images, dict(request),
+                          (*submission.warnings, *warnings), submission.source)
+
+    def submit(self, caller: Caller, submission: Submission) -> Job:
+        """Validate, store the input images beside the job and queue it for `caller`."""
+        payload = self.prepare(submission)
+        stored = store_inputs(self.inputs_dir, payload.inputs)
+        try:
+            return self.jobs.submit(caller, payload.kind, dataclasses.replace(payload, inputs=stored).to_json())
+        except BaseException:
+            discard_inputs(stored)
+            raise
+
+    def _check_names(self, values: Mapping[str, Any]) -> None:
+        sampler = values.get("sampler_name")
+        if sampler is not None and sampler not in self.registries.samplers:
+            raise InvalidParams(f"Unknown sampler {sampler!r}. Known: {', '.join(self.registries.samplers.names())}",
+                                field="sampler_name")
+        scheduler = values.get("scheduler")
+        if scheduler and str(scheduler).lower() != "automatic" and scheduler not in self.registries.schedulers:
+            raise InvalidParams(f"Unknown scheduler {scheduler!r}. "
+                                f"Known: Automatic, {', '.join(self.registries.schedulers.names())}",
+                                field="scheduler")
+
+    def _checkpoint(self, name: str | None) -> tuple[str, str]:
+        try:
+            return self.resolve_checkpoint(name)
+        except AtelierError as err:
+            raise InvalidParams(str(err), field="sd_model_checkpoint") from None
+
+
+def _validate(params: Any, limits: Limits, names: frozenset[str]) -> None:
+    try:
+        params.validate(limits)
+    except InvalidParams as err:
+        if err.field is None:
+            first = str(err).split(" ", 1)[0]
+            err.field = first if first in names or first in IMAGE_FIELDS else None
+        raise
