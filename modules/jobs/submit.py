@@ -18,7 +18,14 @@ from modules.jobs import overrides as job_overrides
 from modules.jobs.inputs import discard_inputs, store_inputs
 from modules.jobs.manager import JobManager
 from modules.jobs.model import Caller, Job
-from modules.jobs.payload import IMAGE_FIELDS, JobPayload, build_params, encode_params, field_names, params_class
+from modules.jobs.payload import (
+    IMAGE_FIELDS,
+    JobPayload,
+    build_params,
+    encode_params,
+    field_names,
+    params_class,
+)
 from modules.settings import Limits
 
 
