@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import threading
 import time
 
@@ -144,11 +145,22 @@ def _b64(image: Image.Image) -> str:
     ({"override_settings": {"randn_source": "quantum"}}, ["body", "override_settings", "randn_source"]),
     ({"prompt": "x" * (50 << 20)}, ["body", "prompt"]),
     ({"script_name": "X/Y/Z plot"}, ["body", "script_name"]),
+    ({"width": 2048, "override_settings": {"max_size": 4096}}, ["body", "width"]),  # limits are policy
+    ({"batch_size": 65}, ["body", "batch_size"]),
+    ({"steps": 1001}, ["body", "steps"]),
+    ({"override_settings": {"CLIP_stop_at_last_layers": 99}}, ["body", "clip_skip"]),
 ])
 def test_bad_txt2img_input_answers_422_with_the_field(http, payload, loc):
     response = http.post("/sdapi/v1/txt2img", json={**SMALL, **payload})
     assert response.status_code == 422, response.text
     assert response.json()["detail"][0]["loc"] == loc
+
+
+def test_override_settings_outside_the_whitelist_are_ignored_with_a_warning(http):
+    response = http.post("/sdapi/v1/txt2img", json={**SMALL, "override_settings": {"max_size": 8192, "samples_format": "jpg"}})
+    assert response.status_code == 200, response.text
+    info = json.loads(response.json()["info"])
+    assert info["warnings"] == ["override_settings ignored (not a per-job setting here): max_size, samples_format"]
 
 
 @pytest.mark.parametrize(("payload", "loc"), [
