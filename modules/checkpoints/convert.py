@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from modules.checkpoints.detect import UNET, clip_l_prefix
+from modules.checkpoints.keys import UNET, clip_l_prefix
 from modules.checkpoints.model import TextEncoderSpec
 from modules.errors import CheckpointError
 

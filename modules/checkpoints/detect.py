@@ -19,26 +19,17 @@ from typing import Any
 import torch
 import yaml
 
+from modules.checkpoints.keys import SD1_TE, SD2_TE, UNET, VAE, XL_TE1, XL_TE2, StateDict, clip_l_prefix
+from modules.checkpoints.keys import has_prefix as _has_prefix
 from modules.checkpoints.model import ModelSpec, TextEncoderSpec
 from modules.errors import CheckpointError
 
-StateDict = Mapping[str, torch.Tensor]
-UNET = "model.diffusion_model."
-VAE = "first_stage_model."
-SD1_TE = "cond_stage_model.transformer."
-SD2_TE = "cond_stage_model.model."
-XL_TE1 = "conditioner.embedders.0.transformer."
-XL_TE2 = "conditioner.embedders.1.model."
 MARKER_KEYS = ("v_pred", "ztsnr")  # ComfyUI's marker tensors, not weights
 
 
 def _unet_in_channels(sd: StateDict) -> int:
     w = sd.get(UNET + "input_blocks.0.0.weight")
     return int(w.shape[1]) if w is not None else -1
-
-
-def _has_prefix(sd: StateDict, prefix: str) -> bool:
-    return any(k.startswith(prefix) for k in sd)
 
 
 @dataclass(frozen=True)
@@ -168,11 +159,6 @@ def infer_vae_config(sd: StateDict, prefix: str = VAE) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- CLIP
-
-def clip_l_prefix(sd: StateDict, base: str) -> str:
-    """Where the CLIP-L text model's keys start (with or without `text_model.`)."""
-    return base + "text_model." if _has_prefix(sd, base + "text_model.") else base
-
 
 def infer_clip_config(sd: StateDict, base: str, flavour: str) -> dict[str, Any]:
     """transformers.CLIPTextConfig keyword arguments for one text encoder."""
