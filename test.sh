@@ -9,6 +9,8 @@ if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null; then
     $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium >/dev/null || echo "chromium not installed: browser tests will be skipped"
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False
+# The layers of docs/architecture.md are import-linter contracts (pyproject.toml); a violation fails the run.
+.venv/bin/lint-imports --no-cache
 set +e
 .venv/bin/python -m pytest "$@"
 status=$?
