@@ -125,10 +125,10 @@ def test_a1111_lists_show_extensions_and_styles(app):
 
 
 def test_requirements_are_installed_only_on_request_and_never_beyond_localhost(tmp_path):
-    from modules.plugins.admin import extensions_router
     from modules.plugins.extensions import ExtensionInfo
     from modules.plugins.host import PluginHost
     from modules.plugins.manager import build_plugin_manager
+    from modules.server.extensions_api import extensions_router
     from tests.plugin_helpers import ext_settings
 
     (tmp_path / "requirements.txt").write_text("some-package==1.0\n")

@@ -15,9 +15,9 @@ from modules.plugins import api, jobhooks
 from modules.plugins.context import JobContext
 from modules.plugins.host import PluginHost
 from modules.plugins.manager import build_plugin_manager, build_registries
-from modules.plugins.routes import routes_for_extensions
 from modules.plugins.ui import sections_for_tab, ui_tabs
 from modules.sampling.denoisers import CFGDenoiser, Cond
+from modules.server.extension_routes import routes_for_extensions
 from modules.styles import apply_styles, load_styles_csv, merge_prompt
 from tests.plugin_helpers import ext_app
 

@@ -99,8 +99,8 @@ def create_app(ctx: ServerContext, mount_ui: MountUI | None = None) -> FastAPI:
 def _mount_extensions(app: FastAPI, ctx: ServerContext, get_caller: Callable[[Request], Caller]) -> None:
     """The Extensions-tab API under /api/v1/extensions (changes: admins, or anyone without auth) and
     every extension's own routers under /ext/<name>/."""
-    from modules.plugins.admin import a1111_extension_records, extensions_router
-    from modules.plugins.routes import routes_for_extensions
+    from modules.server.extension_routes import routes_for_extensions
+    from modules.server.extensions_api import a1111_extension_records, extensions_router
 
     ctx.extension_records = lambda: a1111_extension_records(ctx.app.plugins)
 

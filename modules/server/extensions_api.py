@@ -1,5 +1,5 @@
 """HTTP routes for the Extensions tab: list, enable/disable (persisted), install from git.
-Only the server imports this module (the engine never imports FastAPI).
+Part of the server: the engine and the plugins never import FastAPI.
 
 The server includes `extensions_router(...)` under its API prefix with its auth
 dependencies. Changing extensions runs or stops code, so every change is refused
