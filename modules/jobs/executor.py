@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from modules.errors import CheckpointError
 from modules.jobs import runners
 from modules.jobs.model import JobResult, JobSpec
+from modules.jobs.payload import JobPayload
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +91,9 @@ class LocalExecutor:
             control.skip()
 
     def _execute(self, spec: JobSpec, control, on_event: EventCallback) -> JobResult:
-        model = self._ensure_model(spec.params.get("checkpoint"))
-        result = runners.run(self.engine, spec, control, lambda p: on_event(_event(p)), self.outdir)
+        payload = JobPayload.from_json(spec.params, kind=spec.kind)
+        model = self._ensure_model(payload.checkpoint)
+        result = runners.run(self.engine, payload, control, lambda p: on_event(_event(p)), self.outdir)
         paths = [str(p) for p in result.paths]
         if not paths:  # not saved to the gallery: keep the job's images under the data folder
             paths = [str(p) for p in runners.save_job_images(result, self.job_images_dir / spec.id)]

@@ -5,13 +5,11 @@ import dataclasses
 from pathlib import Path
 
 from modules.jobs.inputs import load_inputs
-from modules.jobs.model import JobSpec
 from modules.jobs.payload import JobPayload
 
 
-def job_params(spec: JobSpec, outdir: Path | None = None):
+def job_params(payload: JobPayload, outdir: Path | None = None):
     """The typed params the job runs with: input images loaded, the executor's output folder set."""
-    payload = JobPayload.from_json(spec.params, kind=spec.kind)
     params = payload.params
     images = load_inputs(payload.inputs)
     if images or outdir is not None:
@@ -19,12 +17,12 @@ def job_params(spec: JobSpec, outdir: Path | None = None):
     return params
 
 
-def run(engine, spec: JobSpec, control, on_progress, outdir: Path | None = None):
+def run(engine, payload: JobPayload, control, on_progress, outdir: Path | None = None):
     """Run one job on `engine` (on the worker thread) and return the engine's Result."""
-    params = job_params(spec, outdir)
+    params = job_params(payload, outdir)
     generate = getattr(engine, "generate", None)  # TEMP until Engine.generate lands
     if generate is None:
-        generate = engine.txt2img if spec.kind == "txt2img" else engine.img2img
+        generate = engine.txt2img if payload.kind == "txt2img" else engine.img2img
     return generate(params, control, on_progress)
 
 

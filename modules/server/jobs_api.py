@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from modules.jobs.model import Caller, Job, JobNotFound, is_job_id
+from modules.jobs.payload import JobPayload
 from modules.server import convert
 from modules.server.context import ServerContext
 from modules.server.schemas import Img2ImgRequest, JobCreated, JobRequest, Txt2ImgRequest
@@ -20,7 +21,7 @@ from modules.server.schemas import Img2ImgRequest, JobCreated, JobRequest, Txt2I
 def job_view(ctx: ServerContext, job: Job) -> dict[str, Any]:
     """A job as clients see it: no server paths, image URLs instead."""
     data = job.to_dict(with_params=False)
-    data["params"] = job.params.get("request", {})
+    data["params"] = JobPayload.from_json(job.params, kind=job.kind).request
     data["position"] = ctx.jobs.position(job.id)
     if job.result:
         result = data["result"]

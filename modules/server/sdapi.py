@@ -13,6 +13,7 @@ from modules import images as image_files
 from modules import infotext
 from modules.errors import AtelierError
 from modules.jobs.model import FAILED, RUNNING, Caller, Job
+from modules.jobs.payload import JobPayload
 from modules.server import convert, system
 from modules.server.context import ServerContext
 from modules.server.schemas import GenerationResponse, Img2ImgRequest, PngInfoRequest, Txt2ImgRequest
@@ -108,7 +109,7 @@ def progress_report(ctx: ServerContext, caller: Caller, skip_image: bool) -> dic
         return {"progress": 0, "eta_relative": 0, "state": state, "current_image": None, "textinfo": None}
     job = active[0]
     p = job.progress
-    n_iter = int(job.params.get("params", {}).get("n_iter", 1))
+    n_iter = JobPayload.from_json(job.params, kind=job.kind).params.n_iter
     state.update(job=job.id, job_count=max(p.job_count, n_iter, 1), job_no=p.job_no,
                  sampling_step=p.step, sampling_steps=p.steps,
                  job_timestamp=time.strftime("%Y%m%d%H%M%S", time.localtime(job.started or job.created)))
