@@ -75,6 +75,8 @@ _NEGATIVE = "Negative prompt:"
 # One `key: value` pair of the last line; a value is either a JSON string or runs to the next comma.
 _RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 _RE_KEY = re.compile(r"\w[\w \-/]+")
+_RE_SPACE = re.compile(r"\s*")
+_RE_KEY_RUN = re.compile(r"\w[\w \-/]*")
 _RE_SIZE = re.compile(r"^(\d+)x(\d+)$")
 
 
@@ -142,6 +144,26 @@ def _unquote(value: str) -> str:
     except ValueError:
         return value
     return decoded if isinstance(decoded, str) else value
+
+
+def param_pairs(line: str) -> list[tuple[str, str]]:
+    """`_RE_PARAM.findall(line)` in linear time.
+
+    Where findall fails at a position it retries at the next one, which rescans the same run
+    of key characters each time (quadratic on a long prompt). A failed key fails for every start
+    inside its run too, so the scan jumps to the run's end instead.
+    """
+    pairs, pos, size = [], 0, len(line)
+    while pos < size:
+        match = _RE_PARAM.match(line, pos)
+        if match:
+            pairs.append(match.groups())
+            pos = match.end()
+            continue
+        start = _RE_SPACE.match(line, pos).end()
+        run = _RE_KEY_RUN.match(line, start)
+        pos = max(run.end() if run else start + 1, pos + 1)
+    return pairs
 
 
 def _split_prompts(lines: list[str]) -> tuple[str, str]:
@@ -248,7 +270,7 @@ def parse(
     type". `schedule_suffixes` maps suffix spellings to schedule labels.
     """
     *lines, last = text.strip().split("\n")
-    pairs = _RE_PARAM.findall(last)
+    pairs = param_pairs(last)
     if len(pairs) < 3:
         lines.append(last)
         pairs = []

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import json
 import random
+import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from modules import infotext
 from modules.errors import InvalidParams
@@ -346,3 +349,26 @@ def test_round_trip_tricky_prompts():
         res = infotext.parse(infotext.build(prompt, negative, fields), defaults=False)
         assert (res["Prompt"], res["Negative prompt"]) == (prompt, negative)
         assert (res["Steps"], res["CFG scale"], res["Size-1"], res["Size-2"]) == ("20", "7", "512", "768")
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet='ab :,"\\-/\t x1é', max_size=40))
+def test_linear_param_scan_matches_the_pattern(line):
+    """The linear scanner finds exactly what `findall` of A1111's pattern finds."""
+    assert infotext.param_pairs(line) == infotext._RE_PARAM.findall(line)
+
+
+@pytest.mark.parametrize("unit", ["a", "a b", "Steps: 1, Seed: 2, "])
+def test_parse_time_grows_linearly(unit):
+    """A long last line once took quadratic time (8,000 characters: 0.4 s) and froze the server."""
+    def seconds(size: int) -> float:
+        text = "prompt\n" + unit * (size // len(unit))
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            infotext.parse(text)
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    small, large = seconds(5_000), seconds(40_000)  # 8x the text: ~8x the time, not ~64x
+    assert large < 24 * small + 0.05, (small, large)
