@@ -17,7 +17,8 @@ from modules.ui import components as ui_components
 from modules.ui import prompts as prompt_events
 from modules.ui.bindings import Fields, field_defaults
 from modules.ui.context import UIContext
-from modules.ui.jobs import follow, interrupt_mine, params_class, readable, submit
+from modules.ui.follow import follow
+from modules.ui.jobs import interrupt_mine, params_class, readable, submit
 from modules.ui.results import (
     ResultsPanel,
     finished_message,

@@ -14,7 +14,7 @@ import gradio as gr
 from PIL import Image
 
 from modules.jobs.model import CANCELLED, DONE, FAILED, Job
-from modules.ui.jobs import Update
+from modules.ui.follow import Update
 
 
 @dataclass
