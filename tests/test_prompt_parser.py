@@ -413,3 +413,22 @@ def test_extra_network_tag_is_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         tag.name = "lyco"  # type: ignore[misc]
     assert hash(tag) == hash(ExtraNetworkTag("lora", ("x",)))
+
+
+@pytest.mark.parametrize("unit", ["a:", "<lora:", "(", "[", "(a:1.1) [b] \\( c:", "[a|b] "])
+def test_parsers_grow_linearly_on_hostile_prompts(unit):
+    """Prompts come from anyone on the LAN; a super-linear parser holds the GIL and freezes the server."""
+    import time
+
+    def seconds(size: int) -> float:
+        text = unit * (size // len(unit))
+        best = float("inf")
+        for _ in range(2):
+            start = time.perf_counter()
+            parse_prompt_attention(text)
+            extract_extra_networks(text)
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    small, large = seconds(10_000), seconds(160_000)  # 16x the text: ~16x the time, not ~256x
+    assert large < 40 * small + 0.05, (small, large)

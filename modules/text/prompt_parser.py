@@ -101,7 +101,8 @@ def extract_extra_networks(text: str) -> tuple[str, list[ExtraNetworkTag]]:
         tags.append(ExtraNetworkTag(match.group(1), tuple(match.group(2).split(":"))))
         return ""
 
-    return _RE_EXTRA_NETWORK.sub(take, text), tags
+    end = text.rfind(">") + 1  # no tag ends after the last ">"; searching there would be quadratic
+    return _RE_EXTRA_NETWORK.sub(take, text[:end]) + text[end:], tags
 
 
 # -- AND (composable prompts) ----------------------------------------------------
@@ -213,13 +214,13 @@ class _Weights:
         for index, ops_before in self.breaks:
             if later_min[ops_before] > index:
                 values[index] = BREAK_WEIGHT
-        out: list[list] = []
+        runs: list[tuple[list[str], float]] = []  # joined once at the end: `+=` per fragment is quadratic
         for text, weight in zip(self.texts, values, strict=True):
-            if out and out[-1][1] == weight:
-                out[-1][0] += text
+            if runs and runs[-1][1] == weight:
+                runs[-1][0].append(text)
             else:
-                out.append([text, weight])
-        return out
+                runs.append(([text], weight))
+        return [["".join(parts), weight] for parts, weight in runs]
 
 
 def parse_prompt_attention(text: str) -> list[list]:
