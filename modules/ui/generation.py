@@ -11,7 +11,6 @@ from typing import Any
 
 import gradio as gr
 
-from modules import infotext
 from modules.errors import AtelierError, InvalidParams
 from modules.ui import components as ui_components
 from modules.ui import prompts as prompt_events
@@ -174,18 +173,3 @@ def _open_folder(ui: UIContext, kind: str) -> str:
     from modules.ui.results import open_folder
 
     return open_folder(ui.app.settings.outputs_dir / f"{kind}-images", ui.local_only)
-
-
-def infotext_values(text: str, defaults: dict) -> dict[str, Any]:
-    """Parsed infotext -> {field name: value} for a generation tab (None hires choices -> 'same')."""
-    from modules.ui.bindings import values_from_infotext
-
-    values = values_from_infotext(infotext.parse(text), defaults)
-    if "hr_sampler_name" in defaults:
-        values.setdefault("hr_sampler_name", None)
-        values.setdefault("hr_scheduler", None)
-        if values["hr_sampler_name"] is None:
-            values["hr_sampler_name"] = ui_components.SAME
-        if values["hr_scheduler"] is None:
-            values["hr_scheduler"] = ui_components.SAME_SCHEDULE
-    return values

@@ -5,9 +5,11 @@ from typing import Any
 
 import gradio as gr
 
+from modules import infotext
 from modules import styles as style_files
 from modules.plugins.specs import StyleSpec
-from modules.ui.bindings import Fields
+from modules.ui import components as ui_components
+from modules.ui.bindings import Fields, values_from_infotext
 from modules.ui.context import UIContext
 from modules.ui.tokens import counter_text
 
@@ -60,16 +62,25 @@ def wire_prompt_area(ui: UIContext, tab: str, prompts, fields: Fields, defaults:
                              outputs=[prompts.styles, prompts.style_name], queue=False)
 
 
+def infotext_values(text: str, defaults: dict) -> dict[str, Any]:
+    """Parsed infotext -> {field name: value} for a generation tab (None hires choices -> 'same')."""
+    values = values_from_infotext(infotext.parse(text), defaults)
+    if "hr_sampler_name" in defaults:
+        values.setdefault("hr_sampler_name", None)
+        values.setdefault("hr_scheduler", None)
+        if values["hr_sampler_name"] is None:
+            values["hr_sampler_name"] = ui_components.SAME
+        if values["hr_scheduler"] is None:
+            values["hr_scheduler"] = ui_components.SAME_SCHEDULE
+    return values
+
+
 def apply_infotext(ui: UIContext, fields: Fields, defaults: dict, checkpoint: gr.Dropdown, text: str) -> dict:
     """Fill a tab's fields from infotext; switch the checkpoint when the named one is here."""
-    from modules.ui.generation import infotext_values
-
     if not (text or "").strip():
         return {}
     values = infotext_values(text, defaults)
     updates = fields.updates(values)
-    from modules import infotext
-
     title = checkpoint_for(ui, infotext.parse(text))
     if title is not None:
         updates[checkpoint] = title
