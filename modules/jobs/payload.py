@@ -114,10 +114,12 @@ def _json_value(name: str, value: Any) -> Any:
         raise InvalidParams(f"{name} must hold plain JSON values: {err}", field=name) from None
 
 
+_TYPE_WORDS = {bool: "true or false", int: "a whole number", float: "a number", str: "text", Path: "a path",
+               tuple: "a list", dict: "a mapping"}
+
+
 def _describe(options: list[Any]) -> str:
-    names = {bool: "true or false", int: "a whole number", float: "a number", str: "text", Path: "a path"}
-    return " or ".join(names.get(typing.get_origin(o) or o, "a list" if (typing.get_origin(o) or o) is tuple
-                                 else "a mapping") for o in options)
+    return " or ".join(_TYPE_WORDS.get(typing.get_origin(o) or o, str(o)) for o in options)
 
 
 def build_params(cls: type[GenerationParams], values: Mapping[str, Any], **server_fields: Any) -> GenerationParams:
