@@ -148,3 +148,36 @@ def test_one_submit_function_calls_the_job_manager():
     callers = {str(p.relative_to(ROOT)): lines for p in sorted((ROOT / "modules").rglob("*.py"))
                if (lines := _calls_of_manager_submit(p))}
     assert list(callers) == ["modules/jobs/submit.py"] and len(callers["modules/jobs/submit.py"]) == 1
+
+
+def test_api_ui_and_cli_requests_make_the_same_payload(tmp_path, tiny_sd1):
+    """The three front ends describe one job three ways; the submit service makes one payload of them."""
+    from modules.app import build_app
+    from modules.cli import build_parser
+    from modules.cli import submission as cli_submission
+    from modules.jobs.local import local_jobs
+    from modules.jobs.submit import Submission
+    from modules.server.config import ServerConfig
+    from modules.server.context import build_context
+    from modules.server.convert import submission as api_submission
+    from modules.server.schemas import Txt2ImgRequest
+    from modules.settings import Settings
+    from tests.api_server import models_dir_with
+
+    settings = Settings(models_dir=models_dir_with(tmp_path, {"tiny": tiny_sd1}), data_dir=tmp_path / "data",
+                        outputs_dir=tmp_path / "out", device="cpu", precision="fp32")
+    app = build_app(settings)
+    ctx = build_context(app, ServerConfig())
+    job = dict(prompt="a fox", negative_prompt="rain", steps=7, cfg_scale=5, seed=3, width=64, height=128)
+    api = ctx.submitter.prepare(api_submission(ctx, "txt2img", Txt2ImgRequest(
+        **job, sampler_name="Euler", override_settings={"sd_model_checkpoint": "tiny"})))
+    ui = ctx.submitter.prepare(Submission("txt2img", {**job, "sampler_name": "Euler", "save_images": False},
+                                                checkpoint="tiny"))
+    args = build_parser().parse_args(["generate", "--prompt", "a fox", "--negative-prompt", "rain", "--steps", "7",
+                                      "--cfg-scale", "5", "--seed", "3", "--width", "64", "--height", "128",
+                                      "--sampler", "Euler"])
+    with local_jobs(app) as (_, submitter):
+        cli = submitter.prepare(cli_submission(args))
+    cli_params = dataclasses.replace(cli.params, save_images=False)
+    assert api.params == ui.params == cli_params
+    assert _typed(encode_params(api.params)) == _typed(encode_params(cli_params))
