@@ -56,10 +56,10 @@ def prompt_area(tab: str, style_names: list[str], fields: Fields) -> tuple[Promp
     """Prompt boxes on the left; Generate/Interrupt/Skip, token counters and styles on the right."""
     with gr.Row():
         with gr.Column(scale=6):
-            prompt = gr.Textbox(label="Prompt", lines=3, elem_id=f"{tab}-prompt",
+            prompt = gr.Textbox("", label="Prompt", lines=3, elem_id=f"{tab}-prompt",
                                 placeholder="Prompt (paste infotext here and press ↙ to read it)")
             prompt_tokens = gr.HTML("<span class='atelier-tokens'>0/75</span>", elem_id=f"{tab}-token-counter")
-            negative = gr.Textbox(label="Negative prompt", lines=2, elem_id=f"{tab}-negative-prompt")
+            negative = gr.Textbox("", label="Negative prompt", lines=2, elem_id=f"{tab}-negative-prompt")
             negative_tokens = gr.HTML("<span class='atelier-tokens'>0/75</span>",
                                       elem_id=f"{tab}-negative-token-counter")
         with gr.Column(scale=2, min_width=240):
@@ -144,8 +144,9 @@ def hires_accordion(tab: str, samplers: list[str], schedules: list[str], upscale
             fields["hr_sampler_name"] = gr.Dropdown([SAME, *samplers], value=SAME, label="Hires sampling method")
             fields["hr_scheduler"] = gr.Dropdown([SAME_SCHEDULE, AUTOMATIC, *schedules], value=SAME_SCHEDULE,
                                                  label="Hires schedule type")
-        fields["hr_prompt"] = gr.Textbox(label="Hires prompt (empty: the same)", lines=1)
-        fields["hr_negative_prompt"] = gr.Textbox(label="Hires negative prompt (empty: the same)", lines=1)
+        fields["hr_prompt"] = gr.Textbox("", label="Hires prompt (empty: the same)", lines=1)
+        fields["hr_negative_prompt"] = gr.Textbox("", label="Hires negative prompt (empty: the same)",
+                                                  lines=1)
 
 
 def same_as_none(values: dict[str, Any]) -> dict[str, Any]:
