@@ -24,16 +24,14 @@ log = logging.getLogger(__name__)
 VERSION = "0.1.0"
 _EXTENSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
-# mount_ui(app, context) adds the web UI (Gradio) to the same app; the UI issue provides it.
+# mount_ui(app, context) adds the web UI (Gradio) to the same app; app.state.hub is its job event hub.
 MountUI = Callable[[FastAPI, ServerContext], None]
 
 
-def _lifespan(ctx: ServerContext):
+def _lifespan(ctx: ServerContext, hub: EventHub):
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        hub = EventHub(ctx.jobs, asyncio.get_running_loop())
         hub.attach()
-        app.state.hub = hub
         await asyncio.to_thread(ctx.start)
         try:
             yield
@@ -69,9 +67,11 @@ def _error_handlers(app: FastAPI) -> None:
 
 def create_app(ctx: ServerContext, mount_ui: MountUI | None = None) -> FastAPI:
     """The whole HTTP surface for `ctx`. Call `mount_ui` to add the web UI on the same app and port."""
-    app = FastAPI(title="Atelier", version=VERSION, lifespan=_lifespan(ctx),
+    hub = EventHub(ctx.jobs)  # job events for SSE, /sdapi/v1 waits and the web UI; attached while serving
+    app = FastAPI(title="Atelier", version=VERSION, lifespan=_lifespan(ctx, hub),
                   description="A1111-compatible API under /sdapi/v1 and a jobs API under /api/v1/jobs.")
     app.state.context = ctx
+    app.state.hub = hub
     admins = ctx.config.admin_users
 
     def get_caller(request: Request) -> Caller:

@@ -6,6 +6,7 @@ from typing import Any
 
 from modules.jobs.model import Caller
 from modules.server.context import ServerContext
+from modules.server.events import EventHub
 from modules.ui.session import caller_of_request
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -14,6 +15,7 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 @dataclass
 class UIContext:
     server: ServerContext
+    hub: EventHub | None = None  # the server's job events (app.state.hub); the UI follows jobs through it
     tabs: dict[str, Any] = field(default_factory=dict)  # tab name -> its handle, filled by create_ui
 
     @property
@@ -22,6 +24,12 @@ class UIContext:
 
     def caller(self, request: Any) -> Caller:
         return caller_of_request(request, self.server.config.admin_users)
+
+    def events(self) -> EventHub:
+        """The job event hub; the UI is served only from the FastAPI app that holds one."""
+        if self.hub is None:
+            raise RuntimeError("the web UI needs the server's EventHub: mount it with mount_webui")
+        return self.hub
 
     def preview_every(self) -> int:
         if not self.server.options.get("live_previews_enable", True):

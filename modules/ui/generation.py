@@ -5,13 +5,15 @@ binds widgets to params fields by name through `Fields`.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import asyncio
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import gradio as gr
 
 from modules.errors import AtelierError, InvalidParams
+from modules.jobs.model import Caller, Job
 from modules.ui import components as ui_components
 from modules.ui import prompts as prompt_events
 from modules.ui.bindings import Fields, field_defaults
@@ -84,8 +86,9 @@ def _wire(ui: UIContext, tab: GenerationTab, kind: str, defaults: dict, checkpoi
     outputs = [results.progress, results.preview, results.gallery, results.infotext, results.message,
                results.state, results.download]
 
-    def generate(data: dict, request: gr.Request) -> Iterator[dict]:
-        yield from _run(ui, tab, kind, defaults, data, request, collect, checkpoint)
+    async def generate(data: dict, request: gr.Request) -> AsyncIterator[dict]:
+        async for out in _run(ui, tab, kind, defaults, data, request, collect, checkpoint):
+            yield out
 
     panel.actions.generate.click(generate, inputs=inputs, outputs=outputs, concurrency_limit=None,
                                  show_progress="hidden")
@@ -102,19 +105,13 @@ def _wire(ui: UIContext, tab: GenerationTab, kind: str, defaults: dict, checkpoi
     results.open_folder.click(lambda: _open_folder(ui, kind), outputs=results.message, queue=False)
 
 
-def _run(ui: UIContext, tab: GenerationTab, kind: str, defaults: dict, data: dict, request: gr.Request,
-         collect: Collect | None, checkpoint: gr.Dropdown) -> Iterator[dict]:
+async def _run(ui: UIContext, tab: GenerationTab, kind: str, defaults: dict, data: dict, request: gr.Request,
+               collect: Collect | None, checkpoint: gr.Dropdown) -> AsyncIterator[dict]:
+    """Submit the tab's job, then stream its progress, previews and result from job events."""
     results = tab.results
     caller = ui.caller(request)
     try:
-        values = ui_components.same_as_none(tab.fields.read(data, defaults))
-        values["styles"] = tuple(values.get("styles") or ())
-        job_kind, images = kind, {}
-        if collect is not None:
-            job_kind, extra, images = collect(data)
-            values.update(extra)
-        values["extension_args"] = section_values(tab.sections, data)
-        job = submit(ui.server, caller, job_kind, values, images, data.get(checkpoint))
+        job = await asyncio.to_thread(_submit_tab, ui, tab, kind, defaults, data, caller, collect, checkpoint)
     except (AtelierError, InvalidParams) as err:
         yield {results.message: f"❌ **Error:** {readable(err)}", results.progress: "",
                results.preview: gr.update(visible=False)}
@@ -124,13 +121,26 @@ def _run(ui: UIContext, tab: GenerationTab, kind: str, defaults: dict, data: dic
         return
     yield {results.message: "", results.gallery: [], results.infotext: ""}
     update = None
-    for update in follow(ui.server, caller, job.id, ui.preview_every()):
+    async for update in follow(ui.server, ui.events(), caller, job.id, ui.preview_every()):
         out: dict = {results.progress: progress_html(update)}
         if update.preview is not None:
             out[results.preview] = gr.update(value=preview_image(update.preview), visible=True)
         if not update.job.is_finished:
             yield out
-    yield _finished(results, update.job)
+    yield await asyncio.to_thread(_finished, results, update.job)
+
+
+def _submit_tab(ui: UIContext, tab: GenerationTab, kind: str, defaults: dict, data: dict, caller: Caller,
+                collect: Collect | None, checkpoint: gr.Dropdown) -> Job:
+    """Read the tab's widgets by field name and queue the job (runs in a worker thread)."""
+    values = ui_components.same_as_none(tab.fields.read(data, defaults))
+    values["styles"] = tuple(values.get("styles") or ())
+    job_kind, images = kind, {}
+    if collect is not None:
+        job_kind, extra, images = collect(data)
+        values.update(extra)
+    values["extension_args"] = section_values(tab.sections, data)
+    return submit(ui.server, caller, job_kind, values, images, data.get(checkpoint))
 
 
 def _finished(results: ResultsPanel, job) -> dict:

@@ -28,7 +28,7 @@ def mount_webui(app: FastAPI, ctx: ServerContext) -> None:
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("GRADIO_TEMP_DIR", gradio_cache_dir(ctx))
-    blocks = create_ui(UIContext(ctx))
+    blocks = create_ui(UIContext(ctx, hub=app.state.hub))
     blocks.delete_cache = (3600, CACHE_MAX_AGE_S)
     blocks.queue(max_size=1000)
     app.add_middleware(SessionCookieMiddleware)
