@@ -5,9 +5,11 @@ import logging
 import os
 from dataclasses import dataclass
 
+from modules.demo import DEMO_CHECKPOINT
 from modules.devices import DeviceConfig, device_config
 from modules.pipeline.engine import Engine
 from modules.plugins.host import PluginHost
+from modules.plugins.jobhooks import JobHooks
 from modules.plugins.loader import build_plugin_host
 from modules.plugins.manager import Registries, build_registries
 from modules.settings import Settings
@@ -38,7 +40,8 @@ def build_app(settings: Settings, extra_plugins: tuple = ()) -> App:
     devices = device_config(settings.device, settings.precision, settings.xformers)
     plugins = build_plugin_host(settings, extra_plugins, trace=os.environ.get("ATELIER_TRACE_HOOKS") == "1")
     registries = build_registries(plugins, settings)
-    engine = Engine(settings, registries, devices, plugins)
+    engine = Engine(settings, registries, devices, demo_checkpoint=DEMO_CHECKPOINT,
+                    hooks_for=lambda task: JobHooks(plugins, registries, settings, task))
     log.info("device %s", devices.describe())
     app = App(settings, devices, plugins, registries, engine)
     for warning in plugins.call("on_app_started", refusals=False, app=app).warnings():

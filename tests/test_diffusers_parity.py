@@ -7,8 +7,8 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 
 from modules.pipeline.params import Txt2ImgParams  # noqa: E402
-from modules.pipeline.txt2img import Txt2ImgRun  # noqa: E402
 from modules.sampling.rng import randn  # noqa: E402
+from tests.stage_helpers import run_recorded  # noqa: E402
 
 SEED = 1234
 PROMPT = "a red circle on a blue background"
@@ -37,9 +37,8 @@ def _our_latents(engine, sampler: str, scheduler: str) -> torch.Tensor:
     params = Txt2ImgParams(prompt=PROMPT, negative_prompt=NEGATIVE, steps=STEPS, sampler_name=sampler,
                            scheduler=scheduler, cfg_scale=7.0, seed=SEED, width=64, height=64,
                            rng_source="cpu", save_images=False)
-    run = Txt2ImgRun(engine, params, None, None)
-    run.run()
-    return run.samples[0]
+    _, hooks = run_recorded(engine, params)
+    return hooks.values["sampling"][0].latents
 
 
 def test_euler_matches_diffusers(sd1_engine):

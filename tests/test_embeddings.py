@@ -13,7 +13,7 @@ from modules.server.networks import embeddings_listing
 from modules.text.chunking import CHUNK_LENGTH, chunk_prompt
 from modules.text.embeddings import EmbeddingLookup, TokenEmbedding, token_embedding_layer
 from modules.text.tokenizer import load_tokenizer, special_tokens, tokenize
-from tests.conftest import make_engine
+from tests.conftest import make_app, make_engine
 from tests.fixtures import make_tiny_lora as mk
 
 SMALL = dict(steps=2, width=64, height=64, seed=3, sampler_name="Euler")
@@ -32,9 +32,9 @@ def setup(tmp_path_factory, tiny_checkpoints):
     save_file({"clip_l": torch.randn(2, 32, generator=g), "clip_g": torch.randn(2, 32, generator=g)},
               str(folder / "xlword.safetensors"))
     (folder / "garbage.pt").write_bytes(b"definitely not a pickle")
-    engine = make_engine(root, embeddings_dirs=(extra,))
-    engine.load_model(tiny_checkpoints["sd1"])
-    return engine, root
+    app = make_app(root, embeddings_dirs=(extra,))
+    app.engine.load_model(tiny_checkpoints["sd1"])
+    return app.engine, root, app
 
 
 def layer0_inputs(encoder, rows):
@@ -55,7 +55,7 @@ def layer0_inputs(encoder, rows):
 
 def test_hook_register_embeddings(setup):
     """Vectors reach the text encoder at the trigger word's slots, one slot per vector."""
-    engine, root = setup
+    engine, root, _ = setup
     hooks = engine.job_hooks("txt2img")
     model = engine.require_model()
     lookup = hooks.embeddings(model, engine.tokenizer(), Txt2ImgParams(prompt="a tripleword"))
@@ -94,7 +94,7 @@ def test_multi_vector_embedding_never_crosses_a_chunk():
 
 
 def test_txt2img_uses_embeddings_and_records_ti_hashes(setup):
-    engine, root = setup
+    engine, root, _ = setup
     base = engine.txt2img(Txt2ImgParams(prompt="a cat", **SMALL))
     used = engine.txt2img(Txt2ImgParams(prompt="a tripleword cat", negative_prompt="duoword", **SMALL))
     sha = hashlib.sha256((root / "models" / "embeddings" / "tripleword.pt").read_bytes()).hexdigest()[:12]
@@ -103,7 +103,7 @@ def test_txt2img_uses_embeddings_and_records_ti_hashes(setup):
 
 
 def test_width_mismatch_is_skipped_with_a_warning(setup):
-    engine, _ = setup
+    engine, _, _ = setup
     result = engine.txt2img(Txt2ImgParams(prompt="a widesd2 xlword", **SMALL))
     assert result.images and "TI hashes" not in result.infotexts[0]
     assert any("widesd2" in w and "1024" in w for w in result.warnings), result.warnings
@@ -111,9 +111,7 @@ def test_width_mismatch_is_skipped_with_a_warning(setup):
 
 
 def test_embeddings_listing_in_a1111_shape(setup):
-    engine, _ = setup
-    app = type("App", (), {"engine": engine, "plugins": engine.plugins, "settings": engine.settings})
-    listing = embeddings_listing(app)
+    listing = embeddings_listing(setup[2])
     assert listing["loaded"]["tripleword"] == {"step": 100, "sd_checkpoint": "0123456789",
                                                "sd_checkpoint_name": "tiny", "shape": 32, "vectors": 3}
     assert set(listing["skipped"]) == {"widesd2", "xlword"} and "garbage" not in listing["loaded"]

@@ -9,7 +9,7 @@ from modules import infotext
 from modules.pipeline.control import JobControl
 from modules.pipeline.hires import hires_target
 from modules.pipeline.params import Txt2ImgParams
-from modules.pipeline.txt2img import Txt2ImgRun
+from modules.pipeline.txt2img import TXT2IMG
 from modules.plugins.hookspecs import hookimpl
 from modules.plugins.specs import UpscalerSpec
 from modules.text import prompt_parser
@@ -78,20 +78,20 @@ def test_infotext_keys_in_a1111_order(sd1_engine):
 
 def test_second_pass_has_its_own_steps_and_prompts(sd1_engine):
     seen = []
-    run = Txt2ImgRun(sd1_engine, params(hr_second_pass_steps=4, denoising_strength=0.3), None, seen.append)
+    job = sd1_engine.new_job(params(hr_second_pass_steps=4, denoising_strength=0.3), on_progress=seen.append)
     calls = []
-    original = run.conditioner.for_batch
+    original = job.conditioner.for_batch
 
     def spy(prompts, negatives, steps, hires_steps=None):
         calls.append((prompts[0], steps, hires_steps))
         return original(prompts, negatives, steps, hires_steps)
 
-    run.conditioner.for_batch = spy
-    run.run()
+    job.conditioner.for_batch = spy
+    sd1_engine.run(job)
     assert [p.step for p in seen] == list(range(1, 8)) and seen[-1].steps == 7
-    assert len(run.hires.plan.sigmas) == 5  # exactly 4 steps: the end of an int(4 / 0.3) = 13-step schedule
+    assert len(TXT2IMG.inputs(job).hires.plan.sigmas) == 5  # exactly 4 steps: the end of an int(4 / 0.3) = 13-step schedule
     assert calls == [("a red circle", 3, None), ("a red circle", 3, 4)]
-    same = Txt2ImgRun(sd1_engine, params(hr_second_pass_steps=0), None, None)
+    same = TXT2IMG.inputs(sd1_engine.new_job(params(hr_second_pass_steps=0)))
     assert same.hires.steps == 3
 
 

@@ -8,12 +8,13 @@ from PIL import Image, ImageDraw
 
 from modules import infotext
 from modules.pipeline.control import JobControl
-from modules.pipeline.img2img import Img2ImgRun
+from modules.pipeline.img2img import IMG2IMG
 from modules.pipeline.params import Img2ImgParams, Txt2ImgParams
-from modules.pipeline.txt2img import Txt2ImgRun
+from modules.pipeline.txt2img import TXT2IMG
 from modules.plugins.specs import SamplerSpec
 from modules.sampling import rng
 from tests.conftest import make_engine
+from tests.stage_helpers import run_recorded
 
 ARCHES = ("sd1", "sd1-inpaint", "sd2", "sdxl")
 BLUR_RADIUS = 10  # mask_blur 4: kernel 2 * int(2.5 * 4 + 0.5) + 1 = 21
@@ -95,11 +96,12 @@ def test_every_architecture_img2img_inpaint_outpaint(arch_engine, tmp_path):
 def test_inpainting_model_gets_masked_image_conditioning(tiny_checkpoints, tmp_path):
     engine = make_engine(tmp_path)
     engine.load_model(tiny_checkpoints["sd1-inpaint"])
-    run = Img2ImgRun(engine, params(mask=rect_mask((64, 64), (16, 16, 48, 48)), mask_blur=0), None, None)
-    assert run.concat.shape == (1, 5, 8, 8)
-    mask = run.concat[0, 0]
+    result, hooks = run_recorded(engine, params(mask=rect_mask((64, 64), (16, 16, 48, 48)), mask_blur=0))
+    concat = hooks.values["inputs"][0].concat
+    assert concat.shape == (1, 5, 8, 8)
+    mask = concat[0, 0]
     assert set(mask.unique().tolist()) == {0.0, 1.0} and mask[2:6, 2:6].eq(1).all() and mask[0].eq(0).all()
-    fields = infotext.parse(run.run().infotexts[0])
+    fields = infotext.parse(result.infotexts[0])
     assert fields["Conditional mask weight"] == "1"
 
 
@@ -114,11 +116,11 @@ def test_start_follows_a1111(tiny_sd1, tmp_path):
         return x
 
     engine.registries.samplers.add(SamplerSpec("Spy", spy, default_scheduler="karras"))
-    full = Txt2ImgRun(engine, Txt2ImgParams(sampler_name="Spy", steps=10, width=64, height=64), None, None).plan.sigmas
+    full = TXT2IMG.inputs(engine.new_job(Txt2ImgParams(sampler_name="Spy", steps=10, width=64, height=64))).plan.sigmas
     noise = rng.ImageNoise((4, 8, 8), [42], source="cpu").first()
     for strength, t_enc in ((0.0, 0), (0.25, 2), (0.5, 5), (1.0, 9)):
-        run = Img2ImgRun(engine, params(sampler_name="Spy", steps=10, denoising_strength=strength), None, None)
-        run.run()
+        _, hooks = run_recorded(engine, params(sampler_name="Spy", steps=10, denoising_strength=strength))
+        run = hooks.values["inputs"][0]
         assert torch.equal(seen["sigmas"], full[10 - t_enc - 1 :])
         torch.testing.assert_close(seen["x"], run.init_latent + noise * full[10 - t_enc - 1])
         assert run.steps_per_batch == t_enc + 1
@@ -128,16 +130,20 @@ def test_strength_zero_keeps_and_strength_one_ignores_the_input(sd1_engine):
     a, b = picture(), picture(shift=3).transpose(Image.Transpose.ROTATE_90)
 
     def run(image, strength):
-        job = Img2ImgRun(sd1_engine, params(init_images=(image,), denoising_strength=strength, steps=10,
-                                            sampler_name="Euler", cfg_scale=1.0), None, None)
-        return job, pixels(job.run().images[0])
+        result, hooks = run_recorded(sd1_engine, params(init_images=(image,), denoising_strength=strength, steps=10,
+                                                        sampler_name="Euler", cfg_scale=1.0))
+        return hooks, pixels(result.images[0])
 
     zero_a, out_zero_a = run(a, 0.0)
     half_a, _ = run(a, 0.5)
-    sigma_min = float(zero_a.plan.sigmas[0])
+    sigma_min = float(zero_a.values["inputs"][0].plan.sigmas[0])
+
+    def moved(hooks):
+        return (hooks.values["sampling"][0].latents - hooks.values["inputs"][0].init_latent).abs().mean()
+
     # strength 0: one step at the smallest sigma; the latents move by about that sigma
-    assert (zero_a.samples[0] - zero_a.init_latent).abs().mean() < 2 * sigma_min
-    assert (half_a.samples[0] - half_a.init_latent).abs().mean() > 10 * sigma_min
+    assert moved(zero_a) < 2 * sigma_min
+    assert moved(half_a) > 10 * sigma_min
     _, out_zero_b = run(b, 0.0)
     _, out_one_a = run(a, 1.0)
     _, out_one_b = run(b, 1.0)
@@ -150,14 +156,14 @@ def test_resize_modes_and_odd_sizes(sd1_engine):
     for mode in (0, 1, 2, 3):
         out = sd1_engine.img2img(params(init_images=(odd,), resize_mode=mode, width=72, height=64)).images[0]
         assert out.size == (72, 64)
-    run = Img2ImgRun(sd1_engine, params(init_images=(picture(32, 32),), resize_mode=3, width=64, height=64),
-                     None, None)
+    run = IMG2IMG.inputs(sd1_engine.new_job(params(init_images=(picture(32, 32),), resize_mode=3, width=64,
+                                                   height=64)))
     assert run.init_latent.shape == (1, 4, 8, 8)  # latent upscale: encoded at 32x32, latents resized
 
 
 def test_masked_content_modes(sd1_engine):
     mask = rect_mask((64, 64), (16, 16, 48, 48))
-    nothing = Img2ImgRun(sd1_engine, params(mask=mask, inpainting_fill=3, mask_blur=0), None, None)
+    nothing = IMG2IMG.inputs(sd1_engine.new_job(params(mask=mask, inpainting_fill=3, mask_blur=0)))
     assert nothing.init_latent[0, :, 3:5, 3:5].eq(0).all() and nothing.init_latent[0, :, 0].ne(0).all()
     texts = {}
     for fill in (0, 1, 2, 3):

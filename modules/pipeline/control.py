@@ -6,9 +6,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from modules.sampling.denoisers import StopSampling
 
-class StopSampling(Exception):
-    """Raised inside the denoiser to leave the sampler early (interrupt or skip)."""
+__all__ = ["INTERRUPT", "SKIP", "JobControl", "Progress", "ProgressCallback", "StopSampling"]
+
+INTERRUPT, SKIP = "interrupt", "skip"  # the stop values sampling returns
 
 
 class JobControl:
@@ -35,9 +37,18 @@ class JobControl:
     def clear_skip(self) -> None:
         self._skip.clear()
 
+    @property
+    def stop(self) -> str | None:
+        """The flags as a value: "interrupt", "skip", or None to go on."""
+        if self.interrupted:
+            return INTERRUPT
+        return SKIP if self.skipped else None
+
     def check(self) -> None:
-        if self.interrupted or self.skipped:
-            raise StopSampling
+        """Raise StopSampling (inside the denoiser) when the job should stop sampling."""
+        stop = self.stop
+        if stop is not None:
+            raise StopSampling(stop)
 
 
 @dataclass(frozen=True)

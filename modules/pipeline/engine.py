@@ -1,33 +1,53 @@
 """The generation engine: the one object every front end talks to. No UI code here."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from modules.checkpoints.discover import find_checkpoints, find_vaes, vae_beside_checkpoint
 from modules.checkpoints.manager import ModelManager
 from modules.checkpoints.model import CheckpointInfo, LoadedModel
 from modules.devices import DeviceConfig, apply_attention, apply_memory_format
-from modules.errors import CheckpointError
+from modules.errors import CheckpointError, InvalidParams
 from modules.pipeline.control import JobControl, ProgressCallback
+from modules.pipeline.generation import Task, run_task
+from modules.pipeline.hooks import NoHooks, StageHooks
+from modules.pipeline.img2img import IMG2IMG
+from modules.pipeline.job import Job, new_job
 from modules.pipeline.offload import Placement
-from modules.pipeline.params import Img2ImgParams, Result, Txt2ImgParams
+from modules.pipeline.params import GenerationParams, Img2ImgParams, Result, Txt2ImgParams
+from modules.pipeline.sampling import SamplerRegistries
+from modules.pipeline.txt2img import TXT2IMG
 from modules.pipeline.vae_tiling import VaeTiling
-from modules.plugins.host import PluginHost
-from modules.plugins.jobhooks import JobHooks
-from modules.plugins.manager import Registries, build_plugin_manager
 from modules.sampling.schedules import DiscreteSchedule
 from modules.settings import Settings
 
+HooksFactory = Callable[[str], StageHooks]  # task name -> one job's hooks
+
+
+def task_for(params: GenerationParams) -> Task:
+    """The task a params type runs: txt2img, or img2img (inpainting and outpainting included)."""
+    if isinstance(params, Txt2ImgParams):
+        return TXT2IMG
+    if isinstance(params, Img2ImgParams):
+        return IMG2IMG
+    raise InvalidParams(f"no task runs {type(params).__name__}")
+
 
 class Engine:
-    """Owns the loaded model and the registries; runs typed jobs."""
+    """Owns the loaded model and the registries; runs typed jobs.
 
-    def __init__(self, settings: Settings, registries: Registries, devices: DeviceConfig,
-                 plugins: PluginHost | None = None) -> None:
+    `hooks_for(task)` builds one job's hooks (the app passes the plugin layer's JobHooks;
+    without it jobs run with `NoHooks`); `demo_checkpoint` is the bundled demo model's path.
+    """
+
+    def __init__(self, settings: Settings, registries: SamplerRegistries, devices: DeviceConfig,
+                 hooks_for: HooksFactory | None = None, demo_checkpoint: Path | None = None) -> None:
         self.settings = settings
         self.registries = registries
         self.devices = devices
-        self.plugins = plugins or PluginHost(build_plugin_manager())  # extension hooks, isolated
+        self.hooks_for = hooks_for
+        self.demo_checkpoint = demo_checkpoint
         self.models = ModelManager(settings.hash_cache)
         self.placement = Placement(settings.vram, devices.device)  # --medvram / --lowvram
         self._tokenizer = None
@@ -40,15 +60,14 @@ class Engine:
 
     def default_checkpoint(self) -> CheckpointInfo | None:
         """--ckpt if given; else the first checkpoint found that is not the bundled demo; else the demo."""
-        from modules.demo import DEMO_CHECKPOINT
-
         if self.settings.ckpt:
             return self.find_checkpoint(self.settings.ckpt)
         found = self.checkpoints()
-        others = [i for i in found if Path(i.path).name != DEMO_CHECKPOINT.name]  # the demo, or a copy
+        demo_name = self.demo_checkpoint.name if self.demo_checkpoint is not None else None
+        others = [i for i in found if Path(i.path).name != demo_name]  # the demo, or a copy
         if others:
             return others[0]
-        demo = find_checkpoints([], [DEMO_CHECKPOINT])
+        demo = find_checkpoints([], [self.demo_checkpoint]) if self.demo_checkpoint is not None else []
         return demo[0] if demo else None
 
     def find_checkpoint(self, name_or_path: str | Path) -> CheckpointInfo:
@@ -132,19 +151,32 @@ class Engine:
         return self._cached(model, "schedule", lambda: DiscreteSchedule(model.spec.alphas_cumprod()))
 
     # -- jobs ---------------------------------------------------------------
-    def job_hooks(self, task: str) -> JobHooks:
-        """The extension hooks one job calls (prepare_params, guidance, post-processing, saved)."""
-        return JobHooks(self.plugins, self.registries, self.settings, task)
+    def job_hooks(self, task: str) -> StageHooks:
+        """The hooks one job calls (prepare_params, guidance, post-processing, saved, wrap points)."""
+        return self.hooks_for(task) if self.hooks_for is not None else NoHooks()
+
+    def new_job(self, params: GenerationParams, control: JobControl | None = None,
+                on_progress: ProgressCallback | None = None, hooks: StageHooks | None = None) -> Job:
+        """A job on the loaded model after the hooks' `prepare`; params are not validated here."""
+        task = task_for(params)
+        return new_job(self, task.name, params, hooks or self.job_hooks(task.name), control, on_progress)
+
+    def run(self, job: Job) -> Result:
+        return run_task(job, task_for(job.params))
+
+    def generate(self, params: GenerationParams, control: JobControl | None = None,
+                 on_progress: ProgressCallback | None = None) -> Result:
+        """Run already validated params (the job system validates once, at its edge)."""
+        return self.run(self.new_job(params, control, on_progress))
 
     def txt2img(self, params: Txt2ImgParams, control: JobControl | None = None,
                 on_progress: ProgressCallback | None = None) -> Result:
-        from modules.pipeline.txt2img import txt2img
-
-        return txt2img(self, params, control, on_progress)
+        """The library edge: validate against the server's limits, then generate."""
+        params.validate(self.settings.limits)
+        return self.generate(params, control, on_progress)
 
     def img2img(self, params: Img2ImgParams, control: JobControl | None = None,
                 on_progress: ProgressCallback | None = None) -> Result:
-        """img2img; with `params.mask` inpainting, with `params.outpaint` outpainting."""
-        from modules.pipeline.img2img import img2img
-
-        return img2img(self, params, control, on_progress)
+        """img2img; with `params.mask` inpainting, with `params.outpaint` outpainting. Validates first."""
+        params.validate(self.settings.limits)
+        return self.generate(params, control, on_progress)

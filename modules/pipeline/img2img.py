@@ -5,8 +5,14 @@ full schedule, `t_enc = int(min(denoising_strength, 0.999) * steps)`. With a mas
 ordinary models keep the init latent outside it at every step and 9-channel
 inpainting models also get the masked image as conditioning; the result is pasted
 back over the original through the blurred mask.
+
+As a task: the inputs stage prepares and encodes the init images and mask once per job;
+the one pass is conditioning -> sampling; `finish` pastes back.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -14,10 +20,11 @@ from PIL import Image
 
 from modules.pipeline import inpaint, masks
 from modules.pipeline import latents as latent_ops
-from modules.pipeline.control import JobControl, ProgressCallback
-from modules.pipeline.generation import BatchSeeds, GenerationRun
-from modules.pipeline.params import Img2ImgParams, Result
-from modules.pipeline.sampling import img2img_steps, starting_at
+from modules.pipeline.generation import Task
+from modules.pipeline.hooks import CONDITIONING, SAMPLING
+from modules.pipeline.job import Batch, Job, encode, inpaint_concat, make_plan, noise
+from modules.pipeline.sampling import Sampled, SamplingPlan, img2img_steps, starting_at
+from modules.pipeline.stages import InfotextFields, SamplingInput, condition, run_stage, sample
 from modules.sampling import rng
 
 
@@ -28,83 +35,107 @@ def _batched(tensor: torch.Tensor | None, batch: int) -> torch.Tensor | None:
     return tensor.expand(batch, *tensor.shape[1:])
 
 
-class Img2ImgRun(GenerationRun):
-    """One img2img / inpainting job on one loaded model."""
+@dataclass(frozen=True)
+class Encoded:
+    """The init images as latents: `nmask` (1 where to repaint) and 9-channel conditioning when they apply."""
 
-    task = "img2img"
-
-    def __init__(self, engine, params: Img2ImgParams, control: JobControl | None,
-                 on_progress: ProgressCallback | None) -> None:
-        super().__init__(engine, params, control, on_progress)
-        p = self.params
-        self.extra_fields["Denoising strength"] = p.denoising_strength
-        self.inputs = inpaint.prepare(p, self.result.warnings, self.extra_fields)
-        t_enc = img2img_steps(p.steps, p.denoising_strength)
-        self.plan = starting_at(self.plan, t_enc)
-        self.steps_per_batch = t_enc + 1
-        if p.initial_noise_multiplier != 1.0:
-            self.extra_fields["Noise multiplier"] = p.initial_noise_multiplier
-        self.init_latent = self.nmask = self.concat = None
-        if not self.inputs.empty:
-            self._encode_inputs()
-
-    def _encode_inputs(self) -> None:
-        p, model = self.params, self.model
-        size = (p.height // 8, p.width // 8)
-        init = self.encode(self.inputs.images)
-        if init.shape[2:] != size:  # latent upscale (resize mode 3)
-            init = F.interpolate(init, size=size, mode="bilinear")
-        if self.inputs.mask is not None:
-            self.nmask = masks.latent_mask(self.inputs.mask, *size).to(model.device)
-            if p.inpainting_fill == 3:  # latent nothing
-                init = init * (1.0 - self.nmask)
-        self.init_latent = init
-        if model.spec.is_inpaint:
-            self.concat = self._inpaint_conditioning(size)
-
-    def _inpaint_conditioning(self, size: tuple[int, int]) -> torch.Tensor:
-        """9-channel models: the rounded mask and the masked image's latents (A1111, mask weight 1)."""
-        p, model = self.params, self.model
-        if self.inputs.mask is None:
-            return self.inpaint_concat(len(self.inputs.images), p.height, p.width)
-        mask = masks.conditioning_mask(self.inputs.mask)
-        masked = latent_ops.from_pil(self.inputs.images) * (1.0 - mask)
-        masked_latent = latent_ops.encode(model.vae, masked, model.spec.vae_scale_factor,
-                                          self.engine.vae_tiling()).to(model.device)
-        small = F.interpolate(mask, size=size).to(model.device)
-        return torch.cat([small.expand(masked_latent.shape[0], -1, -1, -1), masked_latent], dim=1)
-
-    def make_images(self, n: int, seeds: BatchSeeds, prompts: list[str], negatives: list[str]) -> list[Image.Image]:
-        if self.inputs.empty:
-            originals = self.inputs.originals
-            return [originals[i if len(originals) > 1 else 0].copy() for i in range(self.params.batch_size)]
-        return super().make_images(n, seeds, prompts, negatives)
-
-    def sample_batch(self, n: int, seeds: BatchSeeds, prompts: list[str], negatives: list[str]) -> torch.Tensor:
-        p = self.params
-        conds, unconds = self.conditioner.for_batch(prompts, negatives, p.steps)
-        init = _batched(self.init_latent, p.batch_size)
-        nmask = self.nmask
-        if nmask is not None and p.inpainting_fill == 2:  # latent noise: each image's first seeded noise
-            fill = rng.ImageNoise(tuple(init.shape[1:]), seeds.seeds, source=p.rng_source,
-                                  device=self.model.device).first()
-            init = init * (1.0 - nmask) + fill * nmask
-        noise = self.noise(seeds, init.shape[1:])
-        x = init + noise.first() * p.initial_noise_multiplier * self.plan.sigmas[0]
-        denoiser = self.denoiser(conds, unconds, p.height, p.width, _batched(self.concat, p.batch_size))
-        if nmask is not None:
-            denoiser = inpaint.MaskBlend(denoiser, init, nmask)
-        samples = self.sample(n, self.plan, denoiser, x, noise, fallback=init)
-        if nmask is not None:
-            samples = samples * nmask + init * (1.0 - nmask)
-        return samples
-
-    def finish(self, image: Image.Image, index: int) -> Image.Image:
-        if self.inputs.mask is None or self.inputs.empty:
-            return image
-        return inpaint.paste_back(self.inputs, image, index)
+    init_latent: torch.Tensor | None = None
+    nmask: torch.Tensor | None = None
+    concat: torch.Tensor | None = None
 
 
-def img2img(engine, params: Img2ImgParams, control: JobControl | None = None,
-            on_progress: ProgressCallback | None = None) -> Result:
-    return Img2ImgRun(engine, params, control, on_progress).run()
+@dataclass(frozen=True)
+class Img2ImgInputs:
+    """img2img's inputs stage: the cut plan, the prepared images and mask, and their latents."""
+
+    plan: SamplingPlan
+    steps_per_batch: int
+    infotext: InfotextFields
+    warnings: tuple[str, ...]
+    images: inpaint.Inputs
+    encoded: Encoded
+    passthrough: tuple[Image.Image, ...] | None = None  # an empty mask: the originals, unchanged
+
+    @property
+    def init_latent(self) -> torch.Tensor | None:
+        return self.encoded.init_latent
+
+    @property
+    def concat(self) -> torch.Tensor | None:
+        return self.encoded.concat
+
+
+def img2img_inputs(job: Job) -> Img2ImgInputs:
+    p = job.params
+    plan = make_plan(job, p.sampler_name, p.scheduler, p.steps)
+    fields: dict[str, Any] = {"Denoising strength": p.denoising_strength}
+    warnings: list[str] = []
+    images = inpaint.prepare(p, warnings, fields)
+    t_enc = img2img_steps(p.steps, p.denoising_strength)
+    if p.initial_noise_multiplier != 1.0:
+        fields["Noise multiplier"] = p.initial_noise_multiplier
+    encoded = Encoded() if images.empty else encode_inputs(job, images)
+    return Img2ImgInputs(starting_at(plan, t_enc), t_enc + 1, InfotextFields(fields), tuple(warnings), images,
+                         encoded, tuple(images.originals) if images.empty else None)
+
+
+def encode_inputs(job: Job, images: inpaint.Inputs) -> Encoded:
+    p, model = job.params, job.model
+    size = (p.height // 8, p.width // 8)
+    init = encode(job, images.images)
+    if init.shape[2:] != size:  # latent upscale (resize mode 3)
+        init = F.interpolate(init, size=size, mode="bilinear")
+    nmask = None
+    if images.mask is not None:
+        nmask = masks.latent_mask(images.mask, *size).to(model.device)
+        if p.inpainting_fill == 3:  # latent nothing
+            init = init * (1.0 - nmask)
+    concat = inpaint_conditioning(job, images, size) if model.spec.is_inpaint else None
+    return Encoded(init, nmask, concat)
+
+
+def inpaint_conditioning(job: Job, images: inpaint.Inputs, size: tuple[int, int]) -> torch.Tensor:
+    """9-channel models: the rounded mask and the masked image's latents (A1111, mask weight 1)."""
+    p, model = job.params, job.model
+    if images.mask is None:
+        return inpaint_concat(job, len(images.images), p.height, p.width)
+    mask = masks.conditioning_mask(images.mask)
+    masked_latent = encode_pixels(job, latent_ops.from_pil(images.images) * (1.0 - mask))
+    small = F.interpolate(mask, size=size).to(model.device)
+    return torch.cat([small.expand(masked_latent.shape[0], -1, -1, -1), masked_latent], dim=1)
+
+
+def encode_pixels(job: Job, pixels: torch.Tensor) -> torch.Tensor:
+    model = job.model
+    return latent_ops.encode(model.vae, pixels, model.spec.vae_scale_factor,
+                             job.engine.vae_tiling()).to(model.device)
+
+
+def img2img_pass(job: Job, inputs: Img2ImgInputs, batch: Batch, previous: Sampled | None) -> Sampled:
+    """init + noise * sigma at the cut plan's start; with a mask, the init is kept outside it."""
+    p, nmask = job.params, inputs.encoded.nmask
+    cond = run_stage(job, CONDITIONING, condition, job, batch.prompts, batch.negatives)
+    init = _batched(inputs.init_latent, p.batch_size)
+    if nmask is not None and p.inpainting_fill == 2:  # latent noise: each image's first seeded noise
+        fill = rng.ImageNoise(tuple(init.shape[1:]), list(batch.seeds), source=p.rng_source,
+                              device=job.model.device).first()
+        init = init * (1.0 - nmask) + fill * nmask
+    image_noise = noise(job, batch, init.shape[1:])
+    x = init + image_noise.first() * p.initial_noise_multiplier * inputs.plan.sigmas[0]
+    blend = None if nmask is None else (lambda denoiser: inpaint.MaskBlend(denoiser, init, nmask))
+    s = SamplingInput("first", inputs.plan, cond, x, image_noise, p.width, p.height,
+                      _batched(inputs.concat, p.batch_size), fallback=init,
+                      steps_per_batch=inputs.steps_per_batch, blend=blend)
+    sampled = run_stage(job, SAMPLING, sample, job, batch, s)
+    if nmask is None:
+        return sampled
+    return Sampled(sampled.latents * nmask + init * (1.0 - nmask), sampled.stop, sampled.warnings)
+
+
+def paste_back(inputs: Img2ImgInputs, image: Image.Image, index: int) -> Image.Image:
+    if inputs.images.mask is None or inputs.images.empty:
+        return image
+    return inpaint.paste_back(inputs.images, image, index)
+
+
+IMG2IMG = Task("img2img", img2img_inputs, (img2img_pass,), paste_back)

@@ -1,21 +1,38 @@
-"""Glue between a job and the sampler registry: sigmas, options, stepping and stopping."""
+"""The sampling stage's pieces: a plan from the sampler registry (sigmas, options) and one
+sampler run that returns its latents with how it ended (`Sampled`)."""
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from modules.errors import InvalidParams
-from modules.pipeline.control import StopSampling
-from modules.plugins.manager import Registries
-from modules.plugins.specs import SamplerSpec, ScheduleContext, SchedulerSpec
+from modules.pipeline.hooks import Denoiser
 from modules.sampling import schedules
-from modules.sampling.denoisers import CFGDenoiser
+from modules.sampling.denoisers import StopSampling
+from modules.sampling.specs import SamplerSpec, ScheduleContext, SchedulerSpec
 
 SAMPLER_OPTION_FIELDS = ("eta", "s_churn", "s_tmin", "s_tmax", "s_noise")
+
+
+class SamplerRegistries(Protocol):
+    """The registries the pipeline reads (the plugin layer's `Registries` has them)."""
+
+    samplers: Any  # NamedRegistry[SamplerSpec]: get(name)
+    schedulers: Any  # NamedRegistry[SchedulerSpec]
+    upscalers: Any  # NamedRegistry[UpscalerSpec]
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """A sampling pass's latents; `stop` is None, or "interrupt" / "skip" when it ended early."""
+
+    latents: torch.Tensor
+    stop: str | None = None
+    warnings: tuple[str, ...] = ()  # e.g. the VAE's fp32 fallback while the hires pass decoded
 
 
 @dataclass(frozen=True)
@@ -37,7 +54,7 @@ def sampler_options(sampler: SamplerSpec, overrides: dict[str, Any]) -> dict[str
     return {k: v for k, v in options.items() if k in accepted or takes_kwargs}
 
 
-def plan_sampling(registries: Registries, sampler_name: str, scheduler_name: str, steps: int,
+def plan_sampling(registries: SamplerRegistries, sampler_name: str, scheduler_name: str, steps: int,
                   context: ScheduleContext, overrides: dict[str, Any]) -> SamplingPlan:
     sampler = registries.samplers.get(sampler_name)
     chosen = registries.schedulers.get(str(scheduler_name).strip() or "automatic")
@@ -61,11 +78,11 @@ def starting_at(plan: SamplingPlan, t_enc: int) -> SamplingPlan:
     return replace(plan, sigmas=plan.sigmas[-(t_enc + 2):])
 
 
-def run_sampler(plan: SamplingPlan, denoiser: CFGDenoiser, x: torch.Tensor,
+def run_sampler(plan: SamplingPlan, denoiser: Denoiser, x: torch.Tensor,
                 noise_sampler: Callable[[Any, Any], torch.Tensor] | None,
                 on_step: Callable[[int, torch.Tensor], None],
-                fallback: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
-    """Sample; returns the latents and whether sampling stopped early (interrupt or skip).
+                fallback: torch.Tensor | None = None) -> Sampled:
+    """Sample; a StopSampling from the denoiser ends it early with `Sampled.stop` set.
 
     On a stop, the latest denoised prediction is returned, as A1111 does (before the
     first step: `fallback`, else `x`; img2img passes its init latents).
@@ -81,6 +98,6 @@ def run_sampler(plan: SamplingPlan, denoiser: CFGDenoiser, x: torch.Tensor,
         with torch.inference_mode():
             latents = plan.sampler.function(denoiser, x, plan.sigmas, extra_args={}, callback=callback,
                                             disable=True, noise_sampler=noise_sampler, **plan.options)
-        return latents, False
-    except StopSampling:
-        return last.get("denoised", x if fallback is None else fallback), True
+        return Sampled(latents)
+    except StopSampling as stop:
+        return Sampled(last.get("denoised", x if fallback is None else fallback), stop.reason)

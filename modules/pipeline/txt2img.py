@@ -1,15 +1,20 @@
-"""txt2img: noise -> sampling (-> hires fix) -> decode -> saved images, on the shared run loop."""
+"""txt2img as a task: its inputs stage (plan, hires plan) and its first pass from seeded noise.
+
+The hires fix is a second pass (hires.py) composed after the first one.
+"""
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 import torch
+from PIL import Image
 
-from modules.pipeline.control import JobControl, ProgressCallback
-from modules.pipeline.generation import BatchSeeds, GenerationRun
-from modules.pipeline.hires import HiresPass
-from modules.pipeline.params import Result, Txt2ImgParams
-from modules.pipeline.sampling import SamplingPlan
+from modules.pipeline import hires
+from modules.pipeline.generation import Task
+from modules.pipeline.hooks import CONDITIONING, SAMPLING
+from modules.pipeline.job import Batch, Job, inpaint_concat, latent_shape, make_plan, noise
+from modules.pipeline.sampling import Sampled, SamplingPlan
+from modules.pipeline.stages import InfotextFields, SamplingInput, condition, run_stage, sample
 
 
 def initial_noise_scale(plan: SamplingPlan) -> torch.Tensor:
@@ -18,38 +23,38 @@ def initial_noise_scale(plan: SamplingPlan) -> torch.Tensor:
     return (sigma**2 + 1.0) ** 0.5 if plan.sampler.vp_start else sigma
 
 
-class Txt2ImgRun(GenerationRun):
-    """One txt2img job on one loaded model, with A1111's hires fix when `enable_hr` is set."""
+@dataclass(frozen=True)
+class Txt2ImgInputs:
+    """txt2img's inputs stage: the first pass's plan and, with `enable_hr`, the hires pass's."""
 
-    task = "txt2img"
-
-    def __init__(self, engine, params: Txt2ImgParams, control: JobControl | None,
-                 on_progress: ProgressCallback | None) -> None:
-        super().__init__(engine, params, control, on_progress)
-        self.hires = HiresPass(self) if params.enable_hr else None
-        if self.hires is not None:
-            self.steps_per_batch += self.hires.sampling_steps
-            self.extra_fields.update(self.hires.infotext_fields())
-
-    def infotext_fields(self, seed: int, subseed: int) -> dict[str, Any]:
-        fields = super().infotext_fields(seed, subseed)
-        if self.hires is not None:
-            fields["Denoising strength"] = self.params.denoising_strength
-        return fields
-
-    def sample_batch(self, n: int, seeds: BatchSeeds, prompts: list[str], negatives: list[str]) -> torch.Tensor:
-        p = self.params
-        conds, unconds = self.conditioner.for_batch(prompts, negatives, p.steps)
-        noise = self.noise(seeds, self.latent_shape(p.height, p.width))
-        x = noise.first() * initial_noise_scale(self.plan)
-        concat = self.inpaint_concat(p.batch_size, p.height, p.width)
-        denoiser = self.denoiser(conds, unconds, p.height, p.width, concat)
-        samples = self.sample(n, self.plan, denoiser, x, noise)
-        if self.hires is None or self.stopped:
-            return samples  # an interrupted or skipped first pass is not upscaled
-        return self.hires.sample(n, samples, seeds, prompts, negatives)
+    plan: SamplingPlan
+    hires: hires.HiresPlan | None
+    steps_per_batch: int
+    infotext: InfotextFields
+    warnings: tuple[str, ...] = ()
+    passthrough: tuple[Image.Image, ...] | None = None
 
 
-def txt2img(engine, params: Txt2ImgParams, control: JobControl | None = None,
-            on_progress: ProgressCallback | None = None) -> Result:
-    return Txt2ImgRun(engine, params, control, on_progress).run()
+def txt2img_inputs(job: Job) -> Txt2ImgInputs:
+    p = job.params
+    plan = make_plan(job, p.sampler_name, p.scheduler, p.steps)
+    if not p.enable_hr:
+        return Txt2ImgInputs(plan, None, p.steps, InfotextFields())
+    second = hires.hires_plan(job)
+    fields = InfotextFields(hires.infotext_fields(p, plan, second), {"Denoising strength": p.denoising_strength})
+    return Txt2ImgInputs(plan, second, p.steps + second.sampling_steps, fields)
+
+
+def first_pass(job: Job, inputs: Txt2ImgInputs, batch: Batch, previous: Sampled | None) -> Sampled:
+    """Seeded noise * sigma_max, sampled at the job's size."""
+    p = job.params
+    cond = run_stage(job, CONDITIONING, condition, job, batch.prompts, batch.negatives)
+    image_noise = noise(job, batch, latent_shape(job, p.height, p.width))
+    x = image_noise.first() * initial_noise_scale(inputs.plan)
+    s = SamplingInput("first", inputs.plan, cond, x, image_noise, p.width, p.height,
+                      concat=inpaint_concat(job, p.batch_size, p.height, p.width),
+                      steps_per_batch=inputs.steps_per_batch)
+    return run_stage(job, SAMPLING, sample, job, batch, s)
+
+
+TXT2IMG = Task("txt2img", txt2img_inputs, (first_pass, hires.hires_pass))

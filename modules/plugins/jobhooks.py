@@ -56,11 +56,14 @@ def check_extension_args(host: PluginHost, registries: Any, params: Any, task: s
 
 
 def prepare_params(host: PluginHost, params: Any, context: JobContext) -> Any:
-    """Resolve random seeds (so hooks can use them), then chain every prepare_params hook."""
+    """Resolve random seeds (so hooks can use them), then chain every prepare_params hook.
+
+    The caller validated `params`; they are validated again only when a hook returned new ones.
+    """
     params = dataclasses.replace(params, seed=rng.resolve_seed(params.seed),
                                  subseed=rng.resolve_seed(params.subseed))
     check_extension_args(host, context.registries, params, context.task)
-    asked = _asked(params)
+    asked, changed = _asked(params), False
     for impl in host.implementations("prepare_params"):
         ok, value = host.call_one("prepare_params", impl, {"params": params, "context": context},
                                   strict=asked(impl.plugin_name))
@@ -70,8 +73,10 @@ def prepare_params(host: PluginHost, params: Any, context: JobContext) -> Any:
             context.warn(f"Extension {impl.plugin_name!r} returned {type(value).__name__} from prepare_params; "
                          "ignored")
         elif value is not None:
+            changed = changed or value is not params
             params = value
-    params.validate(context.settings.limits)
+    if changed:
+        params.validate(context.settings.limits)
     return params
 
 
@@ -207,7 +212,8 @@ def extension_args_from_infotext(host: PluginHost, registries: Any, fields: Mapp
 
 
 class JobHooks:
-    """What one job's run loop calls, bound to the job's context; warnings collect in `context`."""
+    """The pipeline's `StageHooks` over the plugin host, bound to one job's context; warnings collect
+    in `context`. The denoiser wrap points and stage hooks are no-ops until hookspecs use them."""
 
     def __init__(self, host: PluginHost, registries: Any, settings: Any, task: str) -> None:
         self.host = host
@@ -250,3 +256,15 @@ class JobHooks:
     @property
     def warnings(self) -> list[str]:
         return self.context.warnings
+
+    def wrap_model(self, model: Any, context: Any) -> Any:
+        return model
+
+    def wrap_denoiser(self, denoiser: Any, context: Any) -> Any:
+        return denoiser
+
+    def before_stage(self, name: str, job: Any) -> None:
+        return None
+
+    def after_stage(self, name: str, job: Any, value: Any) -> Any:
+        return value

@@ -1,20 +1,28 @@
 """Model wrappers that turn a UNet into `model(x, sigma) -> denoised`.
 
-`ModelDenoiser` adapts eps- and v-prediction UNets to the k-diffusion
-interface (Karras et al. 2022, "Elucidating the Design Space", Table 1 with
-sigma_data = 1). `CFGDenoiser` adds classifier-free guidance (Ho & Salimans
+`ModelDenoiser` (eps) and `VDenoiser` adapt UNets to the k-diffusion interface
+(Karras et al. 2022, "Elucidating the Design Space", Table 1 with sigma_data = 1);
+`denoiser_class` picks one by the model's prediction type. `CFGDenoiser` adds classifier-free guidance (Ho & Salimans
 2022) with A1111's prompt schedules and composable `AND` prompts (Liu et al.
 2022, "Compositional Visual Generation").
 """
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from modules.pipeline.control import JobControl
+from modules.errors import CheckpointError
+
+
+class StopSampling(Exception):
+    """Raised by a denoiser's `check` to leave the sampler early; `reason` is "interrupt" or "skip"."""
+
+    def __init__(self, reason: str = "interrupt") -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -37,22 +45,19 @@ def cond_at(schedule: ScheduledCond, step: int) -> Cond:
 
 
 class ModelDenoiser:
-    """Wraps a diffusers UNet as model(x, sigma, ...) -> denoised.
+    """Wraps an eps-prediction diffusers UNet as model(x, sigma, ...) -> denoised.
 
-    `sigma_to_t` maps sigmas to the UNet's (fractional) timesteps.
-    `concat` is extra input channels (9-channel inpainting), `time_ids` SDXL's size conditioning.
+    `sigma_to_t` maps sigmas to the UNet's (fractional) timesteps; `time_ids` is SDXL's
+    size conditioning. Subclasses for other predictions override `to_denoised`.
     """
 
+    prediction = "eps"
+
     def __init__(self, unet: torch.nn.Module, sigma_to_t: Callable[[torch.Tensor], torch.Tensor],
-                 prediction: str = "eps", time_ids: torch.Tensor | None = None,
-                 concat: torch.Tensor | None = None) -> None:
-        if prediction not in ("eps", "v"):
-            raise ValueError(f"unknown prediction type {prediction!r}")
+                 time_ids: torch.Tensor | None = None) -> None:
         self.unet = unet
         self.sigma_to_t = sigma_to_t
-        self.prediction = prediction
         self.time_ids = time_ids
-        self.concat = concat
         self.dtype = next(unet.parameters()).dtype
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cross_attn: torch.Tensor,
@@ -63,11 +68,11 @@ class ModelDenoiser:
         if concat is not None:
             model_in = torch.cat([model_in, concat.to(x.dtype)], dim=1)
         out = self._unet(model_in, self.sigma_to_t(sigma.reshape(-1)), cross_attn, pooled)
-        if self.prediction == "eps":
-            return x - out * sigma_
-        c_skip = 1.0 / (sigma_**2 + 1.0)
-        c_out = -sigma_ / (sigma_**2 + 1.0) ** 0.5
-        return x * c_skip + out * c_out
+        return self.to_denoised(x, out, sigma_)
+
+    def to_denoised(self, x: torch.Tensor, out: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """eps-prediction: denoised = x - eps * sigma."""
+        return x - out * sigma
 
     def _unet(self, model_in, t, cross_attn, pooled) -> torch.Tensor:
         kwargs = {}
@@ -79,6 +84,31 @@ class ModelDenoiser:
         out = self.unet(model_in.to(self.dtype), t.to(model_in.device),
                         encoder_hidden_states=cross_attn.to(self.dtype), return_dict=False, **kwargs)[0]
         return out.float()
+
+
+class VDenoiser(ModelDenoiser):
+    """v-prediction (Salimans & Ho 2022): denoised = x * c_skip + v * c_out."""
+
+    prediction = "v"
+
+    def to_denoised(self, x: torch.Tensor, out: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        c_skip = 1.0 / (sigma**2 + 1.0)
+        c_out = -sigma / (sigma**2 + 1.0) ** 0.5
+        return x * c_skip + out * c_out
+
+
+# Prediction type -> model wrapper. Flow matching (SD3, FLUX) goes here as one more entry:
+# a wrapper with x0 = x - sigma * v, the model's own timestep mapping and no c_in scaling.
+DENOISERS: Mapping[str, type[ModelDenoiser]] = {"eps": ModelDenoiser, "v": VDenoiser}
+
+
+def denoiser_class(prediction: str) -> type[ModelDenoiser]:
+    """The model wrapper for a checkpoint's prediction type; CheckpointError for an unknown one."""
+    try:
+        return DENOISERS[prediction]
+    except KeyError:
+        raise CheckpointError(f"this checkpoint predicts {prediction!r}, which Atelier cannot sample yet "
+                              f"(known prediction types: {', '.join(DENOISERS)})") from None
 
 
 @dataclass(frozen=True)
@@ -116,18 +146,19 @@ class CFGDenoiser:
     unconds[b] is image b's negative-prompt schedule. The result is
     uncond + sum_i w_i * cfg_scale * (cond_i - uncond), in denoised space.
     Call `set_step` from the sampler callback so prompt editing follows the steps.
+    `check`, called before every model evaluation, raises StopSampling to stop early.
     """
 
-    def __init__(self, inner: ModelDenoiser, conds: Sequence[Sequence[tuple[ScheduledCond, float]]],
+    def __init__(self, inner: Callable[..., torch.Tensor], conds: Sequence[Sequence[tuple[ScheduledCond, float]]],
                  unconds: Sequence[ScheduledCond], cfg_scale: float,
-                 control: JobControl | None = None, concat: torch.Tensor | None = None,
+                 check: Callable[[], None] | None = None, concat: torch.Tensor | None = None,
                  on_guided: GuidanceHook | None = None) -> None:
         self.inner = inner
         self.on_guided = on_guided  # wraps each guided prediction (the cfg_denoiser hook)
         self.conds = conds
         self.unconds = unconds
         self.cfg_scale = cfg_scale
-        self.control = control
+        self.check = check
         self.concat = concat
         self.step = 0
         self._indices: dict[tuple[int, ...], torch.Tensor] = {}
@@ -174,8 +205,8 @@ class CFGDenoiser:
         return step
 
     def _guide(self, x: torch.Tensor, sigma: torch.Tensor):
-        if self.control is not None:
-            self.control.check()
+        if self.check is not None:
+            self.check()
         rows, cond_rows, uncond_rows = self._rows()
         out = self._evaluate(x, sigma, rows)
         if not uncond_rows:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from modules.errors import InvalidParams
-from modules.plugins.specs import SamplerSpec, ScheduleContext, SchedulerSpec
+from modules.sampling.specs import SamplerSpec, ScheduleContext, SchedulerSpec
 
 # Align Your Steps 10-step tables (Sabour et al. 2024), as A1111 v1.10 ships them:
 # 11 noise levels rounded to 3 decimals. NVIDIA's published values differ by < 1.5%.

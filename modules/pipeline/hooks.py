@@ -1,0 +1,168 @@
+"""What the pipeline needs from extensions, defined here so the pipeline never imports plugins.
+
+`StageHooks` is the protocol one job's hooks object implements
+(`modules.plugins.jobhooks.JobHooks` does, over pluggy); `NoHooks` is the no-op default.
+Three kinds of seam:
+
+- job-time hooks the run loop calls: `prepare`, `patch`, `embeddings`, `on_guided`,
+  `postprocess`, `infotext`, `saved`, `warnings`;
+- denoiser wrap points: `wrap_model` wraps the model call of every UNet row
+  (`(x, sigma, cross_attn, pooled=None, concat=None) -> denoised`: where ControlNet adds
+  its per-step conditioning), `wrap_denoiser` wraps the guided denoiser a sampler calls
+  (`(x, sigma) -> denoised` with `set_step`); both get a `DenoiserContext`;
+- stage hooks: `before_stage(name, job)` and `after_stage(name, job, value) -> value` around
+  each stage (`STAGES`), which may replace the stage's output.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from modules.sampling.denoisers import GuidanceHook
+
+INPUTS, CONDITIONING, SAMPLING, UPSCALE = "inputs", "conditioning", "sampling", "upscale"
+DECODE, POSTPROCESS, SAVE = "decode", "postprocess", "save"
+STAGES = (INPUTS, CONDITIONING, SAMPLING, UPSCALE, DECODE, POSTPROCESS, SAVE)  # UPSCALE: hires pass only
+
+ModelFn = Callable[..., torch.Tensor]  # (x, sigma, cross_attn, pooled=None, concat=None) -> denoised
+
+
+class Denoiser(Protocol):
+    """The guided k-diffusion model a sampler calls."""
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor: ...
+
+    def set_step(self, step: int) -> None: ...
+
+
+@dataclass
+class StepClock:
+    """Sampling steps completed in the current pass; the sampling stage advances it."""
+
+    step: int = 0
+
+
+@dataclass(frozen=True)
+class DenoiserContext:
+    """What a denoiser wrapper may read: the pass, its size and conditioning, and the current step."""
+
+    task: str  # "txt2img" or "img2img"
+    pass_name: str  # "first" or "hires"
+    params: Any
+    width: int
+    height: int
+    conds: Sequence[Any]  # per image: [(ScheduledCond, weight), ...] (one per AND part)
+    unconds: Sequence[Any]  # per image: the negative prompt's ScheduledCond
+    cfg_scale: float
+    sigmas: torch.Tensor
+    clock: StepClock = field(default_factory=StepClock)
+
+    @property
+    def step(self) -> int:
+        """Sampling steps completed before the current model call."""
+        return self.clock.step
+
+
+class DenoiserWrapper:
+    """Base for `wrap_denoiser` results: forwards `set_step` and other attributes (`guidance`, ...)."""
+
+    def __init__(self, inner: Denoiser) -> None:
+        self.inner = inner
+
+    def set_step(self, step: int) -> None:
+        self.inner.set_step(step)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return self.inner(x, sigma)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+class Patch(Protocol):
+    def applied(self) -> Any: ...  # a context manager: the patch is on inside it
+
+
+@runtime_checkable
+class StageHooks(Protocol):
+    """One job's hooks, as the pipeline calls them (see the module docstring)."""
+
+    on_guided: GuidanceHook | None
+
+    def prepare(self, params: Any) -> Any: ...
+
+    def patch(self, model: Any, params: Any) -> Patch: ...
+
+    def embeddings(self, model: Any, tokenizer: Any, params: Any) -> Any: ...
+
+    def postprocess(self, image: Any, params: Any, index: int, seed: int, subseed: int) -> Any: ...
+
+    def infotext(self) -> Mapping[str, Any]: ...
+
+    def saved(self, path: Any, params: Any, infotext: str) -> None: ...
+
+    @property
+    def warnings(self) -> list[str]: ...
+
+    def wrap_model(self, model: ModelFn, context: DenoiserContext) -> ModelFn: ...
+
+    def wrap_denoiser(self, denoiser: Denoiser, context: DenoiserContext) -> Denoiser: ...
+
+    def before_stage(self, name: str, job: Any) -> None: ...
+
+    def after_stage(self, name: str, job: Any, value: Any) -> Any: ...
+
+
+class NoPatch:
+    """A model patch that changes nothing."""
+
+    @contextmanager
+    def applied(self) -> Iterator[None]:
+        yield
+
+
+class NoHooks:
+    """The default hooks: every seam is a no-op (library use without extensions, tests)."""
+
+    on_guided: GuidanceHook | None = None
+
+    def __init__(self) -> None:
+        self._warnings: list[str] = []
+
+    def prepare(self, params: Any) -> Any:
+        return params
+
+    def patch(self, model: Any, params: Any) -> Patch:
+        return NoPatch()
+
+    def embeddings(self, model: Any, tokenizer: Any, params: Any) -> Any:
+        return None
+
+    def postprocess(self, image: Any, params: Any, index: int, seed: int, subseed: int) -> Any:
+        return image
+
+    def infotext(self) -> Mapping[str, Any]:
+        return {}
+
+    def saved(self, path: Any, params: Any, infotext: str) -> None:
+        return None
+
+    @property
+    def warnings(self) -> list[str]:
+        return self._warnings
+
+    def wrap_model(self, model: ModelFn, context: DenoiserContext) -> ModelFn:
+        return model
+
+    def wrap_denoiser(self, denoiser: Denoiser, context: DenoiserContext) -> Denoiser:
+        return denoiser
+
+    def before_stage(self, name: str, job: Any) -> None:
+        return None
+
+    def after_stage(self, name: str, job: Any, value: Any) -> Any:
+        return value

@@ -1,0 +1,123 @@
+"""One prepared job (`Job`) and the per-job building blocks stages share: plans, noise, VAE encode.
+
+A `Job` is built once, after the hooks' `prepare`, and never changes; stages take it
+with their own typed inputs and return new values.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from PIL import Image
+
+from modules.pipeline import latents as latent_ops
+from modules.pipeline.conditioning import PromptConditioner
+from modules.pipeline.control import JobControl, ProgressCallback
+from modules.pipeline.hooks import StageHooks
+from modules.pipeline.params import GenerationParams
+from modules.pipeline.sampling import SamplingPlan, plan_sampling
+from modules.sampling import rng
+from modules.sampling.specs import ScheduleContext
+
+if TYPE_CHECKING:
+    from modules.pipeline.engine import Engine
+
+SAMPLER_OPTION_FIELDS = ("eta", "s_churn", "s_tmin", "s_tmax", "s_noise")
+
+
+@dataclass(frozen=True)
+class Job:
+    """A job ready to run: prepared params, the loaded model, its hooks, control and conditioner."""
+
+    engine: Engine  # settings, registries and per-model helpers (schedule, text encoder, VAE tiling)
+    task: str  # "txt2img" or "img2img": names the hooks' task and the output folder
+    params: GenerationParams
+    model: Any  # LoadedModel
+    hooks: StageHooks
+    control: JobControl
+    on_progress: ProgressCallback | None
+    conditioner: PromptConditioner
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch of a job: its index in n_iter, each image's seeds and prompts."""
+
+    index: int
+    seeds: tuple[int, ...]
+    subseeds: tuple[int, ...]
+    prompts: tuple[str, ...]
+    negatives: tuple[str, ...]
+
+
+def new_job(engine: Engine, task: str, params: GenerationParams, hooks: StageHooks,
+            control: JobControl | None = None, on_progress: ProgressCallback | None = None) -> Job:
+    """Run the hooks' `prepare` (random seeds resolved there) and bind the job to the loaded model."""
+    params = hooks.prepare(params)
+    model = engine.require_model()
+    conditioner = PromptConditioner(engine.text_conditioner(model), params.clip_skip, params.emphasis,
+                                    zero_empty_negative=model.spec.is_sdxl,
+                                    embeddings=hooks.embeddings(model, engine.tokenizer(), params))
+    return Job(engine, task, params, model, hooks, control or JobControl(), on_progress, conditioner)
+
+
+def batches(job: Job) -> list[Batch]:
+    """The job's batches with A1111's seeds (variation seeds included)."""
+    p = job.params
+    seeds, subseeds = rng.batch_seeds(rng.resolve_seed(p.seed), rng.resolve_seed(p.subseed),
+                                      p.subseed_strength, p.n_iter * p.batch_size)
+    size = p.batch_size
+    return [Batch(n, tuple(seeds[n * size:(n + 1) * size]), tuple(subseeds[n * size:(n + 1) * size]),
+                  (p.prompt,) * size, (p.negative_prompt,) * size) for n in range(p.n_iter)]
+
+
+def schedule_context(job: Job) -> ScheduleContext:
+    table = job.engine.discrete_schedule(job.model)
+    p = job.params
+    return ScheduleContext(sigma_min=p.sigma_min or float(table.sigma_min),
+                           sigma_max=p.sigma_max or float(table.sigma_max),
+                           model_sigmas=table.sigmas, rho=p.rho, arch=job.model.spec.arch, device=job.model.device)
+
+
+def make_plan(job: Job, sampler_name: str, scheduler: str, steps: int) -> SamplingPlan:
+    """Sigmas and sampler options for one pass, the job's sampler overrides applied."""
+    overrides = {k: getattr(job.params, k) for k in SAMPLER_OPTION_FIELDS}
+    return plan_sampling(job.engine.registries, sampler_name, scheduler, steps, schedule_context(job), overrides)
+
+
+def noise(job: Job, batch: Batch, shape: Sequence[int]) -> rng.ImageNoise:
+    """Each image's seeded noise stream (variation seed, resize-seed-from and ENSD applied)."""
+    p = job.params
+    resize_from = None
+    if p.seed_resize_from_w > 0 and p.seed_resize_from_h > 0:
+        resize_from = (p.seed_resize_from_h // 8, p.seed_resize_from_w // 8)
+    return rng.ImageNoise(tuple(shape), list(batch.seeds), list(batch.subseeds), p.subseed_strength,
+                          resize_from=resize_from, source=p.rng_source, device=job.model.device,
+                          eta_noise_seed_delta=p.eta_noise_seed_delta)
+
+
+def latent_shape(job: Job, height: int, width: int) -> tuple[int, int, int]:
+    return (job.model.unet.config.out_channels, height // 8, width // 8)
+
+
+def encode(job: Job, images: list[Image.Image]) -> torch.Tensor:
+    """PIL images -> scaled latents on the model's device."""
+    model = job.model
+    return latent_ops.encode(model.vae, latent_ops.from_pil(images), model.spec.vae_scale_factor,
+                             job.engine.vae_tiling()).to(model.device)
+
+
+def inpaint_concat(job: Job, batch: int, height: int, width: int) -> torch.Tensor | None:
+    """9-channel inpainting models without a mask: a full mask over a grey image (A1111)."""
+    model = job.model
+    if not model.spec.is_inpaint:
+        return None
+    return latent_ops.txt2img_inpaint_concat(model.vae, batch, height, width,
+                                             model.spec.vae_scale_factor).to(model.device)
+
+
+def outdir(job: Job) -> Path:
+    return job.params.outdir or job.engine.settings.outputs_dir / f"{job.task}-images"

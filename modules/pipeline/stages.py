@@ -1,0 +1,198 @@
+"""The stages every task shares: conditioning -> sampling -> decode -> post-process -> save.
+
+Each stage is a function of the `Job` and typed values that returns a new value; tasks
+(txt2img.py, img2img.py, hires.py) supply the inputs stage and compose these. `run_stage`
+calls a stage between the hooks' `before_stage` and `after_stage`.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+
+from modules import images as image_files
+from modules import infotext
+from modules.pipeline import latents as latent_ops
+from modules.pipeline.control import Progress
+from modules.pipeline.hooks import Denoiser, DenoiserContext, StepClock
+from modules.pipeline.job import Batch, Job, outdir
+from modules.pipeline.sampling import Sampled, SamplingPlan, run_sampler
+from modules.sampling import rng
+from modules.sampling.denoisers import CFGDenoiser, denoiser_class
+
+VERSION = "atelier-0.1.0"
+
+
+def run_stage(job: Job, name: str, stage: Callable[..., Any], *args: Any) -> Any:
+    """`stage(*args)` between the job hooks' before_stage and after_stage (which may replace the value)."""
+    job.hooks.before_stage(name, job)
+    return job.hooks.after_stage(name, job, stage(*args))
+
+
+# -- conditioning ------------------------------------------------------------------
+@dataclass(frozen=True)
+class Conditioning:
+    """Per image: the prompt's `AND` parts [(schedule, weight), ...] and the negative's schedule."""
+
+    conds: Sequence[Any]
+    unconds: Sequence[Any]
+
+
+def condition(job: Job, prompts: Sequence[str], negatives: Sequence[str],
+              hires_steps: int | None = None) -> Conditioning:
+    """Prompts -> scheduled text conditioning (the hires pass's schedule with `hires_steps`)."""
+    conds, unconds = job.conditioner.for_batch(list(prompts), list(negatives), job.params.steps,
+                                               hires_steps=hires_steps)
+    return Conditioning(conds, unconds)
+
+
+# -- sampling ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SamplingInput:
+    """One sampling pass over one batch."""
+
+    pass_name: str  # "first" or "hires"
+    plan: SamplingPlan
+    cond: Conditioning
+    x: torch.Tensor  # the starting latents (noise already added)
+    noise: rng.ImageNoise  # the images' noise streams, for ancestral and SDE samplers
+    width: int  # the size SDXL is conditioned on
+    height: int
+    concat: torch.Tensor | None = None  # 9-channel inpainting conditioning
+    fallback: torch.Tensor | None = None  # returned when stopped before the first step
+    step_offset: int = 0  # progress: steps of earlier passes of this batch
+    steps_per_batch: int = 0  # progress: every pass of a batch together
+    blend: Callable[[Denoiser], Denoiser] | None = None  # the task's own wrapper (inpainting's mask blend)
+
+
+def build_denoiser(job: Job, s: SamplingInput, context: DenoiserContext) -> Denoiser:
+    """The model wrapper for the model's prediction type, CFG over it, then the wrappers."""
+    model = job.model
+    time_ids = None
+    if model.spec.is_sdxl:
+        time_ids = torch.tensor([[s.height, s.width, 0, 0, s.height, s.width]], dtype=torch.float32)
+    inner = denoiser_class(model.spec.prediction)(model.unet, job.engine.discrete_schedule(model).sigma_to_t,
+                                                  time_ids=time_ids)
+    guided: Denoiser = CFGDenoiser(job.hooks.wrap_model(inner, context), s.cond.conds, s.cond.unconds,
+                                   job.params.cfg_scale, job.control.check, s.concat,
+                                   on_guided=job.hooks.on_guided)
+    if s.blend is not None:
+        guided = s.blend(guided)
+    return job.hooks.wrap_denoiser(guided, context)
+
+
+def sample(job: Job, batch: Batch, s: SamplingInput) -> Sampled:
+    """Run one pass; an interrupt or skip comes back as `Sampled.stop`."""
+    context = DenoiserContext(job.task, s.pass_name, job.params, s.width, s.height, s.cond.conds,
+                              s.cond.unconds, job.params.cfg_scale, s.plan.sigmas, StepClock())
+    denoiser = build_denoiser(job, s, context)
+    device = job.model.device
+
+    def on_step(step: int, denoised: torch.Tensor) -> None:
+        context.clock.step = step
+        report(job, batch.index, s.step_offset + step, s.steps_per_batch, denoised)
+
+    return run_sampler(s.plan, denoiser, s.x.to(device), lambda *_: s.noise.next().to(device), on_step, s.fallback)
+
+
+def report(job: Job, n: int, step: int, steps: int, denoised: torch.Tensor) -> None:
+    """Progress for step `step` of `steps`, with a cheap preview every `preview_every` steps."""
+    if job.on_progress is None:
+        return
+    every = max(job.engine.settings.preview_every, 1)
+    preview = None
+    if step % every == 0 or step == steps:
+        preview = latent_ops.cheap_preview(denoised[0], job.model.spec.is_sdxl)
+    job.on_progress(Progress(n, job.params.n_iter, step, steps, preview))
+
+
+# -- decode, post-process, save --------------------------------------------------------
+@dataclass(frozen=True)
+class Decoded:
+    images: tuple[Image.Image, ...]
+    warnings: tuple[str, ...] = ()
+
+
+def decode(job: Job, latents: torch.Tensor) -> Decoded:
+    model = job.model
+    pixels, fell_back = latent_ops.decode(model.vae, latents, model.spec.vae_scale_factor, job.engine.vae_tiling())
+    warnings = ("NaNs in the VAE output: the VAE now runs in fp32",) if fell_back else ()
+    return Decoded(tuple(latent_ops.to_pil(pixels)), warnings)
+
+
+def postprocess(job: Job, batch: Batch, images: Sequence[Image.Image], first_index: int,
+                finish: Callable[[Image.Image, int], Image.Image]) -> tuple[Image.Image, ...]:
+    """The hooks' post-processors, then the task's `finish` (inpainting pastes back), per image."""
+    out = []
+    for i, image in enumerate(images):
+        image = job.hooks.postprocess(image, job.params, first_index + i, batch.seeds[i], batch.subseeds[i])
+        out.append(finish(image, i))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class Saved:
+    """A batch's finished images with their infotexts and, when saved, their paths."""
+
+    images: tuple[Image.Image, ...]
+    infotexts: tuple[str, ...]
+    paths: tuple[Any, ...] = ()
+
+
+@dataclass(frozen=True)
+class InfotextFields:
+    """A task's infotext keys besides the base ones: `fields` before the hooks' and `last` after all."""
+
+    fields: Mapping[str, Any] = field(default_factory=dict)
+    last: Mapping[str, Any] = field(default_factory=dict)
+
+
+def save(job: Job, batch: Batch, images: Sequence[Image.Image], plan: SamplingPlan,
+         extra: InfotextFields) -> Saved:
+    """Write each image's infotext (PNG "parameters") and save it when the job asks to."""
+    texts, paths = [], []
+    for i, image in enumerate(images):
+        fields = infotext_fields(job, plan, extra, batch.seeds[i], batch.subseeds[i])
+        text = infotext.build(batch.prompts[i], batch.negatives[i], fields)
+        image.info["parameters"] = text
+        texts.append(text)
+        if job.params.save_images:
+            paths.append(image_files.save_image(image, outdir(job), batch.seeds[i], text))
+            job.hooks.saved(paths[-1], job.params, text)
+    return Saved(tuple(images), tuple(texts), tuple(paths))
+
+
+def infotext_fields(job: Job, plan: SamplingPlan, extra: InfotextFields, seed: int, subseed: int) -> dict[str, Any]:
+    fields = base_infotext_fields(job.params, plan, job.model, seed, subseed)
+    version = fields.pop("Version")
+    return {**fields, **extra.fields, **job.hooks.infotext(), "Version": version, **extra.last}
+
+
+def base_infotext_fields(params: Any, plan: SamplingPlan, model: Any, seed: int, subseed: int) -> dict[str, Any]:
+    """A1111's infotext keys for one image (the infotext module orders them)."""
+    varied = params.subseed_strength > 0
+    resized = params.seed_resize_from_w > 0 and params.seed_resize_from_h > 0
+    return {
+        "Steps": params.steps,
+        "Sampler": plan.sampler.name,
+        "Schedule type": plan.scheduler.label,
+        "CFG scale": params.cfg_scale,
+        "Seed": seed,
+        "Size": f"{params.width}x{params.height}",
+        "Model hash": model.model_hash or None,
+        "Model": model.info.stem,
+        "VAE hash": model.vae_hash,
+        "VAE": model.vae_name,
+        "Variation seed": subseed if varied else None,
+        "Variation seed strength": params.subseed_strength if varied else None,
+        "Seed resize from": f"{params.seed_resize_from_w}x{params.seed_resize_from_h}" if resized else None,
+        "Conditional mask weight": 1.0 if model.spec.is_inpaint else None,
+        "Clip skip": params.clip_skip if params.clip_skip > 1 else None,
+        "ENSD": params.eta_noise_seed_delta or None,
+        "RNG": params.rng_source.upper() if params.rng_source != "gpu" else None,
+        "Emphasis": params.emphasis if params.emphasis != "Original" else None,
+        "Version": VERSION,
+    }
