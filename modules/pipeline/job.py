@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from PIL import Image
@@ -18,14 +18,26 @@ from modules.pipeline.conditioning import PromptConditioner
 from modules.pipeline.control import JobControl, ProgressCallback
 from modules.pipeline.hooks import StageHooks
 from modules.pipeline.params import GenerationParams
-from modules.pipeline.sampling import SamplingPlan, plan_sampling
+from modules.pipeline.sampling import SAMPLER_OPTION_FIELDS, SamplerRegistries, SamplingPlan, plan_sampling
 from modules.sampling import rng
 from modules.sampling.specs import ScheduleContext
 
-if TYPE_CHECKING:
-    from modules.pipeline.engine import Engine
 
-SAMPLER_OPTION_FIELDS = ("eta", "s_churn", "s_tmin", "s_tmax", "s_noise")
+class Engine(Protocol):
+    """What stages use of the engine (modules.pipeline.engine.Engine), without importing it."""
+
+    settings: Any  # modules.settings.Settings
+    registries: SamplerRegistries
+
+    def require_model(self) -> Any: ...
+
+    def tokenizer(self) -> Any: ...
+
+    def text_conditioner(self, model: Any) -> Any: ...
+
+    def discrete_schedule(self, model: Any) -> Any: ...
+
+    def vae_tiling(self) -> Any: ...
 
 
 @dataclass(frozen=True)
