@@ -19,7 +19,7 @@ def client_for(app, **config) -> TestClient:
     from modules.server.context import build_context
 
     ctx = build_context(app, ServerConfig(**{"api": True, "nowebui": True, **config}))
-    return TestClient(create_app(ctx))  # no lifespan: the queue is not needed here
+    return TestClient(create_app(ctx), base_url="http://127.0.0.1")  # no lifespan: no queue needed here
 
 
 @pytest.fixture(scope="module")
@@ -56,13 +56,13 @@ def test_extension_cannot_register_routes_outside_its_prefix(app):
 
 
 def test_install_route_refuses_when_listening_beyond_localhost(app, local_repo):
-    client = client_for(app, listen=True, insecure_no_auth=True)
+    client = client_for(app, listen=True, insecure_no_auth=True, allow_file_extension_install=True)
     response = client.post("/api/v1/extensions/install", json={"url": local_repo})
     assert response.status_code == 403
     assert "--enable-insecure-extension-access" in response.json()["detail"]
     assert client.post("/api/v1/extensions/style-pack/enabled", json={"enabled": False}).status_code == 403
     assert not any(p.name == "hello-ext" for p in app.settings.extensions_dirs[0].iterdir())
-    named = client_for(app, server_name="192.168.1.20", insecure_no_auth=True)
+    named = client_for(app, server_name="192.168.1.20", insecure_no_auth=True, allow_file_extension_install=True)
     assert named.post("/api/v1/extensions/install", json={"url": local_repo}).status_code == 403
 
 
@@ -79,7 +79,7 @@ def test_install_policy():
 def test_install_from_git_on_localhost_then_load_at_next_start(tmp_path, local_repo):
     ext_dir = tmp_path / "exts"
     app = ext_app(tmp_path, dirs=(ext_dir,))
-    client = client_for(app)
+    client = client_for(app, allow_file_extension_install=True)
     response = client.post("/api/v1/extensions/install", json={"url": local_repo})
     assert response.status_code == 200, response.text
     assert response.json()["name"] == "hello-ext" and response.json()["restart_required"] is True
@@ -93,8 +93,32 @@ def test_install_from_git_on_localhost_then_load_at_next_start(tmp_path, local_r
 
 def test_insecure_flag_allows_install_while_listening(tmp_path, local_repo):
     app = ext_app(tmp_path, dirs=(tmp_path / "exts",), enable_insecure_extension_access=True)
-    client = client_for(app, listen=True, insecure_no_auth=True)
+    client = client_for(app, listen=True, insecure_no_auth=True, allow_file_extension_install=True)
     assert client.post("/api/v1/extensions/install", json={"url": local_repo}).status_code == 200
+
+
+def test_file_install_needs_its_flag(tmp_path, local_repo):
+    ext_dir = tmp_path / "exts"
+    client = client_for(ext_app(tmp_path, dirs=(ext_dir,)))
+    response = client.post("/api/v1/extensions/install", json={"url": local_repo})
+    assert response.status_code == 403 and "--allow-file-extension-install" in response.json()["detail"]
+    assert not (ext_dir / "hello-ext").exists()
+
+
+def test_a_repository_that_is_not_an_extension_is_a_client_error(tmp_path):
+    repo = tmp_path / "src" / "not-ext"
+    git_extension_repo(repo)
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
+    subprocess.run([*git, "rm", "-q", "extension.toml"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "not an extension"], check=True)
+    ext_dir = tmp_path / "exts"
+    client = client_for(ext_app(tmp_path, dirs=(ext_dir,)), allow_file_extension_install=True)
+    response = client.post("/api/v1/extensions/install", json={"url": repo.as_uri()})
+    assert response.status_code == 400, response.text
+    assert "not an Atelier extension" in response.json()["detail"] and "extension.toml" in response.json()["detail"]
+    missing = client.post("/api/v1/extensions/install", json={"url": (tmp_path / "nowhere").as_uri()})
+    assert missing.status_code == 400 and "git clone failed" in missing.json()["detail"]
+    assert not ext_dir.exists() or not any(ext_dir.iterdir())
 
 
 def test_enable_disable_over_http_is_persisted(tmp_path):
@@ -145,7 +169,7 @@ def test_requirements_are_installed_only_on_request_and_never_beyond_localhost(t
 
         app = FastAPI()
         app.include_router(extensions_router(host, ext_settings(tmp_path), server_host, runner=runner))
-        return TestClient(app)
+        return TestClient(app, base_url="http://127.0.0.1")
 
     assert client("0.0.0.0").post("/extensions/needs-deps/requirements").status_code == 403
     assert calls == []

@@ -28,6 +28,18 @@ class ExtensionAccessDenied(AtelierError):
     """Installing code is not allowed while the server is reachable from other machines."""
 
 
+class FileInstallRefused(ExtensionAccessDenied):
+    """A file:// install without --allow-file-extension-install."""
+
+
+class NotAnExtension(InvalidParams):
+    """The repository cloned, but it holds no Atelier extension (no valid extension.toml)."""
+
+
+class CloneFailed(InvalidParams):
+    """git could not clone the URL (wrong address, no such repository, no network)."""
+
+
 def listens_beyond_localhost(host: str | None) -> bool:
     return bool(host) and host not in LOCAL_HOSTS
 
@@ -53,16 +65,20 @@ def name_from_url(url: str) -> str:
 
 
 def install_from_git(url: str, settings: Any, host: str | None, name: str | None = None,
-                     runner: Runner = subprocess.run) -> ExtensionInfo:
+                     runner: Runner = subprocess.run, allow_file: bool = False) -> ExtensionInfo:
     """Clone `url` into the first extensions folder; it loads at the next start.
 
     Only http(s), ssh, git and file URLs (and user@host:path) are accepted; git's `ext::`
-    transport and anything that looks like an option are refused.
+    transport and anything that looks like an option are refused. file:// URLs (and git's
+    file transport) only with `allow_file` (--allow-file-extension-install).
     """
     check_install_allowed(host, settings)
     url = url.strip()
     if not _URL.match(url) or url.startswith("-"):
         raise InvalidParams(f"Not a git URL Atelier accepts: {url!r} (use https://, ssh://, git:// or file://)")
+    if url.startswith("file://") and not allow_file:
+        raise FileInstallRefused(f"Installing from a local folder ({url}) is off: restart with "
+                                 "--allow-file-extension-install to allow file:// URLs.")
     name = name or name_from_url(url)
     if not NAME_PATTERN.match(name):
         raise InvalidParams(f"Cannot use {name!r} as an extension name (letters, digits, '-' and '_').")
@@ -73,15 +89,17 @@ def install_from_git(url: str, settings: Any, host: str | None, name: str | None
     root.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(staging, ignore_errors=True)
     env = {**os.environ, "GIT_TERMINAL_PROMPT": "0"}
-    done = runner(["git", "-c", "protocol.ext.allow=never", "clone", "--depth", "1", "--", url, str(staging)],
+    protocols = ["-c", "protocol.ext.allow=never"] + ([] if allow_file else ["-c", "protocol.file.allow=never"])
+    done = runner(["git", *protocols, "clone", "--depth", "1", "--", url, str(staging)],
                   capture_output=True, text=True, env=env, timeout=600)
     if done.returncode != 0:
         shutil.rmtree(staging, ignore_errors=True)
-        raise AtelierError(f"git clone failed: {(done.stderr or done.stdout).strip()[-500:]}")
+        raise CloneFailed(f"git clone failed (check the URL): {(done.stderr or done.stdout).strip()[-500:]}")
     info = read_folder_metadata(staging)
     if info.status == "failed":
         shutil.rmtree(staging, ignore_errors=True)
-        raise AtelierError(f"{url} is not an Atelier extension: {info.error}")
+        raise NotAnExtension(f"{url} is not an Atelier extension ({info.error}): an extension has an "
+                             "extension.toml with its name and api_version at the top of the repository.")
     staging.rename(target)
     return read_folder_metadata(target)
 

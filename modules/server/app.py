@@ -18,6 +18,8 @@ from modules.server.context import ServerContext
 from modules.server.convert import RequestError
 from modules.server.events import EventHub
 from modules.server.jobs_api import jobs_router
+from modules.server.origin import install_origin_policy
+from modules.server.redact import install_path_redaction
 from modules.server.sdapi import sdapi_router
 
 log = logging.getLogger(__name__)
@@ -93,6 +95,8 @@ def create_app(ctx: ServerContext, mount_ui: MountUI | None = None) -> FastAPI:
         mount_ui(app, ctx)
     app.add_middleware(GateMiddleware, credentials=ctx.config.credentials,
                        max_body=ctx.config.max_body_mb << 20)
+    install_path_redaction(app, ctx.app.settings, ctx.config.exposed)  # model names, not server paths
+    install_origin_policy(app, ctx.config)  # outermost: Host names, cross-site changes, CORS
     return app
 
 
@@ -107,7 +111,8 @@ def _mount_extensions(app: FastAPI, ctx: ServerContext, get_caller: Callable[[Re
     def may_change(request: Request) -> bool:
         return ctx.may_change_extensions(get_caller(request))
 
-    app.include_router(extensions_router(ctx.app.plugins, ctx.app.settings, ctx.config.host, may_change),
+    app.include_router(extensions_router(ctx.app.plugins, ctx.app.settings, ctx.config.host, may_change,
+                                         allow_file_install=ctx.config.allow_file_extension_install),
                        prefix="/api/v1", tags=["extensions"])
     mount_extension_routes(app, routes_for_extensions(ctx.app.plugins))
 

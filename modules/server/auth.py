@@ -55,13 +55,13 @@ class GateMiddleware:
         if self.credentials:
             user = check_basic(headers.get(b"authorization"), self.credentials)
             if user is None:
-                return await _refuse(scope, send, 401, "Incorrect username or password.",
+                return await refuse(scope, send, 401, "Incorrect username or password.",
                                      [(b"www-authenticate", b'Basic realm="atelier"')])
         scope.setdefault("state", {})["user"] = user
         if scope["type"] == "http":
             length = headers.get(b"content-length")
             if length is not None and (not length.isdigit() or int(length) > self.max_body):
-                return await _refuse(scope, send, 413, f"Request body larger than {self.max_body} bytes.")
+                return await refuse(scope, send, 413, f"Request body larger than {self.max_body} bytes.")
             receive = _limited(receive, self.max_body)
         await self.app(scope, receive, send)
 
@@ -85,7 +85,7 @@ class BodyTooLarge(Exception):
     """A chunked body went over the limit."""
 
 
-async def _refuse(scope, send, status: int, detail: str, extra_headers: list | None = None) -> None:
+async def refuse(scope, send, status: int, detail: str, extra_headers: list | None = None) -> None:
     if scope["type"] == "websocket":
         await send({"type": "websocket.close", "code": 1008})
         return

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import re
 from dataclasses import dataclass
 
 from modules.errors import AtelierError
 
 DEFAULT_PORT = 7860
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+ANY_ADDRESS = ("0.0.0.0", "::")
 
 
 class StartupRefused(AtelierError):
@@ -27,6 +30,30 @@ class ServerConfig:
     max_body_mb: int = 100
     max_prompt_chars: int = 65536
     max_queued_per_owner: int = 1000
+    allowed_hosts: tuple[str, ...] = ()  # Host names accepted besides loopback and --server-name; "*": any
+    cors_allow_origins: tuple[str, ...] = ()  # other origins that may call and read the API with credentials
+    cors_allow_origins_regex: str | None = None
+    allow_file_extension_install: bool = False  # file:// URLs for /api/v1/extensions/install
+
+    @property
+    def exposed(self) -> bool:
+        """True when the server is reachable beyond this machine (--listen, or --server-name elsewhere)."""
+        return self.host not in LOOPBACK_NAMES
+
+    @property
+    def accepted_hosts(self) -> frozenset[str] | None:
+        """Host header names (no port, lower case) the server answers; None: any (see docs/security.md).
+
+        Loopback names always; --server-name; --allowed-hosts on top. --listen (0.0.0.0) without
+        --allowed-hosts accepts any name: auth is required there anyway.
+        """
+        extra = {h.strip().lower().strip("[]") for h in self.allowed_hosts if h.strip()}
+        if "*" in extra or (not extra and self.host in ANY_ADDRESS):
+            return None
+        names = set(LOOPBACK_NAMES) | extra
+        if self.server_name and self.server_name not in ANY_ADDRESS:
+            names.add(self.server_name.lower().strip("[]"))
+        return frozenset(names)
 
     @property
     def host(self) -> str:
@@ -44,8 +71,12 @@ class ServerConfig:
 
     def check_startup(self) -> None:
         """With --listen (or another non-loopback address), refuse to start without auth."""
-        exposed = self.host not in ("127.0.0.1", "localhost", "::1")
-        if exposed and not self.credentials and not self.insecure_no_auth:
+        if self.cors_allow_origins_regex:
+            try:
+                re.compile(self.cors_allow_origins_regex)
+            except re.error as err:
+                raise StartupRefused(f"--cors-allow-origins-regex is not a valid regular expression: {err}") from None
+        if self.exposed and not self.credentials and not self.insecure_no_auth:
             raise StartupRefused(f"Refusing to listen on {self.host} without authentication: pass "
                                  "--gradio-auth or --api-auth USER:PASS[,USER:PASS...] (or --gradio-auth-path "
                                  "FILE), or --insecure-no-auth if you really want anyone on the network to "
@@ -53,7 +84,7 @@ class ServerConfig:
 
     def banner(self) -> str:
         """The start-up line that says who can reach this server."""
-        exposed = self.host not in ("127.0.0.1", "localhost", "::1")
+        exposed = self.exposed
         where = f"http://{self.host}:{self.port}"
         if not exposed:
             return f"Atelier on {where} (this machine only)" + (", login required" if self.credentials else "")
@@ -90,6 +121,15 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--admin-users", default="", help="comma-separated users who may control all jobs")
     group.add_argument("--insecure-no-auth", action="store_true",
                        help="allow --listen without --api-auth (anyone on the network may use it)")
+    group.add_argument("--allowed-hosts", default="",
+                       help="comma-separated Host names the server answers besides localhost and --server-name "
+                            "(a reverse proxy's public name; '*' for any); other Host headers get 400")
+    group.add_argument("--cors-allow-origins", default="",
+                       help="comma-separated origins (https://app.example) that may call the API from a browser")
+    group.add_argument("--cors-allow-origins-regex", default=None,
+                       help="a regular expression of further origins that may call the API from a browser")
+    group.add_argument("--allow-file-extension-install", action="store_true",
+                       help="allow installing extensions from file:// URLs (off: a web page could name a local path)")
     group.add_argument("--api-max-body-mb", type=int, default=100, help="largest request body accepted")
     group.add_argument("--max-size", type=int, default=4096, help="largest width or height a job may ask for")
 
@@ -100,7 +140,15 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         api_auth=parse_api_auth(args.api_auth),
         gradio_auth=gradio_auth_from_args(args),
         admin_users=tuple(u.strip() for u in args.admin_users.split(",") if u.strip()),
-        insecure_no_auth=args.insecure_no_auth, max_body_mb=args.api_max_body_mb)
+        insecure_no_auth=args.insecure_no_auth, max_body_mb=args.api_max_body_mb,
+        allowed_hosts=_names(getattr(args, "allowed_hosts", "")),
+        cors_allow_origins=_names(getattr(args, "cors_allow_origins", "")),
+        cors_allow_origins_regex=getattr(args, "cors_allow_origins_regex", None) or None,
+        allow_file_extension_install=getattr(args, "allow_file_extension_install", False))
+
+
+def _names(text: str | None) -> tuple[str, ...]:
+    return tuple(item.strip() for item in (text or "").split(",") if item.strip())
 
 
 def gradio_auth_from_args(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:

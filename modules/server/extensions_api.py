@@ -34,11 +34,13 @@ class InstallBody(BaseModel):
 
 
 def extensions_router(host: PluginHost, settings: Any, server_host: str | None,
-                      may_change: Callable[[Any], bool] | None = None, runner: Any = None):
+                      may_change: Callable[[Any], bool] | None = None, runner: Any = None,
+                      allow_file_install: bool = False):
     """GET /extensions; POST /extensions/{name}/enabled, /extensions/install, /extensions/{name}/requirements.
 
     `may_change(request)` says whether the caller may change extensions (the server: admins,
-    or anyone when auth is off); the localhost rule applies on top of it.
+    or anyone when auth is off); the localhost rule applies on top of it. file:// installs need
+    `allow_file_install` (--allow-file-extension-install).
     """
     router = APIRouter()
 
@@ -72,7 +74,8 @@ def extensions_router(host: PluginHost, settings: Any, server_host: str | None,
         check_caller(request)
         try:
             kwargs = {"runner": runner} if runner else {}
-            info = install_from_git(body.url, settings, server_host, body.name, **kwargs)
+            info = install_from_git(body.url, settings, server_host, body.name,
+                                    allow_file=allow_file_install, **kwargs)
         except AtelierError as err:
             raise refuse(err) from err
         return {**info.to_dict(), "restart_required": True}
