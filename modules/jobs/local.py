@@ -33,7 +33,7 @@ def local_jobs(app: Any, outdir: Path | None = None,
     if on_event is not None:
         jobs.add_listener(on_event)
     options = options_from_settings(settings)
-    submitter = SubmitService(jobs, settings.limits, app.registries, lambda: options,
+    submitter = SubmitService(jobs, settings.limits, app.registries, lambda _caller: options,
                               _default_checkpoint(app.engine), settings.data_dir / "job-inputs")
     jobs.start()
     try:

@@ -50,17 +50,19 @@ class SubmitService:
     jobs: JobManager
     limits: Limits
     registries: Any  # samplers and schedulers by name
-    options: Callable[[], Mapping[str, Any]]  # the server's current A1111 options
+    options: Callable[[Caller | None], Mapping[str, Any]]  # a caller's A1111 options (None: the server's)
     resolve_checkpoint: Callable[[str | None], tuple[str, str]]  # name (None: current) -> (name, title)
     inputs_dir: Path
 
-    def prepare(self, submission: Submission) -> JobPayload:
-        """The validated payload, input images still in memory; raises InvalidParams naming the field."""
+    def prepare(self, submission: Submission, caller: Caller | None = None) -> JobPayload:
+        """The validated payload, input images still in memory; raises InvalidParams naming the field.
+
+        The job starts from `caller`'s options (per-user defaults under auth; None: the server's)."""
         cls = params_class(submission.kind)
         names = field_names(cls)
         self._check_names(submission.values)
         changes, warnings = job_overrides.overridden(submission.overrides, names)
-        values = {**job_overrides.job_defaults(self.options(), names), **submission.values, **changes}
+        values = {**job_overrides.job_defaults(self.options(caller), names), **submission.values, **changes}
         images = {k: v for k, v in submission.images.items() if k in IMAGE_FIELDS and v is not None}
         try:
             params = build_params(cls, values, **images)
@@ -77,7 +79,7 @@ class SubmitService:
 
     def submit(self, caller: Caller, submission: Submission) -> Job:
         """Validate, store the input images beside the job and queue it for `caller`."""
-        payload = self.prepare(submission)
+        payload = self.prepare(submission, caller)
         stored = store_inputs(self.inputs_dir, payload.inputs)
         try:
             return self.jobs.submit(caller, payload.kind, dataclasses.replace(payload, inputs=stored).to_json())

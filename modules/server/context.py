@@ -18,6 +18,7 @@ from modules.jobs.store import JobStore
 from modules.jobs.submit import SubmitService
 from modules.server.config import ServerConfig
 from modules.server.options import Options
+from modules.server.user_options import UserOptions
 
 _TITLE_HASH = re.compile(r"^(.*?)\s*\[[0-9a-fA-F]{8,64}\]$")
 
@@ -39,8 +40,24 @@ class ServerContext:
     @cached_property
     def submitter(self) -> SubmitService:
         """The one way jobs are queued, for the UI and both APIs alike."""
-        return SubmitService(self.jobs, self.app.settings.limits, self.app.registries, self.options.all,
+        return SubmitService(self.jobs, self.app.settings.limits, self.app.registries, self.options_for,
                              self.checkpoint_for_job, self.data_dir / "job-inputs")
+
+    @cached_property
+    def user_options(self) -> UserOptions:
+        """Each user's per-job option defaults, used while logins are on."""
+        return UserOptions(self.data_dir / "users")
+
+    def options_for(self, caller: Caller | None) -> dict:
+        """The options a caller's jobs start from: the server's, then (under auth) the caller's own."""
+        values = self.options.all()
+        if caller is None or not self.config.credentials:
+            return values
+        return {**values, **self.user_options.get(caller.owner)}
+
+    def is_admin(self, caller: Caller) -> bool:
+        """May change server-wide state (options, models, extensions): anyone without auth, else admins."""
+        return not self.config.credentials or caller.admin
 
     def checkpoint_for_job(self, name: str | None) -> tuple[str, str]:
         """A job's checkpoint (None: the current one) as (name, A1111 title)."""
@@ -50,7 +67,7 @@ class ServerContext:
     def may_change_extensions(self, caller: Caller) -> bool:
         """Enabling or installing extensions: anyone without auth, else admin users only
         (the localhost rule of plugins.install applies on top)."""
-        return not self.config.credentials or caller.admin
+        return self.is_admin(caller)
 
     def start(self) -> None:
         """Recover and start the queue; choose the default checkpoint (loaded lazily by the first job)."""

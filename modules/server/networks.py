@@ -36,12 +36,13 @@ def lora_listing(app: Any) -> list[dict[str, Any]]:
              "metadata": dict(item.metadata()) if item.metadata else {}} for item in registry.get("lora").items()]
 
 
-def add_network_routes(router: APIRouter, ctx: ServerContext) -> None:
+def add_network_routes(router: APIRouter, ctx: ServerContext, admin: Any = None) -> None:
+    """`admin` (a FastAPI dependency) guards refresh-loras: it changes what every user sees."""
     @router.get("/loras")
     def loras() -> list[dict[str, Any]]:
         return lora_listing(ctx.app)
 
-    @router.post("/refresh-loras")
+    @router.post("/refresh-loras", dependencies=[admin] if admin is not None else [])
     def refresh_loras() -> None:
         registry = ctx.app.registries.extra_networks
         if "lora" in registry and registry.get("lora").refresh is not None:

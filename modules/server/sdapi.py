@@ -5,7 +5,7 @@ import base64
 import time
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -13,15 +13,25 @@ from modules import images as image_files
 from modules import infotext
 from modules.errors import AtelierError
 from modules.jobs.model import FAILED, RUNNING, Caller, Job
+from modules.jobs.overrides import PARAM_OPTIONS
 from modules.jobs.payload import JobPayload
 from modules.server import convert, system
 from modules.server.context import ServerContext
 from modules.server.schemas import GenerationResponse, Img2ImgRequest, PngInfoRequest, Txt2ImgRequest
 
+ADMIN_ONLY = ("Only admin users may change the server's models and options while logins are on: ask an admin, "
+              "or start the server with --admin-users NAME[,NAME...].")
+
 
 def sdapi_router(ctx: ServerContext, get_caller) -> APIRouter:
     router = APIRouter(prefix="/sdapi/v1", tags=["A1111 compatible"])
     CallerDep = Depends(get_caller)
+
+    def require_admin(caller: Caller = CallerDep) -> None:
+        if not ctx.is_admin(caller):
+            raise HTTPException(status_code=403, detail=ADMIN_ONLY)
+
+    AdminDep = Depends(require_admin)
 
     async def generate(request: Request, caller: Caller, kind: str, req: Txt2ImgRequest):
         job = await run_in_threadpool(convert.submit, ctx, caller, kind, req)
@@ -63,32 +73,37 @@ def sdapi_router(ctx: ServerContext, get_caller) -> APIRouter:
         return {}
 
     @router.get("/options")
-    def get_options() -> dict[str, Any]:
-        return ctx.options.all()
+    def get_options(caller: Caller = CallerDep) -> dict[str, Any]:
+        """The server's options with the caller's own per-job choices on top (under auth)."""
+        return ctx.options_for(caller)
 
     @router.post("/options")
-    def set_options(changes: dict[str, Any]) -> None:
-        set_options_and_model(ctx, changes)
+    def set_options(changes: dict[str, Any], caller: Caller = CallerDep) -> None:
+        """Admins (anyone without auth) set the server's options; other users their own per-job ones."""
+        if ctx.is_admin(caller):
+            set_options_and_model(ctx, changes)
+        else:
+            set_user_options(ctx, caller, changes)
 
-    @router.post("/refresh-checkpoints")
+    @router.post("/refresh-checkpoints", dependencies=[AdminDep])
     def refresh_checkpoints() -> None:
         """Checkpoint lists are read from disk on every request; nothing to refresh."""
 
-    @router.post("/refresh-vae")
+    @router.post("/refresh-vae", dependencies=[AdminDep])
     def refresh_vae() -> None:
         """VAE lists are read from disk on every request."""
 
-    @router.post("/unload-checkpoint")
+    @router.post("/unload-checkpoint", dependencies=[AdminDep])
     def unload_checkpoint() -> dict:
         ctx.executor.unload_model()
         return {}
 
-    @router.post("/reload-checkpoint")
+    @router.post("/reload-checkpoint", dependencies=[AdminDep])
     def reload_checkpoint() -> dict:
         ctx.executor.load_model(ctx.require_checkpoint(None).name)
         return {}
 
-    system.add_list_routes(router, ctx)
+    system.add_list_routes(router, ctx, AdminDep)
     return router
 
 
@@ -123,6 +138,20 @@ def progress_report(ctx: ServerContext, caller: Caller, skip_image: bool) -> dic
     return {"progress": fraction, "eta_relative": max(elapsed / fraction - elapsed, 0.0), "state": state,
             "current_image": base64.b64encode(preview).decode("ascii") if preview else None,
             "textinfo": f"Step {p.step}/{p.steps}"}
+
+
+def set_user_options(ctx: ServerContext, caller: Caller, changes: dict[str, Any]) -> None:
+    """A non-admin's POST /options: whitelisted keys become the caller's own defaults; a key that is not
+    per-user answers 403, unless its value is what the caller already sees (a GET posted back)."""
+    current = ctx.options_for(caller)
+    own = {k: v for k, v in changes.items() if k in PARAM_OPTIONS}
+    refused = sorted(k for k, v in changes.items() if k not in PARAM_OPTIONS and current.get(k) != v)
+    if refused:
+        raise HTTPException(status_code=403, detail=(
+            f"Only admin users may change the server's options ({', '.join(refused)}). You may set your own "
+            f"defaults for: {', '.join(PARAM_OPTIONS)}; an admin is named with --admin-users."))
+    if own:
+        ctx.user_options.update(caller.owner, own)
 
 
 def set_options_and_model(ctx: ServerContext, changes: dict[str, Any]) -> None:

@@ -50,7 +50,8 @@ def memory() -> dict[str, Any]:
     return result
 
 
-def add_list_routes(router: APIRouter, ctx: ServerContext) -> None:
+def add_list_routes(router: APIRouter, ctx: ServerContext, admin: Any = None) -> None:
+    """The read-only lists; `admin` (a FastAPI dependency) guards the refresh routes among them."""
     registries = ctx.app.registries
 
     @router.get("/prompt-styles")
@@ -89,7 +90,7 @@ def add_list_routes(router: APIRouter, ctx: ServerContext) -> None:
     for name in EMPTY_LISTS:  # features that Atelier does not have yet answer with empty lists
         router.add_api_route(f"/{name}", _empty_list, methods=["GET"], name=name)
 
-    add_network_routes(router, ctx)  # loras, refresh-loras, embeddings
+    add_network_routes(router, ctx, admin)  # loras, refresh-loras, embeddings
 
     @router.get("/scripts")
     def scripts() -> dict[str, list[str]]:
