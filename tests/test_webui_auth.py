@@ -96,3 +96,15 @@ def test_file_route_refuses_app_files(server):
         response = httpx.get(f"{server.url}/gradio_api/file={target}", auth=AUTH)
         assert response.status_code in (403, 404), (target, response.status_code)
     assert httpx.get(f"{server.url}/gradio_api/file={data / 'secret.txt'}").status_code == 401
+
+
+@pytest.mark.parametrize("path", ["/config", "/gradio_api/info", "/gradio_api/config", "/gradio_api/upload",
+                                  "/gradio_api/queue/data?session_hash=x", "/file=/etc/passwd",
+                                  "/gradio_api/file=/etc/passwd", "/openapi.json", "/docs", "/assets/index.js",
+                                  "/theme.css", "/sdapi/v1/options", "/api/v1/jobs", "/api/v1/health"])
+def test_every_ui_route_needs_a_login(server, path):
+    for method in ("GET", "POST"):
+        response = httpx.request(method, server.url + path)
+        assert response.status_code == 401, (method, path, response.status_code)
+        assert response.headers["www-authenticate"].startswith("Basic")
+    assert httpx.get(server.url + "/config", auth=AUTH).status_code == 200
