@@ -19,11 +19,7 @@ def job_params(payload: JobPayload, outdir: Path | None = None):
 
 def run(engine, payload: JobPayload, control, on_progress, outdir: Path | None = None):
     """Run one job on `engine` (on the worker thread) and return the engine's Result."""
-    params = job_params(payload, outdir)
-    generate = getattr(engine, "generate", None)  # TEMP until Engine.generate lands
-    if generate is None:
-        generate = engine.txt2img if payload.kind == "txt2img" else engine.img2img
-    return generate(params, control, on_progress)
+    return engine.generate(job_params(payload, outdir), control, on_progress)
 
 
 def save_job_images(result, folder: Path) -> list[Path]:
