@@ -148,6 +148,7 @@ def _b64(image: Image.Image) -> str:
     ({"width": 2048, "override_settings": {"max_size": 4096}}, ["body", "width"]),  # limits are policy
     ({"batch_size": 65}, ["body", "batch_size"]),
     ({"steps": 1001}, ["body", "steps"]),
+    ({"enable_hr": True, "hr_scale": 8.0, "width": 256, "height": 256}, ["body", "hr_scale"]),  # 2048 > 1024
     ({"override_settings": {"CLIP_stop_at_last_layers": 99}}, ["body", "clip_skip"]),
 ])
 def test_bad_txt2img_input_answers_422_with_the_field(http, payload, loc):

@@ -118,6 +118,7 @@ def test_png_bomb_is_refused(http):
     for response, loc in ((img2img, ["body", "init_images", 0]), (info, ["body", "image"])):
         assert response.status_code == 422, (response.status_code, response.text[:300])
         assert response.json()["detail"][0]["loc"] == loc
+        assert "decompression bomb" in response.json()["detail"][0]["msg"]
     assert http.get("/api/v1/health").status_code == 200
 
 

@@ -14,40 +14,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from modules.errors import InvalidParams
 from modules.pipeline.hooks import CONDITIONING, SAMPLING, UPSCALE
 from modules.pipeline.job import Batch, Job, encode, inpaint_concat, make_plan, noise
-from modules.pipeline.params import MIN_SIZE, Txt2ImgParams
+from modules.pipeline.params import Txt2ImgParams, hires_target
 from modules.pipeline.resize import LANCZOS
 from modules.pipeline.sampling import Sampled, SamplingPlan, starting_at
 from modules.pipeline.stages import SamplingInput, condition, decode, run_stage, sample
-from modules.settings import DEFAULT_LIMITS
-
-
-def hires_target(p: Txt2ImgParams, max_size: int = DEFAULT_LIMITS.max_size) -> tuple[int, int, int, int]:
-    """(width, height, truncate_x, truncate_y) of the hires pass, as A1111 computes them.
-
-    With both `hr_resize_x` and `hr_resize_y`, the image is upscaled to cover that size
-    keeping its aspect ratio and the excess latent columns/rows are cut (truncate_*).
-    """
-    rx, ry = p.hr_resize_x, p.hr_resize_y
-    truncate_x = truncate_y = 0
-    if rx == 0 and ry == 0:
-        width, height = int(p.width * p.hr_scale), int(p.height * p.hr_scale)
-    elif ry == 0:
-        width, height = rx, rx * p.height // p.width
-    elif rx == 0:
-        width, height = ry * p.width // p.height, ry
-    else:
-        if p.width / p.height < rx / ry:
-            width, height = rx, rx * p.height // p.width
-        else:
-            width, height = ry * p.width // p.height, ry
-        truncate_x, truncate_y = (width - rx) // 8, (height - ry) // 8
-    if min(width, height) < MIN_SIZE or max(width, height) > max_size:
-        raise InvalidParams(f"the hires fix would make a {width}x{height} image; "
-                            f"sizes must lie between {MIN_SIZE} and {max_size}")
-    return width, height, truncate_x, truncate_y
 
 
 @dataclass(frozen=True)

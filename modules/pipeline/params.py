@@ -104,6 +104,33 @@ class Txt2ImgParams(GenerationParams):
                     _check_int(name, value, MIN_SIZE, limits.max_size)
             if not isinstance(self.hr_prompt, str) or not isinstance(self.hr_negative_prompt, str):
                 raise InvalidParams("hr_prompt and hr_negative_prompt must be text")
+            hires_target(self, limits.max_size)
+
+
+def hires_target(p: Txt2ImgParams, max_size: int = DEFAULT_LIMITS.max_size) -> tuple[int, int, int, int]:
+    """(width, height, truncate_x, truncate_y) of the hires pass, as A1111 computes them.
+
+    With both `hr_resize_x` and `hr_resize_y`, the image is upscaled to cover that size
+    keeping its aspect ratio and the excess latent columns/rows are cut (truncate_*).
+    """
+    rx, ry = p.hr_resize_x, p.hr_resize_y
+    truncate_x = truncate_y = 0
+    if rx == 0 and ry == 0:
+        width, height = int(p.width * p.hr_scale), int(p.height * p.hr_scale)
+    elif ry == 0:
+        width, height = rx, rx * p.height // p.width
+    elif rx == 0:
+        width, height = ry * p.width // p.height, ry
+    else:
+        if p.width / p.height < rx / ry:
+            width, height = rx, rx * p.height // p.width
+        else:
+            width, height = ry * p.width // p.height, ry
+        truncate_x, truncate_y = (width - rx) // 8, (height - ry) // 8
+    if min(width, height) < MIN_SIZE or max(width, height) > max_size:
+        raise InvalidParams(f"the hires fix would make a {width}x{height} image; "
+                            f"sizes must lie between {MIN_SIZE} and {max_size}", field="hr_scale")
+    return width, height, truncate_x, truncate_y
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,9 @@ def decode_image(data: Any, loc: tuple, max_size: int) -> Image.Image:
         image.load()
     except RequestError:
         raise
+    except Image.DecompressionBombError as err:
+        raise RequestError(loc, f"image refused as a decompression bomb ({err}); send at most {max_size} "
+                                "pixels a side") from None
     except (binascii.Error, ValueError):
         raise RequestError(loc, "not valid base64") from None
     except Exception:  # Pillow raises many kinds of errors on junk bytes
