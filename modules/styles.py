@@ -6,10 +6,12 @@ placeholder; otherwise it is appended after ", ". The negative prompt works the 
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from modules.errors import AtelierError
+from modules.plugins.registry import NamedRegistry
 from modules.plugins.specs import StyleSpec
 
 CSV_FIELDS = ("name", "prompt", "negative_prompt")
@@ -59,3 +61,48 @@ def save_styles_csv(path: Path, styles: Iterable[StyleSpec]) -> None:
         for style in styles:
             writer.writerow({"name": style.name, "prompt": style.prompt, "negative_prompt": style.negative_prompt})
     tmp.replace(path)
+
+
+class StyleStore:
+    """One app's prompt styles: the registered ones plus those saved from the UI.
+
+    Built once per app by `build_registries`; it is the only part of the registries that changes
+    after start-up. Reads see a snapshot; `save` writes the styles file and swaps in a new snapshot.
+    """
+
+    kind = "style"
+
+    def __init__(self, specs: Iterable[StyleSpec], path: Path | None = None) -> None:
+        self.path = Path(path) if path is not None else None
+        self._lock = threading.Lock()
+        self._registry: NamedRegistry[StyleSpec] = NamedRegistry(self.kind, specs)
+
+    def get(self, name: str) -> StyleSpec:
+        """The style by name (case-insensitive); raises InvalidParams naming the known ones."""
+        return self._registry.get(name)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._registry
+
+    def __iter__(self) -> Iterator[StyleSpec]:
+        return iter(self._registry)
+
+    def __len__(self) -> int:
+        return len(self._registry)
+
+    def names(self) -> list[str]:
+        return self._registry.names()
+
+    def save(self, spec: StyleSpec) -> Path:
+        """Add or replace `spec` in the styles file (A1111's styles.csv) and in this store."""
+        if self.path is None:
+            raise AtelierError("No styles file is configured, so styles cannot be saved.")
+        key = spec.name.lower()
+        with self._lock:
+            existing = load_styles_csv(self.path) if self.path.exists() else []
+            save_styles_csv(self.path, [s for s in existing if s.name.lower() != key] + [spec])
+            specs = list(self._registry)
+            at = next((n for n, s in enumerate(specs) if s.name.lower() == key), len(specs))
+            specs[at:at + 1] = [spec]  # a replaced style keeps its place in the dropdown
+            self._registry = NamedRegistry(self.kind, specs)
+        return self.path

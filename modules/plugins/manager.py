@@ -19,6 +19,7 @@ from modules.plugins.specs import (
     StyleSpec,
     UpscalerSpec,
 )
+from modules.styles import StyleStore
 
 log = logging.getLogger("atelier.plugins")
 
@@ -40,7 +41,7 @@ def build_plugin_manager(extra_plugins: Iterable[object] = ()) -> pluggy.PluginM
 class Registries:
     samplers: NamedRegistry[SamplerSpec]
     schedulers: NamedRegistry[SchedulerSpec]
-    styles: NamedRegistry[StyleSpec]
+    styles: StyleStore  # the one part that changes after start-up: styles saved from the UI
     postprocessors: NamedRegistry[PostprocessorSpec]
     upscalers: NamedRegistry[UpscalerSpec]
     extra_networks: NamedRegistry[ExtraNetworkSpec]
@@ -72,7 +73,8 @@ def build_registries(plugins: PluginHost | pluggy.PluginManager, settings: Any =
     return Registries(
         samplers=_registry(host, "sampler", "register_samplers", SamplerSpec),
         schedulers=_registry(host, "schedule type", "register_schedulers", SchedulerSpec),
-        styles=_registry(host, "style", "register_styles", StyleSpec, settings=settings),
+        styles=StyleStore(_registry(host, "style", "register_styles", StyleSpec, settings=settings),
+                          getattr(settings, "styles_file", None)),
         postprocessors=NamedRegistry("post-processor", sorted(postprocessors, key=lambda s: s.order)),
         upscalers=_registry(host, "upscaler", "register_upscalers", UpscalerSpec),
         extra_networks=_registry(host, "extra network", "register_extra_networks", ExtraNetworkSpec,

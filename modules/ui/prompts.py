@@ -7,6 +7,7 @@ import gradio as gr
 
 from modules import infotext
 from modules import styles as style_files
+from modules.errors import AtelierError
 from modules.plugins.specs import StyleSpec
 from modules.ui import components as ui_components
 from modules.ui.bindings import Fields, values_from_infotext
@@ -92,12 +93,10 @@ def save_prompt_style(ui: UIContext, name: str, prompt: str, negative: str) -> t
     name = (name or "").strip()
     if not name:
         raise gr.Error("Give the new style a name first.")
-    path = ui.app.settings.styles_file
-    existing = style_files.load_styles_csv(path) if path.exists() else []
-    spec = StyleSpec(name, prompt or "", negative or "", "styles.csv")
-    style_files.save_styles_csv(path, [s for s in existing if s.name != name] + [spec])
-    registry = ui.app.registries.styles
-    if name not in registry:
-        registry.add(spec)
+    store = ui.app.registries.styles  # this app's styles only
+    try:
+        path = store.save(StyleSpec(name, prompt or "", negative or "", "styles.csv"))
+    except AtelierError as err:
+        raise gr.Error(str(err)) from err
     gr.Info(f"Saved style {name!r} to {path.name}.")
-    return gr.update(choices=registry.names()), ""
+    return gr.update(choices=store.names()), ""
