@@ -3,11 +3,12 @@
 Hooks: `register_extra_networks` (LoRA with the `lyco` alias, Textual Inversion and Checkpoints
 cards), `patch_model` (the job's `<lora:...>` tags -> copy-on-write weight deltas),
 `register_embeddings` (files in models/embeddings and --embeddings-dir) and
-`register_ui_sections` (the card browser under the prompt). See docs/extensions.md.
+`register_ui_sections` (the card browser under the prompt). Each app gets its own
+`LoraExtension` from `create_plugin`, so two apps in one process share no libraries or specs.
+See docs/extensions.md.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from modules.plugins import api
@@ -18,56 +19,52 @@ from .library import LoraLibrary
 from .ti import EmbeddingLibrary
 
 log = api.get_logger("lora")
-# Scans and parsed files, per set of folders: apps built with the same folders share them.
-_LORAS: dict[tuple[Path, ...], LoraLibrary] = {}
-_EMBEDDINGS: dict[tuple[Path, ...], EmbeddingLibrary] = {}
-# The extra-network specs of every app built in this process, for the preview / metadata routes.
-_SPECS: dict[str, list[api.ExtraNetworkSpec]] = {}
 
 
-def lora_library(settings: Any) -> LoraLibrary:
-    roots = tuple(getattr(settings, "lora_folders", ()))
-    return _LORAS.setdefault(roots, LoraLibrary(roots))
+def create_plugin(settings: Any) -> LoraExtension:
+    """The plugin one app registers (plugin API 1.2): its libraries and specs belong to that app only."""
+    return LoraExtension(settings)
 
 
-def embedding_library(settings: Any) -> EmbeddingLibrary:
-    roots = tuple(getattr(settings, "embedding_folders", ()))
-    return _EMBEDDINGS.setdefault(roots, EmbeddingLibrary(roots))
+class LoraExtension:
+    """One app's LoRA and embedding libraries (scans, parsed files) and its extra-network specs."""
 
+    def __init__(self, settings: Any) -> None:
+        self.loras = LoraLibrary(tuple(getattr(settings, "lora_folders", ())))
+        self.embeddings = EmbeddingLibrary(tuple(getattr(settings, "embedding_folders", ())))
+        # kind -> this app's specs, read by the preview / metadata routes; replaced, never appended to.
+        self.specs: dict[str, list[api.ExtraNetworkSpec]] = {}
 
-@api.hookimpl
-def register_extra_networks(settings):
-    loras, embeddings = lora_library(settings), embedding_library(settings)
-    specs = [
-        api.ExtraNetworkSpec("lora", "Lora", aliases=("lyco",), items=lambda: lora_items(loras),
-                             refresh=loras.refresh, order=20),
-        api.ExtraNetworkSpec("textual inversion", "Textual Inversion", items=lambda: embedding_items(embeddings),
-                             refresh=lambda: None, tags=False, order=10),
-        api.ExtraNetworkSpec("checkpoints", "Checkpoints", items=lambda: checkpoint_items(settings),
-                             refresh=lambda: None, tags=False, order=0),
-    ]
-    for spec in specs:
-        _SPECS.setdefault(spec.name, []).append(spec)
-    return specs
+    @api.hookimpl
+    def register_extra_networks(self, settings):
+        loras, embeddings = self.loras, self.embeddings
+        specs = [
+            api.ExtraNetworkSpec("lora", "Lora", aliases=("lyco",), items=lambda: lora_items(loras),
+                                 refresh=loras.refresh, order=20),
+            api.ExtraNetworkSpec("textual inversion", "Textual Inversion",
+                                 items=lambda: embedding_items(embeddings), refresh=lambda: None, tags=False,
+                                 order=10),
+            api.ExtraNetworkSpec("checkpoints", "Checkpoints", items=lambda: checkpoint_items(settings),
+                                 refresh=lambda: None, tags=False, order=0),
+        ]
+        self.specs.clear()
+        self.specs.update((spec.name, [spec]) for spec in specs)
+        return specs
 
+    @api.hookimpl
+    def patch_model(self, patch, tags, context):
+        lora_tags = tags.get("lora", [])
+        if lora_tags:
+            apply_tags(patch, lora_tags, self.loras, context)
 
-@api.hookimpl
-def patch_model(patch, tags, context):
-    lora_tags = tags.get("lora", [])
-    if lora_tags:
-        apply_tags(patch, lora_tags, lora_library(context.settings), context)
+    @api.hookimpl
+    def register_embeddings(self):
+        return self.embeddings.specs()
 
+    @api.hookimpl
+    def register_ui_sections(self, tab):
+        return [browser_section(tab)]
 
-@api.hookimpl
-def register_embeddings(settings):
-    return embedding_library(settings).specs()
-
-
-@api.hookimpl
-def register_ui_sections(tab):
-    return [browser_section(tab)]
-
-
-@api.hookimpl
-def register_api_routes():
-    return [api_router(_SPECS)]
+    @api.hookimpl
+    def register_api_routes(self):
+        return [api_router(self.specs)]

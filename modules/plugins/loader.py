@@ -36,6 +36,8 @@ ENTRY_POINT_GROUP = "atelier.extensions"
 BUNDLED_EXTENSIONS = frozenset({"euler-cfg-pp", "film-grain", "style-pack", "wildcards", "lora"})
 
 Loader = Callable[[], object]
+# An extension with per-app state defines create_plugin(settings); each app registers what it returns.
+PLUGIN_FACTORY = "create_plugin"
 
 
 def builtin_plugins() -> list[tuple[str, object]]:
@@ -144,11 +146,26 @@ def load_extensions(settings: Any, entry_points: Iterable[Any] | None = None
     for info in order_extensions(i for i, _ in found if i.status == "pending"):
         start = time.perf_counter()
         try:
-            plugins.append((info, loaders[id(info)]()))
+            module = loaders[id(info)]()
         except BaseException as err:  # noqa: B036 - SystemExit from an extension must not stop the app
             _fail(info, "import failed", err)
+        else:
+            try:
+                plugins.append((info, plugin_for_app(module, settings)))
+            except BaseException as err:  # noqa: B036 - as above
+                _fail(info, f"{PLUGIN_FACTORY} failed", err)
         info.load_time_s = time.perf_counter() - start
     return [info for info, _ in found], plugins
+
+
+def plugin_for_app(module: object, settings: Any) -> object:
+    """What one app registers for an imported extension: `create_plugin(settings)`'s object, else the module.
+
+    The factory runs once per app, so state the extension keeps on that object (caches, scans)
+    is never shared between two apps in one process.
+    """
+    factory = getattr(module, PLUGIN_FACTORY, None)
+    return factory(settings) if callable(factory) else module
 
 
 def _register(manager: pluggy.PluginManager, info: ExtensionInfo, plugin: object) -> None:
