@@ -6,12 +6,14 @@ Handlers take `inputs=set(fields.values())`, so Gradio passes one dict {componen
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 from modules.errors import InvalidParams
 
 # A1111 infotext key -> params field (PNG info, "read parameters", send-to).
-INFOTEXT_FIELDS: dict[str, str] = {
+INFOTEXT_FIELDS: Mapping[str, str] = MappingProxyType({
     "Prompt": "prompt", "Negative prompt": "negative_prompt", "Steps": "steps", "Sampler": "sampler_name",
     "Schedule type": "scheduler", "CFG scale": "cfg_scale", "Seed": "seed", "Size-1": "width",
     "Size-2": "height", "Variation seed": "subseed", "Variation seed strength": "subseed_strength",
@@ -20,7 +22,7 @@ INFOTEXT_FIELDS: dict[str, str] = {
     "Hires steps": "hr_second_pass_steps", "Hires upscaler": "hr_upscaler", "Hires resize-1": "hr_resize_x",
     "Hires resize-2": "hr_resize_y", "Hires sampler": "hr_sampler_name", "Hires schedule type": "hr_scheduler",
     "Hires prompt": "hr_prompt", "Hires negative prompt": "hr_negative_prompt", "Mask blur": "mask_blur",
-}
+})
 SAME_AS_FIRST_PASS = ("Use same sampler", "Use same scheduler", "Use same checkpoint")
 
 

@@ -12,7 +12,7 @@ from modules.plugins.ui import extensions_table, ui_tabs
 from modules.ui.context import UIContext
 from modules.ui.sections import UIBuildContext
 
-COLUMNS = ["Extension", "Version", "Status", "Enabled", "Bundled", "Errors"]
+COLUMNS = ("Extension", "Version", "Status", "Enabled", "Bundled", "Errors")
 
 
 @dataclass
@@ -38,7 +38,7 @@ def extension_rows(ui: UIContext) -> list[list]:
 def build_extensions_tab(ui: UIContext) -> ExtensionsTab:
     infos = extensions_table(ui.app.plugins)
     with gr.Tab("Extensions", id="extensions", elem_id="tab-extensions") as tab:
-        table = gr.Dataframe(headers=COLUMNS, value=extension_rows(ui), interactive=False, wrap=True,
+        table = gr.Dataframe(headers=list(COLUMNS), value=extension_rows(ui), interactive=False, wrap=True,
                              elem_id="extensions-table")
         enabled = gr.CheckboxGroup([i.name for i in infos], value=[i.name for i in infos if i.enabled],
                                    label="Enabled extensions (applied at the next start)",

@@ -9,7 +9,7 @@ import gradio as gr
 from modules.ui.context import UIContext
 from modules.ui.results import finished_message, infotext_html, result_state
 
-COLUMNS = ["When", "Kind", "State", "Images", "Prompt"]
+COLUMNS = ("When", "Kind", "State", "Images", "Prompt")
 
 
 @dataclass
@@ -37,7 +37,7 @@ def history_rows(ui: UIContext, request) -> tuple[list[list], list[str]]:
 def build_history_tab(ui: UIContext) -> HistoryTab:
     with gr.Tab("History", id="history", elem_id="tab-history") as tab:
         refresh = gr.Button("🔄 Refresh", size="sm", elem_id="history-refresh")
-        table = gr.Dataframe(headers=COLUMNS, value=[], interactive=False, wrap=True, elem_id="history-table")
+        table = gr.Dataframe(headers=list(COLUMNS), value=[], interactive=False, wrap=True, elem_id="history-table")
         with gr.Row():
             gallery = gr.Gallery(label="Images", columns=4, height=300, object_fit="contain", interactive=False,
                                  elem_id="history-gallery")
