@@ -125,7 +125,23 @@ class NoPatch:
         yield
 
 
-class NoHooks:
+class PassThroughStages:
+    """The denoiser and stage points of `StageHooks`, changing nothing (for hooks that add none yet)."""
+
+    def wrap_model(self, model: ModelFn, context: DenoiserContext) -> ModelFn:
+        return model
+
+    def wrap_denoiser(self, denoiser: Denoiser, context: DenoiserContext) -> Denoiser:
+        return denoiser
+
+    def before_stage(self, name: str, job: Any) -> None:
+        return None
+
+    def after_stage(self, name: str, job: Any, value: Any) -> Any:
+        return value
+
+
+class NoHooks(PassThroughStages):
     """The default hooks: every seam is a no-op (library use without extensions, tests)."""
 
     on_guided: GuidanceHook | None = None
@@ -154,15 +170,3 @@ class NoHooks:
     @property
     def warnings(self) -> list[str]:
         return self._warnings
-
-    def wrap_model(self, model: ModelFn, context: DenoiserContext) -> ModelFn:
-        return model
-
-    def wrap_denoiser(self, denoiser: Denoiser, context: DenoiserContext) -> Denoiser:
-        return denoiser
-
-    def before_stage(self, name: str, job: Any) -> None:
-        return None
-
-    def after_stage(self, name: str, job: Any, value: Any) -> Any:
-        return value

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from modules.errors import InvalidParams
+from modules.pipeline.hooks import PassThroughStages
 from modules.plugins.context import JobContext, PostprocessContext
 from modules.plugins.extensions import ExtensionError
 from modules.plugins.host import PluginHost
@@ -211,7 +212,7 @@ def extension_args_from_infotext(host: PluginHost, registries: Any, fields: Mapp
     return result
 
 
-class JobHooks:
+class JobHooks(PassThroughStages):
     """The pipeline's `StageHooks` over the plugin host, bound to one job's context; warnings collect
     in `context`. The denoiser wrap points and stage hooks are no-ops until hookspecs use them."""
 
@@ -256,15 +257,3 @@ class JobHooks:
     @property
     def warnings(self) -> list[str]:
         return self.context.warnings
-
-    def wrap_model(self, model: Any, context: Any) -> Any:
-        return model
-
-    def wrap_denoiser(self, denoiser: Any, context: Any) -> Any:
-        return denoiser
-
-    def before_stage(self, name: str, job: Any) -> None:
-        return None
-
-    def after_stage(self, name: str, job: Any, value: Any) -> Any:
-        return value
