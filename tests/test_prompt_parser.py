@@ -21,6 +21,7 @@ from modules.text.prompt_parser import (
     split_and,
     strip_comments,
 )
+from tests.growth import assert_linear_growth
 
 
 def g(prompt: str, steps: int = 10, hires: int | None = None, old: bool = False) -> list[list]:
@@ -418,17 +419,9 @@ def test_extra_network_tag_is_frozen() -> None:
 @pytest.mark.parametrize("unit", ["a:", "<lora:", "(", "[", "(a:1.1) [b] \\( c:", "[a|b] "])
 def test_parsers_grow_linearly_on_hostile_prompts(unit):
     """Prompts come from anyone on the LAN; a super-linear parser holds the GIL and freezes the server."""
-    import time
 
-    def seconds(size: int) -> float:
+    def run_at(size: int):
         text = unit * (size // len(unit))
-        best = float("inf")
-        for _ in range(2):
-            start = time.perf_counter()
-            parse_prompt_attention(text)
-            extract_extra_networks(text)
-            best = min(best, time.perf_counter() - start)
-        return best
+        return lambda: (parse_prompt_attention(text), extract_extra_networks(text))
 
-    small, large = seconds(10_000), seconds(160_000)  # 16x the text: ~16x the time, not ~256x
-    assert large < 40 * small + 0.05, (small, large)
+    assert_linear_growth(run_at, 10_000, 160_000)  # 16x the text: ~16x the time, not ~256x
