@@ -49,6 +49,9 @@ class Settings:
     vae_tile_size: int = 64  # latents per tile side (64 = 512 pixels); tiles overlap by a quarter
     vram: str = "normal"  # "normal", "medvram" (one model on the GPU at a time) or "lowvram" (one block)
     max_size: int = 4096
+    max_batch_size: int = DEFAULT_LIMITS.max_batch_size
+    max_n_iter: int = DEFAULT_LIMITS.max_n_iter
+    max_steps: int = DEFAULT_LIMITS.max_steps
     styles_file: Path = REPO_ROOT / "styles.csv"  # A1111's styles.csv format
     extensions_dirs: tuple[Path, ...] = (REPO_ROOT / "extensions",)
     disable_all_extensions: bool = False
@@ -61,7 +64,7 @@ class Settings:
 
     @property
     def limits(self) -> Limits:
-        return Limits(max_size=self.max_size)
+        return Limits(self.max_size, self.max_batch_size, self.max_n_iter, self.max_steps)
 
     @property
     def checkpoint_dir(self) -> Path:

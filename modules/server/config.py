@@ -132,6 +132,9 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
                        help="allow installing extensions from file:// URLs (off: a web page could name a local path)")
     group.add_argument("--api-max-body-mb", type=int, default=100, help="largest request body accepted")
     group.add_argument("--max-size", type=int, default=4096, help="largest width or height a job may ask for")
+    group.add_argument("--max-batch-size", type=int, default=64, help="largest batch_size a job may ask for")
+    group.add_argument("--max-n-iter", type=int, default=10000, help="most batches (n_iter) a job may ask for")
+    group.add_argument("--max-steps", type=int, default=1000, help="most sampling steps a job may ask for")
 
 
 def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
