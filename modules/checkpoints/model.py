@@ -63,6 +63,12 @@ class ModelSpec:
         return self.arch == "sdxl"
 
     @property
+    def default_size(self) -> int:
+        """The side the family was trained at, in pixels: the UNet's latent sample size times the VAE's 8
+        (512 for SD1, 768 for SD2-v, 1024 for SDXL). A family declares its own through `unet_config`."""
+        return int(self.unet_config.get("sample_size") or 64) * 8
+
+    @property
     def is_inpaint(self) -> bool:
         return self.unet_config.get("in_channels", 4) == 9
 

@@ -15,7 +15,8 @@ def build_checkpoint_row(ui: UIContext) -> gr.Dropdown:
         dropdown = gr.Dropdown(titles, value=ui.current_checkpoint() if titles else None,
                                label="Stable Diffusion checkpoint", elem_id="checkpoint", scale=4,
                                allow_custom_value=True)  # titles gain a hash once a model was hashed
-        refresh = gr.Button("🔄", size="sm", scale=0, min_width=40, elem_id="checkpoint-refresh")
+        refresh = gr.Button("\u21bb", size="sm", scale=0, min_width=36, elem_id="checkpoint-refresh",
+                            elem_classes=["atelier-icon-button"])
         status = gr.Markdown(_status(ui, ui.current_checkpoint() if titles else None), elem_id="checkpoint-status")
 
     def refresh_list(current: str | None):
@@ -48,7 +49,7 @@ def demo_notice(ui: UIContext) -> str:
     return (f"ℹ This is Atelier's small **demo model** (coloured shapes, {DEMO_RESOLUTION}×{DEMO_RESOLUTION}; "
             f"try \"a red circle on a blue background, top left\"). For real images, put Stable Diffusion "
             f"1.x, 2.x or SDXL checkpoints (`.safetensors` single files, or diffusers folders) in `{folder}` "
-            "and press 🔄.")
+            "and press the refresh button (\u21bb).")
 
 
 def _status(ui: UIContext, title: str | None) -> str:

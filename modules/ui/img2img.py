@@ -11,6 +11,7 @@ from modules.pipeline.params import INPAINTING_FILLS, RESIZE_MODES
 from modules.ui.bindings import Fields
 from modules.ui.context import UIContext
 from modules.ui.generation import GenerationTab, build_generation_tab
+from modules.ui.safe_image import SafeImage
 
 MODES = (("img2img", "img2img"), ("inpaint", "Inpaint"), ("inpaint_upload", "Inpaint upload"),
          ("outpaint", "Outpaint"))
@@ -45,7 +46,7 @@ def _image_inputs(fields: Fields) -> tuple[set, Any, dict]:
 
 def _mode_inputs(key: str, handles: dict[str, Any]) -> None:
     if key == "img2img":
-        handles["image"] = gr.Image(label="Image", type="pil", image_mode="RGBA", height=360,
+        handles["image"] = SafeImage(label="Image", type="pil", image_mode="RGBA", height=360,
                                     elem_id="img2img-image", sources=["upload", "clipboard"])
     elif key == "inpaint":
         editor = handles["editor"] = gr.ImageEditor(
@@ -55,12 +56,12 @@ def _mode_inputs(key: str, handles: dict[str, Any]) -> None:
         editor.upload(fit_brush, inputs=editor, outputs=editor, queue=False, show_progress="hidden")
     elif key == "inpaint_upload":
         with gr.Row():
-            handles["upload_image"] = gr.Image(label="Image", type="pil", image_mode="RGBA", height=300,
+            handles["upload_image"] = SafeImage(label="Image", type="pil", image_mode="RGBA", height=300,
                                                elem_id="inpaint-upload-image")
-            handles["upload_mask"] = gr.Image(label="Mask (white: repaint)", type="pil", image_mode="L",
+            handles["upload_mask"] = SafeImage(label="Mask (white: repaint)", type="pil", image_mode="L",
                                               height=300, elem_id="inpaint-upload-mask")
     else:
-        handles["outpaint_image"] = gr.Image(label="Image", type="pil", image_mode="RGBA", height=300,
+        handles["outpaint_image"] = SafeImage(label="Image", type="pil", image_mode="RGBA", height=300,
                                              elem_id="outpaint-image")
         with gr.Row():
             handles["pads"] = {side: gr.Slider(0, 512, value=64 if side in ("left", "right") else 0, step=8,
@@ -80,7 +81,7 @@ def _img2img_fields(fields: Fields) -> None:
         fields["inpainting_fill"] = gr.Radio(list(INPAINTING_FILLS), value="original", type="index",
                                              label="Masked content", elem_id="img2img-inpainting-fill")
         fields["inpaint_full_res"] = gr.Radio(list(INPAINT_AREAS), value=INPAINT_AREAS[0], type="index",
-                                              label="Inpaint area")
+                                              label="Inpaint area", elem_id="img2img-inpaint-area")
         fields["inpaint_full_res_padding"] = gr.Slider(0, 256, value=32, step=4,
                                                        label="Only masked padding, pixels")
 
