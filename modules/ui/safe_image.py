@@ -1,4 +1,8 @@
-"""An image input that says "this file is not an image (...)" instead of showing Gradio's internals."""
+"""An image input that says "this file is not an image (...)" instead of showing Gradio's internals.
+
+A wrapper around one gr.Image's `preprocess`, not a subclass: Gradio writes a .pyi file next to the
+source of every component class it meets.
+"""
 from __future__ import annotations
 
 from typing import Any
@@ -12,14 +16,17 @@ def not_an_image(name: str, err: Exception) -> str:
     return f"this file is not an image ({name}: {reason}). Upload a PNG, JPEG or WebP picture."
 
 
-class SafeImage(gr.Image):
-    """gr.Image (the same front end: `is_template`) whose upload errors are a plain user message."""
+def SafeImage(**kwargs: Any) -> gr.Image:  # noqa: N802 (used like the component it builds)
+    """gr.Image whose upload errors reach the user as a plain message (in queued events' toasts)."""
+    image = gr.Image(**kwargs)
+    preprocess = image.preprocess
 
-    is_template = True
-
-    def preprocess(self, payload: Any) -> Any:
+    def checked(payload: Any) -> Any:
         try:
-            return super().preprocess(payload)
+            return preprocess(payload)
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
             name = getattr(payload, "orig_name", None) or "the upload"
             raise gr.Error(not_an_image(name, err), print_exception=False) from None
+
+    image.preprocess = checked
+    return image
