@@ -5,6 +5,7 @@ One server (the bundled demo model and a tiny SD1 checkpoint) and one browser fo
 """
 from __future__ import annotations
 
+import json
 import re
 import time
 
@@ -27,8 +28,11 @@ def server(tmp_path_factory, tiny_checkpoints):
     require_browser()
     if not DEMO_CHECKPOINT.exists():
         pytest.skip("the bundled demo checkpoint is missing")
-    running = start_ui_server(tmp_path_factory.mktemp("webui-a1111"),
-                              {"tiny": tiny_checkpoints["sd1"], "demo": DEMO_CHECKPOINT})
+    root = tmp_path_factory.mktemp("webui-a1111")
+    (root / "data").mkdir()  # quicksettings_list extended by one entry, as a user would in Settings
+    (root / "data" / "config.json").write_text(json.dumps({"quicksettings_list": [
+        "sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers", "randn_source"]}))
+    running = start_ui_server(root, {"tiny": tiny_checkpoints["sd1"], "demo": DEMO_CHECKPOINT})
     yield running
     running.stop()
 
@@ -259,3 +263,52 @@ def test_user_errors_reach_the_user(page, tmp_path):
     why = page.locator("#history-why").inner_text()
     assert "No jobs yet in this browser" in why and "--gradio-auth" in why, why
     page.screenshot(path=str(screenshot_dir() / "a1111-history-empty.png"))
+
+
+def test_quicksettings_and_settings_search_apply_reload(page, server):
+    """Checkpoint, VAE, clip skip and the configured extra (RNG source) in the top bar; Settings lists every
+    option the server holds, by section, with a search box; Apply settings saves, Reload UI reloads."""
+    options = server.context.options
+    for key in ("sd_vae", "CLIP_stop_at_last_layers", "randn_source"):
+        assert box(page, f"#quicksettings-{key}")["y"] < 130, f"{key} is not in the top bar"
+    assert "--vae" in page.locator("#quicksettings-sd_vae").inner_text()
+    clip = page.locator("#quicksettings-CLIP_stop_at_last_layers input[type=number]")
+    clip.fill("2")
+    clip.press("Enter")
+    assert "Clip skip: 2" in toast_with(page, "Clip skip")
+    assert options.get("CLIP_stop_at_last_layers") == 2
+
+    page.get_by_role("tab", name="Settings", exact=True).click()
+    keys = [k for k in options.all() if k != "sd_model_checkpoint"]
+    for key in keys:
+        widget = page.locator(f"#setting-{key}")
+        assert widget.count() == 1, f"option {key} has no widget"
+        editable = widget.locator("input:not([disabled]), textarea:not([disabled])").count() > 0
+        assert editable == (key not in ("sd_vae", "outdir_txt2img_samples", "outdir_img2img_samples",
+                                        "samples_format")), key
+    for section in ("stable-diffusion", "live-previews", "user-interface", "saving-images"):
+        assert page.locator(f"#settings-section-{section}").is_visible()
+    search = page.locator("#settings-search textarea, #settings-search input").first
+    search.fill("preview")
+    page.locator("#setting-CLIP_stop_at_last_layers").wait_for(state="hidden")
+    assert page.locator("#setting-show_progress_every_n_steps").is_visible()
+    assert not page.locator("#settings-section-saving-images").is_visible()
+    page.screenshot(path=str(screenshot_dir() / "a1111-settings-search.png"))
+    search.fill("")
+    page.locator("#setting-CLIP_stop_at_last_layers").wait_for(state="visible")
+
+    precision = page.locator("#setting-keyedit_precision_attention input[type=number]")
+    precision.fill("0.05")
+    precision.press("Enter")
+    page.click("#settings-save")
+    page.wait_for_function("document.querySelector('#settings-message')?.innerText.includes('Saved')")
+    assert options.get("keyedit_precision_attention") == 0.05
+    page.click("#settings-reload")
+    page.wait_for_selector("#txt2img-generate", timeout=60_000)
+    page.wait_for_function("document.querySelector('#atelier-ui-config [data-keyedit-step]')"
+                           "?.dataset.keyeditStep === '0.05'")
+    area = page.locator("#txt2img-prompt textarea")
+    area.fill("owl")
+    area.press("Control+ArrowUp")
+    assert area.input_value() == "(owl:1.05)"
+    options.update({"CLIP_stop_at_last_layers": 1, "keyedit_precision_attention": 0.1})

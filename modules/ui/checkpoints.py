@@ -7,17 +7,19 @@ from modules.demo import DEMO_CHECKPOINT, DEMO_RESOLUTION
 from modules.errors import AtelierError
 from modules.server.sdapi import set_options_and_model
 from modules.ui.context import UIContext
+from modules.ui.quicksettings import build_quicksettings
 
 
 def build_checkpoint_row(ui: UIContext) -> gr.Dropdown:
     with gr.Row(elem_id="checkpoint-row"):
         titles = ui.checkpoint_titles()
         dropdown = gr.Dropdown(titles, value=ui.current_checkpoint() if titles else None,
-                               label="Stable Diffusion checkpoint", elem_id="checkpoint", scale=4,
+                               label="Stable Diffusion checkpoint", elem_id="checkpoint", scale=3,
                                allow_custom_value=True)  # titles gain a hash once a model was hashed
         refresh = gr.Button("\u21bb", size="sm", scale=0, min_width=36, elem_id="checkpoint-refresh",
                             elem_classes=["atelier-icon-button"])
-        status = gr.Markdown(_status(ui, ui.current_checkpoint() if titles else None), elem_id="checkpoint-status")
+        build_quicksettings(ui)
+    status = gr.Markdown(_status(ui, ui.current_checkpoint() if titles else None), elem_id="checkpoint-status")
 
     def refresh_list(current: str | None):
         titles = ui.checkpoint_titles()
