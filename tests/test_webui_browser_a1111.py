@@ -133,6 +133,7 @@ def test_gallery_lightbox_preview_keyboard_and_send_to_pnginfo(page, server):
     for elem, value in (("txt2img-width", 64), ("txt2img-height", 64), ("txt2img-steps", 8),
                         ("txt2img-batch-size", 4)):
         set_number(page, elem, value)
+    page.locator("#txt2img-tiling input").check()  # seamless tiling reaches the job
     area.press("Control+Enter")
     preview_sizes = set()
     deadline = time.monotonic() + 120
@@ -145,7 +146,7 @@ def test_gallery_lightbox_preview_keyboard_and_send_to_pnginfo(page, server):
             preview_sizes.add((found[0], round(found[1], 1)))
         time.sleep(0.05)
     info = wait_result(page)
-    assert "Seed:" in info and "Size: 64x64" in info, info
+    assert "Seed:" in info and "Size: 64x64" in info and "Tiling: True" in info, info
     assert preview_sizes, "no live preview appeared"
     assert all(width == 64 and ratio >= 0.6 for width, ratio in preview_sizes), preview_sizes
 
@@ -172,6 +173,13 @@ def test_gallery_lightbox_preview_keyboard_and_send_to_pnginfo(page, server):
     assert "00002-" in page.locator("#atelier-lightbox img").get_attribute("src")
     page.keyboard.press("Escape")
     assert page.locator("#atelier-lightbox").count() == 0
+
+    first_seed = int(re.search(r"Seed: (\d+)", info).group(1))
+    page.click("#txt2img-reuse-seed")  # the selected (second) image's seed
+    page.wait_for_function("s => document.querySelector('#txt2img-seed input').value === s",
+                           arg=str(first_seed + 1), timeout=10_000)
+    page.click("#txt2img-random-seed")
+    page.wait_for_function("document.querySelector('#txt2img-seed input').value === '-1'", timeout=10_000)
 
     page.click("#txt2img-send-to-pnginfo")
     page.wait_for_function("document.querySelector('#pnginfo-text textarea')?.value.includes('Seed:')",
@@ -312,3 +320,20 @@ def test_quicksettings_and_settings_search_apply_reload(page, server):
     area.press("Control+ArrowUp")
     assert area.input_value() == "(owl:1.05)"
     options.update({"CLIP_stop_at_last_layers": 1, "keyedit_precision_attention": 0.1})
+
+
+def test_img2img_resize_by_scale(page, server, tmp_path):
+    base.stripes(tmp_path / "stripes.png")
+    page.get_by_role("tab", name="img2img", exact=True).click()
+    page.locator("#img2img-image input[type=file]").set_input_files(str(tmp_path / "stripes.png"))
+    page.locator("#img2img-image img").first.wait_for()
+    page.locator("#img2img-size-from label", has_text="Resize by").click()
+    set_number(page, "img2img-resize-by", 1.5)
+    page.wait_for_function("document.querySelector('#img2img-resize-by-size')?.innerText.includes('96x96')")
+    assert "64x64 \u2192 96x96" in page.locator("#img2img-resize-by-size").inner_text()
+    set_number(page, "img2img-steps", 2)
+    page.fill("#img2img-prompt textarea", "stripes, larger")
+    page.click("#img2img-generate")
+    info = wait_result(page, "img2img")
+    assert "Size: 96x96" in info, info
+    assert gallery_image(page, server, "img2img").size == (96, 96)

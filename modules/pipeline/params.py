@@ -45,6 +45,7 @@ class GenerationParams:
     sigma_min: float | None = None
     sigma_max: float | None = None
     rho: float | None = None
+    tiling: bool = False  # seamless: the UNet and VAE pad circularly (A1111's "Tiling")
     save_images: bool = True
     outdir: Path | None = None  # None: Settings.outputs_dir / "<task>-images"
     styles: tuple[str, ...] = ()  # prompt style names, applied in order before the job runs

@@ -159,15 +159,16 @@
   }, true);
 
   // -- keyboard: Ctrl+Enter generates, Alt+Enter skips, Esc interrupts (or closes the lightbox) --
+  document.addEventListener("keydown", (ev) => {  // capture: the page behind the lightbox sees no keys
+    if (!document.getElementById("atelier-lightbox")) return;
+    if (ev.key === "Escape") closeLightbox();
+    else if (ev.key === "ArrowLeft" || ev.key === "ArrowRight") moveLightbox(ev.key === "ArrowLeft" ? -1 : 1);
+    else return;
+    ev.preventDefault();
+    ev.stopImmediatePropagation();
+  }, true);
+
   document.addEventListener("keydown", (ev) => {
-    if (document.getElementById("atelier-lightbox")) {
-      if (ev.key === "Escape") { closeLightbox(); ev.preventDefault(); return; }
-      if (ev.key === "ArrowLeft" || ev.key === "ArrowRight") {
-        moveLightbox(ev.key === "ArrowLeft" ? -1 : 1);
-        ev.preventDefault();
-        return;
-      }
-    }
     const ctrl = ev.ctrlKey || ev.metaKey;
     if (ctrl && (ev.key === "ArrowUp" || ev.key === "ArrowDown")) {
       const area = ev.target;

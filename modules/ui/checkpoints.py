@@ -19,7 +19,8 @@ def build_checkpoint_row(ui: UIContext) -> gr.Dropdown:
         refresh = gr.Button("\u21bb", size="sm", scale=0, min_width=36, elem_id="checkpoint-refresh",
                             elem_classes=["atelier-icon-button"])
         build_quicksettings(ui)
-    status = gr.Markdown(_status(ui, ui.current_checkpoint() if titles else None), elem_id="checkpoint-status")
+    status = gr.Markdown(_status(ui, ui.current_checkpoint() if titles else None), elem_id="checkpoint-status",
+                         elem_classes=["atelier-collapse-empty"])
 
     def refresh_list(current: str | None):
         titles = ui.checkpoint_titles()

@@ -113,8 +113,10 @@ def size_rows(tab: str, defaults: dict, fields: Fields, max_size: int) -> gr.But
         with gr.Column(scale=2):
             fields["n_iter"] = gr.Slider(1, 100, value=1, step=1, label="Batch count", elem_id=f"{tab}-n-iter")
             fields["batch_size"] = gr.Slider(1, 8, value=1, step=1, label="Batch size", elem_id=f"{tab}-batch-size")
-    fields["cfg_scale"] = gr.Slider(1.0, 30.0, value=defaults["cfg_scale"], step=0.5, label="CFG Scale",
-                                    elem_id=f"{tab}-cfg-scale")
+    with gr.Row(equal_height=True):
+        fields["cfg_scale"] = gr.Slider(1.0, 30.0, value=defaults["cfg_scale"], step=0.5, label="CFG Scale",
+                                        elem_id=f"{tab}-cfg-scale", scale=4)
+        fields["tiling"] = gr.Checkbox(False, label="Tiling", elem_id=f"{tab}-tiling", scale=1, min_width=90)
     return swap
 
 

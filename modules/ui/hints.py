@@ -55,6 +55,7 @@ TOOLTIPS: Mapping[str, str] = MappingProxyType({
     "-interrupt": "Stop processing images and return any results accumulated so far (Esc).",
     "-skip": "Stop processing current image and continue processing (Alt+Enter).",
     "-generate": "Generate (Ctrl+Enter)",
+    "-tiling": "Produce an image that can be tiled.",
     "-styles": "Styles to apply to the prompt when the image is generated",
 })
 

@@ -17,6 +17,7 @@ MODES = (("img2img", "img2img"), ("inpaint", "Inpaint"), ("inpaint_upload", "Inp
          ("outpaint", "Outpaint"))
 INPAINT_AREAS = ("Whole picture", "Only masked")
 MASK_MODES = ("Inpaint masked", "Inpaint not masked")
+SIZE_FROM = ("Resize to", "Resize by")
 DEFAULT_BRUSH = 20  # radius before an image is known (a 512x512 image gets 21)
 
 
@@ -34,9 +35,10 @@ def _image_inputs(fields: Fields) -> tuple[set, Any, dict]:
                 _mode_inputs(key, handles)
             tab.select(lambda k=key: k, outputs=mode, queue=False)
     handles["modes"] = modes
+    _resize_by(handles)
     _img2img_fields(fields)
     extra = {mode, handles["image"], handles["editor"], handles["upload_image"], handles["upload_mask"],
-             handles["outpaint_image"], *handles["pads"].values()}
+             handles["outpaint_image"], *handles["pads"].values(), handles["size_from"], handles["scale"]}
 
     def collect(data: dict) -> tuple[str, dict[str, Any], dict[str, Any]]:
         return collect_inputs(data[mode], data, handles)
@@ -67,6 +69,32 @@ def _mode_inputs(key: str, handles: dict[str, Any]) -> None:
             handles["pads"] = {side: gr.Slider(0, 512, value=64 if side in ("left", "right") else 0, step=8,
                                                label=f"Pixels to add: {side}", elem_id=f"outpaint-{side}")
                                for side in ("left", "right", "up", "down")}
+
+
+def _resize_by(handles: dict[str, Any]) -> None:
+    """A1111's "Resize to" / "Resize by": with "Resize by", width x height is the image's size times the scale."""
+    with gr.Row(equal_height=True):
+        size_from = handles["size_from"] = gr.Radio(list(SIZE_FROM), value=SIZE_FROM[0], label="Size",
+                                                    elem_id="img2img-size-from", scale=2)
+        scale = handles["scale"] = gr.Slider(0.05, 4.0, value=1.0, step=0.05, label="Scale",
+                                             elem_id="img2img-resize-by", scale=2)
+    readout = gr.Markdown("", elem_id="img2img-resize-by-size")
+    sources = [handles[k] for k in ("image", "upload_image", "outpaint_image")]
+
+    def show(choice: str, factor: float, *images) -> str:
+        image = next((i for i in images if i is not None), None)
+        if choice != SIZE_FROM[1] or image is None:
+            return ""
+        width, height = scaled_size(image.size, factor)
+        return f"Resize by {factor:g}: {image.width}x{image.height} \u2192 **{width}x{height}**"
+
+    for trigger in (size_from.change, scale.change, *(i.change for i in sources)):
+        trigger(show, inputs=[size_from, scale, *sources], outputs=readout, show_progress="hidden")
+
+
+def scaled_size(size: tuple[int, int], factor: float) -> tuple[int, int]:
+    """The image's size times `factor`, rounded to multiples of 8 (at least 64)."""
+    return tuple(max(64, int(round(side * factor / 8)) * 8) for side in size)
 
 
 def _img2img_fields(fields: Fields) -> None:
@@ -134,6 +162,8 @@ def collect_inputs(mode: str, data: dict, handles: dict[str, Any]) -> tuple[str,
         mask = None
     if image is None:
         raise InvalidParams("Add an image first (drop one on the image box).")
+    if data.get(handles["size_from"]) == SIZE_FROM[1] and mode != "outpaint":
+        extra["width"], extra["height"] = scaled_size(image.size, float(data.get(handles["scale"]) or 1.0))
     if mode == "outpaint":
         pads = tuple(int(data.get(handles["pads"][s]) or 0) for s in ("left", "right", "up", "down"))
         extra["outpaint"] = pads

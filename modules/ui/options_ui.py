@@ -71,12 +71,13 @@ def option_value(ui: UIContext, key: str) -> Any:
     return ui.server.options.get(key, defaults.get(key))
 
 
-def option_widget(ui: UIContext, key: str, elem_id: str) -> gr.components.Component:
-    """The widget of one option, with its current value."""
+def option_widget(ui: UIContext, key: str, elem_id: str, compact: bool = False) -> gr.components.Component:
+    """The widget of one option, with its current value (`compact`: the top bar's, radios as dropdowns)."""
     label, value, registries = info_of(key).label, option_value(ui, key), ui.app.registries
     if key in READ_ONLY:
         choices = ["Automatic", "None", *(p.name for p in ui.app.engine.vaes())] if key == "sd_vae" else None
-        note = f"{label} (set at start-up with {RESTART_FLAGS.get(key, 'a flag')})"
+        flag = RESTART_FLAGS.get(key, "a flag")
+        note = f"{label} ({flag})" if compact else f"{label} (set at start-up with {flag})"
         if choices:
             return gr.Dropdown(choices, value=value, label=note, interactive=False, elem_id=elem_id)
         return gr.Textbox(str(value), label=note, interactive=False, elem_id=elem_id)
@@ -87,10 +88,11 @@ def option_widget(ui: UIContext, key: str, elem_id: str) -> gr.components.Compon
         return gr.Slider(1, 50, value=value or 1, step=1, **common)
     if key == "keyedit_precision_attention":
         return gr.Slider(0.01, 0.2, value=value, step=0.001, **common)
+    choice = gr.Dropdown if compact else gr.Radio
     if key == "randn_source":
-        return gr.Radio(list(RNG_LABELS.values()), value=value or "GPU", **common)
+        return choice(list(RNG_LABELS.values()), value=value or "GPU", **common)
     if key == "emphasis":
-        return gr.Radio(list(EMPHASIS_MODES), value=value or "Original", **common)
+        return choice(list(EMPHASIS_MODES), value=value or "Original", **common)
     if key == "atelier_default_sampler":
         return gr.Dropdown(registries.samplers.names(), value=value, **common)
     if key == "atelier_default_scheduler":

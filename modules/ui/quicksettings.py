@@ -30,7 +30,7 @@ def quicksettings_keys(ui: UIContext) -> list[str]:
 def build_quicksettings(ui: UIContext) -> dict[str, gr.components.Component]:
     widgets = {}
     for key in quicksettings_keys(ui):
-        widget = widgets[key] = option_widget(ui, key, f"quicksettings-{key}")
+        widget = widgets[key] = option_widget(ui, key, f"quicksettings-{key}", compact=True)
         if key in READ_ONLY:
             continue
 

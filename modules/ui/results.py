@@ -16,7 +16,7 @@ from PIL import Image
 from modules.jobs.model import CANCELLED, DONE, FAILED, Job
 from modules.ui.follow import Update
 
-GALLERY_HEIGHT = 340  # the result column fits beside the controls at 1280x720
+GALLERY_HEIGHT = 300  # the result column fits beside the controls at 1280x720
 
 
 @dataclass
@@ -34,7 +34,7 @@ class ResultsPanel:
 
 def results_panel(tab: str) -> ResultsPanel:
     progress = gr.HTML("", elem_id=f"{tab}-progress", elem_classes=["atelier-progress-box"])
-    message = gr.Markdown("", elem_id=f"{tab}-message")
+    message = gr.Markdown("", elem_id=f"{tab}-message", elem_classes=["atelier-collapse-empty"])
     preview = gr.Image(label="Live preview", type="pil", interactive=False, visible=False, height=GALLERY_HEIGHT,
                        elem_id=f"{tab}-preview", elem_classes=["atelier-preview"], buttons=[])
     gallery = gr.Gallery(label="Output", columns=4, height=GALLERY_HEIGHT, object_fit="contain", interactive=False,
