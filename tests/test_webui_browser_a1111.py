@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from modules.demo import DEMO_CHECKPOINT
 from tests import test_webui_browser as base
@@ -337,3 +338,52 @@ def test_img2img_resize_by_scale(page, server, tmp_path):
     info = wait_result(page, "img2img")
     assert "Size: 96x96" in info, info
     assert gallery_image(page, server, "img2img").size == (96, 96)
+
+
+def newest_inputs(server):
+    folders = sorted((server.context.data_dir / "job-inputs").glob("*"), key=lambda f: f.stat().st_mtime)
+    return folders[-1]
+
+
+def draw_stroke(page, editor: str) -> None:
+    canvas = page.locator(f"#{editor} canvas").first
+    canvas.scroll_into_view_if_needed()
+    frame = canvas.bounding_box()
+    x = frame["x"] + frame["width"] * 0.5
+    page.mouse.move(x, frame["y"] + frame["height"] * 0.3)
+    page.mouse.down()
+    for i in range(1, 11):
+        page.mouse.move(x, frame["y"] + frame["height"] * (0.3 + 0.04 * i))
+    page.mouse.up()
+
+
+def test_sketch_and_inpaint_sketch(page, server, tmp_path):
+    """Sketch: the drawing is part of the init image; inpaint sketch: it is also the mask."""
+    original = np.asarray(base.stripes(tmp_path / "stripes.png"), dtype=np.int16)
+    page.get_by_role("tab", name="img2img", exact=True).click()
+    for mode, editor in (("Sketch", "img2img-sketch"), ("Inpaint sketch", "img2img-inpaint-sketch")):
+        page.get_by_role("tab", name=mode, exact=True).click()
+        upload = page.locator(f"#{editor} input[type=file]")
+        upload.wait_for(state="attached")
+        time.sleep(0.5)  # the editor's canvas settles after the tab opens (as in test_webui_browser's inpaint)
+        upload.set_input_files(str(tmp_path / "stripes.png"))
+        page.wait_for_function("e => !document.querySelector('#' + e).innerText.includes('Upload an image')",
+                               arg=editor, timeout=60_000)
+        time.sleep(0.5)
+        draw_stroke(page, editor)
+        for elem, value in (("img2img-width", 64), ("img2img-height", 64), ("img2img-steps", 2)):
+            set_number(page, elem, value)
+        page.fill("#img2img-prompt textarea", f"{mode} test")
+        page.click("#img2img-generate")
+        base.wait_text(page, "#img2img-infotext", f"{mode} test\n", timeout=120)
+        folder = newest_inputs(server)
+        init = np.asarray(Image.open(folder / "init_images-0.png").convert("RGB"), dtype=np.int16)
+        drawn = np.abs(init - original).max(axis=2) > 30
+        assert drawn.sum() > 20, "the drawing did not reach the init image"
+        mask_path = folder / "mask-0.png"
+        if mode == "Sketch":
+            assert not mask_path.exists()
+        else:
+            mask = np.asarray(Image.open(mask_path).convert("L")) > 0
+            assert mask.any() and (mask[drawn]).mean() > 0.9, "the strokes are not the mask"
+        page.screenshot(path=str(screenshot_dir() / f"a1111-{editor}.png"))

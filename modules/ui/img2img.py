@@ -13,8 +13,9 @@ from modules.ui.context import UIContext
 from modules.ui.generation import GenerationTab, build_generation_tab
 from modules.ui.safe_image import SafeImage
 
-MODES = (("img2img", "img2img"), ("inpaint", "Inpaint"), ("inpaint_upload", "Inpaint upload"),
-         ("outpaint", "Outpaint"))
+MODES = (("img2img", "img2img"), ("sketch", "Sketch"), ("inpaint", "Inpaint"), ("inpaint_sketch", "Inpaint sketch"),
+         ("inpaint_upload", "Inpaint upload"), ("outpaint", "Outpaint"))
+SKETCH_COLORS = ["#000000", "#ffffff", "#e03c31", "#f2a900", "#2fa84f", "#2d6cdf", "#7d3c98"]
 INPAINT_AREAS = ("Whole picture", "Only masked")
 MASK_MODES = ("Inpaint masked", "Inpaint not masked")
 SIZE_FROM = ("Resize to", "Resize by")
@@ -37,7 +38,8 @@ def _image_inputs(fields: Fields) -> tuple[set, Any, dict]:
     handles["modes"] = modes
     _resize_by(handles)
     _img2img_fields(fields)
-    extra = {mode, handles["image"], handles["editor"], handles["upload_image"], handles["upload_mask"],
+    extra = {mode, handles["image"], handles["editor"], handles["sketch"], handles["inpaint_sketch"],
+             handles["upload_image"], handles["upload_mask"],
              handles["outpaint_image"], *handles["pads"].values(), handles["size_from"], handles["scale"]}
 
     def collect(data: dict) -> tuple[str, dict[str, Any], dict[str, Any]]:
@@ -56,6 +58,14 @@ def _mode_inputs(key: str, handles: dict[str, Any]) -> None:
             elem_id="inpaint-editor", sources=["upload", "clipboard"], transforms=(), layers=False,
             brush=mask_brush(None))
         editor.upload(fit_brush, inputs=editor, outputs=editor, queue=False, show_progress="hidden")
+    elif key in ("sketch", "inpaint_sketch"):
+        label = ("Image: draw on it in colour (the drawing is the init image)" if key == "sketch" else
+                 "Image: draw in colour on the area to repaint (the drawing is kept as the start)")
+        handles[key] = gr.ImageEditor(
+            label=label, type="pil", image_mode="RGBA", height=420, elem_id=f"img2img-{key.replace('_', '-')}",
+            sources=["upload", "clipboard"], transforms=(), layers=False,
+            brush=gr.Brush(default_size=6, colors=SKETCH_COLORS, default_color=SKETCH_COLORS[2],
+                           color_mode="defaults"))
     elif key == "inpaint_upload":
         with gr.Row():
             handles["upload_image"] = SafeImage(label="Image", type="pil", image_mode="RGBA", height=300,
@@ -146,6 +156,18 @@ def editor_mask(value: dict | None) -> tuple[Image.Image | None, Image.Image | N
     return background.convert("RGB"), mask if mask.getbbox() else None
 
 
+def sketch_inputs(value: dict | None, with_mask: bool) -> tuple[Image.Image | None, Image.Image | None]:
+    """Sketch: the picture with the drawing on it; inpaint sketch: that, and the drawn strokes as the mask."""
+    background, mask = editor_mask(value)
+    if background is None:
+        return None, None
+    composite = (value or {}).get("composite")
+    image = composite.convert("RGB") if composite is not None else background
+    if with_mask and mask is None:
+        raise InvalidParams("Draw on the image first: the strokes mark the area to repaint.")
+    return image, mask if with_mask else None
+
+
 def collect_inputs(mode: str, data: dict, handles: dict[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """The active mode's images (and outpaint sizes) as params fields; raises InvalidParams when missing."""
     extra: dict[str, Any] = {}
@@ -153,6 +175,8 @@ def collect_inputs(mode: str, data: dict, handles: dict[str, Any]) -> tuple[str,
         image, mask = editor_mask(data.get(handles["editor"]))
         if image is not None and mask is None:
             raise InvalidParams("Paint a mask on the image first (the area to repaint).")
+    elif mode in ("sketch", "inpaint_sketch"):
+        image, mask = sketch_inputs(data.get(handles[mode]), mode == "inpaint_sketch")
     elif mode == "inpaint_upload":
         image, mask = data.get(handles["upload_image"]), data.get(handles["upload_mask"])
         if image is not None and mask is None:
