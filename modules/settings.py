@@ -52,7 +52,7 @@ class Settings:
     max_batch_size: int = DEFAULT_LIMITS.max_batch_size
     max_n_iter: int = DEFAULT_LIMITS.max_n_iter
     max_steps: int = DEFAULT_LIMITS.max_steps
-    styles_file: Path = REPO_ROOT / "styles.csv"  # A1111's styles.csv format
+    styles_file: Path = REPO_ROOT / "data" / "styles.csv"  # A1111's format; default: under --data-dir
     extensions_dirs: tuple[Path, ...] = (REPO_ROOT / "extensions",)
     disable_all_extensions: bool = False
     disable_extra_extensions: bool = False  # keep only the bundled extensions
@@ -135,7 +135,8 @@ def add_performance_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_extension_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("extensions")
-    group.add_argument("--styles-file", type=Path, help="prompt styles in A1111's styles.csv format")
+    group.add_argument("--styles-file", type=Path,
+                       help="prompt styles in A1111's styles.csv format (default: DATA_DIR/styles.csv)")
     group.add_argument("--extensions-dir", type=Path, action="append", default=[],
                        help="extra folder of extensions (extensions/ is always searched)")
     group.add_argument("--disable-all-extensions", action="store_true", help="load no extensions")
@@ -148,6 +149,7 @@ def add_extension_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     base = Settings()
+    data_dir = args.data_dir or base.data_dir
     return Settings(
         models_dir=args.models_dir or base.models_dir,
         ckpt=args.ckpt,
@@ -157,7 +159,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         embeddings_dirs=tuple(getattr(args, "embeddings_dir", ())),
         sd_vae=args.sd_vae,
         outputs_dir=args.outputs_dir or base.outputs_dir,
-        data_dir=args.data_dir or base.data_dir,
+        data_dir=data_dir,
         device=args.device,
         precision=args.precision,
         xformers=args.xformers,
@@ -169,7 +171,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         vae_tiling=getattr(args, "vae_tiling", False),
         vae_tile_size=getattr(args, "vae_tile_size", 64),
         vram=getattr(args, "vram", "normal"),
-        styles_file=args.styles_file or base.styles_file,
+        styles_file=args.styles_file or data_dir / "styles.csv",
         extensions_dirs=(*base.extensions_dirs, *args.extensions_dir),
         disable_all_extensions=args.disable_all_extensions,
         disable_extra_extensions=args.disable_extra_extensions,
