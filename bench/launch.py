@@ -62,6 +62,7 @@ def one_launch(port: int, data_dir: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from cpu import print_markdown_table
+
     from tests.api_server import free_port
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
