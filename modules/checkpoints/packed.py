@@ -135,3 +135,18 @@ def packed_bytes_in(module: nn.Module) -> int:
             for plist in sub.parametrizations.values():
                 total += plist.original.numel() * plist.original.element_size()
     return total
+
+
+def store_as_fp8(module: nn.Module, dtype: torch.dtype, fmt: str = "F8_E4M3") -> int:
+    """A1111's "FP8 weight": every Linear and Conv weight of `module` kept as float8 (no scale),
+    restored to `dtype` per layer. Returns the bytes saved."""
+    storage_dtype = fp8_dtype(fmt)
+    before = after = 0
+    for owner in module.modules():
+        if isinstance(owner, nn.Linear | nn.Conv2d) and packed_weight(owner) is None:
+            weight = owner.weight.detach()
+            stored = weight.to(storage_dtype)
+            before += weight.numel() * weight.element_size()
+            after += stored.numel()
+            pack_weights(owner, {"weight": PackedTensor(stored, fmt, tuple(weight.shape))}, dtype)
+    return before - after
