@@ -13,7 +13,13 @@ from gguf import GGMLQuantizationType, GGUFWriter, quants
 from torch import nn
 
 from modules.checkpoints.gguf_file import read_gguf
-from modules.checkpoints.packed import PackedTensor, pack_weights, packed_bytes_in, packed_weight, store_as_fp8
+from modules.checkpoints.packed import (
+    PackedTensor,
+    pack_weights,
+    packed_bytes_in,
+    packed_weight,
+    store_as_fp8,
+)
 from modules.errors import CheckpointError
 from modules.plugins.patch import ModelPatch
 
