@@ -21,3 +21,8 @@ trap 'rm -f "$constraints"' EXIT
 target="."
 [ -n "$extra" ] && target=".[$extra]"
 "${pip[@]}" install -c "$constraints" -e "$target"
+if [[ ",$extra," == *",test,"* ]]; then
+    # k-diffusion's samplers are the tests' reference; its own requirements (torchvision, clean-fid,
+    # wandb, ...) are only for training, so it is installed without them (tests/kdiffusion_ref.py).
+    "${pip[@]}" install --no-deps "k-diffusion==0.1.1.post1"
+fi

@@ -13,6 +13,7 @@ from modules.errors import InvalidParams
 from modules.pipeline.hooks import Denoiser
 from modules.sampling import schedules
 from modules.sampling.denoisers import StopSampling
+from modules.sampling.noise import BrownianTreeNoise, SequentialNoise
 from modules.sampling.specs import SamplerSpec, ScheduleContext, SchedulerSpec
 
 SAMPLER_OPTION_FIELDS = ("eta", "s_churn", "s_tmin", "s_tmax", "s_noise")
@@ -76,6 +77,17 @@ def starting_at(plan: SamplingPlan, t_enc: int) -> SamplingPlan:
     if not 0 <= t_enc < len(plan.sigmas) - 1:
         raise InvalidParams(f"cannot start {t_enc + 1} steps before the end of a {len(plan.sigmas) - 1}-step schedule")
     return replace(plan, sigmas=plan.sigmas[-(t_enc + 2):])
+
+
+def noise_sampler_for(plan: SamplingPlan, x: torch.Tensor, seeds: list[int], draw: Callable[[], torch.Tensor],
+                      mode: str = "brownian") -> Callable[[Any, Any], torch.Tensor]:
+    """The pass's noise: per-image Brownian trees over the plan's sigma range, seeded by the images'
+    seeds as A1111 does, for samplers that ask for it (unless `mode` is "sequential"); otherwise
+    fresh draws from the images' generators. The trees live on x's device, as A1111's."""
+    positive = plan.sigmas[plan.sigmas > 0]
+    if plan.sampler.brownian_noise and mode == "brownian" and len(positive) >= 2:
+        return BrownianTreeNoise(x, float(positive.min()), float(plan.sigmas.max()), seeds)
+    return SequentialNoise(draw)
 
 
 def run_sampler(plan: SamplingPlan, denoiser: Denoiser, x: torch.Tensor,
