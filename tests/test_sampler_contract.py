@@ -7,6 +7,7 @@ x(sigma) = mu + (x_T - mu) * sqrt(s^2 + sigma^2) / sqrt(s^2 + sigma_T^2).
 """
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 
@@ -53,6 +54,7 @@ A1111_SAMPLERS = {
     "DEIS": (["deis"], "uniform"),
     "iPNDM": (["ipndm"], "uniform"),
     "Res Multistep": (["res_multistep"], "uniform"),
+    "TCD": (["tcd"], "sgm_uniform"),
     "ER-SDE": (["er_sde"], "uniform"),
 }
 A1111_SCHEDULERS = [
@@ -112,6 +114,8 @@ def start(n: int, sigma_max: float, seed: int = 0) -> torch.Tensor:
 
 def run(spec, x, sigmas, seed=1, noise_counter=None, model_calls=None, callback=None, **overrides):
     options = {**spec.options, **overrides}
+    if "model_sigmas" in inspect.signature(spec.function).parameters:  # as the pipeline does (TCD)
+        options.setdefault("model_sigmas", CTX.model_sigmas)
     return spec.function(gaussian_denoiser(model_calls), x, sigmas, callback=callback,
                          noise_sampler=seeded_noise(x.shape, seed, noise_counter), **options)
 
@@ -208,13 +212,23 @@ def test_different_noise_seeds_give_different_results():
 # ---- convergence on Gaussian data -----------------------------------------
 
 
-def lcm_variance(sigmas: list[float]) -> torch.Tensor:
-    """Exact output variance of LCM sampling with the optimal (mean) denoiser."""
+def consistency_variance(sigmas: list[float], jumps: list[float] | None = None) -> torch.Tensor:
+    """Exact output variance of LCM / TCD sampling with the optimal (mean) denoiser: each step moves
+    x to D + s (x - D) / sigma (s = jumps[i]; LCM: 0), scaling x - mu by (std^2 + sigma s) / (std^2 + sigma^2),
+    then adds noise up to sigma_next."""
+    jumps = jumps or [0.0] * (len(sigmas) - 1)
     var = STD.double() ** 2 + sigmas[0] ** 2
-    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:], strict=True):
-        gain = STD.double() ** 2 / (STD.double() ** 2 + sigma**2)
-        var = gain**2 * var + sigma_next**2
+    for sigma, sigma_next, s in zip(sigmas[:-1], sigmas[1:], jumps, strict=True):
+        gain = (STD.double() ** 2 + sigma * s) / (STD.double() ** 2 + sigma**2)
+        var = gain**2 * var + max(sigma_next**2 - s**2, 0.0)
     return var
+
+
+def tcd_jumps(sigmas: list[float], gamma: float = 0.3) -> list[float]:
+    """TCD's intermediate levels: the table sigma at timestep floor((1 - gamma) * t(sigma_next))."""
+    table = CTX.model_sigmas.double()
+    t = [int(torch.argmin((table - s).abs())) if s > 0 else 0 for s in sigmas[1:]]
+    return [min(float(table[math.floor((1 - gamma) * k)]), s or math.inf) for k, s in zip(t, sigmas[1:], strict=True)]
 
 
 @pytest.mark.parametrize("schedule", ["automatic", "karras", "exponential"])
@@ -222,7 +236,10 @@ def lcm_variance(sigmas: list[float]) -> torch.Tensor:
 def test_samples_match_the_data_distribution(spec, schedule):
     sigmas = sigmas_for(spec, schedule, 100)
     out = run(spec, start(4096, float(sigmas[0])), sigmas)
-    target_std = lcm_variance(sigmas.tolist()).sqrt().float() if spec.name == "LCM" else STD
+    target_std = STD
+    if spec.name in ("LCM", "TCD"):
+        jumps = tcd_jumps(sigmas.tolist()) if spec.name == "TCD" else None
+        target_std = consistency_variance(sigmas.tolist(), jumps).sqrt().float()
     assert (out.mean(0) - MU).abs().max() < 0.08, out.mean(0)
     assert ((out.std(0) / target_std) - 1).abs().max() < 0.06, out.std(0)
 

@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from diffusers import PNDMScheduler
+from diffusers import PNDMScheduler, TCDScheduler
 from scipy import integrate
 
 from modules.sampling import samplers_cfgpp as C
@@ -201,6 +201,25 @@ def test_res_multistep_is_the_exponential_integrator_of_the_linear_extrapolation
             y = math.exp(t0 - t1) * y + w_now * d + w_old * old
         old = d
     close(E.sample_res_multistep(denoiser, x, sigmas), y, 1e-9)
+
+
+@pytest.mark.parametrize("gamma", [0.3, 0.0, 1.0])
+def test_tcd_matches_diffusers_tcd(gamma):
+    sched = TCDScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    sched.set_timesteps(6)
+    acp = sched.alphas_cumprod.double()
+    table = ((1 - acp) / acp).sqrt()  # the model's sigma table, ascending
+    sigmas = torch.tensor([float(table[int(t)]) for t in sched.timesteps] + [0.0])
+    x = x_start(float(sigmas[0]))
+    gen, draws = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    sample = x / (1 + sigmas[0] ** 2) ** 0.5
+    for t in sched.timesteps:
+        sigma = float(table[int(t)])
+        sample = sched.step(eps_fn(sample * (1 + sigma**2) ** 0.5, sigma), t, sample, eta=gamma,
+                            generator=gen).prev_sample
+    noise = lambda s, t: torch.randn(4, 2, generator=draws, dtype=torch.float64)  # noqa: E731
+    ours = E.sample_tcd(denoiser, x, sigmas, gamma=gamma, model_sigmas=table, noise_sampler=noise)
+    close(ours / (1 + table[0] ** 2) ** 0.5, sample, 2e-6)  # ends at timestep 0's level; diffusers in VP scale
 
 
 # ---- CFG++ -------------------------------------------------------------------------

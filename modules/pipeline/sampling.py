@@ -63,8 +63,10 @@ def plan_sampling(registries: SamplerRegistries, sampler_name: str, scheduler_na
     sigmas = schedules.sigmas_for(sampler, scheduler, steps, context)
     if not torch.isfinite(sigmas).all():
         raise InvalidParams(f"schedule {scheduler.label!r} gave invalid sigmas for {steps} steps")
-    return SamplingPlan(sampler, scheduler, sigmas.to(context.device, torch.float32),
-                        sampler_options(sampler, overrides))
+    options = sampler_options(sampler, overrides)
+    if "model_sigmas" in inspect.signature(sampler.function).parameters:  # e.g. TCD's timestep mapping
+        options["model_sigmas"] = context.model_sigmas
+    return SamplingPlan(sampler, scheduler, sigmas.to(context.device, torch.float32), options)
 
 
 def img2img_steps(steps: int, denoising_strength: float) -> int:

@@ -243,3 +243,35 @@ def sample_er_sde(model, x, sigmas, extra_args=None, callback=None, disable=None
             x = x + noise_sampler(lam_s, lam_t) * s_noise * scale
         old_denoised = denoised
     return x
+
+
+def _timestep(table: torch.Tensor, sigma: float) -> int:
+    """The model's discrete timestep nearest to sigma in log space (`table` ascending, one per timestep)."""
+    return int(torch.argmin((table.log() - math.log(sigma)).abs()))
+
+
+@torch.no_grad()
+def sample_tcd(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None,
+               gamma: float = 0.3, model_sigmas: torch.Tensor | None = None) -> torch.Tensor:
+    """Trajectory Consistency Distillation's strategic stochastic sampling (Zheng et al. 2024), as
+    diffusers' TCDScheduler: jump to the level of timestep s = floor((1 - gamma) * t_next) along the
+    predicted eps, then add fresh noise up to sigma_next. gamma = 0 is DDIM; the last step lands on
+    the model's smallest sigma. `model_sigmas` is the model's ascending sigma table (the pipeline
+    passes it to samplers that take it)."""
+    if not 0 <= gamma <= 1:
+        raise InvalidParams(f"TCD gamma must be between 0 and 1, got {gamma}.")
+    sig = sigma_list(sigmas)
+    if model_sigmas is None or len(model_sigmas) < 2:
+        raise InvalidParams("TCD needs the model's sigma table (model_sigmas).")
+    table = torch.as_tensor(model_sigmas, dtype=torch.float64).flatten().cpu()
+    noise_sampler = noise_sampler or default_noise_sampler(x)
+    for i in range(len(sig) - 1):
+        sigma, sigma_next = sig[i], sig[i + 1]
+        denoised = denoise(model, x, sigma, extra_args)
+        report(callback, x, i, sigma, sigma, denoised)
+        t_next = _timestep(table, sigma_next) if sigma_next > 0 else 0
+        sigma_s = min(float(table[math.floor((1 - gamma) * t_next)]), sigma_next or math.inf)
+        x = denoised + to_d(x, sigma, denoised) * sigma_s
+        if sigma_next > 0 and sigma_next > sigma_s:
+            x = x + noise_sampler(sigma, sigma_next) * math.sqrt(sigma_next**2 - sigma_s**2)
+    return x

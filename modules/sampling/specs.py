@@ -52,7 +52,8 @@ class SamplerSpec:
     `function(model, x, sigmas, extra_args=None, callback=None, disable=None,
     noise_sampler=None, **options) -> x`, where `model(x, sigma, **extra_args)`
     returns the denoised prediction and `noise_sampler(sigma, sigma_next)` returns
-    fresh noise shaped like `x` from each image's own generator.
+    fresh noise shaped like `x` from each image's own generator. A function with a
+    `model_sigmas` parameter also gets the model's ascending discrete sigma table.
     """
 
     name: str

@@ -69,6 +69,8 @@ def register_samplers() -> list[SamplerSpec]:
         SamplerSpec("DEIS", extra.sample_deis, ("deis",), {"max_order": 3}, default_scheduler="uniform"),
         SamplerSpec("iPNDM", extra.sample_ipndm, ("ipndm",), {"max_order": 4}, default_scheduler="uniform"),
         SamplerSpec("Res Multistep", extra.sample_res_multistep, ("res_multistep",), default_scheduler="uniform"),
+        SamplerSpec("TCD", extra.sample_tcd, ("tcd",), {"gamma": 0.3}, default_scheduler="sgm_uniform",
+                    uses_noise=True),
         SamplerSpec("ER-SDE", extra.sample_er_sde, ("er_sde",), {"s_noise": 1.0, "max_stage": 3},
                     default_scheduler="uniform", uses_noise=True),
     ]
