@@ -17,6 +17,7 @@ from modules.sampling.noise import BrownianTreeNoise, SequentialNoise
 from modules.sampling.specs import SamplerSpec, ScheduleContext, SchedulerSpec
 
 SAMPLER_OPTION_FIELDS = ("eta", "s_churn", "s_tmin", "s_tmax", "s_noise")
+SDE_NOISE_MODES = ("brownian", "sequential")  # Settings.sde_noise
 
 
 class SamplerRegistries(Protocol):
@@ -86,6 +87,8 @@ def noise_sampler_for(plan: SamplingPlan, x: torch.Tensor, seeds: list[int], dra
     """The pass's noise: per-image Brownian trees over the plan's sigma range, seeded by the images'
     seeds as A1111 does, for samplers that ask for it (unless `mode` is "sequential"); otherwise
     fresh draws from the images' generators. The trees live on x's device, as A1111's."""
+    if mode not in SDE_NOISE_MODES:
+        raise InvalidParams(f"unknown SDE noise {mode!r}: use one of {', '.join(SDE_NOISE_MODES)}")
     positive = plan.sigmas[plan.sigmas > 0]
     if plan.sampler.brownian_noise and mode == "brownian" and len(positive) >= 2:
         return BrownianTreeNoise(x, float(positive.min()), float(plan.sigmas.max()), seeds)
