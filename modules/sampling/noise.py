@@ -12,6 +12,7 @@ consistent (W(a, c) = W(a, b) + W(b, c)).
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -41,7 +42,9 @@ class BrownianTreeNoise:
         a, b = sorted((float(sigma), float(sigma_next)))
         sign = 1.0 if float(sigma) < float(sigma_next) else -1.0
         a, b = max(a, self.t0), min(b, self.t1)  # k-diffusion's trees clamp queries to their span
-        w = torch.stack([tree(a, b) for tree in self.trees]) * sign
+        with warnings.catch_warnings():  # torchsde compares float32-rounded ends: "Should have tb<=t1 ..."
+            warnings.filterwarnings("ignore", message="Should have", category=UserWarning)
+            w = torch.stack([tree(a, b) for tree in self.trees]) * sign
         return w / abs(float(sigma_next) - float(sigma)) ** 0.5
 
 
