@@ -55,6 +55,7 @@ A1111_SAMPLERS = {
     "iPNDM": (["ipndm"], "uniform"),
     "Res Multistep": (["res_multistep"], "uniform"),
     "TCD": (["tcd"], "sgm_uniform"),
+    "SA-Solver": (["sa_solver"], "uniform"),
     "ER-SDE": (["er_sde"], "uniform"),
 }
 A1111_SCHEDULERS = [
@@ -266,7 +267,7 @@ ETA_SAMPLERS = [s for s in SAMPLERS if "eta" in s.options and s.uses_noise]
 # Convergence order on the ODE (with eta = 0 for the noisy ones); 4x the steps must cut the
 # error by at least this factor (ideal: 4, 16, 64).
 FIRST_ORDER = {"Euler", "Euler a", "DDIM", "Euler CFG++", "DDIM CFG++"}
-THIRD_ORDER = {"LMS", "UniPC", "DPM fast", "DEIS"}  # PLMS, iPNDM: fixed-step weights, ~2nd order on Karras steps
+THIRD_ORDER = {"LMS", "UniPC", "DPM fast", "DEIS", "SA-Solver"}  # PLMS, iPNDM: fixed-step weights, ~2nd order on Karras steps
 MIN_ERROR_RATIO = {1: 3.0, 2: 10.0, 3: 40.0}
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from diffusers import PNDMScheduler, TCDScheduler
@@ -17,6 +18,7 @@ from modules.sampling import samplers_cfgpp as C
 from modules.sampling import samplers_dpm_solver as F
 from modules.sampling import samplers_dpmpp as P
 from modules.sampling import samplers_extra as E
+from modules.sampling import samplers_sa as SA
 from modules.sampling.denoisers import CFGDenoiser, Cond
 from modules.sampling.noise import BrownianTreeNoise
 from tests.kdiffusion_ref import load_sampling
@@ -258,6 +260,39 @@ def test_er_sde_follows_its_taylor_expansion(max_stage, tol):
     want = er_sde_reference(x, sigmas, noise(), max_stage)
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
     assert not torch.allclose(got, E.sample_er_sde(denoiser, x, sigmas, noise_sampler=noise(), s_noise=0.0))
+
+
+@pytest.mark.parametrize("tau", [0.0, 1.0, 0.6])
+def test_sa_solver_coefficients_integrate_the_interpolating_polynomial_exactly(tau):
+    """sum_j b_j p(lambda_j) = (1 + tau^2) * integral of e^((1 + tau^2)(lambda - lambda_t)) p(lambda)
+    for any polynomial p of degree < the number of nodes (here by scipy quadrature)."""
+    nodes, lam_s, lam_t = [-2.1, -1.7, -1.2, -0.9], -0.9, -0.5
+    for degree in range(4):
+        coeffs = np.random.default_rng(degree).normal(size=degree + 1)
+        poly = np.polynomial.Polynomial(coeffs)
+        k = 1 + tau**2
+        exact = integrate.quad(lambda lam, poly=poly, k=k: k * math.exp(k * (lam - lam_t)) * poly(lam), lam_s, lam_t)[0]
+        got = sum(b * poly(node) for b, node in zip(SA.adams_coefficients(nodes, lam_s, lam_t, tau), nodes, strict=True))
+        assert got == pytest.approx(exact, rel=1e-12, abs=1e-14)
+
+
+def test_sa_solver_order_one_ode_step_is_dpm_solver_1():
+    """One predictor step of order 1 with tau = 0 is DPM-Solver++(1): e^-h x + (1 - e^-h) D."""
+    sigmas = torch.tensor([3.0, 1.2, 0.0])
+    x = x_start(3.0)
+    got = SA.sample_sa_solver(denoiser, x, sigmas[:2], eta=0.0, predictor_order=1, corrector_order=1)
+    close(got, K.sample_euler(denoiser, x, sigmas[:2], disable=True))
+
+
+def test_sa_solver_noise_only_inside_its_interval():
+    table = torch.exp(torch.linspace(math.log(0.03), math.log(14.6), 1000))
+    top, bottom = SA.percent_to_sigma(table, 0.2), SA.percent_to_sigma(table, 0.8)
+    sigmas = karras(20)
+    asked = []
+    SA.sample_sa_solver(denoiser, x_start(14.6), sigmas, model_sigmas=table,
+                        noise_sampler=lambda a, b: asked.append(b) or torch.zeros(4, 2))
+    expected = [s for s in sigmas.tolist()[1:] if top >= s >= bottom]
+    assert asked == expected and 0 < len(expected) < 20
 
 
 # ---- CFG++ -------------------------------------------------------------------------

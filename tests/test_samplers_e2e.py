@@ -14,7 +14,7 @@ from modules import infotext
 from tests.api_server import start_server
 
 NEW = ["DPM fast", "DPM adaptive", "Restart", "DDIM CFG++", "PLMS", "Euler CFG++", "DPM++ 2M CFG++", "DEIS",
-       "iPNDM", "Res Multistep", "TCD", "ER-SDE"]
+       "iPNDM", "Res Multistep", "TCD", "SA-Solver", "ER-SDE"]
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from modules.sampling import samplers_cfgpp as cfgpp
 from modules.sampling import samplers_dpm_solver as dpm_solver
 from modules.sampling import samplers_dpmpp as dpmpp
 from modules.sampling import samplers_extra as extra
+from modules.sampling.samplers_sa import sample_sa_solver
 from modules.sampling.samplers_unipc import sample_unipc
 
 INF = float("inf")
@@ -71,6 +72,8 @@ def register_samplers() -> list[SamplerSpec]:
         SamplerSpec("Res Multistep", extra.sample_res_multistep, ("res_multistep",), default_scheduler="uniform"),
         SamplerSpec("TCD", extra.sample_tcd, ("tcd",), {"gamma": 0.3}, default_scheduler="sgm_uniform",
                     uses_noise=True),
+        SamplerSpec("SA-Solver", sample_sa_solver, ("sa_solver",), {**ANCESTRAL, "predictor_order": 3,
+                    "corrector_order": 4}, default_scheduler="uniform", uses_noise=True),
         SamplerSpec("ER-SDE", extra.sample_er_sde, ("er_sde",), {"s_noise": 1.0, "max_stage": 3},
                     default_scheduler="uniform", uses_noise=True),
     ]
