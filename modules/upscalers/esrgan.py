@@ -83,8 +83,13 @@ class RRDBNet(nn.Module):
         self.conv_last = nn.Conv2d(c.num_feat, c.out_ch, 3, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.config.unshuffle > 1:
-            x = F.pixel_unshuffle(x, self.config.unshuffle)
+        f = self.config.unshuffle
+        if f > 1 and (x.shape[2] % f or x.shape[3] % f):  # reflect-pad to the factor, crop the output back
+            h, w = x.shape[2:]
+            padded = F.pad(x, (0, -w % f, 0, -h % f), mode="reflect")
+            return self.forward(padded)[:, :, : h * self.config.scale, : w * self.config.scale]
+        if f > 1:
+            x = F.pixel_unshuffle(x, f)
         feat = self.conv_first(x)
         feat = feat + self.conv_body(self.body(feat))
         for k in range(1, self.config.num_upsample + 1):

@@ -35,7 +35,7 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def to_image(x: torch.Tensor) -> Image.Image:
-    array = x[0].clamp_(0, 1).mul_(255).round_().to(torch.uint8).permute(1, 2, 0).numpy()
+    array = x[0].clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     return Image.fromarray(np.ascontiguousarray(array), "RGB")
 
 

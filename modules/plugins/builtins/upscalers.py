@@ -44,7 +44,7 @@ def _spec(runner: ModelUpscaler, found: UpscalerFile) -> UpscalerSpec:
 
 
 @hookimpl
-def register_upscalers(settings: Any = None) -> list[UpscalerSpec]:
+def register_upscalers(settings: Any) -> list[UpscalerSpec]:
     lanczos = _pil_resize(Image.Resampling.LANCZOS)
     return [
         UpscalerSpec("Latent", latent_mode="bilinear"),
