@@ -243,3 +243,19 @@ def test_hires_fix_with_a_model_upscaler_by_name(upscaler_engine):
     assert values["hr_upscaler"] == "4x-UltraSharp" and values["enable_hr"] is True
     lanczos = upscaler_engine.txt2img(Txt2ImgParams(**base, hr_upscaler="Lanczos"))
     assert lanczos.images[0].tobytes() != result.images[0].tobytes()  # the model really ran
+
+
+def test_batch_folders_are_fenced(tmp_path):
+    from modules.ui.extras_tab import batch_folder
+
+    outputs = tmp_path / "outputs"
+    (outputs / "in").mkdir(parents=True)
+    (tmp_path / "secret").mkdir()
+    (outputs / "link").symlink_to(tmp_path / "secret")
+    assert batch_folder(str(outputs / "in"), outputs, False, "input") == (outputs / "in").resolve()
+    for bad in (str(outputs / ".." / "secret"), str(tmp_path / "secret"), str(outputs / "link"), "/etc"):
+        with pytest.raises(InvalidParams, match="must be inside"):
+            batch_folder(bad, outputs, False, "input")
+    assert batch_folder(str(tmp_path / "secret"), outputs, True, "input") == (tmp_path / "secret").resolve()
+    with pytest.raises(InvalidParams, match="Enter the input folder"):
+        batch_folder("  ", outputs, True, "input")
