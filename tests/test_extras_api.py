@@ -135,3 +135,11 @@ def test_bad_requests_are_4xx_with_a_message(server, change, status, message):
 def test_empty_batch_is_refused(server):
     r = httpx.post(f"{server.url}/sdapi/v1/extra-batch-images", json={"imageList": []})
     assert r.status_code == 422 and "imageList is empty" in r.text
+
+
+@pytest.mark.parametrize("model,message", [("clip", "Interrogation (clip) is not available"),
+                                           ("deepdanbooru", "Interrogation (deepdanbooru) is not available"),
+                                           ("blip9", "Unknown interrogation model 'blip9'")])
+def test_interrogate_is_a_clear_4xx(server, model, message):
+    r = httpx.post(f"{server.url}/sdapi/v1/interrogate", json={"image": _b64(_random(8, 8)), "model": model})
+    assert r.status_code == 422 and message in r.text and "Traceback" not in r.text

@@ -55,6 +55,13 @@ class ExtrasBatchImagesRequest(ExtrasBaseRequest):
     imageList: list[FileData] = Field(description="images as base64 with their names")  # noqa: N815
 
 
+class InterrogateRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    image: str = Field("", description="base64 image")
+    model: str = Field("clip", description="clip or deepdanbooru")
+
+
 class ExtrasSingleImageResponse(BaseModel):
     html_info: str
     image: str | None = None
@@ -124,6 +131,14 @@ def add_extras_routes(router: APIRouter, ctx: ServerContext, caller_dep: Any) ->
         image = decode_image(req.image, ("image",), max_size)
         results, info = await run_in_threadpool(run_extras, ctx, [image], extras_params(req))
         return {"html_info": info, "image": _b64(results[0]) if req.show_extras_results else None}
+
+    @router.post("/interrogate", dependencies=[caller_dep])
+    def interrogate(req: InterrogateRequest) -> dict[str, Any]:
+        if req.model not in ("clip", "deepdanbooru"):
+            raise InvalidParams(f"Unknown interrogation model {req.model!r}; A1111's are clip and deepdanbooru",
+                                field="model")
+        raise InvalidParams(f"Interrogation ({req.model}) is not available in Atelier yet: no captioning or "
+                            "tagging model is supported so far.", field="model")
 
     @router.post("/extra-batch-images", response_model=ExtrasBatchImagesResponse, dependencies=[caller_dep])
     async def extra_batch_images(req: ExtrasBatchImagesRequest) -> dict[str, Any]:
