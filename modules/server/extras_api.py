@@ -77,12 +77,15 @@ def extras_params(req: ExtrasBaseRequest) -> extras.ExtrasParams:
     return extras.ExtrasParams(**{k: v for k, v in req.model_dump().items() if k in names})
 
 
-def upscaler_lookup(registries: Any) -> Callable[[str], extras.UpscaleFn]:
-    """Pixel upscalers by name for Extras; latent ones and unknown names are InvalidParams."""
+def upscaler_lookup(registries: Any, progress: Callable[[int, int], None] | None = None
+                    ) -> Callable[[str], extras.UpscaleFn]:
+    """Pixel upscalers by name for Extras; model upscalers report `progress(done, total)` per tile."""
     def lookup(name: str) -> extras.UpscaleFn:
         spec = registries.upscalers.get(name)
         if spec.is_latent:
             raise InvalidParams(f"{name!r} is a latent upscaler (hires fix only); Extras needs a pixel upscaler")
+        if spec.model_path and progress is not None:
+            return lambda image, scale: spec.function(image, scale, progress=progress)
         return spec.function
 
     return lookup
@@ -97,8 +100,8 @@ def check_names(registries: Any, params: extras.ExtrasParams) -> None:
             raise InvalidParams(f"Unknown upscaler {name!r} for {field}. Known: {', '.join(known)}", field=field)
 
 
-def run_extras(ctx: ServerContext, images: list[Image.Image], params: extras.ExtrasParams
-               ) -> tuple[list[Image.Image], str]:
+def run_extras(ctx: ServerContext, images: list[Image.Image], params: extras.ExtrasParams,
+               progress: Callable[[int, int], None] | None = None) -> tuple[list[Image.Image], str]:
     """Validate once, then upscale every image; the infotext of the last one as `html_info`."""
     limit = ctx.app.settings.limits.max_size
     params.validate(limit)
@@ -109,7 +112,7 @@ def run_extras(ctx: ServerContext, images: list[Image.Image], params: extras.Ext
             raise InvalidParams(f"the result would be {round(image.width * scale)}x{round(image.height * scale)}; "
                                 f"the limit is {limit * OUTPUT_SIDE_FACTOR} a side (4x --max-size)",
                                 field="upscaling_resize")
-    lookup = upscaler_lookup(ctx.app.registries)
+    lookup = upscaler_lookup(ctx.app.registries, progress)
     results, info = [], {}
     for image in images:
         result, info = extras.upscale(image, params, lookup)

@@ -90,7 +90,7 @@ def extras_params(values: dict[str, Any]) -> ExtrasParams:
     return ExtrasParams(resize_mode=1 if values["resize_mode"] == "Scale to" else 0, **fields)
 
 
-def process(ui: UIContext, request: Any, values: dict[str, Any]) -> tuple[list, str, str]:
+def process(ui: UIContext, request: Any, values: dict[str, Any], progress: Any = None) -> tuple[list, str, str]:
     """(gallery images, infotext HTML, message) for the tab's values by name; saves the results."""
     caller = ui.caller(request)
     unrestricted = ui.local_only and ui.server.is_admin(caller)
@@ -101,7 +101,7 @@ def process(ui: UIContext, request: Any, values: dict[str, Any]) -> tuple[list, 
         outdir = ui.app.settings.outputs_dir / "extras-images"
         if mode == MODES[2] and (values["output_dir"] or "").strip():
             outdir = batch_folder(values["output_dir"], ui.app.settings.outputs_dir, unrestricted, "output")
-        results, info = run_extras(ui.server, [im for _, im in named], params)
+        results, info = run_extras(ui.server, [im for _, im in named], params, progress)
         for (_, original), result in zip(named, results, strict=True):
             image_files.save_image(result, outdir, 0, image_files.read_infotext(original) or info or None)
     except AtelierError as err:
@@ -137,9 +137,9 @@ def build_extras_tab(ui: UIContext) -> ExtrasTab:
 
     sources = {"mode": mode, "image": image, "files": files, "input_dir": input_dir, "output_dir": output_dir}
 
-    def handler(data: dict, request: gr.Request) -> tuple[list, str, str]:
+    def handler(data: dict, request: gr.Request, progress=gr.Progress()) -> tuple[list, str, str]:  # noqa: B008
         values = {name: data[component] for name, component in {**sources, **fields}.items()}
-        return process(ui, request, values)
+        return process(ui, request, values, lambda done, total: progress((done, total), desc="Tiles"))
 
     run.click(handler, inputs={*sources.values(), *fields.values()}, outputs=[gallery, info, message])
     return ExtrasTab("extras", image, gallery, info, message, fields)
