@@ -143,3 +143,50 @@ def test_empty_batch_is_refused(server):
 def test_interrogate_is_a_clear_4xx(server, model, message):
     r = httpx.post(f"{server.url}/sdapi/v1/interrogate", json={"image": _b64(_random(8, 8)), "model": model})
     assert r.status_code == 422 and message in r.text and "Traceback" not in r.text
+
+
+def test_extras_is_a_job_of_the_caller(server):
+    image = _random(12, 12)
+    r = httpx.post(f"{server.url}/sdapi/v1/extra-single-image", timeout=120,
+                   json={"image": _b64(image), "upscaler_1": "4x-Compact", "upscaling_resize": 2})
+    assert r.status_code == 200
+    jobs = httpx.get(f"{server.url}/api/v1/jobs").json()
+    listed = jobs["jobs"] if isinstance(jobs, dict) else jobs
+    extras_jobs = [j for j in listed if j["kind"] == "extras"]
+    assert extras_jobs and extras_jobs[0]["state"] == "done"
+    assert extras_jobs[0]["params"]["upscaler_1"] == "4x-Compact"
+
+
+def test_extras_payload_round_trips_and_needs_no_checkpoint():
+    from modules.jobs.payload import JobPayload, build_params
+    from modules.pipeline.extras import ExtrasJobParams
+
+    params = build_params(ExtrasJobParams, {"upscaler_1": "4x-Compact", "upscaling_resize": 3, "resize_mode": 1,
+                                            "upscaling_crop": False, "extras_upscaler_2_visibility": 0.25})
+    payload = JobPayload("extras", params, "")
+    back = JobPayload.from_json(payload.to_json())
+    assert back.params == params and isinstance(back.params.upscaling_resize, float)
+    assert ExtrasJobParams.needs_checkpoint is False
+
+
+def test_extras_job_stops_between_tiles_when_interrupted(tmp_path):
+    from modules.pipeline.control import JobControl
+    from modules.pipeline.extras import ExtrasJobParams, run_extras
+    from modules.plugins.manager import build_plugin_manager, build_registries
+    from modules.settings import Settings
+
+    tiny.write(tiny.srvgg(2), tmp_path / "models" / "ESRGAN" / "2x-Tiny.safetensors")
+    settings = Settings(models_dir=tmp_path / "models", device="cpu", precision="fp32", upscaler_tile=16,
+                        upscaler_tile_overlap=4)
+    registries = build_registries(build_plugin_manager(), settings)
+    params = ExtrasJobParams(upscaler_1="2x-Tiny", init_images=(_random(64, 64), _random(64, 64, seed=2)))
+    seen = []
+    whole = run_extras(registries, params, JobControl(), lambda p: seen.append((p.job_no, p.step, p.steps)))
+    assert len(whole.images) == 2 and not whole.interrupted and seen[-1] == (1, seen[-1][2], seen[-1][2])
+    control = JobControl()
+
+    def interrupt_after_first_tile(progress) -> None:
+        control.interrupt()
+
+    stopped = run_extras(registries, params, control, interrupt_after_first_tile)
+    assert stopped.interrupted and stopped.images == []

@@ -1,5 +1,8 @@
 """The Extras tab (A1111's): upscale one image, uploaded files, or a folder, with one or two upscalers.
 
+Each run is one "extras" job on the caller's queue (the same submit service as generation), so
+it is interruptible and in the caller's history; results are then saved to the chosen folder.
+
 Batch from directory reads and writes folders on the server, so it is fenced: with the UI on
 this machine only (127.0.0.1) and an admin caller (everyone, without logins) any folder may be
 used; otherwise only folders inside the outputs folder, after resolving links and `..`.
@@ -13,12 +16,14 @@ from typing import Any
 
 import gradio as gr
 from PIL import Image
+from starlette.concurrency import run_in_threadpool
 
 from modules import images as image_files
 from modules.errors import AtelierError, InvalidParams
-from modules.server.extras_api import run_extras
+from modules.jobs.model import FAILED, Job
+from modules.jobs.submit import Submission
 from modules.ui.context import UIContext
-from modules.upscalers.extras import ExtrasParams
+from modules.ui.jobs import interrupt_mine
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MAX_BATCH = 1000
@@ -82,35 +87,65 @@ def _inputs(ui: UIContext, mode: str, image: Any, files: Any, input_dir: str, un
     return folder_images(batch_folder(input_dir, allowed, unrestricted, "input"))
 
 
-def extras_params(values: dict[str, Any]) -> ExtrasParams:
+def extras_values(values: dict[str, Any]) -> dict[str, Any]:
+    """The tab's widgets -> the Extras job's fields by name."""
     fields = {name: values[name] for name in PARAM_FIELDS}
     for name in ("upscaling_resize_w", "upscaling_resize_h"):
         fields[name] = int(fields[name] or 0)
     fields["upscaler_1"], fields["upscaler_2"] = fields["upscaler_1"] or "None", fields["upscaler_2"] or "None"
-    return ExtrasParams(resize_mode=1 if values["resize_mode"] == "Scale to" else 0, **fields)
+    return {**fields, "resize_mode": 1 if values["resize_mode"] == "Scale to" else 0}
 
 
-def process(ui: UIContext, request: Any, values: dict[str, Any], progress: Any = None) -> tuple[list, str, str]:
-    """(gallery images, infotext HTML, message) for the tab's values by name; saves the results."""
+def _output_folder(ui: UIContext, values: dict[str, Any], unrestricted: bool) -> Path:
+    outputs = ui.app.settings.outputs_dir
+    if values["mode"] == MODES[2] and (values["output_dir"] or "").strip():
+        return batch_folder(values["output_dir"], outputs, unrestricted, "output")
+    return outputs / "extras-images"
+
+
+async def process(ui: UIContext, request: Any, values: dict[str, Any], progress: Any = None
+                  ) -> tuple[list, str, str]:
+    """(gallery images, infotext HTML, message): one Extras job on the caller's queue; saves the results."""
     caller = ui.caller(request)
     unrestricted = ui.local_only and ui.server.is_admin(caller)
     try:
-        params = extras_params(values)
-        mode = values["mode"]
-        named = _inputs(ui, mode, values["image"], values["files"], values["input_dir"] or "", unrestricted)
-        outdir = ui.app.settings.outputs_dir / "extras-images"
-        if mode == MODES[2] and (values["output_dir"] or "").strip():
-            outdir = batch_folder(values["output_dir"], ui.app.settings.outputs_dir, unrestricted, "output")
-        results, info = run_extras(ui.server, [im for _, im in named], params, progress)
-        for (_, original), result in zip(named, results, strict=True):
+        named = _inputs(ui, values["mode"], values["image"], values["files"], values["input_dir"] or "",
+                        unrestricted)
+        outdir = _output_folder(ui, values, unrestricted)
+        submission = Submission("extras", extras_values(values), {"init_images": [im for _, im in named]},
+                                source="ui")
+        job = await run_in_threadpool(ui.server.submitter.submit, caller, submission)
+        job = await _follow(ui, job, caller, progress)
+        if job.state == FAILED or job.result is None:
+            return [], "", f"⚠️ {job.error or 'The Extras job failed.'}"
+        results = [_load(path) for path in job.result.images]
+        info = job.result.infotexts[-1] if job.result.infotexts else ""
+        for (_, original), result in zip(named, results, strict=False):
             image_files.save_image(result, outdir, 0, image_files.read_infotext(original) or info or None)
     except AtelierError as err:
         return [], "", f"⚠️ {err}"
     html_info = f"<pre class='atelier-infotext-text'>{html.escape(info)}</pre>" if info else ""
-    outputs = ui.app.settings.outputs_dir.resolve()
-    shown = outdir.resolve()
-    where = f"outputs/{shown.relative_to(outputs)}" if shown == outputs or outputs in shown.parents else str(shown)
-    return results, html_info, f"Done: {len(results)} image(s) saved to `{where}`."
+    stopped = " (interrupted)" if job.result.interrupted else ""
+    return results, html_info, f"Done{stopped}: {len(results)} image(s) saved to `{_shown(ui, outdir)}`."
+
+
+async def _follow(ui: UIContext, job: Job, caller: Any, progress: Any) -> Job:
+    """Wait for the job, reporting its per-tile progress."""
+    async for item in ui.events().stream(job.id, caller, keepalive=60.0):
+        current = item[1] if item is not None else None
+        if current is None:
+            continue
+        if current.is_finished:
+            return current
+        step, steps = current.progress.step, current.progress.steps
+        if progress is not None and steps:
+            progress((step, steps), desc=f"Image {current.progress.job_no + 1}: tiles")
+    return ui.server.jobs.get(job.id, caller)
+
+
+def _shown(ui: UIContext, folder: Path) -> str:
+    outputs, shown = ui.app.settings.outputs_dir.resolve(), folder.resolve()
+    return f"outputs/{shown.relative_to(outputs)}" if shown == outputs or outputs in shown.parents else str(shown)
 
 
 def build_extras_tab(ui: UIContext) -> ExtrasTab:
@@ -128,7 +163,9 @@ def build_extras_tab(ui: UIContext) -> ExtrasTab:
                 output_dir = gr.Textbox(label="Output directory (empty: outputs/extras-images)",
                                         elem_id="extras-output-dir")
                 _resize_and_upscalers(fields, upscalers)
-                run = gr.Button("Generate", variant="primary", elem_id="extras-generate")
+                with gr.Row():
+                    run = gr.Button("Generate", variant="primary", elem_id="extras-generate")
+                    interrupt = gr.Button("Interrupt", elem_id="extras-interrupt")
             with gr.Column():
                 message = gr.Markdown("", elem_id="extras-message")
                 gallery = gr.Gallery(label="Result", columns=2, height=360, object_fit="contain",
@@ -137,10 +174,15 @@ def build_extras_tab(ui: UIContext) -> ExtrasTab:
 
     sources = {"mode": mode, "image": image, "files": files, "input_dir": input_dir, "output_dir": output_dir}
 
-    def handler(data: dict, request: gr.Request, progress=gr.Progress()) -> tuple[list, str, str]:  # noqa: B008
+    async def handler(data: dict, request: gr.Request, progress=gr.Progress()) -> tuple[list, str, str]:  # noqa: B008
         values = {name: data[component] for name, component in {**sources, **fields}.items()}
-        return process(ui, request, values, lambda done, total: progress((done, total), desc="Tiles"))
+        return await process(ui, request, values, progress)
 
+    def stop(request: gr.Request) -> str:
+        count = interrupt_mine(ui.server, ui.caller(request))
+        return "⏹ Interrupting…" if count else "Nothing of yours is running."
+
+    interrupt.click(stop, outputs=message, queue=False)
     run.click(handler, inputs={*sources.values(), *fields.values()}, outputs=[gallery, info, message])
     return ExtrasTab("extras", image, gallery, info, message, fields)
 
