@@ -3,8 +3,8 @@
     .venv/bin/python bench/upscale.py [--size 512] [--tile 192] [--threads 2] [--json bench/upscale.json]
 
 Each variant runs in its own fresh process (spawn), so its peak RSS is its own: Atelier untiled,
-Atelier tiled (`--tile`, overlap 16), and spandrel's own call on the same weights when spandrel
-imports. Random weights (timing and memory do not depend on the values). Prints a table and JSON.
+Atelier tiled (`--tile`, overlap 16), spandrel's own call on the same weights when spandrel
+imports, and (variant "tiling 2048") the tiling path alone on 2048² -> 8192² with a trivial network. Random weights (timing and memory do not depend on the values). Prints a table and JSON.
 Not a test: on a shared two-core machine use --size 128 or 256 (512 takes minutes a variant).
 """
 from __future__ import annotations
@@ -32,13 +32,28 @@ def _weights(path: Path) -> None:
     save_file({k: v.contiguous() * 0.1 for k, v in net.state_dict().items()}, str(path))
 
 
+def to_tensor_shape(image):
+    import torch
+
+    return torch.empty(1, 3, image.height, image.width, device="meta")
+
+
 def _run(variant: str, weights: str, size: int, tile: int, threads: int, queue) -> None:
     sys.path.insert(0, str(REPO))
     import torch
 
     torch.set_num_threads(threads)
     x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(1))
-    if variant == "spandrel":
+    if variant == "tiling 2048":  # the tiling path alone at 2048² -> 8192², a nearest-neighbour stand-in net
+        import torch.nn.functional as F
+
+        from modules.upscalers.runner import to_image
+        from modules.upscalers.tiling import upscale_tiled
+
+        x = torch.rand(1, 3, 2048, 2048)
+        run = lambda: to_tensor_shape(to_image(upscale_tiled(  # noqa: E731
+            lambda t: F.interpolate(t, scale_factor=4, mode="nearest"), x, 4, 512, 32)))
+    elif variant == "spandrel":
         from safetensors.torch import load_file
 
         from tests.spandrel_reference import spandrel_or_skip
@@ -65,7 +80,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512, help="input side (output is 4x)")
     parser.add_argument("--tile", type=int, default=192, help="tile side for the tiled variant")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--variants", default="atelier untiled,atelier tiled,spandrel",
+    parser.add_argument("--variants", default="atelier untiled,atelier tiled,spandrel,tiling 2048",
                         help="comma-separated, run in this order")
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "upscale.json")
     args = parser.parse_args()
