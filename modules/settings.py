@@ -49,6 +49,8 @@ class Settings:
     preview_every: int = 1
     vae_tiling: bool = False  # decode / encode large images tile by tile (bounded memory)
     vae_tile_size: int = 64  # latents per tile side (64 = 512 pixels); tiles overlap by a quarter
+    upscaler_tile: int = 0  # model upscalers: input pixels per tile side; 0 = automatic from free memory
+    upscaler_tile_overlap: int = 0  # pixels shared by neighbouring tiles; 0 = automatic
     vram: str = "normal"  # "normal", "medvram" (one model on the GPU at a time) or "lowvram" (one block)
     max_size: int = 4096
     max_batch_size: int = DEFAULT_LIMITS.max_batch_size
@@ -88,6 +90,11 @@ class Settings:
     @property
     def embedding_folders(self) -> list[Path]:
         return [self.models_dir / "embeddings", *self.embeddings_dirs]
+
+    @property
+    def upscaler_folders(self) -> list[Path]:
+        """A1111's per-architecture folders, then ComfyUI's shared one."""
+        return [self.models_dir / name for name in ("ESRGAN", "RealESRGAN", "SwinIR", "DAT", "HAT", "upscale_models")]
 
     @property
     def hash_cache(self) -> Path:
@@ -130,6 +137,9 @@ def add_performance_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--vae-tiling", action="store_true",
                        help="decode and encode large images tile by tile (blended overlaps), in bounded memory")
     group.add_argument("--vae-tile-size", type=int, default=64, help="VAE tile side in latents (64 = 512 px)")
+    group.add_argument("--upscaler-tile", type=int, default=0,
+                       help="model upscaler tile side in pixels (0 = automatic from free memory)")
+    group.add_argument("--upscaler-tile-overlap", type=int, default=0, help="model upscaler tile overlap (0 = auto)")
     vram = group.add_mutually_exclusive_group()
     vram.add_argument("--medvram", dest="vram", action="store_const", const="medvram", default="normal",
                       help="keep only the model in use (text encoder, UNet or VAE) on the GPU")
@@ -176,6 +186,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         sde_noise=getattr(args, "sde_noise", base.sde_noise),
         vae_tiling=getattr(args, "vae_tiling", False),
         vae_tile_size=getattr(args, "vae_tile_size", 64),
+        upscaler_tile=getattr(args, "upscaler_tile", 0),
+        upscaler_tile_overlap=getattr(args, "upscaler_tile_overlap", 0),
         vram=getattr(args, "vram", "normal"),
         styles_file=args.styles_file or data_dir / "styles.csv",
         extensions_dirs=(*base.extensions_dirs, *args.extensions_dir),

@@ -92,7 +92,8 @@ class LocalExecutor:
 
     def _execute(self, spec: JobSpec, control, on_event: EventCallback) -> JobResult:
         payload = JobPayload.from_json(spec.params, kind=spec.kind)
-        model = self._ensure_model(payload.checkpoint)
+        needs_model = getattr(type(payload.params), "needs_checkpoint", True)
+        model = self._ensure_model(payload.checkpoint) if needs_model else ""
         result = runners.run(self.engine, payload, control, lambda p: on_event(_event(p)), self.outdir)
         paths = [str(p) for p in result.paths]
         if not paths:  # not saved to the gallery: keep the job's images under the data folder

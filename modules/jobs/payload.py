@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from modules.errors import InvalidParams
+from modules.pipeline.extras import ExtrasJobParams
 from modules.pipeline.params import GenerationParams, Img2ImgParams, Txt2ImgParams
 
 PAYLOAD_VERSION = 1
-PARAMS_BY_KIND: dict[str, type[GenerationParams]] = {"txt2img": Txt2ImgParams, "img2img": Img2ImgParams}
+PARAMS_BY_KIND: dict[str, type] = {"txt2img": Txt2ImgParams, "img2img": Img2ImgParams, "extras": ExtrasJobParams}
 IMAGE_FIELDS = ("init_images", "mask")  # stored as files beside the job, never inside the params
 SERVER_ONLY_FIELDS = ("outdir", *IMAGE_FIELDS)  # no client sets these: the executor and the inputs do
 

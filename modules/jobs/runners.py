@@ -6,6 +6,7 @@ from pathlib import Path
 
 from modules.jobs.inputs import load_inputs
 from modules.jobs.payload import JobPayload
+from modules.pipeline.extras import ExtrasJobParams, run_extras
 
 
 def job_params(payload: JobPayload, outdir: Path | None = None):
@@ -19,7 +20,10 @@ def job_params(payload: JobPayload, outdir: Path | None = None):
 
 def run(engine, payload: JobPayload, control, on_progress, outdir: Path | None = None):
     """Run one job on `engine` (on the worker thread) and return the engine's Result."""
-    return engine.generate(job_params(payload, outdir), control, on_progress)
+    params = job_params(payload, outdir)
+    if isinstance(params, ExtrasJobParams):
+        return run_extras(engine.registries, params, control, on_progress)
+    return engine.generate(params, control, on_progress)
 
 
 def save_job_images(result, folder: Path) -> list[Path]:

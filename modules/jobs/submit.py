@@ -33,7 +33,7 @@ from modules.settings import Limits
 class Submission:
     """A job as a front end asks for it; `values` are params fields by name (unset ones take defaults)."""
 
-    kind: str  # "txt2img" or "img2img" (inpainting is img2img with a mask)
+    kind: str  # "txt2img", "img2img" (inpainting is img2img with a mask) or "extras" (upscaling)
     values: Mapping[str, Any]
     images: Mapping[str, Any] = field(default_factory=dict)  # init_images: [PIL images], mask: PIL image
     checkpoint: str | None = None  # None: the server's current sd_model_checkpoint
@@ -69,7 +69,8 @@ class SubmitService:
         except TypeError as err:  # a dataclass refusing an argument
             raise InvalidParams(str(err)) from None
         _validate(params, self.limits, names)
-        checkpoint, title = self._checkpoint(submission.checkpoint)
+        checkpoint, title = self._checkpoint(submission.checkpoint) if getattr(cls, "needs_checkpoint", True) \
+            else ("", "")
         request = submission.request
         if request is None:
             request = {**encode_params(params), "override_settings": {"sd_model_checkpoint": title}}
@@ -88,6 +89,12 @@ class SubmitService:
             raise
 
     def _check_names(self, values: Mapping[str, Any]) -> None:
+        for field_name in ("upscaler_1", "upscaler_2"):  # Extras: pixel upscalers by name
+            name = values.get(field_name)
+            if name not in (None, "", "None") and (name not in self.registries.upscalers
+                                                   or self.registries.upscalers.get(name).is_latent):
+                known = ", ".join(s.name for s in self.registries.upscalers if not s.is_latent)
+                raise InvalidParams(f"Unknown upscaler {name!r} for {field_name}. Known: {known}", field=field_name)
         sampler = values.get("sampler_name")
         if sampler is not None and sampler not in self.registries.samplers:
             raise InvalidParams(f"Unknown sampler {sampler!r}. Known: {', '.join(self.registries.samplers.names())}",

@@ -42,7 +42,8 @@ from modules.text.prompt_parser import ExtraNetworkTag
 # 1.2: an extension module may define create_plugin(settings); each app registers the object it returns
 # 1.3: SamplerSpec.brownian_noise; a sampler taking `model_sigmas` gets the model's sigma table;
 #      the sampler's model offers `last_uncond` (CFG++)
-API_VERSION = "1.3"
+# 1.4: register_upscalers(settings) may take the settings; UpscalerSpec.model_path and .scale (model upscalers)
+API_VERSION = "1.4"
 
 __all__ = [
     "API_VERSION", "AtelierError", "DenoiserStep", "EmbeddingSpec", "ExtraNetworkItem", "ExtraNetworkSpec",

@@ -38,8 +38,8 @@ def register_schedulers() -> list[SchedulerSpec]:
 
 
 @hookspec
-def register_upscalers() -> list[UpscalerSpec]:
-    """Return upscalers (latent modes or pixel-space functions) for the hires fix."""
+def register_upscalers(settings: Any) -> list[UpscalerSpec]:
+    """Return upscalers (latent modes or pixel-space functions) for the hires fix and Extras."""
 
 
 @hookspec

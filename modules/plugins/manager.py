@@ -76,7 +76,7 @@ def build_registries(plugins: PluginHost | pluggy.PluginManager, settings: Any =
         styles=StyleStore(_registry(host, "style", "register_styles", StyleSpec, settings=settings),
                           getattr(settings, "styles_file", None)),
         postprocessors=NamedRegistry("post-processor", sorted(postprocessors, key=lambda s: s.order)),
-        upscalers=_registry(host, "upscaler", "register_upscalers", UpscalerSpec),
+        upscalers=_registry(host, "upscaler", "register_upscalers", UpscalerSpec, settings=settings),
         extra_networks=_registry(host, "extra network", "register_extra_networks", ExtraNetworkSpec,
                                   settings=settings),
     )

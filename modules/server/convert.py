@@ -16,6 +16,7 @@ from modules.errors import AtelierError, InvalidParams
 from modules.jobs.model import Caller, Job
 from modules.jobs.payload import JobPayload, field_names, params_class
 from modules.jobs.submit import Submission
+from modules.pipeline.params import GenerationParams
 from modules.server.context import ServerContext
 from modules.server.schemas import Img2ImgRequest, Txt2ImgRequest
 
@@ -162,6 +163,9 @@ def a1111_info(job: Job) -> dict[str, Any]:
     payload = JobPayload.from_json(job.params, kind=job.kind)
     p, result = payload.params, job.result
     texts = result.infotexts if result else []
+    if not isinstance(p, GenerationParams):  # an Extras job has no generation fields
+        return {"infotexts": texts, "job_id": job.id, "interrupted": bool(result and result.interrupted),
+                "warnings": [*payload.warnings, *(result.warnings if result else [])]}
     first = infotext.parse(texts[0]) if texts else {}
     seeds = result.seeds if result else []
     return {

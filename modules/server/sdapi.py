@@ -17,6 +17,7 @@ from modules.jobs.overrides import PARAM_OPTIONS
 from modules.jobs.payload import JobPayload
 from modules.server import convert, system
 from modules.server.context import ServerContext
+from modules.server.extras_api import add_extras_routes
 from modules.server.schemas import GenerationResponse, Img2ImgRequest, PngInfoRequest, Txt2ImgRequest
 
 ADMIN_ONLY = ("Only admin users may change the server's models and options while logins are on: ask an admin, "
@@ -104,6 +105,7 @@ def sdapi_router(ctx: ServerContext, get_caller) -> APIRouter:
         return {}
 
     system.add_list_routes(router, ctx, AdminDep)
+    add_extras_routes(router, ctx, CallerDep)
     return router
 
 

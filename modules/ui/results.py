@@ -40,7 +40,7 @@ def results_panel(tab: str) -> ResultsPanel:
     with gr.Row():
         send = {name: gr.Button(label, size="sm", elem_id=f"{tab}-send-to-{name}")
                 for name, label in (("img2img", "Send to img2img"), ("inpaint", "Send to inpaint"),
-                                    ("pnginfo", "Send to PNG info"))}
+                                    ("extras", "Send to extras"), ("pnginfo", "Send to PNG info"))}
         download = gr.DownloadButton("Download", size="sm", elem_id=f"{tab}-download")
         open_folder = gr.Button("📂 Open folder", size="sm", elem_id=f"{tab}-open-folder")
     infotext = gr.HTML("", elem_id=f"{tab}-infotext", elem_classes=["atelier-infotext"])
