@@ -18,6 +18,7 @@ from modules.jobs import overrides as job_overrides
 from modules.jobs.inputs import discard_inputs, store_inputs
 from modules.jobs.manager import JobManager
 from modules.jobs.model import Caller, Job
+from modules.jobs.script_runs import check_script
 from modules.jobs.payload import (
     IMAGE_FIELDS,
     JobPayload,
@@ -41,6 +42,7 @@ class Submission:
     request: Mapping[str, Any] | None = None  # what the client sent, echoed back; None: the params
     warnings: tuple[str, ...] = ()
     source: str = "api"
+    script: Mapping[str, Any] | None = None  # {"name": title, "args": [positional] or {named}}
 
 
 @dataclass(frozen=True)
@@ -70,12 +72,13 @@ class SubmitService:
             raise InvalidParams(str(err)) from None
         _validate(params, self.limits, names)
         checkpoint, title = self._checkpoint(submission.checkpoint)
+        script = check_script(submission, params, self.registries, self._checkpoint_name, self.limits)
         request = submission.request
         if request is None:
             request = {**encode_params(params), "override_settings": {"sd_model_checkpoint": title}}
         return JobPayload(submission.kind, dataclasses.replace(params, init_images=(), mask=None)
                           if images else params, checkpoint, images, dict(request),
-                          (*submission.warnings, *warnings), submission.source)
+                          (*submission.warnings, *warnings), submission.source, script)
 
     def submit(self, caller: Caller, submission: Submission) -> Job:
         """Validate, store the input images beside the job and queue it for `caller`."""
@@ -97,6 +100,12 @@ class SubmitService:
             raise InvalidParams(f"Unknown scheduler {scheduler!r}. "
                                 f"Known: Automatic, {', '.join(self.registries.schedulers.names())}",
                                 field="scheduler")
+
+    def _checkpoint_name(self, name: str) -> str:
+        try:
+            return self.resolve_checkpoint(name)[0]
+        except AtelierError as err:
+            raise InvalidParams(str(err), field="script_args") from None
 
     def _checkpoint(self, name: str | None) -> tuple[str, str]:
         try:

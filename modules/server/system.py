@@ -12,7 +12,7 @@ from modules.server.context import ServerContext
 from modules.server.networks import add_network_routes
 
 EMPTY_LISTS = ("hypernetworks",
-               "face-restorers", "realesrgan-models", "script-info")
+               "face-restorers", "realesrgan-models")
 
 
 def _plain(value: Any) -> Any:
@@ -91,10 +91,6 @@ def add_list_routes(router: APIRouter, ctx: ServerContext, admin: Any = None) ->
         router.add_api_route(f"/{name}", _empty_list, methods=["GET"], name=name)
 
     add_network_routes(router, ctx, admin)  # loras, refresh-loras, embeddings
-
-    @router.get("/scripts")
-    def scripts() -> dict[str, list[str]]:
-        return {"txt2img": [], "img2img": []}
 
     @router.get("/extensions")
     def extensions() -> list[dict[str, Any]]:
