@@ -17,7 +17,6 @@ from .axes import builtin_axes
 from .plot import TITLE, available_axes, check, run
 
 
-
 def _axis_options(letter: str, default: str) -> tuple[api.OptionSpec, ...]:
     upper = letter.upper()
     return (

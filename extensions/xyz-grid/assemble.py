@@ -76,7 +76,7 @@ def assemble(ctx: api.ScriptContext, axes: list[Any], cells: dict, args: dict) -
             _add(ctx, out, sub, sub_text, cell, save=True)
     if args.get("include_lone_images"):
         for key in ordered:
-            _extend(out, cells[key])
+            api.extend_result(out, cells[key])
     return out
 
 
@@ -95,13 +95,3 @@ def _add(ctx: api.ScriptContext, out: api.Result, image: Image.Image, text: str,
     for warning in like.warnings:
         if warning not in out.warnings:
             out.warnings.append(warning)
-
-
-def _extend(out: api.Result, result: api.Result) -> None:
-    out.images += result.images
-    out.infotexts += result.infotexts
-    out.seeds += result.seeds
-    out.subseeds += result.subseeds
-    out.prompts += result.prompts
-    out.negative_prompts += result.negative_prompts
-    out.paths += result.paths

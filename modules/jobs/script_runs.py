@@ -56,18 +56,23 @@ def run_script(engine: Any, task: str, script: Mapping[str, Any], params: Any, c
 
         return engine.generate(cell_params, control, progress)
 
-    def save_grid(image: Any, seed: int, infotext: str) -> Path | None:
-        if not params.save_images:
-            return None
-        from modules import images as image_files
+    def saver(folder: Path) -> Callable[[Any, int, str], Path | None]:
+        def save(image: Any, seed: int, infotext: str) -> Path | None:
+            if not params.save_images:
+                return None
+            from modules import images as image_files
 
-        return image_files.save_image(image, engine.settings.outputs_dir / f"{task}-grids", seed, infotext)
+            return image_files.save_image(image, folder, seed, infotext)
+
+        return save
 
     def find_checkpoint(name: str) -> str:
         return engine.find_checkpoint(name).name
 
     ctx = ScriptContext(task, params, dict(script.get("args") or {}), engine.registries, checkpoint,
-                        find_checkpoint, process, save_grid, lambda: control.interrupted)
+                        find_checkpoint, process, saver(engine.settings.outputs_dir / f"{task}-grids"),
+                        lambda: control.interrupted,
+                        saver(params.outdir or engine.settings.outputs_dir / f"{task}-images"))
     result = spec.run(ctx)
     for warning in ctx.warnings:
         if warning not in result.warnings:

@@ -18,7 +18,6 @@ from modules.jobs import overrides as job_overrides
 from modules.jobs.inputs import discard_inputs, store_inputs
 from modules.jobs.manager import JobManager
 from modules.jobs.model import Caller, Job
-from modules.jobs.script_runs import check_script
 from modules.jobs.payload import (
     IMAGE_FIELDS,
     JobPayload,
@@ -27,6 +26,7 @@ from modules.jobs.payload import (
     field_names,
     params_class,
 )
+from modules.jobs.script_runs import check_script
 from modules.settings import Limits
 
 

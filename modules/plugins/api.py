@@ -21,7 +21,14 @@ from modules.plugins.context import JobContext, PostprocessContext
 from modules.plugins.grids import GridAnnotation, annotate_grid, combine_grid, image_grid, split_grid
 from modules.plugins.hookspecs import hookimpl
 from modules.plugins.patch import ModelPatch
-from modules.plugins.scripts import AxisSpec, ScriptCheck, ScriptContext, ScriptSpec, with_infotext_fields
+from modules.plugins.scripts import (
+    AxisSpec,
+    ScriptCheck,
+    ScriptContext,
+    ScriptSpec,
+    extend_result,
+    with_infotext_fields,
+)
 from modules.plugins.specs import (
     EmbeddingSpec,
     ExtraNetworkItem,
@@ -43,12 +50,12 @@ from modules.text.prompt_parser import ExtraNetworkTag
 #      ExtraNetworkTag, EmbeddingSpec, ModelPatch; JobContext.infotext
 # 1.2: an extension module may define create_plugin(settings); each app registers the object it returns
 # 1.3: register_scripts, register_xyz_axes; ScriptSpec, ScriptCheck, ScriptContext, AxisSpec,
-#      with_infotext_fields; the grid builder (image_grid, annotate_grid, GridAnnotation, split_grid, combine_grid)
+#      with_infotext_fields, extend_result; the grid builder (image_grid, annotate_grid, GridAnnotation, split_grid, combine_grid)
 API_VERSION = "1.3"
 
 __all__ = [
     "API_VERSION", "AtelierError", "AxisSpec", "GridAnnotation", "ScriptCheck", "ScriptContext", "ScriptSpec",
-    "annotate_grid", "combine_grid", "image_grid", "split_grid", "with_infotext_fields", "DenoiserStep", "EmbeddingSpec", "ExtraNetworkItem", "ExtraNetworkSpec",
+    "annotate_grid", "combine_grid", "extend_result", "image_grid", "split_grid", "with_infotext_fields", "DenoiserStep", "EmbeddingSpec", "ExtraNetworkItem", "ExtraNetworkSpec",
     "ExtraNetworkTag", "GenerationParams", "Img2ImgParams", "InvalidParams", "JobContext", "ModelPatch", "OptionSpec", "PostprocessContext", "PostprocessorSpec", "Result", "SamplerSpec",
     "ScheduleContext", "SchedulerSpec", "StyleSpec", "Txt2ImgParams", "UISectionSpec", "UITabSpec",
     "UpscalerSpec", "get_logger", "hookimpl", "to_d",

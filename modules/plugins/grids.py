@@ -103,9 +103,9 @@ def _line_height(font: Any) -> int:
 
 def _blocks(texts: list[list[GridAnnotation]], font: Any, width: float) -> list[_Block]:
     blocks = []
-    for annotations in texts:
+    for group in texts:
         block = _Block()
-        for a in annotations:
+        for a in group:
             block.lines += [(line, a.is_active) for line in wrap_text(a.text, font, width) if a.text]
         blocks.append(block)
     return blocks

@@ -74,6 +74,7 @@ class ScriptContext:
     process_fn: Callable[[Any, str | None, str], Any]
     save_grid_fn: Callable[[Any, int, str], Path | None]
     stop_fn: Callable[[], bool]
+    save_fn: Callable[[Any, int, str], Path | None] = lambda image, seed, text: None
     warnings: list[str] = field(default_factory=list)
     total: int = 1
     done: int = 0
@@ -95,6 +96,10 @@ class ScriptContext:
     def save_grid(self, image: Any, seed: int, infotext: str) -> Path | None:
         """Save a grid to outputs/<task>-grids when the job saves images; returns its path or None."""
         return self.save_grid_fn(image, seed, infotext)
+
+    def save(self, image: Any, seed: int, infotext: str) -> Path | None:
+        """Save a finished image (SD upscale's result) with the job's other images, if the job saves."""
+        return self.save_fn(image, seed, infotext)
 
     def warn(self, message: str) -> None:
         if message not in self.warnings:
@@ -240,3 +245,16 @@ class AxisSpec:
     choices: Callable[[Any], list[str]] | None = None
     format: Callable[[Any], str] | None = None  # a value as the grid legend shows it; None: "Name: value"
     aliases: tuple[str, ...] = ()
+
+
+RESULT_LISTS = ("images", "infotexts", "seeds", "subseeds", "prompts", "negative_prompts", "paths")
+
+
+def extend_result(out: Any, result: Any) -> None:
+    """Append one generation's images, infotexts, seeds, prompts and paths to a script's `Result`."""
+    for name in RESULT_LISTS:
+        getattr(out, name).extend(getattr(result, name))
+    for warning in result.warnings:
+        if warning not in out.warnings:
+            out.warnings.append(warning)
+    out.interrupted = out.interrupted or result.interrupted
