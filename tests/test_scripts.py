@@ -263,3 +263,15 @@ def test_hook_register_xyz_axes(sweep_app):
         prompts = [infotext.parse(t)["Prompt"] for t in job.result.infotexts[1:]]
         assert prompts == ["fox, red of 2", "fox, blue of 2"]
         assert infotext.parse(job.result.infotexts[0])["X Type"] == "Prompt suffix"
+
+
+def test_the_payload_keeps_the_checked_script_through_json():
+    from modules.jobs.payload import JobPayload
+    from modules.pipeline.params import Txt2ImgParams
+
+    script = {"name": "X/Y/Z plot", "args": {"x_type": "Steps", "x_values": "1-3", "x_values_dropdown": [],
+                                             "draw_legend": True, "margin_size": 4}}
+    payload = JobPayload("txt2img", Txt2ImgParams(prompt="p"), "ca", script=script)
+    back = JobPayload.from_json(payload.to_json())
+    assert back.script == script and back.params == payload.params
+    assert "script" not in JobPayload("txt2img", Txt2ImgParams(), "ca").to_json()  # plain jobs unchanged

@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import logging
+import time
 
 import httpx
 import numpy as np
@@ -292,3 +293,25 @@ def test_scripts_and_script_info_lists(http):
     upscale = next(s for s in info if s["name"] == "sd upscale")
     assert upscale["is_img2img"] and upscale["args"][2]["choices"][:3] == ["None", "Lanczos", "Nearest"]
     assert not any(s["name"] == "sd upscale" and not s["is_img2img"] for s in info)
+
+
+def test_a_script_run_is_one_job_that_interrupt_stops_between_cells(http):
+    """Queued through the jobs API: the X/Y/Z run is one job; interrupting it keeps the cells done so far."""
+    params = {**SMALL, "prompt": "slow fox", "steps": 30, "script_name": "X/Y/Z plot",
+              "script_args": xyz_args("Seed", "1-6", include_lone_images=True)}
+    created = http.post("/api/v1/jobs", json={"kind": "txt2img", "params": params})
+    assert created.status_code == 201, created.text
+    job_id = created.json()["id"]
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        progress = http.get(f"/api/v1/jobs/{job_id}").json()["progress"]
+        if progress["text"].startswith("cell 2/"):
+            break
+        time.sleep(0.02)
+    assert progress["text"].startswith("cell 2/6") and progress["job_count"] == 6
+    http.post("/sdapi/v1/interrupt")
+    while (job := http.get(f"/api/v1/jobs/{job_id}").json())["state"] in ("queued", "running"):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert job["state"] == "done" and job["result"]["interrupted"] is True
+    assert 1 + 1 <= len(job["result"]["images"]) < 1 + 6  # the grid and the cells finished before the interrupt
