@@ -275,3 +275,14 @@ def test_the_payload_keeps_the_checked_script_through_json():
     back = JobPayload.from_json(payload.to_json())
     assert back.script == script and back.params == payload.params
     assert "script" not in JobPayload("txt2img", Txt2ImgParams(), "ca").to_json()  # plain jobs unchanged
+
+
+def test_grid_options_follow_a1111_option_names():
+    options = grids.grid_options({"n_rows": 3, "grid_format": "WEBP", "grid_save": False})
+    assert (options.n_rows, options.format, options.save, options.infotext) == (3, "webp", False, True)
+    assert options.rows(12) == 3 and grids.grid_options({}).rows(12) == 3 and grids.grid_options({}).rows(2) == 1
+    assert grids.grid_options({"grid_prevent_empty_spots": True}).rows(5) == 1
+    assert grids.grid_options({"n_rows": 0}).rows(6, batch_size=2) == 2
+    for bad in ({"grid_format": "gif"}, {"n_rows": -3}, {"grid_save": "yes"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            grids.grid_options(bad)

@@ -315,3 +315,27 @@ def test_a_script_run_is_one_job_that_interrupt_stops_between_cells(http):
         time.sleep(0.1)
     assert job["state"] == "done" and job["result"]["interrupted"] is True
     assert 1 + 1 <= len(job["result"]["images"]) < 1 + 6  # the grid and the cells finished before the interrupt
+
+
+def test_grid_save_options_format_infotext_and_off(http, server):
+    from modules import images as image_files
+
+    grids = server.context.app.settings.outputs_dir / "txt2img-grids"
+    before = set(grids.rglob("*.*")) if grids.exists() else set()
+    assert http.post("/sdapi/v1/options", json={"grid_format": "gif"}).status_code == 422
+    try:
+        assert http.post("/sdapi/v1/options", json={"grid_format": "jpg", "enable_pnginfo": False}).status_code == 200
+        post(http, "txt2img", prompt="owl|moon", save_images=True, script_name="Prompt matrix")
+        new = set(grids.rglob("*.*")) - before
+        assert len(new) == 1 and next(iter(new)).suffix == ".jpg"
+        assert image_files.read_infotext(next(iter(new))) is None
+        assert http.post("/sdapi/v1/options", json={"grid_save": False, "grid_format": "png",
+                                                    "enable_pnginfo": True}).status_code == 200
+        post(http, "txt2img", prompt="owl|moon", save_images=True, script_name="Prompt matrix")
+        assert set(grids.rglob("*.*")) - before == new  # no grid saved
+        assert http.post("/sdapi/v1/options", json={"grid_save": True}).status_code == 200
+        post(http, "txt2img", prompt="owl|moon", save_images=True, script_name="Prompt matrix")
+        latest = set(grids.rglob("*.png")) - before
+        assert len(latest) == 1 and "Script: Prompt matrix" in image_files.read_infotext(next(iter(latest)))
+    finally:
+        http.post("/sdapi/v1/options", json={"grid_save": True, "grid_format": "png", "enable_pnginfo": True})

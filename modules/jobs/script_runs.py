@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from modules.errors import InvalidParams
+from modules.plugins.grids import GridOptions, grid_options
 from modules.plugins.scripts import ScriptCheck, ScriptContext, find_script, script_args
 
 
 def check_script(submission: Any, params: Any, registries: Any, find_checkpoint: Callable[[str], str],
-                 limits: Any = None) -> dict[str, Any] | None:
-    """The submission's script as the payload stores it ({"name", "args" by name}), checked; None: none.
+                 limits: Any = None, options: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+    """The submission's script as the payload stores it ({"name", "args" by name, "grid" options}), checked;
+    None: no script. `options` are the caller's A1111 options (grid_format, n_rows, ...).
 
     Raises InvalidParams naming the bad value (an unknown sampler on an axis, ...) before anything is queued.
     """
@@ -36,7 +38,11 @@ def check_script(submission: Any, params: Any, registries: Any, find_checkpoint:
             raise
         except (ValueError, TypeError, KeyError) as err:
             raise InvalidParams(f"{spec.name}: {err}", field="script_args") from None
-    return {"name": spec.name, "args": args}
+    try:
+        grid = grid_options(options or {})
+    except ValueError as err:
+        raise InvalidParams(f"the grid options are not valid: {err}", field="script_name") from None
+    return {"name": spec.name, "args": args, "grid": grid.to_json()}
 
 
 def run_script(engine: Any, task: str, script: Mapping[str, Any], params: Any, checkpoint: str, control: Any,
@@ -56,13 +62,18 @@ def run_script(engine: Any, task: str, script: Mapping[str, Any], params: Any, c
 
         return engine.generate(cell_params, control, progress)
 
-    def saver(folder: Path) -> Callable[[Any, int, str], Path | None]:
+    grid = grid_options(script.get("grid") or {})
+
+    def saver(folder: Path, options: GridOptions | None = None) -> Callable[[Any, int, str], Path | None]:
         def save(image: Any, seed: int, infotext: str) -> Path | None:
-            if not params.save_images:
+            if not params.save_images or (options is not None and not options.save):
                 return None
             from modules import images as image_files
 
-            return image_files.save_image(image, folder, seed, infotext)
+            if options is None:
+                return image_files.save_image(image, folder, seed, infotext)
+            return image_files.save_image(image, folder, seed, infotext if options.infotext else None,
+                                          fmt=options.format)
 
         return save
 
@@ -70,9 +81,9 @@ def run_script(engine: Any, task: str, script: Mapping[str, Any], params: Any, c
         return engine.find_checkpoint(name).name
 
     ctx = ScriptContext(task, params, dict(script.get("args") or {}), engine.registries, checkpoint,
-                        find_checkpoint, process, saver(engine.settings.outputs_dir / f"{task}-grids"),
+                        find_checkpoint, process, saver(engine.settings.outputs_dir / f"{task}-grids", grid),
                         lambda: control.interrupted,
-                        saver(params.outdir or engine.settings.outputs_dir / f"{task}-images"))
+                        saver(params.outdir or engine.settings.outputs_dir / f"{task}-images"), grid=grid)
     result = spec.run(ctx)
     for warning in ctx.warnings:
         if warning not in result.warnings:

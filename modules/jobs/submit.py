@@ -64,7 +64,8 @@ class SubmitService:
         names = field_names(cls)
         self._check_names(submission.values)
         changes, warnings = job_overrides.overridden(submission.overrides, names)
-        values = {**job_overrides.job_defaults(self.options(caller), names), **submission.values, **changes}
+        options = self.options(caller)
+        values = {**job_overrides.job_defaults(options, names), **submission.values, **changes}
         images = {k: v for k, v in submission.images.items() if k in IMAGE_FIELDS and v is not None}
         try:
             params = build_params(cls, values, **images)
@@ -72,7 +73,7 @@ class SubmitService:
             raise InvalidParams(str(err)) from None
         _validate(params, self.limits, names)
         checkpoint, title = self._checkpoint(submission.checkpoint)
-        script = check_script(submission, params, self.registries, self._checkpoint_name, self.limits)
+        script = check_script(submission, params, self.registries, self._checkpoint_name, self.limits, options)
         request = submission.request
         if request is None:
             request = {**encode_params(params), "override_settings": {"sd_model_checkpoint": title}}

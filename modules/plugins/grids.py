@@ -218,3 +218,45 @@ def combine_grid(grid: TileGrid) -> Image.Image:
         alpha = _ramp(grid.tile_h, seam, r > 0)[:, None, None]
         out[y:y + grid.tile_h] = out[y:y + grid.tile_h] * (1 - alpha) + strip * alpha
     return Image.fromarray(np.clip(out.round(), 0, 255).astype(np.uint8))
+
+
+GRID_FORMATS = ("png", "jpg", "jpeg", "webp")
+# A1111's option names and defaults for grids (GET/POST /sdapi/v1/options)
+GRID_OPTION_DEFAULTS = {"grid_save": True, "grid_format": "png", "n_rows": -1, "grid_prevent_empty_spots": False,
+                        "enable_pnginfo": True}
+
+
+@dataclass(frozen=True)
+class GridOptions:
+    """How grids are laid out and saved: A1111's `grid_save`, `grid_format`, `n_rows`,
+    `grid_prevent_empty_spots` and `enable_pnginfo` (infotext written into the grid file)."""
+
+    save: bool = True
+    format: str = "png"
+    n_rows: int = -1
+    prevent_empty_spots: bool = False
+    infotext: bool = True
+
+    def rows(self, count: int, batch_size: int = 1) -> int:
+        """Rows for `count` images under these options (n_rows -1: automatic)."""
+        return grid_rows(count, batch_size, self.n_rows, self.prevent_empty_spots)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"grid_save": self.save, "grid_format": self.format, "n_rows": self.n_rows,
+                "grid_prevent_empty_spots": self.prevent_empty_spots, "enable_pnginfo": self.infotext}
+
+
+def grid_options(options: Any) -> GridOptions:
+    """GridOptions from A1111 option values (missing keys take A1111's defaults); ValueError names a bad one."""
+    values = {**GRID_OPTION_DEFAULTS, **{k: options[k] for k in GRID_OPTION_DEFAULTS if k in options}}
+    fmt = str(values["grid_format"]).lower()
+    if fmt not in GRID_FORMATS:
+        raise ValueError(f"grid_format must be one of {', '.join(GRID_FORMATS)}, got {values['grid_format']!r}")
+    n_rows = values["n_rows"]
+    if isinstance(n_rows, bool) or not isinstance(n_rows, int) or n_rows < -1:
+        raise ValueError(f"n_rows must be -1 (automatic), 0 (one row per batch) or a row count, got {n_rows!r}")
+    for key in ("grid_save", "grid_prevent_empty_spots", "enable_pnginfo"):
+        if not isinstance(values[key], bool):
+            raise ValueError(f"{key} must be true or false, got {values[key]!r}")
+    return GridOptions(values["grid_save"], fmt, n_rows, values["grid_prevent_empty_spots"],
+                       values["enable_pnginfo"])

@@ -20,6 +20,7 @@ from typing import Any
 
 from modules import infotext as infotext_format
 from modules.errors import InvalidParams
+from modules.plugins.grids import GridOptions
 from modules.plugins.specs import OptionSpec
 
 TABS = ("txt2img", "img2img")
@@ -75,6 +76,7 @@ class ScriptContext:
     save_grid_fn: Callable[[Any, int, str], Path | None]
     stop_fn: Callable[[], bool]
     save_fn: Callable[[Any, int, str], Path | None] = lambda image, seed, text: None
+    grid: GridOptions = field(default_factory=GridOptions)  # the user's grid options (rows, format, saving)
     warnings: list[str] = field(default_factory=list)
     total: int = 1
     done: int = 0
@@ -94,7 +96,8 @@ class ScriptContext:
         return self.stop_fn()
 
     def save_grid(self, image: Any, seed: int, infotext: str) -> Path | None:
-        """Save a grid to outputs/<task>-grids when the job saves images; returns its path or None."""
+        """Save a grid to outputs/<task>-grids when the job saves images and `grid_save` is on, in
+        `grid_format`, with the infotext unless `enable_pnginfo` is off; returns its path or None."""
         return self.save_grid_fn(image, seed, infotext)
 
     def save(self, image: Any, seed: int, infotext: str) -> Path | None:
