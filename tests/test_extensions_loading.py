@@ -26,11 +26,11 @@ def test_bundled_and_fixture_extensions_are_found(app):
     status = statuses(app)
     for name in ("euler-cfg-pp", "film-grain", "style-pack", "wildcards", "fixture-sampler", "web-ext",
                  "order-a", "order-b", "order-c", "cfg-probe", "raising-hook", "xyz-grid", "prompt-matrix",
-                 "prompts-from-file", "sd-upscale", "loopback"):
+                 "prompts-from-file", "sd-upscale", "loopback", "outpainting-mk2"):
         assert status[name] == "loaded", (name, status[name])
     bundled = {i.name for i in app.plugins.extensions if i.bundled}
     assert bundled == {"euler-cfg-pp", "film-grain", "style-pack", "wildcards", "lora", "xyz-grid", "prompt-matrix",
-                       "prompts-from-file", "sd-upscale", "loopback"}
+                       "prompts-from-file", "sd-upscale", "loopback", "outpainting-mk2"}
     info = app.plugins.extension("film-grain")
     assert info.version == "1.0.0" and info.api_version == "1.0" and info.load_time_s > 0
 

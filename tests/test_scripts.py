@@ -29,6 +29,7 @@ A1111_UI_ORDER = {
     "Prompts from file or textbox": ["checkbox_iterate", "checkbox_iterate_batch", "prompt_position", "prompt_txt"],
     "SD upscale": ["info", "overlap", "upscaler_index", "scale_factor"],
     "Loopback": ["loops", "final_denoising_strength", "denoising_curve", "append_interrogation"],
+    "Outpainting mk2": ["info", "pixels", "mask_blur", "direction", "noise_q", "color_variation"],
 }
 
 
@@ -286,3 +287,20 @@ def test_grid_options_follow_a1111_option_names():
     for bad in ({"grid_format": "gif"}, {"n_rows": -3}, {"grid_save": "yes"}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             grids.grid_options(bad)
+
+
+def test_outpainting_noise_keeps_the_picture_and_follows_its_colours(app):
+    mk2 = importlib.import_module("atelier_ext_outpainting_mk2")
+    rng = np.random.default_rng(2)
+    image = np.clip(0.7 + 0.05 * rng.standard_normal((32, 48, 3)), 0, 1)
+    image[..., 2] = 0.2  # a warm, flat picture
+    mask = np.zeros((32, 48))
+    mask[:, 32:] = 1.0
+    out = mk2.matched_noise(image, mask, seed=5, noise_q=1.0, color_variation=0.05)
+    assert np.array_equal(out[:, :32], image[:, :32])
+    new = out[:, 32:]
+    assert abs(new[..., 0].mean() - 0.7) < 0.05 and abs(new[..., 2].mean() - 0.2) < 0.05 and new.std() > 0.005
+    assert np.array_equal(out, mk2.matched_noise(image, mask, seed=5, noise_q=1.0, color_variation=0.05))
+    assert mk2.side_pixels((64, 64), 64, ["right"]) == {"left": 0, "right": 64, "up": 0, "down": 0}
+    assert mk2.side_pixels((100, 64), 50, ["left", "right", "down"]) == {"left": 76, "right": 80, "up": 0,
+                                                                         "down": 64}

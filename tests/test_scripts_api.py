@@ -285,7 +285,7 @@ def test_loopback_feeds_each_result_back(http):
 def test_scripts_and_script_info_lists(http):
     scripts = http.get("/sdapi/v1/scripts").json()
     assert scripts["txt2img"] == ["x/y/z plot", "prompt matrix", "prompts from file or textbox"]
-    assert scripts["img2img"] == [*scripts["txt2img"], "sd upscale", "loopback"]
+    assert scripts["img2img"] == [*scripts["txt2img"], "sd upscale", "loopback", "outpainting mk2"]
     info = http.get("/sdapi/v1/script-info").json()
     xyz = next(s for s in info if s["name"] == "x/y/z plot" and not s["is_img2img"])
     assert [a["label"] for a in xyz["args"]][:4] == ["X type", "X values", "X values (list)", "Y type"]
@@ -339,3 +339,17 @@ def test_grid_save_options_format_infotext_and_off(http, server):
         assert len(latest) == 1 and "Script: Prompt matrix" in image_files.read_infotext(next(iter(latest)))
     finally:
         http.post("/sdapi/v1/options", json={"grid_save": True, "grid_format": "png", "enable_pnginfo": True})
+
+
+def test_outpainting_mk2_grows_each_side_in_its_own_pass(http, server):
+    # A1111 1.10 ui() order: info, pixels, mask_blur, direction, noise_q, color_variation
+    with ProgressTexts(server) as progress:
+        images, info = post(http, "img2img", init_images=[init_image(64)], denoising_strength=0.8,
+                            script_name="Outpainting mk2", script_args=[None, 64, 4, ["left", "up"], 1.0, 0.05])
+    assert len(images) == 1 and images[0].size == (128, 128)
+    assert set(progress.texts) == {"side 1/2", "side 2/2"}
+    assert fields_of(info["infotexts"])[0]["Script"] == "Outpainting mk2"
+    response = http.post("/sdapi/v1/img2img", json={**SMALL, "init_images": [init_image(64)],
+                                                    "script_name": "Outpainting mk2",
+                                                    "script_args": [None, 64, 4, ["sideways"], 1.0, 0.05]})
+    assert response.status_code == 422 and "sideways" in response.json()["detail"][0]["msg"]

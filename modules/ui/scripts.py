@@ -42,9 +42,10 @@ def _control(spec: OptionSpec, choices: list[str] | None, elem_id: str) -> Any:
     if spec.kind == "html":
         gr.Markdown(spec.label, elem_id=elem_id)
         return None
-    if spec.kind == "multiselect":  # filled by API clients; the text box beside it takes the same values
-        return gr.Dropdown(choices or [], value=[], multiselect=True, allow_custom_value=True, label=spec.label,
-                           elem_id=elem_id, visible=False)
+    if spec.kind == "multiselect":  # without fixed choices (X/Y/Z values) API clients fill it; the UI hides it
+        value = [v for v in (spec.default or []) if v in (choices or [])]
+        return gr.Dropdown(choices or [], value=value, multiselect=True, allow_custom_value=not choices,
+                           label=spec.label, elem_id=elem_id, visible=bool(choices))
     if choices is not None and spec.kind == "dropdown":
         value = spec.default if spec.default in choices else (choices[0] if choices else None)
         return gr.Dropdown(choices, value=value, label=spec.label, elem_id=elem_id)
