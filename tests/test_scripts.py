@@ -304,3 +304,16 @@ def test_outpainting_noise_keeps_the_picture_and_follows_its_colours(app):
     assert mk2.side_pixels((64, 64), 64, ["right"]) == {"left": 0, "right": 64, "up": 0, "down": 0}
     assert mk2.side_pixels((100, 64), 50, ["left", "right", "down"]) == {"left": 76, "right": 80, "up": 0,
                                                                          "down": 64}
+
+
+def test_axis_indexes_are_a1111_1_10s_per_tab(app):
+    plot = importlib.import_module("atelier_ext_xyz_grid.plot")
+    registry = app.registries.xyz_axes
+    names = {tab: plot.axis_names(tab, registry) for tab in ("txt2img", "img2img")}
+    assert [names["txt2img"][i] for i in (4, 5, 9, 11, 23, 26, 28, 37)] == [
+        "Steps", "Hires steps", "Sampler", "Checkpoint name", "Denoising", "Hires upscaler", "Styles", "RNG source"]
+    assert [names["img2img"][i] for i in (5, 6, 9, 10, 22, 23, 25)] == [
+        "CFG Scale", "Image CFG Scale", "Sampler", "Checkpoint name", "Denoising", "Initial noise multiplier",
+        "Cond. Image Mask Weight"]
+    assert names["txt2img"][38:] == ["Size"]  # Atelier's own axes follow A1111's list
+    assert plot.resolve_axis("11", "txt2img", registry, "x").name == "Checkpoint name"

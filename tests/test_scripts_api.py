@@ -353,3 +353,15 @@ def test_outpainting_mk2_grows_each_side_in_its_own_pass(http, server):
                                                     "script_name": "Outpainting mk2",
                                                     "script_args": [None, 64, 4, ["sideways"], 1.0, 0.05]})
     assert response.status_code == 422 and "sideways" in response.json()["detail"][0]["msg"]
+
+
+def test_xyz_in_img2img_varies_denoising_on_the_init_image(http):
+    # img2img axis indexes of A1111 1.10: 22 = Denoising
+    images, info = post(http, "img2img", init_images=[init_image(64)], prompt="fox", script_name="X/Y/Z plot",
+                        script_args=xyz_args(22, "0.25, 0.75"))
+    assert len(images) == 3 and images[0].width == 2 * 64 and images[0].height > 64  # no Y axis: no row legends
+    assert [f["Denoising strength"] for f in fields_of(info["infotexts"][1:])] == [0.25, 0.75]
+    response = http.post("/sdapi/v1/img2img", json={**SMALL, "init_images": [init_image(64)],
+                                                    "script_name": "X/Y/Z plot",
+                                                    "script_args": xyz_args("Hires steps", "1, 2")})
+    assert response.status_code == 422 and "'Hires steps' is not available" in response.json()["detail"][0]["msg"]

@@ -9,6 +9,7 @@ reads "cell 3/12". Each cell calls the engine exactly as a plain job does.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ from typing import Any
 from modules.errors import InvalidParams
 from modules.plugins.grids import GridOptions, grid_options
 from modules.plugins.scripts import ScriptCheck, ScriptContext, find_script, script_args
+
+log = logging.getLogger(__name__)
 
 
 def check_script(submission: Any, params: Any, registries: Any, find_checkpoint: Callable[[str], str],
@@ -36,8 +39,10 @@ def check_script(submission: Any, params: Any, registries: Any, find_checkpoint:
         except InvalidParams as err:
             err.field = err.field or "script_args"
             raise
-        except (ValueError, TypeError, KeyError) as err:
-            raise InvalidParams(f"{spec.name}: {err}", field="script_args") from None
+        except Exception as err:  # a broken script's check refuses the job; it never becomes a server error
+            log.warning("script %r failed to check its arguments", spec.name, exc_info=True)
+            raise InvalidParams(f"{spec.name}: cannot use these arguments ({type(err).__name__}: {err})",
+                                field="script_args") from None
     try:
         grid = grid_options(options or {})
     except ValueError as err:
