@@ -10,7 +10,7 @@ from modules.plugins import api
 
 from .assemble import assemble
 from .axes import A1111_AXES
-from .values import float_values, int_values, permutation_values, split_values
+from .values import float_values, int_values, join_values, permutation_values, split_values
 
 TITLE = "X/Y/Z plot"
 LETTERS = ("x", "y", "z")
@@ -49,9 +49,7 @@ def axis_names(tab: str, registry: Any) -> list[str]:
 
 def available_axes(tab: str, registry: Any) -> list[str]:
     """The axes Atelier can plot in `tab` (for the UI's dropdowns)."""
-    names = axis_names(tab, registry)
-    return [n for n in names if n in registry and tab in registry.get(n).tabs] + \
-        [s.name for s in registry if tab in s.tabs and s.name not in names]
+    return [n for n in axis_names(tab, registry) if n in registry and tab in registry.get(n).tabs]
 
 
 def resolve_axis(choice: Any, tab: str, registry: Any, letter: str) -> api.AxisSpec:
@@ -93,7 +91,7 @@ def parse_axes(args: dict[str, Any], tab: str, registries: Any) -> list[Axis]:
         dropdown = [] if args.get("csv_mode") else list(args.get(f"{letter}_values_dropdown") or [])
         text = str(args.get(f"{letter}_values") or "")
         values = parse_values(spec, text, dropdown, bool(args.get("raw_mode")), where)
-        axes.append(Axis(letter, spec, values, ", ".join(dropdown) if dropdown else text))
+        axes.append(Axis(letter, spec, values, join_values(dropdown) if dropdown else text))
     return axes
 
 
