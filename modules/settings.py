@@ -10,6 +10,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 RNG_SOURCES = ("gpu", "cpu", "nv")
 EMPHASIS_MODES = ("Original", "No norm", "Ignore")
+SDE_NOISE_MODES = ("brownian", "sequential")
 
 
 @dataclass(frozen=True)
@@ -44,12 +45,16 @@ class Settings:
     clip_skip: int = 1
     emphasis: str = "Original"
     eta_noise_seed_delta: int = 0
+    sde_noise: str = "brownian"  # SDE samplers' noise: A1111's seeded Brownian tree, or faster sequential draws
     preview_every: int = 1
     vae_tiling: bool = False  # decode / encode large images tile by tile (bounded memory)
     vae_tile_size: int = 64  # latents per tile side (64 = 512 pixels); tiles overlap by a quarter
     vram: str = "normal"  # "normal", "medvram" (one model on the GPU at a time) or "lowvram" (one block)
     max_size: int = 4096
-    styles_file: Path = REPO_ROOT / "styles.csv"  # A1111's styles.csv format
+    max_batch_size: int = DEFAULT_LIMITS.max_batch_size
+    max_n_iter: int = DEFAULT_LIMITS.max_n_iter
+    max_steps: int = DEFAULT_LIMITS.max_steps
+    styles_file: Path = REPO_ROOT / "data" / "styles.csv"  # A1111's format; default: under --data-dir
     extensions_dirs: tuple[Path, ...] = (REPO_ROOT / "extensions",)
     disable_all_extensions: bool = False
     disable_extra_extensions: bool = False  # keep only the bundled extensions
@@ -61,7 +66,7 @@ class Settings:
 
     @property
     def limits(self) -> Limits:
-        return Limits(max_size=self.max_size)
+        return Limits(self.max_size, self.max_batch_size, self.max_n_iter, self.max_steps)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -114,6 +119,9 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--clip-skip", type=int, default=1)
     group.add_argument("--emphasis", choices=EMPHASIS_MODES, default="Original")
     group.add_argument("--eta-noise-seed-delta", type=int, default=0, help="A1111's ENSD")
+    group.add_argument("--sde-noise", choices=SDE_NOISE_MODES, default="brownian",
+                       help="noise of the DPM++ SDE samplers: brownian (A1111's seeded Brownian tree, "
+                            "reproduces A1111) or sequential (per-image draws, faster)")
     add_performance_arguments(parser)
 
 
@@ -132,7 +140,8 @@ def add_performance_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_extension_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("extensions")
-    group.add_argument("--styles-file", type=Path, help="prompt styles in A1111's styles.csv format")
+    group.add_argument("--styles-file", type=Path,
+                       help="prompt styles in A1111's styles.csv format (default: DATA_DIR/styles.csv)")
     group.add_argument("--extensions-dir", type=Path, action="append", default=[],
                        help="extra folder of extensions (extensions/ is always searched)")
     group.add_argument("--disable-all-extensions", action="store_true", help="load no extensions")
@@ -145,6 +154,7 @@ def add_extension_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     base = Settings()
+    data_dir = args.data_dir or base.data_dir
     return Settings(
         models_dir=args.models_dir or base.models_dir,
         ckpt=args.ckpt,
@@ -154,7 +164,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         embeddings_dirs=tuple(getattr(args, "embeddings_dir", ())),
         sd_vae=args.sd_vae,
         outputs_dir=args.outputs_dir or base.outputs_dir,
-        data_dir=args.data_dir or base.data_dir,
+        data_dir=data_dir,
         device=args.device,
         precision=args.precision,
         xformers=args.xformers,
@@ -163,10 +173,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         clip_skip=args.clip_skip,
         emphasis=args.emphasis,
         eta_noise_seed_delta=args.eta_noise_seed_delta,
+        sde_noise=getattr(args, "sde_noise", base.sde_noise),
         vae_tiling=getattr(args, "vae_tiling", False),
         vae_tile_size=getattr(args, "vae_tile_size", 64),
         vram=getattr(args, "vram", "normal"),
-        styles_file=args.styles_file or base.styles_file,
+        styles_file=args.styles_file or data_dir / "styles.csv",
         extensions_dirs=(*base.extensions_dirs, *args.extensions_dir),
         disable_all_extensions=args.disable_all_extensions,
         disable_extra_extensions=args.disable_extra_extensions,

@@ -249,6 +249,7 @@ class JobManager:
                                        lambda event: self._on_progress(job.id, event))
             return {"state": DONE, "result": result}
         except AtelierError as err:
+            log.warning("job %s failed: %s", job.id, " ".join(str(err).split()))  # one line
             return {"state": FAILED, "error": str(err)}
         except Exception as err:  # nothing a job does may take the worker down
             log.exception("job %s failed", job.id)

@@ -49,9 +49,11 @@ from modules.text.prompt_parser import ExtraNetworkTag
 # 1.1: register_extra_networks, patch_model, register_embeddings; ExtraNetworkSpec, ExtraNetworkItem,
 #      ExtraNetworkTag, EmbeddingSpec, ModelPatch; JobContext.infotext
 # 1.2: an extension module may define create_plugin(settings); each app registers the object it returns
-# 1.3: register_scripts, register_xyz_axes; ScriptSpec, ScriptCheck, ScriptContext, AxisSpec,
-#      with_infotext_fields, extend_result; the grid builder (image_grid, annotate_grid, GridAnnotation, split_grid, combine_grid)
-API_VERSION = "1.3"
+# 1.3: SamplerSpec.brownian_noise; a sampler taking `model_sigmas` gets the model's sigma table;
+#      the sampler's model offers `last_uncond` (CFG++)
+# 1.4: register_scripts, register_xyz_axes; ScriptSpec, ScriptCheck, ScriptContext, AxisSpec, with_infotext_fields,
+#      extend_result; the grid builder (image_grid, annotate_grid, GridAnnotation, split_grid, combine_grid)
+API_VERSION = "1.4"
 
 __all__ = [
     "API_VERSION", "AtelierError", "AxisSpec", "GridAnnotation", "ScriptCheck", "ScriptContext", "ScriptSpec",

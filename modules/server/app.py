@@ -141,4 +141,5 @@ def serve(ctx: ServerContext, mount_ui: MountUI | None = None) -> None:
     log.warning("%s", ctx.config.banner())
     log.info("A1111 API: %s; web UI: %s", "on" if ctx.config.serves_sdapi else "off",
              "on" if mount_ui is not None else "off")
-    uvicorn.run(app, host=ctx.config.host, port=ctx.config.port, log_level="info", timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=ctx.config.host, port=ctx.config.port, log_level="info", timeout_graceful_shutdown=5,
+                access_log=ctx.config.log_requests)
