@@ -25,10 +25,12 @@ def app(tmp_path_factory):
 def test_bundled_and_fixture_extensions_are_found(app):
     status = statuses(app)
     for name in ("film-grain", "style-pack", "wildcards", "fixture-sampler", "web-ext",
-                 "order-a", "order-b", "order-c", "cfg-probe", "raising-hook"):
+                 "order-a", "order-b", "order-c", "cfg-probe", "raising-hook", "xyz-grid", "prompt-matrix",
+                 "prompts-from-file", "sd-upscale", "loopback", "outpainting-mk2"):
         assert status[name] == "loaded", (name, status[name])
     bundled = {i.name for i in app.plugins.extensions if i.bundled}
-    assert bundled == {"film-grain", "style-pack", "wildcards", "lora"}
+    assert bundled == {"film-grain", "style-pack", "wildcards", "lora", "xyz-grid", "prompt-matrix",
+                       "prompts-from-file", "sd-upscale", "loopback", "outpainting-mk2"}
     info = app.plugins.extension("film-grain")
     assert info.version == "1.0.0" and info.api_version == "1.0" and info.load_time_s > 0
 

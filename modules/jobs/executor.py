@@ -94,7 +94,8 @@ class LocalExecutor:
         payload = JobPayload.from_json(spec.params, kind=spec.kind)
         needs_model = getattr(type(payload.params), "needs_checkpoint", True)
         model = self._ensure_model(payload.checkpoint) if needs_model else ""
-        result = runners.run(self.engine, payload, control, lambda p: on_event(_event(p)), self.outdir)
+        result = runners.run(self.engine, payload, control, lambda p: on_event(_event(p)), self.outdir,
+                             self._ensure_model)
         paths = [str(p) for p in result.paths]
         if not paths:  # not saved to the gallery: keep the job's images under the data folder
             paths = [str(p) for p in runners.save_job_images(result, self.job_images_dir / spec.id)]
@@ -139,5 +140,5 @@ class LocalExecutor:
 
 def _event(progress) -> dict[str, Any]:
     return {"fraction": progress.fraction, "job_no": progress.job_no, "job_count": progress.job_count,
-            "step": progress.step, "steps": progress.steps,
+            "step": progress.step, "steps": progress.steps, "text": getattr(progress, "text", ""),
             "preview": png_bytes(progress.preview) if progress.preview is not None else None}

@@ -256,7 +256,8 @@ class JobManager:
             return {"state": FAILED, "error": f"Internal error: {type(err).__name__}: {err}"}
 
     def _on_progress(self, job_id: str, event: dict[str, Any]) -> None:
-        progress = Progress(**{k: event[k] for k in ("fraction", "job_no", "job_count", "step", "steps")})
+        progress = Progress(**{k: event[k] for k in ("fraction", "job_no", "job_count", "step", "steps")},
+                            text=str(event.get("text") or ""))
         with self._cond:
             job = self._live.get(job_id)
             if job is None:

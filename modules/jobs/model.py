@@ -55,6 +55,7 @@ class Progress:
     job_count: int = 0
     step: int = 0
     steps: int = 0
+    text: str = ""  # what a script is doing ("cell 3/12"); empty for a plain job
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -26,6 +26,7 @@ from modules.jobs.payload import (
     field_names,
     params_class,
 )
+from modules.jobs.script_runs import check_script
 from modules.settings import Limits
 
 
@@ -41,6 +42,7 @@ class Submission:
     request: Mapping[str, Any] | None = None  # what the client sent, echoed back; None: the params
     warnings: tuple[str, ...] = ()
     source: str = "api"
+    script: Mapping[str, Any] | None = None  # {"name": title, "args": [positional] or {named}}
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,8 @@ class SubmitService:
         names = field_names(cls)
         self._check_names(submission.values)
         changes, warnings = job_overrides.overridden(submission.overrides, names)
-        values = {**job_overrides.job_defaults(self.options(caller), names), **submission.values, **changes}
+        options = self.options(caller)
+        values = {**job_overrides.job_defaults(options, names), **submission.values, **changes}
         images = {k: v for k, v in submission.images.items() if k in IMAGE_FIELDS and v is not None}
         try:
             params = build_params(cls, values, **images)
@@ -71,12 +74,13 @@ class SubmitService:
         _validate(params, self.limits, names)
         checkpoint, title = self._checkpoint(submission.checkpoint) if getattr(cls, "needs_checkpoint", True) \
             else ("", "")
+        script = check_script(submission, params, self.registries, self._checkpoint_name, self.limits, options)
         request = submission.request
         if request is None:
             request = {**encode_params(params), "override_settings": {"sd_model_checkpoint": title}}
         return JobPayload(submission.kind, dataclasses.replace(params, init_images=(), mask=None)
                           if images else params, checkpoint, images, dict(request),
-                          (*submission.warnings, *warnings), submission.source)
+                          (*submission.warnings, *warnings), submission.source, script)
 
     def submit(self, caller: Caller, submission: Submission) -> Job:
         """Validate, store the input images beside the job and queue it for `caller`."""
@@ -104,6 +108,12 @@ class SubmitService:
             raise InvalidParams(f"Unknown scheduler {scheduler!r}. "
                                 f"Known: Automatic, {', '.join(self.registries.schedulers.names())}",
                                 field="scheduler")
+
+    def _checkpoint_name(self, name: str) -> str:
+        try:
+            return self.resolve_checkpoint(name)[0]
+        except AtelierError as err:
+            raise InvalidParams(str(err), field="script_args") from None
 
     def _checkpoint(self, name: str | None) -> tuple[str, str]:
         try:

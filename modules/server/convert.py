@@ -69,8 +69,6 @@ def _check_request(ctx: ServerContext, req: Txt2ImgRequest) -> None:
     for name in ("restore_faces", "tiling"):
         if getattr(req, name):
             raise RequestError((name,), f"{name} is not supported by Atelier yet")
-    if req.script_name:
-        raise RequestError(("script_name",), f"Script {req.script_name!r} not found")
 
 
 def _param_values(req: Txt2ImgRequest, names: frozenset[str]) -> dict[str, Any]:
@@ -127,7 +125,8 @@ def submission(ctx: ServerContext, kind: str, req: Txt2ImgRequest, source: str =
     overrides = dict(req.override_settings or {})
     return Submission(job_kind, _param_values(req, field_names(params_class(job_kind))), images,
                       checkpoint=overrides.get("sd_model_checkpoint"), overrides=overrides,
-                      request=_request_record(req), source=source)
+                      request=_request_record(req), source=source,
+                      script={"name": req.script_name, "args": req.script_args} if req.script_name else None)
 
 
 def submit(ctx: ServerContext, caller: Caller, kind: str, req: Txt2ImgRequest, source: str = "api") -> Job:
@@ -140,6 +139,8 @@ def submit(ctx: ServerContext, caller: Caller, kind: str, req: Txt2ImgRequest, s
 
 
 def _location(field: str | None, overrides: dict[str, Any]) -> tuple:
+    if field in ("script_name", "script_args"):
+        return (field,)
     if field == "sd_model_checkpoint" or field in overrides:
         return ("override_settings", field)
     return (field or "params",)

@@ -11,7 +11,7 @@ from fastapi import APIRouter
 from modules.server.context import ServerContext
 from modules.server.networks import add_network_routes
 
-EMPTY_LISTS = ("hypernetworks", "face-restorers", "script-info")
+EMPTY_LISTS = ("hypernetworks", "face-restorers")
 
 
 def _plain(value: Any) -> Any:
@@ -96,10 +96,6 @@ def add_list_routes(router: APIRouter, ctx: ServerContext, admin: Any = None) ->
         router.add_api_route(f"/{name}", _empty_list, methods=["GET"], name=name)
 
     add_network_routes(router, ctx, admin)  # loras, refresh-loras, embeddings
-
-    @router.get("/scripts")
-    def scripts() -> dict[str, list[str]]:
-        return {"txt2img": [], "img2img": []}
 
     @router.get("/extensions")
     def extensions() -> list[dict[str, Any]]:

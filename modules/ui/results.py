@@ -65,6 +65,8 @@ def progress_html(update: Update) -> str:
         return _bar(0.0, text, "queued")
     p = job.progress
     batch = f" · batch {p.job_no + 1}/{p.job_count}" if p.job_count > 1 else ""
+    if p.text:  # a script: "cell 3/12"
+        batch = f" · {p.text}"
     text = f"Step {p.step}/{p.steps}{batch} · ETA {_seconds(update.eta)}" if p.steps else "Starting…"
     return _bar(p.fraction, text, "running")
 
