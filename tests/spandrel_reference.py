@@ -31,10 +31,18 @@ def spandrel_or_skip():
         pytest.skip("spandrel is not installed (pip install spandrel)")
     try:
         import torchvision  # noqa: F401
-    except Exception:  # CUDA-only torchvision build under a CPU torch
-        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-            del sys.modules[name]
+        placeholder = False
+    except Exception:  # no torchvision, or a CUDA-only build under a CPU torch
+        _drop_torchvision()
         _placeholder_torchvision()
+        placeholder = True
     import spandrel
 
+    if placeholder:  # spandrel holds what it needs; later imports (diffusers probes find_spec) must not see it
+        _drop_torchvision()
     return spandrel
+
+
+def _drop_torchvision() -> None:
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        del sys.modules[name]

@@ -46,6 +46,9 @@ if [[ ",$extra," == *",test,"* ]]; then
     # k-diffusion's samplers are the tests' reference; its own requirements (torchvision, clean-fid,
     # wandb, ...) are only for training, so it is installed without them (tests/kdiffusion_ref.py).
     "${pip[@]}" install --no-deps "k-diffusion==0.1.1.post1"
+    # spandrel is the upscalers' reference; its torchvision has no CPU build for this torch, so it comes
+    # without it (tests/spandrel_reference.py covers the two torchvision-only architectures it never uses).
+    "${pip[@]}" install --no-deps "spandrel==0.4.2" "einops>=0.8"
 fi
 grep -s "^$stamp " "$stamp_file" | grep -vx "$stamp $extra" >"$stamp_file.new" || true
 echo "$stamp $extra" >>"$stamp_file.new"
