@@ -6,8 +6,8 @@ from pathlib import Path
 
 from modules.jobs.inputs import load_inputs
 from modules.jobs.payload import JobPayload
-from modules.pipeline.extras import ExtrasJobParams, run_extras
 from modules.jobs.script_runs import run_script
+from modules.pipeline.extras import ExtrasJobParams, run_extras
 
 
 def job_params(payload: JobPayload, outdir: Path | None = None):
