@@ -56,11 +56,12 @@ class LocalExecutor:
 
     slots = 1
 
-    def __init__(self, engine, job_images_dir: Path, outdir: Path | None = None) -> None:
+    def __init__(self, engine, job_images_dir: Path, outdir: Path | None = None, name: str = "local") -> None:
         self.engine = engine
+        self.name = name
         self.job_images_dir = Path(job_images_dir)
         self.outdir = outdir  # where saved images go; None: the engine's outputs/<task>-images
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="atelier-worker")
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"atelier-worker-{name}")
         self._controls: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._loaded: str | None = None
@@ -72,6 +73,7 @@ class LocalExecutor:
         control = JobControl()
         with self._lock:
             self._controls[spec.id] = control
+        on_event({"worker": self.name})
         try:
             return self._worker.submit(self._execute, spec, control, on_event).result()
         finally:

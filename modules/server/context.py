@@ -11,7 +11,7 @@ from pathlib import Path
 from modules.app import App
 from modules.checkpoints.model import CheckpointInfo
 from modules.errors import AtelierError, CheckpointError
-from modules.jobs.executor import Executor, LocalExecutor
+from modules.jobs.executor import Executor
 from modules.jobs.manager import JobManager
 from modules.jobs.model import Caller
 from modules.jobs.store import JobStore
@@ -140,7 +140,10 @@ class ServerContext:
 
 def build_context(app: App, config: ServerConfig, executor: Executor | None = None) -> ServerContext:
     settings = app.settings
-    executor = executor or LocalExecutor(app.engine, settings.data_dir / "job-images")
+    if executor is None:
+        from modules.server.executors import build_executor, parse_devices
+
+        executor = build_executor(app, parse_devices(config.devices), config.cluster)
     jobs = JobManager(JobStore(settings.data_dir / "jobs.sqlite3"), executor,
                       max_queued_per_owner=config.max_queued_per_owner)
     return ServerContext(app, config, jobs, Options(settings, settings.data_dir / "config.json",
