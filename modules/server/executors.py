@@ -60,6 +60,7 @@ def local_devices_executor(app: App, devices: tuple[str, ...]) -> Executor:
     job_images = app.settings.data_dir / "job-images"
     if len(devices) <= 1 and (not devices or str(app.engine.devices.device) == devices[0]):
         return LocalExecutor(app.engine, job_images)
+    _share_cpu_threads(devices.count("cpu"))
     workers = {}
     for n, (device, name) in enumerate(zip(devices, worker_names(devices), strict=True)):
         same = n == 0 and str(app.engine.devices.device) == device
@@ -67,6 +68,16 @@ def local_devices_executor(app: App, devices: tuple[str, ...]) -> Executor:
         workers[name] = LocalExecutor(engine, job_images, name=name)
     log.info("%d workers: %s", len(workers), ", ".join(workers))
     return PoolExecutor(workers, checkpoint_bytes(app))
+
+
+def _share_cpu_threads(cpu_workers: int) -> None:
+    """Several CPU workers in one process share its cores: each gets an equal part of torch's threads."""
+    if cpu_workers > 1:
+        import torch
+
+        threads = max(1, torch.get_num_threads() // cpu_workers)
+        torch.set_num_threads(threads)
+        log.info("%d CPU workers share this process: %d torch threads", cpu_workers, threads)
 
 
 def build_executor(app: App, devices: tuple[str, ...] = (), cluster: str | None = None) -> Executor:
