@@ -5,96 +5,25 @@ model-affinity routing counted by the engines' own load log lines, and a worker 
 """
 from __future__ import annotations
 
-import io
 import logging
 import time
 
-import httpx
 import numpy as np
 import pytest
-from PIL import Image
 
 from modules.errors import AtelierError
 from modules.server.executors import parse_devices, worker_names
 from tests.api_server import start_server
-
-USERS = tuple((f"user{n}", f"pass{n}") for n in range(4)) + (("root", "r-pass"),)
-BASE = {"width": 64, "height": 64, "steps": 1, "sampler_name": "Euler"}
-
-
-def client(server, user: str) -> httpx.Client:
-    return httpx.Client(base_url=server.url, auth=(user, dict(USERS)[user]), timeout=120)
-
-
-def submit(c: httpx.Client, prompt: str, seed: int, checkpoint: str | None = None, steps: int = 1) -> str:
-    params = {**BASE, "prompt": prompt, "seed": seed, "steps": steps}
-    if checkpoint:
-        params["override_settings"] = {"sd_model_checkpoint": checkpoint}
-    r = c.post("/api/v1/jobs", json={"kind": "txt2img", "params": params})
-    assert r.status_code == 201, r.text
-    return r.json()["id"]
-
-
-def wait_done(c: httpx.Client, job_id: str, timeout: float = 300) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = c.get(f"/api/v1/jobs/{job_id}").json()
-        if job["state"] not in ("queued", "running"):
-            assert job["state"] == "done", job
-            return job
-        time.sleep(0.05)
-    raise TimeoutError(job_id)
-
-
-def pixels(c: httpx.Client, job: dict) -> np.ndarray:
-    r = c.get(job["result"]["images"][0])
-    assert r.status_code == 200
-    return np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB"))
-
-
-def run_jobs(server) -> dict[tuple[str, int], tuple[dict, np.ndarray]]:
-    """4 users x 5 jobs, submitted while the queue is paused, then run; (user, n) -> (job, pixels)."""
-    root = client(server, "root")
-    root.post("/api/v1/queue/pause", json={"all": True})
-    ids = {(user, n): submit(client(server, user), f"{user} job {n}", 1000 * int(user[4:]) + n)
-           for user, _ in USERS[:4] for n in range(5)}
-    root.post("/api/v1/queue/resume", json={"all": True})
-    out = {}
-    for (user, n), job_id in ids.items():
-        c = client(server, user)
-        job = wait_done(c, job_id)
-        out[(user, n)] = (job, pixels(c, job))
-    return out
-
-
-def check_uncrossed(results) -> None:
-    for (user, n), (job, _) in results.items():
-        assert job["owner"] == user
-        assert job["result"]["seeds"] == [1000 * int(user[4:]) + n]
-        assert job["result"]["prompts"] == [f"{user} job {n}"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two CPU workers in one process would split torch's threads differently from one worker (a last-bit
-    difference in a few pixels); with one thread each, bit-identical results can be asked for."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny_checkpoints):
-    """The same 20 jobs on the default single-device executor."""
-    srv = start_server(tmp_path_factory.mktemp("one-device"), {"tiny": tiny_checkpoints["sd1"]},
-                       api_auth=USERS, admin_users=("root",))
-    try:
-        return run_jobs(srv)
-    finally:
-        srv.stop()
+from tests.cluster_helpers import (  # noqa: F401  (fixtures)
+    USERS,
+    check_uncrossed,
+    client,
+    one_thread_fixture,
+    reference_fixture,
+    run_jobs,
+    submit,
+    wait_done,
+)
 
 
 def test_parse_devices():
@@ -178,3 +107,19 @@ def _wait_running(srv, long_ids) -> None:
     while {root.get(f"/api/v1/jobs/{i}").json()["state"] for i in long_ids} != {"running"}:
         assert time.monotonic() < deadline
         time.sleep(0.05)
+
+
+def test_cluster_without_ray_names_the_extra(tmp_path):
+    """Where Ray is not installed, --cluster stops with one line naming the extra (no traceback)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "import sys; sys.modules['ray'] = None; from modules.cli import main; sys.exit(main(sys.argv[1:]))"
+    args = ["--cluster", "local", "--nowebui", "--port", "0", "--data-dir", str(tmp_path / "data"),
+            "--models-dir", str(tmp_path / "models"), "--device", "cpu", "--precision", "fp32"]
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 2, done.stderr
+    assert "error: --cluster needs Ray: install the extra with  pip install .[cluster]" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -65,6 +65,7 @@ class LocalExecutor:
         self._controls: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._loaded: str | None = None
+        self.loads = 0  # checkpoints loaded so far (model-affinity routing keeps this low)
 
     # -- jobs -----------------------------------------------------------------
     def run(self, spec: JobSpec, on_event: EventCallback) -> JobResult:
@@ -115,6 +116,7 @@ class LocalExecutor:
         if current is None or Path(current.info.path).resolve() != Path(info.path).resolve():
             log.info("loading checkpoint %s", info.name)
             self.engine.load_model(info.path)
+            self.loads += 1
         self._loaded = info.name
         return info.name
 

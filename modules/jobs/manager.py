@@ -259,7 +259,7 @@ class JobManager:
         reserve = getattr(self.executor, "reserve", None)
         if reserve is None:
             return self._queue.pop()
-        window = order[:max(2, self.executor.slots)]
+        window = order[:64]  # the pool looks a few jobs ahead, and counts the rest by model
         index = reserve([(job_id, self._live[job_id].params.get("checkpoint")) for job_id in window])
         return None if index is None else self._queue.pop(window[index])
 

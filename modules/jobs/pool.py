@@ -6,7 +6,9 @@ Ray actor's handle. The job manager keeps the queue fair; it asks `reserve` whic
 few fair jobs should run now, and the pool answers by model affinity:
 
 1. the first of those jobs whose checkpoint an idle worker already holds goes to that worker;
-2. else the first job goes to the idle worker whose swap is cheapest, by the bytes it must load.
+2. else the first job goes to the idle worker whose swap is cheapest, by the bytes it must load,
+   unless a busy worker holding its model will be free sooner than a load would take (running
+   means of job and load times): then the job waits for that worker.
 
 A worker that dies mid-job (`WorkerLost`) is dropped and the job runs once more on another
 worker with the same seed; a second loss ends the job with a clear error.
@@ -44,6 +46,7 @@ class _Slot:
     model: str | None = None  # what the worker holds, as far as the pool knows
     loads: int = 0
     used: float = 0.0
+    started: float = 0.0
 
 
 def fix_seeds(spec: JobSpec) -> JobSpec:
@@ -70,6 +73,8 @@ class PoolExecutor:
         self._lock = threading.Condition()
         self._listener: Callable[[], None] | None = None
         self._closed = False
+        self._job_s: float | None = None  # running means: a job without a load, and the extra for a load
+        self._load_s: float | None = None
 
     # -- capacity -----------------------------------------------------------------
     @property
@@ -104,11 +109,13 @@ class PoolExecutor:
     def _cost(self, slot: _Slot, checkpoint: str | None) -> int:
         return 0 if checkpoint is None or slot.model == checkpoint else self._swap_bytes(checkpoint)
 
-    def reserve(self, window: list[tuple[str, str | None]]) -> int | None:
+    def reserve(self, queued: list[tuple[str, str | None]]) -> int | None:
         """Which of the next fair jobs (id, checkpoint) runs now, with an idle worker reserved for it;
-        None while no worker is idle."""
+        None while no worker is idle, or while waiting for a busy holder beats loading a model.
+        Only the first few jobs are candidates (fairness stays close to the queue's order)."""
         with self._lock:
             idle = [s for s in self._slots if s.state == IDLE]
+            window = queued[:max(4, 2 * len(self._slots))]
             if not idle or not window:
                 return None
             for index, (job_id, checkpoint) in enumerate(window):
@@ -116,11 +123,34 @@ class PoolExecutor:
                 if holder is not None:
                     self._take(holder, job_id, RESERVED)
                     return index
-            job_id, checkpoint = window[0]
             wanted = {c for _, c in window}
-            best = min(idle, key=lambda s: (self._cost(s, checkpoint), s.model in wanted, s.used))
-            self._take(best, job_id, RESERVED)
-            return 0
+            for index, (job_id, checkpoint) in enumerate(window):
+                if self._better_to_wait(checkpoint, queued):
+                    continue
+                best = min(idle, key=lambda s: (self._cost(s, checkpoint), s.model in wanted, s.used))
+                self._take(best, job_id, RESERVED)
+                return index
+            return None
+
+    def _better_to_wait(self, checkpoint: str | None, queued: list[tuple[str, str | None]]) -> bool:
+        """True when the busy workers holding `checkpoint` will likely get through every queued job
+        that needs it sooner than an idle worker could load it."""
+        busy = [s for s in self._slots if s.state in (BUSY, RESERVED) and s.model == checkpoint]
+        if not busy or checkpoint is None or self._job_s is None or self._load_s is None:
+            return False
+        now = time.monotonic()
+        remaining = min(max(0.0, self._job_s - (now - s.started)) for s in busy)
+        needing = sum(1 for _, c in queued if c == checkpoint)
+        return remaining + (needing - 1) * self._job_s / len(busy) < self._load_s
+
+    def _learn(self, seconds: float, loaded: bool) -> None:
+        """Running means of a job's time and a load's extra time (for `_better_to_wait`)."""
+        with self._lock:
+            if not loaded:
+                self._job_s = seconds if self._job_s is None else 0.7 * self._job_s + 0.3 * seconds
+            else:
+                extra = max(0.0, seconds - (self._job_s or 0.0))
+                self._load_s = extra if self._load_s is None else 0.7 * self._load_s + 0.3 * extra
 
     def _take(self, slot: _Slot, job_id: str, state: str) -> None:
         slot.state, slot.job_id = state, job_id
@@ -136,6 +166,7 @@ class PoolExecutor:
                 slot = mine or (min(idle, key=lambda s: (self._cost(s, checkpoint), s.used)) if idle else None)
                 if slot is not None:
                     self._take(slot, job_id, BUSY)
+                    slot.started = time.monotonic()
                     return slot
                 remaining = deadline - time.monotonic()
                 if self._closed or remaining <= 0:
@@ -168,10 +199,11 @@ class PoolExecutor:
         message = None
         while True:
             on_event({"worker": slot.name, "message": message})
-            if slot.model != checkpoint and checkpoint is not None:
-                slot.loads += 1
+            loading = slot.model != checkpoint and checkpoint is not None
+            slot.loads += loading
             try:
                 result = slot.worker.run(spec, on_event)
+                self._learn(time.monotonic() - slot.started, loading)
             except WorkerLost as err:
                 self._lose(slot, err)
                 tried.append(slot.name)
