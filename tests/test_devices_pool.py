@@ -123,3 +123,21 @@ def test_cluster_without_ray_names_the_extra(tmp_path):
     assert done.returncode == 2, done.stderr
     assert "error: --cluster needs Ray: install the extra with  pip install .[cluster]" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_input_images_travel_to_a_worker_as_bytes(tmp_path):
+    """A remote worker gets img2img inputs as bytes and runs on its own copies (not the head's paths)."""
+    from modules.server.cluster import _localised, input_paths
+
+    head = tmp_path / "head"
+    head.mkdir()
+    (head / "init_images-0.png").write_bytes(b"png-0")
+    (head / "mask-0.png").write_bytes(b"mask")
+    inputs = {"init_images": [str(head / "init_images-0.png")], "mask": str(head / "mask-0.png")}
+    spec = {"id": "a" * 32, "kind": "img2img", "params": {"inputs": inputs, "checkpoint": "tiny"}}
+    files = {p: open(p, "rb").read() for p in input_paths(inputs)}
+    local = _localised(spec, files, tmp_path / "worker" / spec["id"])
+    moved = local["params"]["inputs"]
+    assert open(moved["init_images"][0], "rb").read() == b"png-0" and open(moved["mask"], "rb").read() == b"mask"
+    assert all(str(tmp_path / "worker") in p for p in input_paths(moved))
+    assert local["params"]["checkpoint"] == "tiny" and spec["params"]["inputs"] == inputs  # the head's is untouched

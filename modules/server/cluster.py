@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import os
 import queue
+import shutil
 import threading
 from pathlib import Path
 from typing import Any
@@ -55,9 +56,16 @@ class AtelierWorker:
         return {"pid": os.getpid(), "extensions": extension_set(self.app), "loads": self.executor.loads,
                 "device": str(self.app.engine.devices.device)}
 
-    def run(self, spec: dict[str, Any]):
+    def run(self, spec: dict[str, Any], inputs: dict[str, bytes] | None = None):
         """A generator: {"event": ...} while the job runs, then {"result": ..., "files": [bytes]} or
-        {"error": message}."""
+        {"error": message}. `inputs`: the job's input images by the head's path, as bytes."""
+        folder = self.images.parent / "inputs" / spec["id"]
+        try:
+            yield from self._run(_localised(spec, inputs or {}, folder))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _run(self, spec: dict[str, Any]):
         events: queue.Queue = queue.Queue()
 
         def work() -> None:
@@ -103,6 +111,27 @@ class AtelierWorker:
         return self.executor.loaded_model()
 
 
+def input_paths(inputs: dict[str, Any]) -> list[str]:
+    """Every stored input image path of a payload's `inputs` (init_images: a list, mask: one path)."""
+    return [p for value in inputs.values() for p in (value if isinstance(value, list) else [value])
+            if isinstance(p, str)]
+
+
+def _localised(spec: dict[str, Any], files: dict[str, bytes], folder: Path) -> dict[str, Any]:
+    """The spec with its input images written on this worker, their paths rewritten to the copies."""
+    inputs = (spec.get("params") or {}).get("inputs") or {}
+    if not inputs or not files:
+        return spec
+    folder.mkdir(parents=True, exist_ok=True)
+    moved = {}
+    for n, path in enumerate(input_paths(inputs)):
+        local = folder / f"{n}-{Path(path).name}"
+        local.write_bytes(files[path])
+        moved[path] = str(local)
+    local_inputs = {k: [moved[p] for p in v] if isinstance(v, list) else moved.get(v, v) for k, v in inputs.items()}
+    return {**spec, "params": {**spec["params"], "inputs": local_inputs}}
+
+
 class RayWorker:
     """The head's handle on one actor: the pool's worker protocol, over Ray calls of plain data."""
 
@@ -118,8 +147,9 @@ class RayWorker:
         return tuple(getattr(ex, n) for n in names if hasattr(ex, n))
 
     def run(self, spec: JobSpec, on_event) -> JobResult:
+        files = {p: Path(p).read_bytes() for p in input_paths(spec.params.get("inputs") or {})}
         try:
-            stream = self.actor.run.options(num_returns="streaming").remote(dataclasses.asdict(spec))
+            stream = self.actor.run.options(num_returns="streaming").remote(dataclasses.asdict(spec), files)
             for ref in stream:
                 item = self.ray.get(ref)
                 if "event" in item:
@@ -186,6 +216,7 @@ class RayExecutor(PoolExecutor):
         self.ray, self.app, self.owns_ray = ray, app, owns_ray
         self.expected = extension_set(app)
         self._count = 0
+        self._stop = threading.Event()
 
     def start_worker(self, gpu: bool, settings: Settings | None = None, name: str | None = None) -> RayWorker | None:
         """Start one actor and admit it, unless its extension set differs from the head's (then None)."""
@@ -206,11 +237,26 @@ class RayExecutor(PoolExecutor):
         self.add_worker(name, worker)
         return worker
 
+    def watch_gpus(self, every: float = 15.0) -> None:
+        """Start a GPU actor for each GPU that joins the cluster later (a node added with `ray start`)."""
+        def loop() -> None:
+            while not self._stop.wait(every):
+                try:
+                    gpus = int(self.ray.cluster_resources().get("GPU", 0))
+                    live = sum(1 for s in self._live() if s.name.startswith("ray-gpu"))
+                    for _ in range(max(0, gpus - live)):
+                        self.start_worker(True)
+                except Exception:  # the head keeps serving while the cluster changes
+                    log.exception("watching the Ray cluster for new GPUs failed")
+
+        threading.Thread(target=loop, name="atelier-ray-watch", daemon=True).start()
+
     def worker_info(self) -> dict[str, dict[str, Any]]:
         """Each live worker's own report: pid, device, extensions and how many checkpoints it loaded."""
         return {s.name: s.worker.hello() for s in self._live()}
 
     def close(self) -> None:
+        self._stop.set()
         super().close()
         if self.owns_ray:
             self.ray.shutdown()
@@ -253,4 +299,6 @@ def ray_executor(app: App, cluster: str, devices: tuple[str, ...] = ()) -> RayEx
         executor.close()
         raise AtelierError("No Ray worker could be admitted (see the log lines above).")
     log.info("Ray cluster %s: %d workers", cluster, executor.slots)
+    if not cpu_workers:
+        executor.watch_gpus()
     return executor
