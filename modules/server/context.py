@@ -138,12 +138,22 @@ class ServerContext:
         return info
 
 
+def _executor(app: App, config: ServerConfig) -> Executor:
+    """One device (the default), every listed device (--devices), or Ray workers (--cluster)."""
+    from modules.server.executors import local_devices_executor, parse_devices
+
+    devices = parse_devices(config.devices)
+    if config.cluster:
+        from modules.server.cluster import ray_executor
+
+        return ray_executor(app, config.cluster, devices)
+    return local_devices_executor(app, devices)
+
+
 def build_context(app: App, config: ServerConfig, executor: Executor | None = None) -> ServerContext:
     settings = app.settings
     if executor is None:
-        from modules.server.executors import build_executor, parse_devices
-
-        executor = build_executor(app, parse_devices(config.devices), config.cluster)
+        executor = _executor(app, config)
     jobs = JobManager(JobStore(settings.data_dir / "jobs.sqlite3"), executor,
                       max_queued_per_owner=config.max_queued_per_owner)
     return ServerContext(app, config, jobs, Options(settings, settings.data_dir / "config.json",

@@ -78,11 +78,3 @@ def _share_cpu_threads(cpu_workers: int) -> None:
         threads = max(1, torch.get_num_threads() // cpu_workers)
         torch.set_num_threads(threads)
         log.info("%d CPU workers share this process: %d torch threads", cpu_workers, threads)
-
-
-def build_executor(app: App, devices: tuple[str, ...] = (), cluster: str | None = None) -> Executor:
-    if cluster:
-        from modules.server.cluster import ray_executor
-
-        return ray_executor(app, cluster, devices)
-    return local_devices_executor(app, devices)
