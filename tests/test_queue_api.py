@@ -119,3 +119,46 @@ def test_queue_order_priority_and_pause_survive_a_restart(tmp_path, tiny_checkpo
         assert wait_state(root, r1)["state"] == "done"
     finally:
         srv.stop()
+
+
+def test_queue_panel_in_the_browser(server):
+    """The panel steers through the same routes: reorder, cancel, pause (a user), priority (an admin)."""
+    from tests.ui_helpers import launch_browser, require_browser, screenshot_dir
+
+    playwright_api = require_browser()
+    alice, root = client(server, "alice"), client(server, "root")
+    root.post("/api/v1/queue/pause", json={"all": True})
+    a1, a2, a3 = (submit(alice, s) for s in (1, 2, 3))
+    b1 = submit(client(server, "bob"), 4)
+    with playwright_api.sync_playwright() as playwright:
+        browser = launch_browser(playwright)
+        try:
+            context = browser.new_context(http_credentials={"username": "alice", "password": "a-pass"})
+            page = context.new_page()
+            page.goto(server.url + "/api/v1/queue/panel")
+            row = page.locator(f"tr[data-id='{a3}']")
+            row.wait_for(timeout=30_000)
+            assert page.locator("tbody tr").count() == 3  # only her own jobs
+            row.locator("button[title=earlier]").click()
+            page.wait_for_function(f"document.querySelector('tbody tr').dataset.id === '{a1}' && "
+                                   f"document.querySelectorAll('tbody tr')[1].dataset.id === '{a3}'")
+            assert queue_ids(alice) == [a1, a3, a2]
+            page.locator(f"tr[data-id='{a2}'] button[title='cancel this job']").click()
+            page.locator(f"tr[data-id='{a2}']").wait_for(state="detached", timeout=30_000)
+            assert alice.get(f"/api/v1/jobs/{a2}").json()["state"] == "cancelled"
+            page.locator(f"tr[data-id='{a1}'] button[title='admins only']").click()
+            page.wait_for_function("document.getElementById('status').textContent.includes('Only admins')")
+            page.click("#pause-mine")
+            page.wait_for_function("document.getElementById('workers').textContent.includes('paused: alice')")
+            assert root.get("/api/v1/queue").json()["paused_owners"] == ["alice"]
+            page.screenshot(path=str(screenshot_dir() / "queue-panel.png"))
+
+            admin = browser.new_context(http_credentials={"username": "root", "password": "r-pass"}).new_page()
+            admin.goto(server.url + "/api/v1/queue/panel")
+            admin.locator(f"tr[data-id='{b1}']").wait_for(timeout=30_000)
+            admin.locator(f"tr[data-id='{b1}'] input.priority").fill("7")
+            admin.locator(f"tr[data-id='{b1}'] button[title='admins only']").click()
+            admin.wait_for_function(f"document.querySelector('tbody tr').dataset.id === '{b1}'")
+            assert queue_ids(root)[0] == b1
+        finally:
+            browser.close()

@@ -7,10 +7,12 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException
+from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, Field
 
 from modules.jobs.model import Caller, JobNotFound, NotAllowed, NotQueued, is_job_id
 from modules.server.context import ServerContext
+from modules.server.queue_panel import PANEL_HTML
 
 
 class PauseRequest(BaseModel):
@@ -64,6 +66,11 @@ def queue_router(ctx: ServerContext, get_caller) -> APIRouter:
         state = ctx.jobs.queue_state(caller)
         return {"paused": state["paused"], "paused_owners": state["paused_owners"],
                 "workers": state["workers"], "jobs": [entry_view(e) for e in state["entries"]]}
+
+    @router.get("/panel", response_class=HTMLResponse)
+    def panel(caller: Caller = CallerDep) -> HTMLResponse:
+        """The queue panel for a browser (same rights as the routes it calls)."""
+        return HTMLResponse(PANEL_HTML, headers={"Cache-Control": "no-store"})
 
     def pause_target(body: PauseRequest, caller: Caller) -> str | None:
         return None if body.all else (body.owner or caller.owner)
