@@ -84,6 +84,32 @@ def test_a_worker_with_other_extensions_is_refused(cluster, caplog):
     assert "odd" not in executor.worker_info()
 
 
+def test_queue_survives_a_restart_on_ray(tmp_path, tiny_checkpoints, cluster):
+    """Queued, steered jobs outlive the server; after the restart Ray workers run them in that order."""
+    def start():
+        return start_server(tmp_path, {"tiny": tiny_checkpoints["sd1"]}, api_auth=USERS, admin_users=("root",),
+                            devices="cpu", cluster="local")  # joins the running Ray instance: one actor
+
+    srv = start()
+    try:
+        root, user = client(srv, "root"), client(srv, "user2")
+        root.post("/api/v1/queue/pause", json={"all": True})
+        ids = [submit(user, "kept", 50 + n) for n in range(3)]
+        user.post(f"/api/v1/queue/{ids[2]}/move", json={"index": 0})
+    finally:
+        srv.stop()
+    srv = start()
+    try:
+        root, user = client(srv, "root"), client(srv, "user2")
+        assert root.get("/api/v1/queue").json()["paused"] is True
+        root.post("/api/v1/queue/resume", json={"all": True})
+        jobs = {job_id: wait_done(user, job_id) for job_id in ids}
+        assert sorted(ids, key=lambda i: jobs[i]["started"]) == [ids[2], ids[0], ids[1]]
+        assert {job["worker"] for job in jobs.values()} == {"ray-cpu"}
+    finally:
+        srv.stop()
+
+
 def wait_step(c, job_id: str, worker: str | None = None) -> dict:
     """The job once it runs (on `worker`, if given) and has taken a sampling step."""
     deadline = time.monotonic() + 120

@@ -86,6 +86,7 @@ def test_pause_reorder_priority_cancel_and_rights(server):
     assert {bob.get(f"/api/v1/jobs/{i}").json()["state"] for i in (b1, b2)} == {"queued"}
     queued = bob.get("/api/v1/queue").json()["jobs"]
     assert all(j["eta"] is not None and j["eta"] > 0 for j in queued)  # two jobs ran: ETAs are known
+    assert bob.get(f"/api/v1/jobs/{b1}").json()["eta"] > 0  # the job view carries it too
     assert bob.post("/api/v1/queue/resume", json={}).status_code == 200
     assert started_order({b1: bob, b2: bob}, [b1, b2]) == [b2, b1]  # priority first
     assert bob.post(f"/api/v1/queue/{b1}/move", json={"index": 0}).status_code == 409  # finished

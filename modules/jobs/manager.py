@@ -368,6 +368,17 @@ class JobManager:
             self._cond.notify_all()
         self._emit_positions()
 
+    def eta(self, job: Job) -> float | None:
+        """Seconds until `job` is likely done (running or queued); None when unknown or finished."""
+        with self._cond:
+            mean = sum(self._durations) / len(self._durations) if self._durations else None
+            position = self._queue.positions().get(job.id)
+        if job.state == RUNNING:
+            return _running_eta(job, mean)
+        if position is None or mean is None:
+            return None
+        return mean * (position // max(1, self.executor.slots) + 1)
+
     def queue_state(self, caller: Caller) -> dict[str, Any]:
         """The live queue as `caller` may see it: their jobs (admins: everyone's) in run order,
         with position, priority, worker and ETA in seconds (None until a job has finished)."""
