@@ -10,6 +10,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 RNG_SOURCES = ("gpu", "cpu", "nv")
 EMPHASIS_MODES = ("Original", "No norm", "Ignore")
+SDE_NOISE_MODES = ("brownian", "sequential")
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class Settings:
     clip_skip: int = 1
     emphasis: str = "Original"
     eta_noise_seed_delta: int = 0
+    sde_noise: str = "brownian"  # SDE samplers' noise: A1111's seeded Brownian tree, or faster sequential draws
     preview_every: int = 1
     vae_tiling: bool = False  # decode / encode large images tile by tile (bounded memory)
     vae_tile_size: int = 64  # latents per tile side (64 = 512 pixels); tiles overlap by a quarter
@@ -117,6 +119,9 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--clip-skip", type=int, default=1)
     group.add_argument("--emphasis", choices=EMPHASIS_MODES, default="Original")
     group.add_argument("--eta-noise-seed-delta", type=int, default=0, help="A1111's ENSD")
+    group.add_argument("--sde-noise", choices=SDE_NOISE_MODES, default="brownian",
+                       help="noise of the DPM++ SDE samplers: brownian (A1111's seeded Brownian tree, "
+                            "reproduces A1111) or sequential (per-image draws, faster)")
     add_performance_arguments(parser)
 
 
@@ -168,6 +173,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         clip_skip=args.clip_skip,
         emphasis=args.emphasis,
         eta_noise_seed_delta=args.eta_noise_seed_delta,
+        sde_noise=getattr(args, "sde_noise", base.sde_noise),
         vae_tiling=getattr(args, "vae_tiling", False),
         vae_tile_size=getattr(args, "vae_tile_size", 64),
         vram=getattr(args, "vram", "normal"),

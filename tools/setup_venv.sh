@@ -2,7 +2,7 @@
 # Creates .venv and installs Atelier into it. Usage: tools/setup_venv.sh [extra, e.g. test]
 # torch is pinned first so pip never swaps in another build: the local CPU wheel on
 # CPU-only Linux, PyPI's default (CUDA) build where an NVIDIA driver is present.
-# A stamp of pyproject.toml, the torch pin and the extra skips pip when nothing changed,
+# A stamp of pyproject.toml, this script, the torch pin and the extra skips pip when nothing changed,
 # so a second launch starts at once; ATELIER_REINSTALL=1 forces the install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +13,7 @@ say() { echo "[setup] $*" >&2; }
 
 # One line per install: "<hash of pyproject.toml and the pin> <extra>"; any extra covers the plain install.
 stamp_file=".venv/.atelier-installed"
-stamp=$( { cat pyproject.toml; echo "$torch_pin"; } | sha256sum | cut -d' ' -f1)
+stamp=$( { cat pyproject.toml "$0"; echo "$torch_pin"; } | sha256sum | cut -d' ' -f1)
 installed() {
     [ -f "$stamp_file" ] || return 1
     if [ -n "$extra" ]; then grep -qx "$stamp $extra" "$stamp_file"; else grep -q "^$stamp" "$stamp_file"; fi
@@ -42,6 +42,11 @@ target="."
 [ -n "$extra" ] && target=".[$extra]"
 say "installing Atelier ($target) with $(cat "$constraints") held"
 "${pip[@]}" install -c "$constraints" -e "$target"
+if [[ ",$extra," == *",test,"* ]]; then
+    # k-diffusion's samplers are the tests' reference; its own requirements (torchvision, clean-fid,
+    # wandb, ...) are only for training, so it is installed without them (tests/kdiffusion_ref.py).
+    "${pip[@]}" install --no-deps "k-diffusion==0.1.1.post1"
+fi
 grep -s "^$stamp " "$stamp_file" | grep -vx "$stamp $extra" >"$stamp_file.new" || true
 echo "$stamp $extra" >>"$stamp_file.new"
 mv "$stamp_file.new" "$stamp_file"

@@ -40,7 +40,9 @@ from modules.text.prompt_parser import ExtraNetworkTag
 # 1.1: register_extra_networks, patch_model, register_embeddings; ExtraNetworkSpec, ExtraNetworkItem,
 #      ExtraNetworkTag, EmbeddingSpec, ModelPatch; JobContext.infotext
 # 1.2: an extension module may define create_plugin(settings); each app registers the object it returns
-API_VERSION = "1.2"
+# 1.3: SamplerSpec.brownian_noise; a sampler taking `model_sigmas` gets the model's sigma table;
+#      the sampler's model offers `last_uncond` (CFG++)
+API_VERSION = "1.3"
 
 __all__ = [
     "API_VERSION", "AtelierError", "DenoiserStep", "EmbeddingSpec", "ExtraNetworkItem", "ExtraNetworkSpec",

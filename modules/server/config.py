@@ -35,6 +35,7 @@ class ServerConfig:
     cors_allow_origins_regex: str | None = None
     allow_file_extension_install: bool = False  # file:// URLs for /api/v1/extensions/install
     log_requests: bool = False  # uvicorn's access log, one line per request
+    preload_model: bool = True  # load the default checkpoint in the background at start
     devices: str | None = None  # --devices: all, or cuda:0,cuda:1 (one worker each); None: --device alone
     cluster: str | None = None  # --cluster: local, auto or ray://HOST:PORT (docs/cluster.md)
 
@@ -134,6 +135,8 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--allow-file-extension-install", action="store_true",
                        help="allow installing extensions from file:// URLs (off: a web page could name a local path)")
     group.add_argument("--api-max-body-mb", type=int, default=100, help="largest request body accepted")
+    group.add_argument("--lazy-load", action="store_true",
+                       help="do not load the default checkpoint at start; the first job loads it")
     group.add_argument("--log-requests", action="store_true",
                        help="log every HTTP request (off: the log keeps warnings, errors and job failures)")
     group.add_argument("--devices", default=None,
@@ -158,6 +161,7 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         cors_allow_origins_regex=getattr(args, "cors_allow_origins_regex", None) or None,
         allow_file_extension_install=getattr(args, "allow_file_extension_install", False),
         log_requests=getattr(args, "log_requests", False),
+        preload_model=not getattr(args, "lazy_load", False),
         devices=getattr(args, "devices", None), cluster=getattr(args, "cluster", None))
 
 

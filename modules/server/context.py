@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -20,6 +22,7 @@ from modules.server.config import ServerConfig
 from modules.server.options import Options
 from modules.server.user_options import UserOptions
 
+log = logging.getLogger(__name__)
 _TITLE_HASH = re.compile(r"^(.*?)\s*\[[0-9a-fA-F]{8,64}\]$")
 
 
@@ -70,11 +73,23 @@ class ServerContext:
         return self.is_admin(caller)
 
     def start(self) -> None:
-        """Recover and start the queue; choose the default checkpoint (loaded lazily by the first job)."""
+        """Recover and start the queue; choose the default checkpoint and start loading it on the worker
+        in the background, so the page is served at once and the first image does not wait for the load."""
         self.jobs.start()
         current = self.options.get("sd_model_checkpoint")
         if current is None or self.find_checkpoint(current) is None:
             self.options.update({"sd_model_checkpoint": self._default_title()})
+        if self.config.preload_model and self.options.get("sd_model_checkpoint"):
+            threading.Thread(target=self._preload, args=(self.options.get("sd_model_checkpoint"),),
+                             name="atelier-preload", daemon=True).start()
+
+    def _preload(self, title: str) -> None:
+        try:
+            self.executor.load_model(self.require_checkpoint(title).name)
+        except AtelierError as err:  # the first job reports it again, in its own words
+            log.warning("default checkpoint not loaded: %s", " ".join(str(err).split()))
+        except RuntimeError as err:  # the worker was shut down while the load was queued
+            log.info("default checkpoint not loaded: %s", err)
 
     def _default_title(self) -> str | None:
         """The engine's choice (a real model before the bundled demo), among the listed checkpoints."""
