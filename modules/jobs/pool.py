@@ -242,10 +242,22 @@ class PoolExecutor:
             return [s for s in self._slots if s.state != LOST]
 
     def load_model(self, name: str) -> str:
+        """Load `name` on every idle worker (held meanwhile, so no job lands there mid-load); busy
+        workers load it when a job asks for it."""
         loaded = name
         for slot in self._live():
-            loaded = slot.worker.load_model(name)
-            slot.model = loaded
+            with self._lock:
+                if slot.state != IDLE:
+                    continue
+                slot.state = BUSY
+            try:
+                loaded = slot.worker.load_model(name)
+                slot.model = loaded
+            except WorkerLost as err:
+                self._lose(slot, err)
+                continue
+            finally:
+                self._release(slot, None)
         return loaded
 
     def unload_model(self) -> None:
