@@ -13,7 +13,7 @@ from pathlib import Path
 from modules.app import App
 from modules.checkpoints.model import CheckpointInfo
 from modules.errors import AtelierError, CheckpointError
-from modules.jobs.executor import Executor, LocalExecutor
+from modules.jobs.executor import Executor
 from modules.jobs.manager import JobManager
 from modules.jobs.model import Caller
 from modules.jobs.store import JobStore
@@ -153,9 +153,22 @@ class ServerContext:
         return info
 
 
+def _executor(app: App, config: ServerConfig) -> Executor:
+    """One device (the default), every listed device (--devices), or Ray workers (--cluster)."""
+    from modules.server.executors import local_devices_executor, parse_devices
+
+    devices = parse_devices(config.devices)
+    if config.cluster:
+        from modules.server.cluster import ray_executor
+
+        return ray_executor(app, config.cluster, devices)
+    return local_devices_executor(app, devices)
+
+
 def build_context(app: App, config: ServerConfig, executor: Executor | None = None) -> ServerContext:
     settings = app.settings
-    executor = executor or LocalExecutor(app.engine, settings.data_dir / "job-images")
+    if executor is None:
+        executor = _executor(app, config)
     jobs = JobManager(JobStore(settings.data_dir / "jobs.sqlite3"), executor,
                       max_queued_per_owner=config.max_queued_per_owner)
     return ServerContext(app, config, jobs, Options(settings, settings.data_dir / "config.json",
