@@ -77,8 +77,8 @@ class ProgressTexts:
         return self
 
     def __call__(self, event) -> None:
-        if event.type == "progress" and event.job is not None:
-            self.texts.append(event.job.progress.text)
+        if event.type == "progress" and event.job is not None and event.job.progress.text:
+            self.texts.append(event.job.progress.text)  # (a worker event before the first step has none)
 
     def __exit__(self, *exc):
         self.jobs.remove_listener(self)
