@@ -18,8 +18,17 @@ import logging
 from modules.errors import AtelierError, InvalidParams
 from modules.pipeline.params import GenerationParams, Img2ImgParams, Result, Txt2ImgParams
 from modules.plugins.context import JobContext, PostprocessContext
+from modules.plugins.grids import GridAnnotation, annotate_grid, combine_grid, image_grid, split_grid
 from modules.plugins.hookspecs import hookimpl
 from modules.plugins.patch import ModelPatch
+from modules.plugins.scripts import (
+    AxisSpec,
+    ScriptCheck,
+    ScriptContext,
+    ScriptSpec,
+    extend_result,
+    with_infotext_fields,
+)
 from modules.plugins.specs import (
     EmbeddingSpec,
     ExtraNetworkItem,
@@ -40,10 +49,16 @@ from modules.text.prompt_parser import ExtraNetworkTag
 # 1.1: register_extra_networks, patch_model, register_embeddings; ExtraNetworkSpec, ExtraNetworkItem,
 #      ExtraNetworkTag, EmbeddingSpec, ModelPatch; JobContext.infotext
 # 1.2: an extension module may define create_plugin(settings); each app registers the object it returns
-API_VERSION = "1.2"
+# 1.3: SamplerSpec.brownian_noise; a sampler taking `model_sigmas` gets the model's sigma table;
+#      the sampler's model offers `last_uncond` (CFG++)
+# 1.4: register_upscalers(settings) may take the settings; UpscalerSpec.model_path and .scale (model upscalers); register_scripts,
+#      register_xyz_axes; ScriptSpec, ScriptCheck, ScriptContext, AxisSpec, with_infotext_fields,
+#      extend_result; the grid builder (image_grid, annotate_grid, GridAnnotation, split_grid, combine_grid)
+API_VERSION = "1.4"
 
 __all__ = [
-    "API_VERSION", "AtelierError", "DenoiserStep", "EmbeddingSpec", "ExtraNetworkItem", "ExtraNetworkSpec",
+    "API_VERSION", "AtelierError", "AxisSpec", "GridAnnotation", "ScriptCheck", "ScriptContext", "ScriptSpec",
+    "annotate_grid", "combine_grid", "extend_result", "image_grid", "split_grid", "with_infotext_fields", "DenoiserStep", "EmbeddingSpec", "ExtraNetworkItem", "ExtraNetworkSpec",
     "ExtraNetworkTag", "GenerationParams", "Img2ImgParams", "InvalidParams", "JobContext", "ModelPatch", "OptionSpec", "PostprocessContext", "PostprocessorSpec", "Result", "SamplerSpec",
     "ScheduleContext", "SchedulerSpec", "StyleSpec", "Txt2ImgParams", "UISectionSpec", "UITabSpec",
     "UpscalerSpec", "get_logger", "hookimpl", "to_d",
