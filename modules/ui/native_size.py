@@ -32,35 +32,37 @@ def native_size(ui: UIContext, title: str | None) -> int | None:
     return model.spec.default_size if model is not None else None
 
 
-def size_updates(size: int | None, touched: list[bool]) -> list:
-    """(width, height) updates per tab, in TABS order; a tab the user sized keeps its values."""
+def size_updates(size: int | None, per_tab: list[tuple[bool, float, float, int]]) -> list:
+    """(width, height, last applied) updates per tab, in TABS order. A tab keeps its sizes when the user
+    moved them, or when they are no longer the ones last applied (typed while the model loaded)."""
     out: list = []
-    for user_set in touched:
-        value = gr.skip() if size is None or user_set else size
-        out += [value, value]
+    for user_set, width, height, last in per_tab:
+        keep = size is None or user_set or (width, height) != (last, last)
+        out += [gr.skip(), gr.skip(), gr.skip()] if keep else [size, size, size]
     return out
 
 
 def wire_native_size(ui: UIContext, blocks: gr.Blocks, checkpoint: gr.Dropdown) -> None:
     """The flags, set by the user's own edits; updates on page load and after a checkpoint switch."""
-    flags, sizes = [], []
+    inputs, outputs = [], []
     for name in TABS:
         fields = ui.tabs[name].fields
-        flag = gr.State(False)
+        flag, last = gr.State(False), gr.State(int(fields["width"].value))  # the built default (square)
         for widget in (fields["width"], fields["height"]):
             widget.input(lambda: True, outputs=flag, queue=False, show_progress="hidden")
-            sizes.append(widget)
-        flags.append(flag)
+        inputs += [flag, fields["width"], fields["height"], last]
+        outputs += [fields["width"], fields["height"], last]
 
     loaded = gr.State(None)
 
     def load_model(title: str | None) -> int | None:
         return native_size(ui, title)
 
-    def apply(size: int | None, *touched: bool) -> list:  # reads the flags after the (slow) load
-        return size_updates(size, list(touched))
+    def apply(size: int | None, *values) -> list:  # reads the flags and sizes after the (slow) load
+        per_tab = [tuple(values[i:i + 4]) for i in range(0, len(values), 4)]
+        return size_updates(size, per_tab)
 
     for event in (blocks.load, checkpoint.change):
         event(load_model, inputs=checkpoint, outputs=loaded, show_progress="hidden", concurrency_limit=1,
-              concurrency_id="native-size").then(apply, inputs=[loaded, *flags], outputs=sizes,
+              concurrency_id="native-size").then(apply, inputs=[loaded, *inputs], outputs=outputs,
                                                  show_progress="hidden", queue=False)
