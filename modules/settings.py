@@ -70,7 +70,13 @@ class Settings:
 
     @property
     def checkpoint_dirs(self) -> list[Path]:
-        return [self.checkpoint_dir, *self.ckpt_dirs]
+        # FLUX.1 / SD3.5 transformers are also kept in unet/ and diffusion_models/ (ComfyUI, Forge)
+        return [self.checkpoint_dir, *self.ckpt_dirs, self.models_dir / "unet", self.models_dir / "diffusion_models"]
+
+    @property
+    def text_encoder_dirs(self) -> list[Path]:
+        """Split CLIP-L / CLIP-G / T5-XXL files for FLUX.1 and SD3.5."""
+        return [self.models_dir / "text_encoder", self.models_dir / "clip"]
 
     @property
     def vae_dir(self) -> Path:
