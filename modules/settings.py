@@ -34,6 +34,7 @@ class Settings:
     ckpt_dirs: tuple[Path, ...] = ()
     vae_path: Path | None = None
     sd_vae: str = "Automatic"  # A1111's "SD VAE": Automatic, None, or a file name in models/VAE
+    text_encoders: tuple[str, ...] = ()  # FLUX.1 / SD3.5: chosen files in models/text_encoder (else by name)
     outputs_dir: Path = REPO_ROOT / "outputs"
     data_dir: Path = REPO_ROOT / "data"
     device: str = "auto"
@@ -106,6 +107,9 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
                        help="extra LoRA / LyCORIS folder (models/Lora is always searched)")
     group.add_argument("--embeddings-dir", type=Path, action="append", default=[],
                        help="extra textual-inversion folder (models/embeddings is always searched)")
+    group.add_argument("--text-encoder", dest="text_encoders", action="append", default=[],
+                       help="FLUX.1 / SD3.5: a clip_l / clip_g / t5xxl file in models/text_encoder to use "
+                            "(repeat for each; default: found by name)")
     group.add_argument("--vae", dest="sd_vae", default="Automatic",
                        help="Automatic (NAME.vae.* beside the checkpoint), None, or a file in models/VAE")
     group.add_argument("--outputs-dir", type=Path, help="where images are saved")
@@ -159,6 +163,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         lora_dirs=tuple(getattr(args, "lora_dir", ())),
         embeddings_dirs=tuple(getattr(args, "embeddings_dir", ())),
         sd_vae=args.sd_vae,
+        text_encoders=tuple(getattr(args, "text_encoders", ())),
         outputs_dir=args.outputs_dir or base.outputs_dir,
         data_dir=args.data_dir or base.data_dir,
         device=args.device,

@@ -5,6 +5,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -332,3 +333,52 @@ def test_sdapi_takes_distilled_cfg_scale_and_shift(tmp_path: Path, files) -> Non
         assert first.json()["images"][0] != second.json()["images"][0]  # the shift changed the sigmas
     finally:
         server.stop()
+
+
+def test_diffusers_folders_load_and_their_tokenizer_wins(tmp_path: Path, files) -> None:
+    eng = make_engine(tmp_path)
+    for kind in ("flux-dev", "sd35-medium"):
+        model = _load(eng, files[kind])
+        want = eng.txt2img(_params(cfg_scale=model.spec.family.cfg_scale)).images[0]
+        folder = tmp_path / "models" / "Stable-diffusion" / f"{kind}-diffusers"
+        model.unet.save_pretrained(folder / "transformer")
+        model.vae.save_pretrained(folder / "vae")
+        subs = ("text_encoder", "text_encoder_2", "text_encoder_3")
+        for sub, enc in zip(subs, model.text_encoders, strict=False):
+            enc.save_pretrained(folder / sub)
+        (folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+        tok = folder / ("tokenizer_2" if kind.startswith("flux") else "tokenizer_3")
+        shutil.copytree(T5_TOKENIZER_DIR, tok)
+        loaded = _load(eng, folder)
+        assert loaded.info.format == "diffusers" and loaded.spec.arch == kind
+        got = eng.txt2img(_params(cfg_scale=model.spec.family.cfg_scale)).images[0]
+        # same weights; the folder's encoders may pick another attention kernel: pixels within one level
+        diff = np.abs(np.asarray(got, dtype=np.int16) - np.asarray(want, dtype=np.int16))
+        assert diff.max() <= 1 and diff.mean() < 0.01
+        text = eng.text_conditioner(loaded)
+        assert text.t5_tokenizer.encode("x").ids  # read from the folder
+        data = json.loads((tok / "tokenizer.json").read_text())
+        data["model"]["vocab"][5][0] = "▁ZZZ"  # the folder's own file is the one used
+        (tok / "tokenizer.json").write_text(json.dumps(data))
+        eng.models.unload()
+        assert eng.text_conditioner(_load(eng, folder)).t5_tokenizer.encode("ZZZ").ids[0] == 5
+
+
+def test_chosen_text_encoder_wins_and_is_recorded(tmp_path: Path) -> None:
+    split = make_split_files("flux-schnell", tmp_path / "split")
+    wrong = make_split_files("sd35-large", tmp_path / "sd3")["t5xxl"]
+    te = tmp_path / "models" / "text_encoder"
+    te.mkdir(parents=True)
+    shutil.copy(split["clip_l"], te / "clip_l.safetensors")
+    shutil.copy(wrong, te / "t5xxl_a_fp16.safetensors")  # found first by name, but too wide
+    shutil.copy(split["t5xxl"], te / "t5xxl_b_fp16.safetensors")
+    (tmp_path / "models" / "VAE").mkdir()
+    shutil.copy(split["vae"], tmp_path / "models" / "VAE" / "ae.safetensors")
+    with pytest.raises(CheckpointError, match="t5xxl_a_fp16.safetensors is 64 wide"):
+        make_engine(tmp_path).load_model(split["transformer"])
+    eng = make_engine(tmp_path, text_encoders=("t5xxl_b_fp16",))
+    model = _load(eng, split["transformer"])
+    assert model.modules == ("ae", "clip_l", "t5xxl_b_fp16")
+    assert "Module 1: ae, Module 2: clip_l, Module 3: t5xxl_b_fp16" in eng.txt2img(_params()).infotexts[0]
+    with pytest.raises(CheckpointError, match="'nope' not found"):
+        make_engine(tmp_path, text_encoders=("nope",)).load_model(split["transformer"])

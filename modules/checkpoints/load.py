@@ -14,7 +14,13 @@ from modules.checkpoints.detect import (
     infer_vae_config,
 )
 from modules.checkpoints.discover import model_hash, yaml_beside_checkpoint
-from modules.checkpoints.load_mmdit import ComponentDirs, is_flow_checkpoint, load_flow_parts
+from modules.checkpoints.load_mmdit import (
+    ComponentDirs,
+    flow_folder_family,
+    is_flow_checkpoint,
+    load_flow_folder,
+    load_flow_parts,
+)
 from modules.checkpoints.model import CheckpointInfo, LoadedModel, ModelSpec
 from modules.checkpoints.read import SAFETENSORS_SUFFIXES, read_safetensors_metadata, read_state_dict
 from modules.errors import CheckpointError
@@ -100,7 +106,12 @@ def load_checkpoint(info: CheckpointInfo, *, device: torch.device | str, dtype: 
     path = Path(info.path)
     if not path.exists():
         raise CheckpointError(f"Checkpoint not found: {path}")
-    if info.format == "diffusers":
+    family = flow_folder_family(path) if info.format == "diffusers" else None
+    if family is not None:  # a FLUX.1 / SD3.5 diffusers folder
+        parts = load_flow_folder(path, family, device=device, dtype=dtype, vae_dtype=vae_dtype)
+        spec, unet, vae, encoders, modules = parts.spec, parts.transformer, parts.vae, parts.encoders, ()
+        short_hash = ""
+    elif info.format == "diffusers":
         spec, unet, vae, encoders = _load_diffusers(info, device, dtype, force_v, vae_dtype)
         modules = ()
         short_hash = ""

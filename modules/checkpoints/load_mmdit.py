@@ -66,6 +66,27 @@ def _files(dirs: tuple[Path, ...]) -> list[Path]:
     return out
 
 
+def encoder_kind(filename: str) -> str | None:
+    """'clip_l', 'clip_g' or 't5xxl' from a text encoder's file name, None when it says none of them."""
+    low = filename.lower()
+    return next((kind for kind, words in _ENCODER_WORDS.items() if any(w in low for w in words)), None)
+
+
+def chosen_encoders(names: tuple[str, ...], dirs: tuple[Path, ...]) -> dict[str, Path]:
+    """The user's text encoder choice (file names or stems in `dirs`) keyed by kind; CheckpointError if unknown."""
+    files = _files(dirs)
+    chosen: dict[str, Path] = {}
+    for name in names:
+        match = next((f for f in files if name in (f.name, f.stem)), None)
+        if match is None:
+            raise CheckpointError(f"Text encoder {name!r} not found; put it in models/text_encoder")
+        kind = encoder_kind(match.name)
+        if kind is None:
+            raise CheckpointError(f"Text encoder {match.name}: its name must say clip_l, clip_g or t5xxl")
+        chosen[kind] = match
+    return chosen
+
+
 def find_encoder_file(name: str, dirs: ComponentDirs) -> Path | None:
     """The user's choice for `name`, else the first file named like it (fp16 before fp8)."""
     if name in dirs.chosen:
@@ -217,3 +238,56 @@ def _check_t5_width(fam: Family, sd: StateDict, t5: StateDict, file: Path) -> No
     if need != have:
         raise CheckpointError(f"The T5 text encoder {file.name} is {have} wide, but this {fam.label} transformer "
                               f"needs a {need}-wide T5 (T5 v1.1 XXL, e.g. t5xxl_fp16.safetensors in models/text_encoder)")
+
+
+_FOLDER_ENCODERS = {"flux": (("text_encoder", "clip"), ("text_encoder_2", "t5")),
+                    "sd3": (("text_encoder", "clip"), ("text_encoder_2", "clip"), ("text_encoder_3", "t5"))}
+
+
+def flow_folder_family(folder: Path) -> Family | None:
+    """The family of a diffusers folder with a FLUX / SD3 `transformer/`, else None."""
+    import json
+
+    path = Path(folder) / "transformer" / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"diffusers folder file {path} is unreadable: {err}") from err
+    name = cfg.get("_class_name")
+    if name == "FluxTransformer2DModel":
+        return family_for("flux-dev" if cfg.get("guidance_embeds") else "flux-schnell")
+    if name == "SD3Transformer2DModel":
+        return family_for("sd35-medium" if cfg.get("dual_attention_layers") else "sd35-large")
+    raise CheckpointError(f"diffusers folder {folder} has an unsupported transformer {name!r}")
+
+
+def load_flow_folder(folder: Path, fam: Family, *, device: torch.device, dtype: torch.dtype,
+                     vae_dtype: torch.dtype) -> FlowParts:
+    """A FLUX.1 / SD3.5 diffusers folder (transformer/, vae/, text_encoder*/), offline."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
+
+    src = str(folder)
+    clip_cls = CLIPTextModelWithProjection if fam.transformer == "sd3" else CLIPTextModel
+    try:
+        tcls = FluxTransformer2DModel if fam.transformer == "flux" else SD3Transformer2DModel
+        transformer = tcls.from_pretrained(src, subfolder="transformer", local_files_only=True, torch_dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(src, subfolder="vae", local_files_only=True, torch_dtype=vae_dtype)
+        encoders = [(clip_cls if kind == "clip" else T5EncoderModel).from_pretrained(
+            src, subfolder=sub, local_files_only=True, dtype=dtype) for sub, kind in _FOLDER_ENCODERS[fam.transformer]]
+    except (OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"diffusers folder {folder} could not be loaded: {str(err)[:300]}") from err
+    for m in (transformer, vae, *encoders):
+        m.to(device).eval().requires_grad_(False)
+    specs = []
+    for name, enc in zip(fam.text_encoders, encoders, strict=True):
+        cfg = enc.config.to_dict()
+        cfg.setdefault("hidden_size", cfg.get("d_model"))
+        specs.append(TextEncoderSpec(flavour=name, layer="flow", config=cfg, pad_with_zero=name == "clip_g",
+                                     pooled=name != "t5xxl"))
+    spec = ModelSpec(arch=fam.name, prediction=fam.prediction, unet_config=dict(transformer.config),
+                     vae_config=dict(vae.config), text_encoders=tuple(specs), vae_scale_factor=fam.latent.scale,
+                     family=fam)
+    return FlowParts(spec, transformer, vae, encoders, (), None)

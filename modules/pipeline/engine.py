@@ -5,7 +5,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from modules.checkpoints.discover import find_checkpoints, find_vaes, vae_beside_checkpoint
-from modules.checkpoints.load_mmdit import ComponentDirs
+from modules.checkpoints.load_mmdit import ComponentDirs, chosen_encoders
 from modules.checkpoints.manager import ModelManager
 from modules.checkpoints.model import CheckpointInfo, LoadedModel
 from modules.devices import DeviceConfig, apply_attention, apply_memory_format
@@ -101,7 +101,9 @@ class Engine:
 
     def component_dirs(self) -> ComponentDirs:
         """Where FLUX.1 / SD3.5 transformer files find the text encoders and VAE they lack."""
-        return ComponentDirs(text_encoders=tuple(self.settings.text_encoder_dirs), vaes=(self.settings.vae_dir,))
+        dirs = tuple(self.settings.text_encoder_dirs)
+        return ComponentDirs(text_encoders=dirs, vaes=(self.settings.vae_dir,),
+                             chosen=chosen_encoders(self.settings.text_encoders, dirs))
 
     def vaes(self) -> list[Path]:
         return find_vaes(self.settings.vae_dir)
@@ -153,8 +155,9 @@ class Engine:
         if model.spec.family is not None:  # FLUX.1 / SD3.5: CLIP pooled + T5 states
             from modules.text.flow_encoder import FlowTextConditioner
 
+            folder = Path(model.info.path) if model.info.format == "diffusers" else None
             return self._cached(model, "text", lambda: FlowTextConditioner(
-                model.text_encoders, model.spec.family, self.tokenizer()))
+                model.text_encoders, model.spec.family, self.tokenizer(), folder))
         return self._cached(model, "text", lambda: TextConditioner(
             model.text_encoders, list(model.spec.text_encoders), self.tokenizer()))
 

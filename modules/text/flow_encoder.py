@@ -40,6 +40,14 @@ def load_t5_tokenizer(path: Path | str = T5_TOKENIZER_DIR):
     return Tokenizer.from_file(str(file))
 
 
+def folder_t5_tokenizer(model_folder: Path | None, family) -> Path | None:
+    """A diffusers folder's own T5 tokenizer (`tokenizer_2/` for FLUX, `tokenizer_3/` for SD3), which wins."""
+    if model_folder is None:
+        return None
+    sub = Path(model_folder) / ("tokenizer_2" if family.transformer == "flux" else "tokenizer_3")
+    return sub if (sub / "tokenizer.json").is_file() else None
+
+
 def fragments(text: str, emphasis: str) -> list[tuple[str, float]]:
     """(text, weight) pieces of a prompt; BREAK markers dropped; one piece when emphasis is "None"."""
     if emphasis == "None":
@@ -71,11 +79,11 @@ class FlowEncoded:
 class FlowTextConditioner:
     """Encodes prompts for a flow-matching family (same `encode` shape as `TextConditioner`)."""
 
-    def __init__(self, encoders: Sequence[nn.Module], family, clip_tokenizer) -> None:
+    def __init__(self, encoders: Sequence[nn.Module], family, clip_tokenizer, model_folder: Path | None = None) -> None:
         self.family = family
         self.encoders = dict(zip(family.text_encoders, encoders, strict=True))
         self.clip_tokenizer = clip_tokenizer
-        self.t5_tokenizer = load_t5_tokenizer()
+        self.t5_tokenizer = load_t5_tokenizer(folder_t5_tokenizer(model_folder, family) or T5_TOKENIZER_DIR)
 
     def encode(self, texts: Sequence[str], clip_skip: int = 1, emphasis: str = "Original",
                embeddings=None) -> FlowEncoded:
