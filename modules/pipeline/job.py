@@ -130,12 +130,6 @@ def latent_shape(job: Job, height: int, width: int) -> tuple[int, int, int]:
     return (channels, height // 8, width // 8)
 
 
-def latent_shift(model: Any) -> float:
-    """The latent format's shift factor (FLUX.1 / SD3.5), 0 for SD models."""
-    family = model.spec.family
-    return family.latent.shift if family is not None else 0.0
-
-
 def add_noise(job: Job, latents: torch.Tensor, noise_: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """Latents at noise level `sigma`: x0 + sigma * noise; flow models interpolate, (1 - sigma) x0 + sigma * noise."""
     if job.model.spec.prediction == "flow":
@@ -147,7 +141,7 @@ def encode(job: Job, images: list[Image.Image]) -> torch.Tensor:
     """PIL images -> scaled latents on the model's device."""
     model = job.model
     return latent_ops.encode(model.vae, latent_ops.from_pil(images), model.spec.vae_scale_factor,
-                             job.engine.vae_tiling(), shift=latent_shift(model)).to(model.device)
+                             job.engine.vae_tiling(), shift=latent_ops.latent_shift(model)).to(model.device)
 
 
 def inpaint_concat(job: Job, batch: int, height: int, width: int) -> torch.Tensor | None:

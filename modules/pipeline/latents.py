@@ -26,6 +26,12 @@ def cheap_preview(latent: torch.Tensor, is_sdxl: bool = False) -> Image.Image:
     return Image.fromarray(rgb)
 
 
+def latent_shift(model) -> float:
+    """The latent format's shift factor of a LoadedModel (FLUX.1 / SD3.5), 0 for SD models."""
+    family = model.spec.family
+    return family.latent.shift if family is not None else 0.0
+
+
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """[B, 3, H, W] in [-1, 1] -> PIL images."""
     array = ((images.float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)

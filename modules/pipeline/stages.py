@@ -18,7 +18,7 @@ from modules import infotext
 from modules.pipeline import latents as latent_ops
 from modules.pipeline.control import Progress
 from modules.pipeline.hooks import Denoiser, DenoiserContext, StepClock
-from modules.pipeline.job import Batch, Job, latent_shift, outdir
+from modules.pipeline.job import Batch, Job, outdir
 from modules.pipeline.sampling import Sampled, SamplingPlan, run_sampler
 from modules.sampling import rng
 from modules.sampling.denoisers import CFGDenoiser, denoiser_class
@@ -120,7 +120,7 @@ class Decoded:
 def decode(job: Job, latents: torch.Tensor) -> Decoded:
     model = job.model
     pixels, fell_back = latent_ops.decode(model.vae, latents, model.spec.vae_scale_factor, job.engine.vae_tiling(),
-                                          shift=latent_shift(model))
+                                          shift=latent_ops.latent_shift(model))
     warnings = ("NaNs in the VAE output: the VAE now runs in fp32",) if fell_back else ()
     return Decoded(tuple(latent_ops.to_pil(pixels)), warnings)
 
