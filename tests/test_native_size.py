@@ -33,3 +33,13 @@ def test_declared_resolution_wins(tiny_checkpoints):
 def test_demo_model_is_128():
     sd, metadata = read(DEMO_CHECKPOINT)
     assert detect_model_spec(sd, metadata=metadata).default_size == 128
+
+
+def test_flow_families_declare_their_size():
+    from modules.checkpoints.families import FAMILIES
+    from modules.checkpoints.model import ModelSpec
+
+    for family in FAMILIES.values():
+        spec = ModelSpec(arch=family.name, prediction="flow", unet_config={}, vae_config={}, text_encoders=(),
+                         family=family)
+        assert spec.default_size == family.size == 1024

@@ -23,6 +23,7 @@ INFOTEXT_FIELDS: Mapping[str, str] = MappingProxyType({
     "Hires resize-2": "hr_resize_y", "Hires sampler": "hr_sampler_name", "Hires schedule type": "hr_scheduler",
     "Hires prompt": "hr_prompt", "Hires negative prompt": "hr_negative_prompt", "Mask blur": "mask_blur",
     "Tiling": "tiling",
+    "Distilled CFG Scale": "distilled_cfg_scale", "Shift": "shift",
 })
 SAME_AS_FIRST_PASS = ("Use same sampler", "Use same scheduler", "Use same checkpoint")
 
