@@ -87,10 +87,32 @@ def test_every_architecture_img2img_inpaint_outpaint(arch_engine, tmp_path):
 
     grown = engine.img2img(params(outpaint=(16, 8, 0, 8), width=88, height=72)).images[0]
     assert grown.size == (88, 72)
-    # the original sits at (16, 0); pixels more than the blur radius from the new borders are untouched
-    inner = pixels(grown)[0 : 64 - BLUR_RADIUS, 16 + BLUR_RADIUS : 16 + 64 - BLUR_RADIUS]
-    assert np.array_equal(inner, pixels(init)[0 : 64 - BLUR_RADIUS, BLUR_RADIUS : 64 - BLUR_RADIUS])
+    assert np.array_equal(pixels(grown)[0:64, 16:80], pixels(init))  # the original sits at (16, 0), untouched
     assert np.abs(pixels(grown)[:, :8].astype(int) - pixels(grown)[:, 8:9].astype(int)).mean() > 0
+
+
+def test_outpaint_keeps_the_original_pixels_at_any_target_size(sd1_engine):
+    """A 64x64 image outpainted 16 px to the left is an 80x64 canvas with the original at x=16, exactly,
+    whether width x height is the canvas (no warning) or another size (fitted with its aspect, warned)."""
+    init = picture()
+    exact = sd1_engine.img2img(params(outpaint=(16, 0, 0, 0), width=80, height=64))
+    assert exact.images[0].size == (80, 64) and not any("Outpainting" in w for w in exact.warnings)
+    fitted = sd1_engine.img2img(params(outpaint=(16, 0, 0, 0), width=64, height=64))
+    out = fitted.images[0]
+    assert out.size == (80, 64)
+    assert np.array_equal(pixels(out)[:, 16:], pixels(init))
+    assert np.abs(pixels(out)[:, :8] - pixels(init)[:, :1]).mean() > 3  # the new border was generated
+    warning = next(w for w in fitted.warnings if w.startswith("Outpainting"))
+    assert "the 80x64 canvas" in warning and "generated at 64x51 inside the 64x64 asked" in warning, warning
+    assert infotext.parse(fitted.infotexts[0])["Outpaint"] == "16,0,0,0"
+
+
+def test_outpaint_fit_box_keeps_the_aspect():
+    from modules.pipeline.outpaint import fit_box
+
+    assert fit_box((80, 64), 64, 64) == (0, 6, 64, 51)
+    assert fit_box((160, 128), 128, 128) == (0, 13, 128, 102)
+    assert fit_box((64, 128), 128, 128) == (32, 0, 64, 128)
 
 
 def test_inpainting_model_gets_masked_image_conditioning(tiny_checkpoints, tmp_path):
@@ -263,7 +285,7 @@ def test_interrupt_keeps_a_result(sd1_engine):
     ("mask_blur", -1, "mask_blur must be between"),
     ("width", 65, "width must be a multiple of 8"),
     ("outpaint", (0, 0, 0, 0), "at least one side"),
-    ("outpaint", (40, 30, 0, 0), "leaves a -6x64 area"),
+    ("outpaint", (4096, 4096, 0, 0), "makes a 8256x64 canvas"),
     ("outpaint", (8, 8), "outpaint must be"),
 ])
 def test_bad_params(sd1_engine, field, value, message):

@@ -11,8 +11,9 @@ count `attention_head_dim` for these models (a known naming quirk); we follow it
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -276,7 +277,19 @@ def detect_model_spec(sd: StateDict, *, yaml_path: Path | None = None, force_v: 
     vae_cfg = infer_vae_config(sd)
     pred = resolve_prediction(arch.arch, sd, unet_cfg, yaml_path=yaml_path, force_v=force_v, metadata=metadata)
     name = "sd2-v" if arch.arch == "sd2" and pred == "v" else arch.arch
-    return _finish_spec(name, pred, unet_cfg, vae_cfg, encoders)
+    return with_declared_resolution(_finish_spec(name, pred, unet_cfg, vae_cfg, encoders), metadata)
+
+
+def with_declared_resolution(spec: ModelSpec, metadata: Mapping[str, str] | None) -> ModelSpec:
+    """A checkpoint's SAI ModelSpec `modelspec.resolution` ("128x128") sets its native size (the latent
+    sample size of the UNet and VAE configs); without it, the family's size stays."""
+    text = str((metadata or {}).get("modelspec.resolution", ""))
+    match = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", text)
+    if not match or not 64 <= int(match.group(1)) <= 8192:
+        return spec
+    side = int(match.group(1))
+    return replace(spec, unet_config={**spec.unet_config, "sample_size": side // 8},
+                   vae_config={**spec.vae_config, "sample_size": side})
 
 
 def _finish_spec(arch: str, pred: str, unet_cfg: dict[str, Any], vae_cfg: dict[str, Any],

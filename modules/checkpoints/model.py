@@ -64,6 +64,15 @@ class ModelSpec:
         return self.arch == "sdxl"
 
     @property
+    def default_size(self) -> int:
+        """The side the family was trained at, in pixels: the UNet's latent sample size times the VAE's 8
+        (512 for SD1, 768 for SD2-v, 1024 for SDXL); a flow family declares its own `size` (FLUX.1, SD3.5)."""
+        declared = getattr(self.family, "size", None)
+        if declared and "sample_size" not in (self.unet_config or {}):
+            return int(declared)
+        return int((self.unet_config or {}).get("sample_size") or 64) * 8
+
+    @property
     def is_inpaint(self) -> bool:
         return self.unet_config.get("in_channels", 4) == 9
 

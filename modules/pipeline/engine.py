@@ -18,6 +18,7 @@ from modules.pipeline.job import Job, new_job
 from modules.pipeline.offload import Placement
 from modules.pipeline.params import GenerationParams, Img2ImgParams, Result, Txt2ImgParams
 from modules.pipeline.sampling import SamplerRegistries
+from modules.pipeline.tiling import circular_padding
 from modules.pipeline.txt2img import TXT2IMG
 from modules.pipeline.vae_tiling import VaeTiling
 from modules.sampling.schedules import DiscreteSchedule
@@ -176,7 +177,9 @@ class Engine:
         return new_job(self, task.name, params, hooks or self.job_hooks(task.name), control, on_progress)
 
     def run(self, job: Job) -> Result:
-        return run_task(job, task_for(job.params))
+        model = job.model
+        with circular_padding(bool(getattr(job.params, "tiling", False)), model.unet, model.vae):
+            return run_task(job, task_for(job.params))
 
     def generate(self, params: GenerationParams, control: JobControl | None = None,
                  on_progress: ProgressCallback | None = None) -> Result:

@@ -14,13 +14,12 @@ import torch
 from PIL import Image, ImageOps
 
 from modules.errors import InvalidParams
-from modules.pipeline import masks
+from modules.pipeline import masks, outpaint
 from modules.pipeline.params import INPAINTING_FILLS, Img2ImgParams
 from modules.pipeline.resize import (
     CROP_AND_RESIZE,
     LANCZOS,
     RESIZE_AND_FILL,
-    extend_edges,
     flatten,
     resize_image,
 )
@@ -36,6 +35,7 @@ class Inputs:
     overlay: Image.Image | None = None  # paste-back mask at the originals' size
     paste_box: tuple[int, int, int, int] | None = None  # "only masked": (x, y, w, h) in the originals
     empty: bool = False  # the mask selects nothing: the job returns `originals` unchanged
+    source_box: tuple[int, int, int, int] | None = None  # outpainting: (x, y, w, h) of the canvas when fitted
 
 
 def prepare(p: Img2ImgParams, warnings: list[str], fields: dict[str, Any]) -> Inputs:
@@ -43,7 +43,7 @@ def prepare(p: Img2ImgParams, warnings: list[str], fields: dict[str, Any]) -> In
     images = [flatten(image) for image in p.init_images]
     mask = p.mask
     if p.outpaint is not None:
-        images, mask = outpaint_canvas(p, images, mask)
+        return _fill_masked(p, _outpainted(p, images, mask, warnings, fields), fields)
     if mask is None:
         if p.resize_mode == 3:  # latent upscale: encoded at its own size, then the latents are resized
             return Inputs(images)
@@ -57,6 +57,11 @@ def prepare(p: Img2ImgParams, warnings: list[str], fields: dict[str, Any]) -> In
                                                          for i in images]
         return Inputs([], originals=originals, empty=True)
     inputs = _only_masked(p, images, mask, fields) if p.inpaint_full_res else _whole_picture(p, images, mask)
+    return _fill_masked(p, inputs, fields)
+
+
+def _fill_masked(p: Img2ImgParams, inputs: Inputs, fields: dict[str, Any]) -> Inputs:
+    """A1111's "masked content": fill (blurred surroundings), original, latent noise or latent nothing."""
     if p.inpainting_fill != 1:
         fields["Masked content"] = INPAINTING_FILLS[p.inpainting_fill]
         if p.inpainting_fill == 0:
@@ -64,19 +69,22 @@ def prepare(p: Img2ImgParams, warnings: list[str], fields: dict[str, Any]) -> In
     return inputs
 
 
-def outpaint_canvas(p: Img2ImgParams, images: list[Image.Image], mask: Image.Image | None):
-    """Each image resized into the inner area and extended by its stretched edges; the mask covers the
-    new borders (and the user's mask, if any, inside)."""
-    left, right, up, down = p.outpaint
-    inner = (p.width - left - right, p.height - up - down)
-    canvases = [extend_edges(resize_image(p.resize_mode, image, *inner), left, right, up, down)
-                for image in images]
-    border = Image.new("L", (p.width, p.height), 255)
-    inside = Image.new("L", inner, 0)
-    if mask is not None:
-        inside = resize_image(p.resize_mode, masks.binary_mask(mask), *inner)
-    border.paste(inside, box=(left, up))
-    return canvases, border
+def _outpainted(p: Img2ImgParams, images: list[Image.Image], mask: Image.Image | None,
+                warnings: list[str], fields: dict[str, Any]) -> Inputs:
+    """The canvas (image plus padding) is the result; it is generated at width x height (fitted, aspect kept)
+    and pasted back so that the original image's pixels stay exactly as they were (whole picture always)."""
+    canvases = outpaint.outpaint_canvases(images, p.outpaint, p.width, p.height, warnings, fields)
+    border, limit = outpaint.border_mask(images[0].size, p.outpaint, mask)
+    if p.mask_blur > 0:
+        border = masks.blur(border, p.mask_blur)
+        fields["Mask blur"] = p.mask_blur
+    overlay = outpaint.limit_overlay(outpaint.doubled(border), limit)
+    if canvases[0].size == (p.width, p.height):
+        return Inputs(list(canvases), border, canvases, overlay)
+    box = outpaint.fit_box(canvases[0].size, p.width, p.height)
+    work = [outpaint.fit_into(canvas, box, p.width, p.height) for canvas in canvases]
+    work_mask = outpaint.fit_into(border, box, p.width, p.height, fill=255)
+    return Inputs(work, work_mask, canvases, overlay, source_box=box)
 
 
 def _processed_mask(p: Img2ImgParams, mask: Image.Image, size: tuple[int, int],
@@ -119,6 +127,9 @@ def _only_masked(p: Img2ImgParams, images: list[Image.Image], mask: Image.Image,
 def paste_back(inputs: Inputs, image: Image.Image, index: int) -> Image.Image:
     """The generated image over the original through the overlay mask (A1111's apply_overlay)."""
     original = inputs.originals[index if len(inputs.originals) > 1 else 0]
+    if inputs.source_box is not None:  # outpainting at another size: the canvas part, back at its size
+        x, y, w, h = inputs.source_box
+        image = image.convert("RGB").crop((x, y, x + w, y + h)).resize(original.size, resample=LANCZOS)
     if inputs.paste_box is not None:
         x, y, w, h = inputs.paste_box
         canvas = Image.new("RGB", original.size)

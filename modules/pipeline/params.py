@@ -45,6 +45,7 @@ class GenerationParams:
     sigma_min: float | None = None
     sigma_max: float | None = None
     rho: float | None = None
+    tiling: bool = False  # seamless: the UNet and VAE pad circularly (A1111's "Tiling")
     distilled_cfg_scale: float = 3.5  # FLUX.1-dev's guidance embedding (Forge's name); other models ignore it
     shift: float | None = None  # flow models' time shift; None: the family's (FLUX.1-dev: by resolution)
     save_images: bool = True
@@ -144,8 +145,9 @@ class Img2ImgParams(GenerationParams):
 
     `mask`: white (or, for an RGBA mask that is not fully opaque, opaque) pixels are repainted;
     `modules.pipeline.masks.alpha_mask(image)` turns an init image's transparency into one.
-    `outpaint`: (left, right, up, down) pixels added around the init image, which is first
-    resized to the inner (width - left - right) x (height - up - down) area.
+    `outpaint`: (left, right, up, down) pixels added around the init image: the result is the init
+    image plus the padding with the original pixels untouched; it is generated at width x height
+    (the canvas fitted with its aspect kept when the sizes differ, with a warning).
     """
 
     init_images: tuple = ()  # PIL images: one, or one per image of a batch
@@ -207,10 +209,13 @@ def _check_outpaint(p: Img2ImgParams, max_size: int) -> None:
         _check_int(f"outpaint {name}", value, 0, max_size)
     if not any(pads):
         raise InvalidParams("outpaint needs at least one side above 0 pixels")
-    inner_w, inner_h = p.width - pads[0] - pads[1], p.height - pads[2] - pads[3]
-    if inner_w < 8 or inner_h < 8:
-        raise InvalidParams(f"outpainting {pads} leaves a {inner_w}x{inner_h} area of a {p.width}x{p.height} "
-                            "image for the original; make width and height larger")
+    if len({image.size for image in p.init_images}) > 1:
+        raise InvalidParams("for outpainting, every init image must have the same size")
+    width, height = p.init_images[0].size
+    canvas_w, canvas_h = width + pads[0] + pads[1], height + pads[2] + pads[3]
+    if max(canvas_w, canvas_h) > 2 * max_size:
+        raise InvalidParams(f"outpainting the {width}x{height} image by {tuple(pads)} makes a {canvas_w}x{canvas_h} "
+                            f"canvas; it may be at most {2 * max_size} pixels on a side")
     if p.resize_mode == 3:
         raise InvalidParams("resize_mode 3 (latent upscale) cannot be used for outpainting; use 0, 1 or 2")
 

@@ -199,6 +199,7 @@ def base_infotext_fields(params: Any, plan: SamplingPlan, model: Any, seed: int,
         "ENSD": params.eta_noise_seed_delta or None,
         "RNG": params.rng_source.upper() if params.rng_source != "gpu" else None,
         "Emphasis": params.emphasis if params.emphasis != "Original" else None,
+        "Tiling": True if params.tiling else None,
         **flow_infotext(params, model),
         "Version": VERSION,
     }

@@ -66,9 +66,8 @@ def _check_request(ctx: ServerContext, req: Txt2ImgRequest) -> None:
     for name in ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt"):
         if len(getattr(req, name)) > limit:
             raise RequestError((name,), f"{name} is {len(getattr(req, name))} characters; the limit is {limit}")
-    for name in ("restore_faces", "tiling"):
-        if getattr(req, name):
-            raise RequestError((name,), f"{name} is not supported by Atelier yet")
+    if req.restore_faces:
+        raise RequestError(("restore_faces",), "restore_faces is not supported by Atelier yet")
 
 
 def _param_values(req: Txt2ImgRequest, names: frozenset[str]) -> dict[str, Any]:

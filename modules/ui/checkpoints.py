@@ -7,16 +7,20 @@ from modules.demo import DEMO_CHECKPOINT, DEMO_RESOLUTION
 from modules.errors import AtelierError
 from modules.server.sdapi import set_options_and_model
 from modules.ui.context import UIContext
+from modules.ui.quicksettings import build_quicksettings
 
 
 def build_checkpoint_row(ui: UIContext) -> gr.Dropdown:
     with gr.Row(elem_id="checkpoint-row"):
         titles = ui.checkpoint_titles()
         dropdown = gr.Dropdown(titles, value=ui.current_checkpoint() if titles else None,
-                               label="Stable Diffusion checkpoint", elem_id="checkpoint", scale=4,
+                               label="Stable Diffusion checkpoint", elem_id="checkpoint", scale=3,
                                allow_custom_value=True)  # titles gain a hash once a model was hashed
-        refresh = gr.Button("🔄", size="sm", scale=0, min_width=40, elem_id="checkpoint-refresh")
-        status = gr.Markdown(_status(ui, ui.current_checkpoint() if titles else None), elem_id="checkpoint-status")
+        refresh = gr.Button("\u21bb", size="sm", scale=0, min_width=36, elem_id="checkpoint-refresh",
+                            elem_classes=["atelier-icon-button"])
+        build_quicksettings(ui)
+    status = gr.Markdown(_status(ui, ui.current_checkpoint() if titles else None), elem_id="checkpoint-status",
+                         elem_classes=["atelier-collapse-empty"])
 
     def refresh_list(current: str | None):
         titles = ui.checkpoint_titles()
@@ -48,7 +52,7 @@ def demo_notice(ui: UIContext) -> str:
     return (f"ℹ This is Atelier's small **demo model** (coloured shapes, {DEMO_RESOLUTION}×{DEMO_RESOLUTION}; "
             f"try \"a red circle on a blue background, top left\"). For real images, put Stable Diffusion "
             f"1.x, 2.x or SDXL checkpoints (`.safetensors` single files, or diffusers folders) in `{folder}` "
-            "and press 🔄.")
+            "and press the refresh button (\u21bb).")
 
 
 def _status(ui: UIContext, title: str | None) -> str:

@@ -7,6 +7,7 @@ import gradio as gr
 
 from modules.ui.checkpoints import build_checkpoint_row
 from modules.ui.context import UIContext
+from modules.ui.hints import ui_config_html
 
 CSS_PATH = Path(__file__).with_name("style.css")
 
@@ -17,12 +18,14 @@ def create_ui(ui: UIContext) -> gr.Blocks:
     from modules.ui.extras_tab import build_extras_tab
     from modules.ui.history import build_history_tab
     from modules.ui.img2img import build_img2img_tab
+    from modules.ui.native_size import wire_native_size
     from modules.ui.pnginfo import build_pnginfo_tab
     from modules.ui.sendto import wire_send_to
     from modules.ui.settings_tab import build_settings_tab
     from modules.ui.txt2img import build_txt2img_tab
 
     with gr.Blocks(title="Atelier", analytics_enabled=False) as blocks:
+        ui_config = gr.HTML(ui_config_html(ui.server.options), elem_id="atelier-ui-config")
         checkpoint = build_checkpoint_row(ui)
         with gr.Tabs(elem_id="tabs") as tabs:
             ui.tabs["txt2img"] = build_txt2img_tab(ui, checkpoint)
@@ -35,6 +38,8 @@ def create_ui(ui: UIContext) -> gr.Blocks:
             build_extension_tabs(ui)
         wire_send_to(ui, tabs, checkpoint)
         blocks.load(lambda: on_page_load(ui), outputs=[checkpoint, *default_widgets(ui)], queue=False)
+        wire_native_size(ui, blocks, checkpoint)
+        blocks.load(lambda: ui_config_html(ui.server.options), outputs=ui_config, queue=False)
     return blocks
 
 

@@ -56,10 +56,10 @@ def build_generation_tab(ui: UIContext, name: str, kind: str, checkpoint: gr.Dro
     defaults.update(sampler_name=ui.default("sampler", "DPM++ 2M"), scheduler=ui.default("scheduler", "Automatic"))
     samplers, schedules = registries.samplers.names(), registries.schedulers.names()
     fields = Fields()
-    prompts, actions = ui_components.prompt_area(name, registries.styles.names(), fields)
     extra_inputs, collect, handles = set(), None, {}
     with gr.Row():
         with gr.Column(scale=1):
+            prompts = ui_components.prompt_area(name, registries.styles.names(), fields)
             if build_inputs is not None:
                 extra_inputs, collect, handles = build_inputs(fields)
             ui_components.sampler_row(name, samplers, schedules, defaults, fields)
@@ -69,7 +69,8 @@ def build_generation_tab(ui: UIContext, name: str, kind: str, checkpoint: gr.Dro
                 ui_components.hires_accordion(name, samplers, schedules, registries.upscalers.names(), fields)
             sections = render_sections(ui.app, kind)
             scripts = render_scripts(ui.app, kind)
-        with gr.Column(scale=1):
+        with gr.Column(scale=1, elem_id=f"{name}-results", elem_classes=["atelier-results"]):
+            actions = ui_components.action_buttons(name)
             results = results_panel(name)
     panel = ui_components.ParamsPanel(fields, prompts, actions, seed, swap)
     tab = GenerationTab(name, fields, panel, results, sections, extra_inputs, handles, scripts)
@@ -125,14 +126,21 @@ async def _run(ui: UIContext, tab: GenerationTab, kind: str, defaults: dict, dat
         yield {results.message: f"❌ **Error:** {readable(err)}", results.progress: ""}
         return
     yield {results.message: "", results.gallery: [], results.infotext: ""}
-    update = None
+    update, size = None, output_size(job)
     async for update in follow(ui.server, ui.events(), caller, job.id, ui.preview_every()):
         out: dict = {results.progress: progress_html(update)}
         if update.preview is not None:
-            out[results.preview] = gr.update(value=preview_image(update.preview), visible=True)
+            out[results.preview] = gr.update(value=preview_image(update.preview, size), visible=True)
         if not update.job.is_finished:
             yield out
     yield await asyncio.to_thread(_finished, results, update.job)
+
+
+def output_size(job: Job) -> tuple[int, int] | None:
+    """The job's output width x height (previews are scaled to it), when its params say."""
+    params = (job.params or {}).get("params") or {}
+    width, height = params.get("width"), params.get("height")
+    return (int(width), int(height)) if isinstance(width, int) and isinstance(height, int) else None
 
 
 def _submit_tab(ui: UIContext, tab: GenerationTab, kind: str, defaults: dict, data: dict, caller: Caller,

@@ -34,9 +34,21 @@ def history_rows(ui: UIContext, request) -> tuple[list[list], list[str]]:
     return rows, [job.id for job in jobs]
 
 
+def empty_history_text(ui: UIContext, request) -> str:
+    """Why the list is empty: history is kept per signed-in user, or per browser without --gradio-auth."""
+    caller = ui.caller(request)
+    if ui.server.config.credentials:
+        return (f"No jobs yet for **{caller.owner}**. History is kept per signed-in user: the jobs you run "
+                "appear here, in any browser you sign in from.")
+    return ("No jobs yet in this browser. History is kept per signed-in user; without sign-in each browser "
+            "is its own user (a cookie). Start Atelier with `--gradio-auth user:password` to keep it across "
+            "browsers.")
+
+
 def build_history_tab(ui: UIContext) -> HistoryTab:
     with gr.Tab("History", id="history", elem_id="tab-history") as tab:
-        refresh = gr.Button("🔄 Refresh", size="sm", elem_id="history-refresh")
+        refresh = gr.Button("Refresh", size="sm", elem_id="history-refresh")
+        why = gr.Markdown("", elem_id="history-why")
         table = gr.Dataframe(headers=list(COLUMNS), value=[], interactive=False, wrap=True, elem_id="history-table")
         with gr.Row():
             gallery = gr.Gallery(label="Images", columns=4, height=300, object_fit="contain", interactive=False,
@@ -52,7 +64,7 @@ def build_history_tab(ui: UIContext) -> HistoryTab:
 
     def load(request: gr.Request):
         rows, ids = history_rows(ui, request)
-        return rows, ids
+        return rows, ids, "" if rows else empty_history_text(ui, request)
 
     def open_job(ids: list[str], evt: gr.SelectData, request: gr.Request):
         row = evt.index[0] if isinstance(evt.index, list | tuple) else evt.index
@@ -64,8 +76,8 @@ def build_history_tab(ui: UIContext) -> HistoryTab:
         first = result["infotexts"][0] if result["infotexts"] else ""
         return gallery_items, infotext_html(first), finished_message(job), result
 
-    refresh.click(load, outputs=[table, job_ids], queue=False)
-    tab.select(load, outputs=[table, job_ids], queue=False)
+    refresh.click(load, outputs=[table, job_ids, why], queue=False)
+    tab.select(load, outputs=[table, job_ids, why], queue=False)
     table.select(open_job, inputs=job_ids, outputs=[gallery, infotext, message, state], queue=False)
 
     def pick(result: dict, evt: gr.SelectData):

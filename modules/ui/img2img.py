@@ -11,11 +11,14 @@ from modules.pipeline.params import INPAINTING_FILLS, RESIZE_MODES
 from modules.ui.bindings import Fields
 from modules.ui.context import UIContext
 from modules.ui.generation import GenerationTab, build_generation_tab
+from modules.ui.safe_image import SafeImage
 
-MODES = (("img2img", "img2img"), ("inpaint", "Inpaint"), ("inpaint_upload", "Inpaint upload"),
-         ("outpaint", "Outpaint"))
+MODES = (("img2img", "img2img"), ("sketch", "Sketch"), ("inpaint", "Inpaint"), ("inpaint_sketch", "Inpaint sketch"),
+         ("inpaint_upload", "Inpaint upload"), ("outpaint", "Outpaint"))
+SKETCH_COLORS = ["#000000", "#ffffff", "#e03c31", "#f2a900", "#2fa84f", "#2d6cdf", "#7d3c98"]
 INPAINT_AREAS = ("Whole picture", "Only masked")
 MASK_MODES = ("Inpaint masked", "Inpaint not masked")
+SIZE_FROM = ("Resize to", "Resize by")
 DEFAULT_BRUSH = 20  # radius before an image is known (a 512x512 image gets 21)
 
 
@@ -33,9 +36,11 @@ def _image_inputs(fields: Fields) -> tuple[set, Any, dict]:
                 _mode_inputs(key, handles)
             tab.select(lambda k=key: k, outputs=mode, queue=False)
     handles["modes"] = modes
+    _resize_by(handles)
     _img2img_fields(fields)
-    extra = {mode, handles["image"], handles["editor"], handles["upload_image"], handles["upload_mask"],
-             handles["outpaint_image"], *handles["pads"].values()}
+    extra = {mode, handles["image"], handles["editor"], handles["sketch"], handles["inpaint_sketch"],
+             handles["upload_image"], handles["upload_mask"],
+             handles["outpaint_image"], *handles["pads"].values(), handles["size_from"], handles["scale"]}
 
     def collect(data: dict) -> tuple[str, dict[str, Any], dict[str, Any]]:
         return collect_inputs(data[mode], data, handles)
@@ -45,7 +50,7 @@ def _image_inputs(fields: Fields) -> tuple[set, Any, dict]:
 
 def _mode_inputs(key: str, handles: dict[str, Any]) -> None:
     if key == "img2img":
-        handles["image"] = gr.Image(label="Image", type="pil", image_mode="RGBA", height=360,
+        handles["image"] = SafeImage(label="Image", type="pil", image_mode="RGBA", height=360,
                                     elem_id="img2img-image", sources=["upload", "clipboard"])
     elif key == "inpaint":
         editor = handles["editor"] = gr.ImageEditor(
@@ -53,19 +58,53 @@ def _mode_inputs(key: str, handles: dict[str, Any]) -> None:
             elem_id="inpaint-editor", sources=["upload", "clipboard"], transforms=(), layers=False,
             brush=mask_brush(None))
         editor.upload(fit_brush, inputs=editor, outputs=editor, queue=False, show_progress="hidden")
+    elif key in ("sketch", "inpaint_sketch"):
+        label = ("Image: draw on it in colour (the drawing is the init image)" if key == "sketch" else
+                 "Image: draw in colour on the area to repaint (the drawing is kept as the start)")
+        handles[key] = gr.ImageEditor(
+            label=label, type="pil", image_mode="RGBA", height=420, elem_id=f"img2img-{key.replace('_', '-')}",
+            sources=["upload", "clipboard"], transforms=(), layers=False,
+            brush=gr.Brush(default_size=6, colors=SKETCH_COLORS, default_color=SKETCH_COLORS[2],
+                           color_mode="defaults"))
     elif key == "inpaint_upload":
         with gr.Row():
-            handles["upload_image"] = gr.Image(label="Image", type="pil", image_mode="RGBA", height=300,
+            handles["upload_image"] = SafeImage(label="Image", type="pil", image_mode="RGBA", height=300,
                                                elem_id="inpaint-upload-image")
-            handles["upload_mask"] = gr.Image(label="Mask (white: repaint)", type="pil", image_mode="L",
+            handles["upload_mask"] = SafeImage(label="Mask (white: repaint)", type="pil", image_mode="L",
                                               height=300, elem_id="inpaint-upload-mask")
     else:
-        handles["outpaint_image"] = gr.Image(label="Image", type="pil", image_mode="RGBA", height=300,
+        handles["outpaint_image"] = SafeImage(label="Image", type="pil", image_mode="RGBA", height=300,
                                              elem_id="outpaint-image")
         with gr.Row():
             handles["pads"] = {side: gr.Slider(0, 512, value=64 if side in ("left", "right") else 0, step=8,
                                                label=f"Pixels to add: {side}", elem_id=f"outpaint-{side}")
                                for side in ("left", "right", "up", "down")}
+
+
+def _resize_by(handles: dict[str, Any]) -> None:
+    """A1111's "Resize to" / "Resize by": with "Resize by", width x height is the image's size times the scale."""
+    with gr.Row(equal_height=True):
+        size_from = handles["size_from"] = gr.Radio(list(SIZE_FROM), value=SIZE_FROM[0], label="Size",
+                                                    elem_id="img2img-size-from", scale=2)
+        scale = handles["scale"] = gr.Slider(0.05, 4.0, value=1.0, step=0.05, label="Scale",
+                                             elem_id="img2img-resize-by", scale=2)
+    readout = gr.Markdown("", elem_id="img2img-resize-by-size")
+    sources = [handles[k] for k in ("image", "upload_image", "outpaint_image")]
+
+    def show(choice: str, factor: float, *images) -> str:
+        image = next((i for i in images if i is not None), None)
+        if choice != SIZE_FROM[1] or image is None:
+            return ""
+        width, height = scaled_size(image.size, factor)
+        return f"Resize by {factor:g}: {image.width}x{image.height} \u2192 **{width}x{height}**"
+
+    for trigger in (size_from.change, scale.change, *(i.change for i in sources)):
+        trigger(show, inputs=[size_from, scale, *sources], outputs=readout, show_progress="hidden")
+
+
+def scaled_size(size: tuple[int, int], factor: float) -> tuple[int, int]:
+    """The image's size times `factor`, rounded to multiples of 8 (at least 64)."""
+    return tuple(max(64, int(round(side * factor / 8)) * 8) for side in size)
 
 
 def _img2img_fields(fields: Fields) -> None:
@@ -80,7 +119,7 @@ def _img2img_fields(fields: Fields) -> None:
         fields["inpainting_fill"] = gr.Radio(list(INPAINTING_FILLS), value="original", type="index",
                                              label="Masked content", elem_id="img2img-inpainting-fill")
         fields["inpaint_full_res"] = gr.Radio(list(INPAINT_AREAS), value=INPAINT_AREAS[0], type="index",
-                                              label="Inpaint area")
+                                              label="Inpaint area", elem_id="img2img-inpaint-area")
         fields["inpaint_full_res_padding"] = gr.Slider(0, 256, value=32, step=4,
                                                        label="Only masked padding, pixels")
 
@@ -117,6 +156,18 @@ def editor_mask(value: dict | None) -> tuple[Image.Image | None, Image.Image | N
     return background.convert("RGB"), mask if mask.getbbox() else None
 
 
+def sketch_inputs(value: dict | None, with_mask: bool) -> tuple[Image.Image | None, Image.Image | None]:
+    """Sketch: the picture with the drawing on it; inpaint sketch: that, and the drawn strokes as the mask."""
+    background, mask = editor_mask(value)
+    if background is None:
+        return None, None
+    composite = (value or {}).get("composite")
+    image = composite.convert("RGB") if composite is not None else background
+    if with_mask and mask is None:
+        raise InvalidParams("Draw on the image first: the strokes mark the area to repaint.")
+    return image, mask if with_mask else None
+
+
 def collect_inputs(mode: str, data: dict, handles: dict[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """The active mode's images (and outpaint sizes) as params fields; raises InvalidParams when missing."""
     extra: dict[str, Any] = {}
@@ -124,6 +175,8 @@ def collect_inputs(mode: str, data: dict, handles: dict[str, Any]) -> tuple[str,
         image, mask = editor_mask(data.get(handles["editor"]))
         if image is not None and mask is None:
             raise InvalidParams("Paint a mask on the image first (the area to repaint).")
+    elif mode in ("sketch", "inpaint_sketch"):
+        image, mask = sketch_inputs(data.get(handles[mode]), mode == "inpaint_sketch")
     elif mode == "inpaint_upload":
         image, mask = data.get(handles["upload_image"]), data.get(handles["upload_mask"])
         if image is not None and mask is None:
@@ -133,6 +186,8 @@ def collect_inputs(mode: str, data: dict, handles: dict[str, Any]) -> tuple[str,
         mask = None
     if image is None:
         raise InvalidParams("Add an image first (drop one on the image box).")
+    if data.get(handles["size_from"]) == SIZE_FROM[1] and mode != "outpaint":
+        extra["width"], extra["height"] = scaled_size(image.size, float(data.get(handles["scale"]) or 1.0))
     if mode == "outpaint":
         pads = tuple(int(data.get(handles["pads"][s]) or 0) for s in ("left", "right", "up", "down"))
         extra["outpaint"] = pads

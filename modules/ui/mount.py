@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from modules.server.context import ServerContext
 from modules.ui.context import UIContext
 from modules.ui.create import CSS_PATH, create_ui
+from modules.ui.hints import page_script
 from modules.ui.session import SessionCookieMiddleware
 
 CACHE_MAX_AGE_S = 24 * 3600
@@ -36,7 +37,7 @@ def mount_webui(app: FastAPI, ctx: ServerContext) -> None:
         app, blocks, path="/", footer_links=[], run_history=False, ssr_mode=False, mcp_server=False,
         auth_dependency=_gate_user if ctx.config.credentials else None,
         allowed_paths=[], blocked_paths=[str(ctx.app.settings.models_dir.resolve())],
-        css_paths=[CSS_PATH], server_name=ctx.config.host, server_port=ctx.config.port)
+        css_paths=[CSS_PATH], js=page_script(), server_name=ctx.config.host, server_port=ctx.config.port)
 
 
 def _gate_user(request) -> str | None:

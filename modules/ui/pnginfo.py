@@ -10,6 +10,7 @@ from PIL import Image
 from modules import images as image_files
 from modules import infotext
 from modules.ui.context import UIContext
+from modules.ui.safe_image import SafeImage
 
 
 @dataclass
@@ -40,7 +41,7 @@ def build_pnginfo_tab(ui: UIContext) -> PngInfoTab:
     with gr.Tab("PNG Info", id="pnginfo", elem_id="tab-pnginfo"):
         with gr.Row():
             with gr.Column():
-                image = gr.Image(label="Source", type="pil", image_mode=None, height=380, elem_id="pnginfo-image",
+                image = SafeImage(label="Source", type="pil", image_mode=None, height=380, elem_id="pnginfo-image",
                                  sources=["upload", "clipboard"])
             with gr.Column():
                 text = gr.Textbox(label="Parameters", lines=6, interactive=False, elem_id="pnginfo-text")
@@ -49,5 +50,5 @@ def build_pnginfo_tab(ui: UIContext) -> PngInfoTab:
                             for name, label in (("txt2img", "Send to txt2img"), ("img2img", "Send to img2img"),
                                                 ("inpaint", "Send to inpaint"))}
                 table = gr.HTML("", elem_id="pnginfo-table")
-    image.change(read_image_info, inputs=image, outputs=[text, table], queue=False)
+    image.change(read_image_info, inputs=image, outputs=[text, table])  # queued: its upload errors show
     return PngInfoTab(image, text, table, send)

@@ -58,13 +58,14 @@ def wire_prompt_area(ui: UIContext, tab: str, prompts, fields: Fields, defaults:
         return prompt, negative, []
 
     prompts.apply_styles.click(apply_styles, inputs=[prompts.prompt, prompts.negative, prompts.styles],
-                               outputs=[prompts.prompt, prompts.negative, prompts.styles], queue=False)
+                               outputs=[prompts.prompt, prompts.negative, prompts.styles])
 
     def save_style(name: str, prompt: str, negative: str) -> tuple:
         return save_prompt_style(ui, name, prompt, negative)
 
     prompts.save_style.click(save_style, inputs=[prompts.style_name, prompts.prompt, prompts.negative],
-                             outputs=[prompts.styles, prompts.style_name], queue=False)
+                             outputs=[prompts.styles, prompts.style_name])
+    # both queued: Gradio 6 shows gr.Warning/gr.Error toasts only from queued events, never from queue=False
 
 
 def infotext_values(text: str, defaults: dict) -> dict[str, Any]:
@@ -96,11 +97,13 @@ def save_prompt_style(ui: UIContext, name: str, prompt: str, negative: str) -> t
     """Add or replace a style in the styles file (A1111's styles.csv) and in the dropdowns."""
     name = (name or "").strip()
     if not name:
-        raise gr.Error("Give the new style a name first.")
+        gr.Warning("Give the new style a name first (type it in \"New style name\").", title="Style not saved")
+        return gr.skip(), gr.skip()
     store = ui.app.registries.styles  # this app's styles only
     try:
         path = store.save(StyleSpec(name, prompt or "", negative or "", "styles.csv"))
     except AtelierError as err:
-        raise gr.Error(str(err)) from err
+        gr.Warning(str(err), title="Style not saved")
+        return gr.skip(), gr.skip()
     gr.Info(f"Saved style {name!r} to {path.name}.")
     return gr.update(choices=store.names()), ""

@@ -16,6 +16,8 @@ from PIL import Image
 from modules.jobs.model import CANCELLED, DONE, FAILED, Job
 from modules.ui.follow import Update
 
+GALLERY_HEIGHT = 300  # the result column fits beside the controls at 1280x720
+
 
 @dataclass
 class ResultsPanel:
@@ -32,17 +34,18 @@ class ResultsPanel:
 
 def results_panel(tab: str) -> ResultsPanel:
     progress = gr.HTML("", elem_id=f"{tab}-progress", elem_classes=["atelier-progress-box"])
-    message = gr.Markdown("", elem_id=f"{tab}-message")
-    preview = gr.Image(label="Live preview", type="pil", interactive=False, visible=False, height=256,
-                       elem_id=f"{tab}-preview")
-    gallery = gr.Gallery(label="Output", columns=4, height=360, object_fit="contain", interactive=False,
-                         elem_id=f"{tab}-gallery")
-    with gr.Row():
+    message = gr.Markdown("", elem_id=f"{tab}-message", elem_classes=["atelier-collapse-empty"])
+    preview = gr.Image(label="Live preview", type="pil", interactive=False, visible=False, height=GALLERY_HEIGHT,
+                       elem_id=f"{tab}-preview", elem_classes=["atelier-preview"], buttons=[])
+    gallery = gr.Gallery(label="Output", columns=4, height=GALLERY_HEIGHT, object_fit="contain", interactive=False,
+                         preview=True, elem_id=f"{tab}-gallery", elem_classes=["atelier-gallery"],
+                         buttons=["download", "fullscreen"])
+    with gr.Row(elem_classes=["atelier-send-row"]):
         send = {name: gr.Button(label, size="sm", elem_id=f"{tab}-send-to-{name}")
                 for name, label in (("img2img", "Send to img2img"), ("inpaint", "Send to inpaint"),
                                     ("extras", "Send to extras"), ("pnginfo", "Send to PNG info"))}
         download = gr.DownloadButton("Download", size="sm", elem_id=f"{tab}-download")
-        open_folder = gr.Button("📂 Open folder", size="sm", elem_id=f"{tab}-open-folder")
+        open_folder = gr.Button("Open folder", size="sm", elem_id=f"{tab}-open-folder")
     infotext = gr.HTML("", elem_id=f"{tab}-infotext", elem_classes=["atelier-infotext"])
     state = gr.State({"images": [], "infotexts": [], "seeds": [], "selected": 0})
     return ResultsPanel(progress, preview, gallery, infotext, message, state, send, download, open_folder)
@@ -78,10 +81,14 @@ def _bar(fraction: float, text: str, state: str) -> str:
             f"<span class='atelier-progress-text'>{html.escape(text)}</span></div>")
 
 
-def preview_image(data: bytes) -> Image.Image:
+def preview_image(data: bytes, size: tuple[int, int] | None = None) -> Image.Image:
+    """A live preview, scaled smoothly to the output size (previews come at latent size)."""
     with Image.open(io.BytesIO(data)) as image:
         image.load()
-        return image.copy()
+        preview = image.convert("RGB")
+    if size and preview.size != size:
+        preview = preview.resize(size, resample=Image.Resampling.BICUBIC)
+    return preview
 
 
 def infotext_html(text: str) -> str:

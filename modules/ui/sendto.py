@@ -65,8 +65,8 @@ def wire_send_to(ui: UIContext, tabs: gr.Tabs, checkpoint: gr.Dropdown) -> None:
             results.send[mode].click(send, inputs=results.state, outputs=_outputs(img2img, tabs, checkpoint, True))
 
         def to_pnginfo(state: dict) -> dict:
-            path, _ = selected(state)
-            return {pnginfo.image: _open(path), tabs: gr.Tabs(selected="pnginfo")}
+            path, _ = selected(state)  # the file itself: decoded pixels would be re-encoded without infotext
+            return {pnginfo.image: path, tabs: gr.Tabs(selected="pnginfo")}
 
         results.send["pnginfo"].click(to_pnginfo, inputs=results.state, outputs=[pnginfo.image, tabs])
 

@@ -1,16 +1,15 @@
-"""The Settings tab: per-job defaults saved to config.json (atomically); start-up settings shown read-only."""
+"""The Settings tab: every server option by A1111-like section, a search box, Apply settings and Reload UI.
+
+Options are saved to config.json (atomically) and used by new jobs; start-up settings are read-only.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import gradio as gr
 
-from modules.errors import AtelierError
-from modules.server.options import RNG_LABELS
-from modules.settings import EMPHASIS_MODES
-from modules.ui.components import AUTOMATIC
 from modules.ui.context import UIContext
+from modules.ui.options_ui import SECTIONS, info_of, may_change, option_keys, option_widget, save_options
 
 
 @dataclass
@@ -18,6 +17,8 @@ class SettingsTab:
     widgets: dict[str, gr.components.Component]  # option key -> widget
     save: gr.Button
     message: gr.Markdown
+    search: gr.Textbox
+    reload: gr.Button
 
 
 def _startup_info(ui: UIContext) -> str:
@@ -31,55 +32,52 @@ def _startup_info(ui: UIContext) -> str:
     ])
 
 
-def option_widgets(ui: UIContext) -> dict[str, gr.components.Component]:
-    o, registries = ui.server.options, ui.app.registries
-    return {
-        "show_progress_every_n_steps": gr.Slider(1, 50, value=o.get("show_progress_every_n_steps", 1), step=1,
-                                                 label="Live preview every N steps",
-                                                 elem_id="settings-preview-every"),
-        "live_previews_enable": gr.Checkbox(bool(o.get("live_previews_enable", True)), label="Show live previews"),
-        "atelier_default_sampler": gr.Dropdown(registries.samplers.names(),
-                                               value=ui.default("sampler", "DPM++ 2M"), label="Default sampler"),
-        "atelier_default_scheduler": gr.Dropdown([AUTOMATIC, *registries.schedulers.names()],
-                                                 value=ui.default("scheduler", AUTOMATIC),
-                                                 label="Default schedule type"),
-        "randn_source": gr.Radio(list(RNG_LABELS.values()), value=o.get("randn_source", "GPU"),
-                                 label="Random number generator source"),
-        "CLIP_stop_at_last_layers": gr.Slider(1, 12, value=o.get("CLIP_stop_at_last_layers", 1), step=1,
-                                              label="Clip skip"),
-        "emphasis": gr.Radio(list(EMPHASIS_MODES), value=o.get("emphasis", "Original"), label="Emphasis mode"),
-        "eta_noise_seed_delta": gr.Number(o.get("eta_noise_seed_delta", 0), precision=0,
-                                          label="Eta noise seed delta (ENSD)"),
-    }
-
-
-def save_options(ui: UIContext, values: dict[str, Any]) -> str:
-    changes = {k: int(v) if k in ("show_progress_every_n_steps", "CLIP_stop_at_last_layers",
-                                  "eta_noise_seed_delta") and v is not None else v
-               for k, v in values.items()}
-    try:
-        ui.server.options.update(changes)
-    except (AtelierError, OSError) as err:
-        return f"❌ Not saved: {err}"
-    return f"✅ Saved to `{ui.server.options.path.name}`. New jobs use these settings."
+def matches(query: str, key: str) -> bool:
+    """The search: every word of the query in the option's label, key or section."""
+    info = info_of(key)
+    text = f"{info.label} {key} {info.section}".lower()
+    return all(word in text for word in (query or "").lower().split())
 
 
 def build_settings_tab(ui: UIContext) -> SettingsTab:
+    keys = option_keys(ui)
+    widgets: dict[str, gr.components.Component] = {}
+    sections: dict[str, gr.Accordion] = {}
     with gr.Tab("Settings", id="settings", elem_id="tab-settings"):
         problem = ui.server.options.load_error
-        gr.Markdown(f"⚠ **{problem}**" if problem else "", elem_id="settings-load-error")
-        widgets = option_widgets(ui)
-        save = gr.Button("Apply settings", variant="primary", elem_id="settings-save")
+        gr.Markdown(f"**{problem}**" if problem else "", elem_id="settings-load-error")
+        with gr.Row(equal_height=True):
+            save = gr.Button("Apply settings", variant="primary", elem_id="settings-save", scale=1)
+            reload = gr.Button("Reload UI", elem_id="settings-reload", scale=1)
+            search = gr.Textbox(placeholder="Search settings", show_label=False, elem_id="settings-search",
+                                scale=3, max_lines=1)
         message = gr.Markdown("", elem_id="settings-message")
+        for section in SECTIONS:
+            in_section = [k for k in keys if info_of(k).section == section]
+            if not in_section:
+                continue
+            slug = section.lower().replace(" ", "-")
+            with gr.Accordion(section, open=True, elem_id=f"settings-section-{slug}") as accordion:
+                for key in in_section:
+                    widgets[key] = option_widget(ui, key, f"setting-{key}")
+            sections[section] = accordion
         gr.Markdown(_startup_info(ui))
 
-    keys = {component: key for key, component in widgets.items()}
+    by_component = {component: key for key, component in widgets.items()}
 
     def apply(data: dict, request: gr.Request) -> str:
-        server = ui.server
-        if server.config.credentials and server.config.admin_users and not ui.caller(request).admin:
-            return "❌ Only admin users (`--admin-users`) may change the settings."
-        return save_options(ui, {keys[c]: v for c, v in data.items() if c in keys})
+        if not may_change(ui, request):
+            return "**Not saved:** only admin users (`--admin-users`) may change the settings."
+        return save_options(ui, {by_component[c]: v for c, v in data.items() if c in by_component})
 
-    save.click(apply, inputs=set(widgets.values()), outputs=message, queue=False)
-    return SettingsTab(widgets, save, message)
+    def filter_settings(query: str) -> list:
+        shown = {key: matches(query, key) for key in widgets}
+        updates = [gr.update(visible=shown[key]) for key in widgets]
+        updates += [gr.update(visible=any(shown[k] for k in widgets if info_of(k).section == s)) for s in sections]
+        return updates
+
+    save.click(apply, inputs=set(widgets.values()), outputs=message)
+    search.change(filter_settings, inputs=search, outputs=[*widgets.values(), *sections.values()],
+                 queue=False, show_progress="hidden", trigger_mode="always_last")
+    reload.click(None, js="() => { window.location.reload(); }")
+    return SettingsTab(widgets, save, message, search, reload)

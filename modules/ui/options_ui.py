@@ -1,0 +1,141 @@
+"""Widgets for the server's options (/sdapi/v1/options), by section as A1111's Settings lays them out.
+
+Known options get their A1111 label and a fitting widget; any other option the server holds gets a
+widget by its value's type, in "Other". Options the server cannot change while it runs are shown
+read-only with the flag that sets them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import gradio as gr
+
+from modules.errors import AtelierError
+from modules.server.options import READ_ONLY, RNG_LABELS
+from modules.settings import EMPHASIS_MODES
+from modules.ui.components import AUTOMATIC
+from modules.ui.context import UIContext
+
+DEFAULT_QUICKSETTINGS = ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers")
+INT_OPTIONS = ("show_progress_every_n_steps", "CLIP_stop_at_last_layers", "eta_noise_seed_delta")
+SECTIONS = ("Stable Diffusion", "Sampler parameters", "Live previews", "User interface", "Saving images",
+            "Other")
+RESTART_FLAGS = {"sd_vae": "--vae", "samples_format": "(PNG with infotext)", "outdir_txt2img_samples":
+                 "--outputs-dir", "outdir_img2img_samples": "--outputs-dir"}
+
+
+@dataclass(frozen=True)
+class OptionInfo:
+    key: str
+    section: str
+    label: str
+
+
+def known_options() -> dict[str, OptionInfo]:
+    rows = (
+        ("sd_vae", "Stable Diffusion", "SD VAE"),
+        ("CLIP_stop_at_last_layers", "Stable Diffusion", "Clip skip"),
+        ("emphasis", "Stable Diffusion", "Emphasis mode"),
+        ("randn_source", "Stable Diffusion", "Random number generator source"),
+        ("eta_noise_seed_delta", "Sampler parameters", "Eta noise seed delta (ENSD)"),
+        ("atelier_default_sampler", "Sampler parameters", "Default sampler"),
+        ("atelier_default_scheduler", "Sampler parameters", "Default schedule type"),
+        ("live_previews_enable", "Live previews", "Show live previews of the created image"),
+        ("show_progress_every_n_steps", "Live previews", "Live preview display period (every N sampling steps)"),
+        ("quicksettings_list", "User interface", "Quicksettings list (setting entries that appear at the top of "
+                                                 "page rather than in settings tab; after a restart)"),
+        ("keyedit_precision_attention", "User interface", "Ctrl+up/down precision when editing (attention:1.1)"),
+        ("samples_format", "Saving images", "File format for images"),
+        ("outdir_txt2img_samples", "Saving images", "Output directory for txt2img images"),
+        ("outdir_img2img_samples", "Saving images", "Output directory for img2img images"),
+    )
+    return {key: OptionInfo(key, section, label) for key, section, label in rows}
+
+
+def option_keys(ui: UIContext) -> list[str]:
+    """Every option the server holds (and the UI's own), known ones first; the checkpoint has its own row."""
+    known = known_options()
+    held = [k for k in ui.server.options.all() if k != "sd_model_checkpoint"]
+    return list(known) + sorted(k for k in held if k not in known)
+
+
+def info_of(key: str) -> OptionInfo:
+    return known_options().get(key) or OptionInfo(key, "Other", key)
+
+
+def option_value(ui: UIContext, key: str) -> Any:
+    defaults = {"keyedit_precision_attention": 0.1, "quicksettings_list": list(DEFAULT_QUICKSETTINGS),
+                "atelier_default_sampler": ui.default("sampler", "DPM++ 2M"),
+                "atelier_default_scheduler": ui.default("scheduler", AUTOMATIC)}
+    return ui.server.options.get(key, defaults.get(key))
+
+
+def option_widget(ui: UIContext, key: str, elem_id: str, compact: bool = False) -> gr.components.Component:
+    """The widget of one option, with its current value (`compact`: the top bar's, radios as dropdowns)."""
+    label, value, registries = info_of(key).label, option_value(ui, key), ui.app.registries
+    if key in READ_ONLY:
+        choices = ["Automatic", "None", *(p.name for p in ui.app.engine.vaes())] if key == "sd_vae" else None
+        flag = RESTART_FLAGS.get(key, "a flag")
+        note = f"{label} ({flag})" if compact else f"{label} (set at start-up with {flag})"
+        if choices:
+            return gr.Dropdown(choices, value=value, label=note, interactive=False, elem_id=elem_id)
+        return gr.Textbox(str(value), label=note, interactive=False, elem_id=elem_id)
+    common = {"label": label, "elem_id": elem_id}
+    if key == "CLIP_stop_at_last_layers":
+        return gr.Slider(1, 12, value=value or 1, step=1, **common)
+    if key == "show_progress_every_n_steps":
+        return gr.Slider(1, 50, value=value or 1, step=1, **common)
+    if key == "keyedit_precision_attention":
+        return gr.Slider(0.01, 0.2, value=value, step=0.001, **common)
+    choice = gr.Dropdown if compact else gr.Radio
+    if key == "randn_source":
+        return choice(list(RNG_LABELS.values()), value=value or "GPU", **common)
+    if key == "emphasis":
+        return choice(list(EMPHASIS_MODES), value=value or "Original", **common)
+    if key == "atelier_default_sampler":
+        return gr.Dropdown(registries.samplers.names(), value=value, **common)
+    if key == "atelier_default_scheduler":
+        return gr.Dropdown([AUTOMATIC, *registries.schedulers.names()], value=value, **common)
+    if key == "quicksettings_list":
+        return gr.Dropdown(["sd_model_checkpoint", *option_keys(ui)], value=list(value or []), multiselect=True,
+                           **common)
+    return _generic(value, common)
+
+
+def _generic(value: Any, common: dict) -> gr.components.Component:
+    if isinstance(value, bool):
+        return gr.Checkbox(value, **common)
+    if isinstance(value, int | float):
+        return gr.Number(value, precision=0 if isinstance(value, int) else None, **common)
+    if isinstance(value, list):
+        return gr.Dropdown([str(v) for v in value], value=[str(v) for v in value], multiselect=True,
+                           allow_custom_value=True, **common)
+    return gr.Textbox("" if value is None else str(value), **common)
+
+
+def coerce_option(key: str, value: Any) -> Any:
+    if key in INT_OPTIONS and value is not None:
+        return int(value)
+    if key == "keyedit_precision_attention" and value is not None:
+        return round(float(value), 3)
+    return value
+
+
+def save_options(ui: UIContext, values: dict[str, Any]) -> str:
+    """Apply changed options (read-only ones are left out); returns the message to show."""
+    changes = {k: coerce_option(k, v) for k, v in values.items() if k not in READ_ONLY}
+    changes = {k: v for k, v in changes.items() if ui.server.options.get(k) != v}
+    try:
+        ui.server.options.update(changes)
+    except (AtelierError, OSError, ValueError) as err:
+        return f"**Not saved:** {err}"
+    if not changes:
+        return "Nothing changed."
+    return (f"Saved {len(changes)} setting(s) to `{ui.server.options.path.name}`: {', '.join(sorted(changes))}. "
+            "New jobs use them.")
+
+
+def may_change(ui: UIContext, request: Any) -> bool:
+    server = ui.server
+    return not (server.config.credentials and server.config.admin_users and not ui.caller(request).admin)
