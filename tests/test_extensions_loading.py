@@ -28,7 +28,7 @@ def test_bundled_and_fixture_extensions_are_found(app):
                  "order-a", "order-b", "order-c", "cfg-probe", "raising-hook"):
         assert status[name] == "loaded", (name, status[name])
     bundled = {i.name for i in app.plugins.extensions if i.bundled}
-    assert bundled == {"euler-cfg-pp", "film-grain", "style-pack", "wildcards", "lora"}
+    assert bundled == {"euler-cfg-pp", "film-grain", "style-pack", "wildcards", "lora", "controlnet"}
     info = app.plugins.extension("film-grain")
     assert info.version == "1.0.0" and info.api_version == "1.0" and info.load_time_s > 0
 

@@ -76,6 +76,7 @@ class Job:
     result: JobResult | None = None
     error: str | None = None
     seq: int = 0  # submission order, assigned by the store
+    error_kind: str | None = None  # "invalid": the job's parameters were refused while it ran (a 4xx)
 
     @property
     def is_finished(self) -> bool:
@@ -95,6 +96,8 @@ class Job:
             "progress": self.progress.to_dict(), "error": self.error,
             "result": self.result.to_dict() if self.result else None,
         }
+        if self.error_kind:
+            data["error_kind"] = self.error_kind
         if with_params:
             data["params"] = self.params
         return data
@@ -105,7 +108,8 @@ class Job:
             id=data["id"], owner=data["owner"], kind=data["kind"], params=dict(data.get("params") or {}),
             state=data.get("state", QUEUED), created=data.get("created", 0.0), started=data.get("started"),
             finished=data.get("finished"), progress=Progress(**(data.get("progress") or {})),
-            result=JobResult.from_dict(data.get("result")), error=data.get("error"), seq=data.get("seq", 0))
+            result=JobResult.from_dict(data.get("result")), error=data.get("error"), seq=data.get("seq", 0),
+            error_kind=data.get("error_kind"))
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 
 from modules.errors import AtelierError, InvalidParams
+from modules.pipeline.hooks import DenoiserContext
 from modules.pipeline.params import GenerationParams, Img2ImgParams, Result, Txt2ImgParams
 from modules.plugins.context import JobContext, PostprocessContext
 from modules.plugins.hookspecs import hookimpl
@@ -26,6 +27,7 @@ from modules.plugins.specs import (
     ExtraNetworkSpec,
     OptionSpec,
     PostprocessorSpec,
+    RootRoutesSpec,
     SamplerSpec,
     ScheduleContext,
     SchedulerSpec,
@@ -34,19 +36,21 @@ from modules.plugins.specs import (
     UITabSpec,
     UpscalerSpec,
 )
-from modules.sampling.denoisers import DenoiserStep
+from modules.sampling.denoisers import DenoiserStep, UNetCall, UNetResiduals
 from modules.text.prompt_parser import ExtraNetworkTag
 
 # 1.1: register_extra_networks, patch_model, register_embeddings; ExtraNetworkSpec, ExtraNetworkItem,
 #      ExtraNetworkTag, EmbeddingSpec, ModelPatch; JobContext.infotext
 # 1.2: an extension module may define create_plugin(settings); each app registers the object it returns
-API_VERSION = "1.2"
+# 1.3: unet_residuals (conditioning inside the UNet: ControlNet) with DenoiserContext, UNetCall, UNetResiduals
+#      and JobContext.state; register_root_api_routes with RootRoutesSpec; a list `args` in alwayson_scripts
+API_VERSION = "1.3"
 
 __all__ = [
-    "API_VERSION", "AtelierError", "DenoiserStep", "EmbeddingSpec", "ExtraNetworkItem", "ExtraNetworkSpec",
-    "ExtraNetworkTag", "GenerationParams", "Img2ImgParams", "InvalidParams", "JobContext", "ModelPatch", "OptionSpec", "PostprocessContext", "PostprocessorSpec", "Result", "SamplerSpec",
+    "API_VERSION", "AtelierError", "DenoiserContext", "DenoiserStep", "EmbeddingSpec", "ExtraNetworkItem", "ExtraNetworkSpec",
+    "ExtraNetworkTag", "GenerationParams", "Img2ImgParams", "InvalidParams", "JobContext", "ModelPatch", "OptionSpec", "PostprocessContext", "PostprocessorSpec", "Result", "RootRoutesSpec", "SamplerSpec",
     "ScheduleContext", "SchedulerSpec", "StyleSpec", "Txt2ImgParams", "UISectionSpec", "UITabSpec",
-    "UpscalerSpec", "get_logger", "hookimpl", "to_d",
+    "UNetCall", "UNetResiduals", "UpscalerSpec", "get_logger", "hookimpl", "to_d",
 ]
 
 

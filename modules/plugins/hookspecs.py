@@ -100,3 +100,13 @@ def patch_model(patch: Any, tags: Any, params: Any, context: Any) -> None:
 @hookspec
 def register_embeddings(settings: Any) -> list[EmbeddingSpec]:
     """Return textual-inversion embeddings whose trigger words prompts may use."""
+
+
+@hookspec
+def unet_residuals(context: Any, params: Any, job: Any) -> Any:
+    """Return a function `UNetCall -> UNetResiduals` whose residuals are added inside every UNet call of a pass."""
+
+
+@hookspec
+def register_root_api_routes() -> list[Any]:
+    """Return RootRoutesSpec(prefix, router)s served at a top-level prefix, for another project's URLs."""

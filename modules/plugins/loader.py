@@ -33,7 +33,7 @@ from modules.plugins.host import PluginHost
 log = logging.getLogger("atelier.plugins")
 ENTRY_POINT_GROUP = "atelier.extensions"
 # What --disable-extra-extensions keeps: the extensions shipped in the repository's extensions/ folder.
-BUNDLED_EXTENSIONS = frozenset({"euler-cfg-pp", "film-grain", "style-pack", "wildcards", "lora"})
+BUNDLED_EXTENSIONS = frozenset({"euler-cfg-pp", "film-grain", "style-pack", "wildcards", "lora", "controlnet"})
 
 Loader = Callable[[], object]
 # An extension with per-app state defines create_plugin(settings); each app registers what it returns.
