@@ -316,3 +316,48 @@ def test_module_and_model_errors_name_the_thing(cn_app):
     with pytest.raises(api.InvalidParams, match="SDXL ControlNet, but the loaded checkpoint is SD1.5"):
         control.check_arch(planned, ext.library, "sd1")
     assert dataclasses.replace(planned[0].unit, weight=0).active is False
+
+
+def test_sdxl_residuals_match_diffusers_controlnet(cn_app, cn_files, tiny_checkpoints, tmp_path):
+    """SDXL: our residual path (pooled size and time ids through added_cond) against diffusers' ControlNetModel
+    (from_single_file; its SDXL converter leaves label_emb out, so those four tensors are copied by name)."""
+    from safetensors.torch import load_file as read
+
+    from modules.sampling.denoisers import ModelDenoiser
+
+    xl = make_app(tmp_path, extensions_dirs=())
+    xl.engine.load_model(tiny_checkpoints["sdxl"])
+    model = xl.engine.require_model()
+    path = cn_files["sdxl"]
+    ref = diffusers.ControlNetModel.from_single_file(str(path), config=str(path.parent / f"{path.stem}-config"),
+                                                     local_files_only=True, torch_dtype=torch.float32)
+    source = read(str(path))
+    with torch.no_grad():
+        for i, j in (("1", "0"), ("2", "2")):
+            for kind in ("weight", "bias"):
+                getattr(getattr(ref.add_embedding, f"linear_{i}"), kind).copy_(
+                    source[f"control_model.label_emb.0.{j}.{kind}"].float())
+    hint = torch.from_numpy(np.asarray(hint_image(), np.float32) / 255).permute(2, 0, 1)[None]
+
+    def reference(call):
+        down, mid = ref(call.model_in, call.timestep, encoder_hidden_states=call.cross_attn, controlnet_cond=hint.expand(
+            call.x.shape[0], -1, -1, -1), added_cond_kwargs=dict(call.added_cond), return_dict=False)
+        return api.UNetResiduals(down=tuple(down), mid=mid)
+
+    ext = cn_app.plugins.manager.get_plugin("controlnet")
+    planned = control.plan_units([Unit(image=hint_image(), model="cn-sdxl")], ext.library)
+    context = api.DenoiserContext("txt2img", "first", None, 64, 64, (), (), 7.0, torch.linspace(10, 0, 5), arch="sdxl")
+    control.check_arch(planned, ext.library, "sdxl")
+    ours = control.Residuals(planned, control.prepare_hints(planned, {}, context, ext.annotators, 0), ext.library,
+                             context)
+    sigma_to_t = xl.engine.discrete_schedule(model).sigma_to_t
+    time_ids = torch.tensor([[64.0, 64, 0, 0, 64, 64]])
+    gen = torch.Generator().manual_seed(5)
+    x, sigma = torch.randn(2, 4, 8, 8, generator=gen) * 3, torch.tensor([3.0, 3.0])
+    cross, pooled = torch.randn(2, 77, 64, generator=gen), torch.randn(2, 32, generator=gen)
+    with torch.no_grad():
+        plain = ModelDenoiser(model.unet, sigma_to_t, time_ids=time_ids)(x, sigma, cross, pooled)
+        expected = ModelDenoiser(model.unet, sigma_to_t, time_ids=time_ids, residuals=reference)(x, sigma, cross, pooled)
+        got = ModelDenoiser(model.unet, sigma_to_t, time_ids=time_ids, residuals=ours)(x, sigma, cross, pooled)
+    assert (expected - plain).abs().mean() > 1e-3
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
