@@ -35,6 +35,14 @@ class App:
     engine: Engine
 
 
+def build_engine(app: App, device: str) -> Engine:
+    """Another engine for `device` (its own model cache and memory policy) sharing the app's registries."""
+    settings, plugins, registries = app.settings, app.plugins, app.registries
+    devices = device_config(device, settings.precision, settings.xformers)
+    return Engine(settings, registries, devices, demo_checkpoint=DEMO_CHECKPOINT,
+                  hooks_for=lambda task: JobHooks(plugins, registries, settings, task))
+
+
 def build_app(settings: Settings, extra_plugins: tuple = ()) -> App:
     set_offline_environment()
     devices = device_config(settings.device, settings.precision, settings.xformers)

@@ -107,7 +107,8 @@ def run_app(args: argparse.Namespace) -> int:
 
     config = server_config_from_args(args)
     config.check_startup()  # before loading anything: refuse --listen without auth at once
-    settings = dataclasses.replace(settings_from_args(args), max_size=args.max_size)
+    limits = {name: getattr(args, name) for name in ("max_size", "max_batch_size", "max_n_iter", "max_steps")}
+    settings = dataclasses.replace(settings_from_args(args), **limits)
     app = build_app(settings)
     mount_ui = None
     if not config.nowebui:

@@ -10,6 +10,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 RNG_SOURCES = ("gpu", "cpu", "nv")
 EMPHASIS_MODES = ("Original", "No norm", "Ignore")
+SDE_NOISE_MODES = ("brownian", "sequential")
 
 
 @dataclass(frozen=True)
@@ -44,12 +45,18 @@ class Settings:
     clip_skip: int = 1
     emphasis: str = "Original"
     eta_noise_seed_delta: int = 0
+    sde_noise: str = "brownian"  # SDE samplers' noise: A1111's seeded Brownian tree, or faster sequential draws
     preview_every: int = 1
     vae_tiling: bool = False  # decode / encode large images tile by tile (bounded memory)
     vae_tile_size: int = 64  # latents per tile side (64 = 512 pixels); tiles overlap by a quarter
+    upscaler_tile: int = 0  # model upscalers: input pixels per tile side; 0 = automatic from free memory
+    upscaler_tile_overlap: int = 0  # pixels shared by neighbouring tiles; 0 = automatic
     vram: str = "normal"  # "normal", "medvram" (one model on the GPU at a time) or "lowvram" (one block)
     max_size: int = 4096
-    styles_file: Path = REPO_ROOT / "styles.csv"  # A1111's styles.csv format
+    max_batch_size: int = DEFAULT_LIMITS.max_batch_size
+    max_n_iter: int = DEFAULT_LIMITS.max_n_iter
+    max_steps: int = DEFAULT_LIMITS.max_steps
+    styles_file: Path = REPO_ROOT / "data" / "styles.csv"  # A1111's format; default: under --data-dir
     extensions_dirs: tuple[Path, ...] = (REPO_ROOT / "extensions",)
     disable_all_extensions: bool = False
     disable_extra_extensions: bool = False  # keep only the bundled extensions
@@ -62,7 +69,7 @@ class Settings:
 
     @property
     def limits(self) -> Limits:
-        return Limits(max_size=self.max_size)
+        return Limits(self.max_size, self.max_batch_size, self.max_n_iter, self.max_steps)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -84,6 +91,11 @@ class Settings:
     @property
     def embedding_folders(self) -> list[Path]:
         return [self.models_dir / "embeddings", *self.embeddings_dirs]
+
+    @property
+    def upscaler_folders(self) -> list[Path]:
+        """A1111's per-architecture folders, then ComfyUI's shared one."""
+        return [self.models_dir / name for name in ("ESRGAN", "RealESRGAN", "SwinIR", "DAT", "HAT", "upscale_models")]
 
     @property
     def hash_cache(self) -> Path:
@@ -115,6 +127,9 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--clip-skip", type=int, default=1)
     group.add_argument("--emphasis", choices=EMPHASIS_MODES, default="Original")
     group.add_argument("--eta-noise-seed-delta", type=int, default=0, help="A1111's ENSD")
+    group.add_argument("--sde-noise", choices=SDE_NOISE_MODES, default="brownian",
+                       help="noise of the DPM++ SDE samplers: brownian (A1111's seeded Brownian tree, "
+                            "reproduces A1111) or sequential (per-image draws, faster)")
     add_performance_arguments(parser)
 
 
@@ -123,6 +138,9 @@ def add_performance_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--vae-tiling", action="store_true",
                        help="decode and encode large images tile by tile (blended overlaps), in bounded memory")
     group.add_argument("--vae-tile-size", type=int, default=64, help="VAE tile side in latents (64 = 512 px)")
+    group.add_argument("--upscaler-tile", type=int, default=0,
+                       help="model upscaler tile side in pixels (0 = automatic from free memory)")
+    group.add_argument("--upscaler-tile-overlap", type=int, default=0, help="model upscaler tile overlap (0 = auto)")
     vram = group.add_mutually_exclusive_group()
     vram.add_argument("--medvram", dest="vram", action="store_const", const="medvram", default="normal",
                       help="keep only the model in use (text encoder, UNet or VAE) on the GPU")
@@ -133,7 +151,8 @@ def add_performance_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_extension_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("extensions")
-    group.add_argument("--styles-file", type=Path, help="prompt styles in A1111's styles.csv format")
+    group.add_argument("--styles-file", type=Path,
+                       help="prompt styles in A1111's styles.csv format (default: DATA_DIR/styles.csv)")
     group.add_argument("--extensions-dir", type=Path, action="append", default=[],
                        help="extra folder of extensions (extensions/ is always searched)")
     group.add_argument("--disable-all-extensions", action="store_true", help="load no extensions")
@@ -146,6 +165,7 @@ def add_extension_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     base = Settings()
+    data_dir = args.data_dir or base.data_dir
     return Settings(
         models_dir=args.models_dir or base.models_dir,
         ckpt=args.ckpt,
@@ -155,7 +175,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         embeddings_dirs=tuple(getattr(args, "embeddings_dir", ())),
         sd_vae=args.sd_vae,
         outputs_dir=args.outputs_dir or base.outputs_dir,
-        data_dir=args.data_dir or base.data_dir,
+        data_dir=data_dir,
         device=args.device,
         precision=args.precision,
         xformers=args.xformers,
@@ -164,10 +184,13 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         clip_skip=args.clip_skip,
         emphasis=args.emphasis,
         eta_noise_seed_delta=args.eta_noise_seed_delta,
+        sde_noise=getattr(args, "sde_noise", base.sde_noise),
         vae_tiling=getattr(args, "vae_tiling", False),
         vae_tile_size=getattr(args, "vae_tile_size", 64),
+        upscaler_tile=getattr(args, "upscaler_tile", 0),
+        upscaler_tile_overlap=getattr(args, "upscaler_tile_overlap", 0),
         vram=getattr(args, "vram", "normal"),
-        styles_file=args.styles_file or base.styles_file,
+        styles_file=args.styles_file or data_dir / "styles.csv",
         extensions_dirs=(*base.extensions_dirs, *args.extensions_dir),
         disable_all_extensions=args.disable_all_extensions,
         disable_extra_extensions=args.disable_extra_extensions,

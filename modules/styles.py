@@ -10,24 +10,36 @@ import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from modules.errors import AtelierError
+from modules.errors import AtelierError, InvalidParams
 from modules.plugins.registry import NamedRegistry
 from modules.plugins.specs import StyleSpec
 
 CSV_FIELDS = ("name", "prompt", "negative_prompt")
+MAX_STYLED_CHARS = 1 << 20  # a styled prompt longer than this is refused, not built
 
 
-def merge_prompt(style_prompt: str, prompt: str) -> str:
-    if "{prompt}" in style_prompt:
+def merge_prompt(style_prompt: str, prompt: str, max_chars: int = MAX_STYLED_CHARS) -> str:
+    """A1111's rule: every "{prompt}" in the style becomes the prompt, else the style is appended.
+
+    A style with many placeholders multiplies the prompt's length (and chained styles multiply
+    again), so the result's length is checked before it is built.
+    """
+    placeholders = style_prompt.count("{prompt}")
+    size = len(style_prompt) + placeholders * (len(prompt) - len("{prompt}")) if placeholders else 0
+    if size > max_chars:
+        raise InvalidParams(f"the styles make the prompt {size:,} characters long; the limit is {max_chars:,} "
+                            "(a style repeats {prompt} too often)", field="styles")
+    if placeholders:
         return style_prompt.replace("{prompt}", prompt)
     return ", ".join(part for part in (prompt.strip(), style_prompt.strip()) if part)
 
 
-def apply_styles(prompt: str, negative_prompt: str, styles: Iterable[StyleSpec]) -> tuple[str, str]:
-    """Apply styles in order to the prompt and the negative prompt."""
+def apply_styles(prompt: str, negative_prompt: str, styles: Iterable[StyleSpec],
+                 max_chars: int = MAX_STYLED_CHARS) -> tuple[str, str]:
+    """Apply styles in order to the prompt and the negative prompt; InvalidParams past `max_chars`."""
     for style in styles:
-        prompt = merge_prompt(style.prompt, prompt)
-        negative_prompt = merge_prompt(style.negative_prompt, negative_prompt)
+        prompt = merge_prompt(style.prompt, prompt, max_chars)
+        negative_prompt = merge_prompt(style.negative_prompt, negative_prompt, max_chars)
     return prompt, negative_prompt
 
 

@@ -49,8 +49,10 @@ def start_server(tmp_path: Path, checkpoints: dict[str, Path] | None = None, **c
     from modules.settings import Settings
 
     models = models_dir_with(tmp_path, checkpoints or {})
+    limits = {name: config.pop(name) for name in ("max_batch_size", "max_n_iter", "max_steps") if name in config}
     settings = Settings(models_dir=models, outputs_dir=tmp_path / "outputs", data_dir=tmp_path / "data",
-                        device="cpu", precision="fp32", max_size=config.pop("max_size", 1024))
+                        device="cpu", precision="fp32", max_size=config.pop("max_size", 1024), **limits,
+                        **config.pop("settings", {}))
     port = free_port()
     server_config = ServerConfig(port=port, api=True, nowebui=True, **config)
     ctx = build_context(build_app(settings), server_config)

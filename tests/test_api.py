@@ -79,7 +79,9 @@ def test_lists_and_system_routes(api, http):
     assert {"Lanczos", "Nearest", "None"} <= {u["name"] for u in http.get("/sdapi/v1/upscalers").json()}
     latent = [m["name"] for m in http.get("/sdapi/v1/latent-upscale-modes").json()]
     assert latent[0] == "Latent" and "Latent (nearest-exact)" in latent and "Lanczos" not in latent
-    assert api.get_scripts() == {"txt2img": [], "img2img": []}
+    scripts = api.get_scripts()
+    assert "x/y/z plot" in scripts["txt2img"] and "sd upscale" in scripts["img2img"]
+    assert "sd upscale" not in scripts["txt2img"]
     assert http.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {}}
     assert api.get_memory()["ram"]["total"] > 0
     assert http.post("/sdapi/v1/refresh-checkpoints").status_code == 200
@@ -144,7 +146,8 @@ def _b64(image: Image.Image) -> str:
     ({"override_settings": {"sd_model_checkpoint": "missing"}}, ["body", "override_settings", "sd_model_checkpoint"]),
     ({"override_settings": {"randn_source": "quantum"}}, ["body", "override_settings", "randn_source"]),
     ({"prompt": "x" * (50 << 20)}, ["body", "prompt"]),
-    ({"script_name": "X/Y/Z plot"}, ["body", "script_name"]),
+    ({"script_name": "No such script"}, ["body", "script_name"]),
+    ({"script_name": "X/Y/Z plot", "script_args": [9, "Euler, Nope"]}, ["body", "script_args"]),
     ({"width": 2048, "override_settings": {"max_size": 4096}}, ["body", "width"]),  # limits are policy
     ({"batch_size": 65}, ["body", "batch_size"]),
     ({"steps": 1001}, ["body", "steps"]),

@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 from modules.plugins.install import install_refusal, name_from_url
 from tests.plugin_helpers import FIXTURES, ext_app, git_extension_repo, statuses
 
-PLUGINS = ("web-ext", "evil-routes", "style-pack", "euler-cfg-pp")
+PLUGINS = ("web-ext", "evil-routes", "style-pack")
 
 
 def client_for(app, **config) -> TestClient:

@@ -19,7 +19,7 @@ def app(tmp_path_factory, tiny_sd1):
     tmp = tmp_path_factory.mktemp("ext-jobs")
     (tmp / "styles.csv").write_text('name,prompt,negative_prompt\n"Csv style","{prompt}, from csv",csvneg\n'
                                     '# divider,,\n', encoding="utf-8")
-    app = ext_app(tmp, extensions_allow=("euler-cfg-pp", "film-grain", "style-pack", "wildcards",
+    app = ext_app(tmp, extensions_allow=("film-grain", "style-pack", "wildcards",
                                          "fixture-sampler", "cfg-probe", "web-ext", "order-a"))
     app.engine.load_model(tiny_sd1)
     return app

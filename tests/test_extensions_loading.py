@@ -24,11 +24,13 @@ def app(tmp_path_factory):
 
 def test_bundled_and_fixture_extensions_are_found(app):
     status = statuses(app)
-    for name in ("euler-cfg-pp", "film-grain", "style-pack", "wildcards", "fixture-sampler", "web-ext",
-                 "order-a", "order-b", "order-c", "cfg-probe", "raising-hook"):
+    for name in ("film-grain", "style-pack", "wildcards", "fixture-sampler", "web-ext",
+                 "order-a", "order-b", "order-c", "cfg-probe", "raising-hook", "xyz-grid", "prompt-matrix",
+                 "prompts-from-file", "sd-upscale", "loopback", "outpainting-mk2"):
         assert status[name] == "loaded", (name, status[name])
     bundled = {i.name for i in app.plugins.extensions if i.bundled}
-    assert bundled == {"euler-cfg-pp", "film-grain", "style-pack", "wildcards", "lora", "controlnet"}
+    assert bundled == {"film-grain", "style-pack", "wildcards", "lora", "xyz-grid", "prompt-matrix",
+                       "prompts-from-file", "sd-upscale", "loopback", "outpainting-mk2", "controlnet"}
     info = app.plugins.extension("film-grain")
     assert info.version == "1.0.0" and info.api_version == "1.0" and info.load_time_s > 0
 
@@ -91,7 +93,7 @@ def test_missing_metadata_is_a_failed_record(tmp_path):
 def test_disable_all_extensions(tmp_path):
     app = ext_app(tmp_path, disable_all_extensions=True)
     assert set(statuses(app).values()) == {"skipped"}
-    assert "Euler CFG++" not in app.registries.samplers and "Euler" in app.registries.samplers  # built-ins stay
+    assert "Fixture Euler" not in app.registries.samplers and "Euler CFG++" in app.registries.samplers  # built-ins stay
 
 
 def test_disable_extra_extensions_keeps_the_bundled_ones(tmp_path):

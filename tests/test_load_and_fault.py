@@ -144,3 +144,25 @@ def test_kill_mid_job_then_restart(tmp_path, tiny_checkpoints):
         proc.wait(30)
     leftovers = list((tmp_path / "outputs").rglob("*.tmp")) + list((tmp_path / "data").rglob("*.tmp"))
     assert leftovers == []
+
+
+def test_extensions_that_raise_leave_the_server_serving(tmp_path, tiny_checkpoints):
+    """One extension fails at import, another raises in every hook: the real server starts, lists both,
+    and a job over HTTP still gives its image, with the hooks' errors as warnings in its info."""
+    from tests.plugin_helpers import BUNDLED, FIXTURES
+
+    extensions = {"extensions_dirs": (BUNDLED, FIXTURES), "extensions_allow": ("broken-import", "raising-hook")}
+    srv = start_server(tmp_path, {"tiny": tiny_checkpoints["sd1"]}, settings=extensions)
+    try:
+        with httpx.Client(base_url=srv.url, timeout=120) as http:
+            listed = {e["name"]: e for e in http.get("/api/v1/extensions").json()}
+            done = http.post("/sdapi/v1/txt2img", json=_params(7))
+            health = http.get("/api/v1/health")
+    finally:
+        srv.stop()
+    assert listed["broken-import"]["status"] != "loaded" and "atelier_module_that_does_not_exist" in str(
+        listed["broken-import"])
+    assert listed["raising-hook"]["status"] == "loaded"
+    assert done.status_code == 200 and len(done.json()["images"]) == 1, done.text[:300]
+    assert "prepare exploded" in done.json()["info"]
+    assert health.status_code == 200

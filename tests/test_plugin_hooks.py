@@ -45,14 +45,17 @@ def test_hook_register_samplers(app):
     cfgpp = spec.function(gaussian_denoiser(), x, sigmas)  # no guidance(): exactly Euler
     assert torch.allclose(euler, cfgpp, atol=1e-5)
 
-    class Guided:  # cond and uncond are two different Gaussian denoisers
-        def guidance(self, x, sigma):
-            cond, uncond = gaussian_denoiser(0.5)(x, sigma), gaussian_denoiser(-0.5)(x, sigma)
-            return api.DenoiserStep(x, sigma, 0, 1.5, cond, uncond, uncond + 1.5 * (cond - uncond))
+    class Guided:  # cond and uncond are two Gaussian denoisers; `last_uncond` as CFGDenoiser offers it
+        last_uncond = None
+
+        def __call__(self, x, sigma):
+            cond, self.last_uncond = gaussian_denoiser(0.5)(x, sigma), gaussian_denoiser(-0.5)(x, sigma)
+            return self.last_uncond + 1.5 * (cond - self.last_uncond)
 
     x1 = spec.function(Guided(), x, sigmas[:2])  # one step: denoised + sigma_next * (x - uncond) / sigma
-    step = Guided().guidance(x, x.new_full((2,), float(sigmas[0])))
-    expected = step.denoised + (x - step.uncond) / sigmas[0] * sigmas[1]
+    guided = Guided()
+    denoised = guided(x, x.new_full((2,), float(sigmas[0])))
+    expected = denoised + (x - guided.last_uncond) / sigmas[0] * sigmas[1]
     assert torch.allclose(x1, expected, atol=1e-6)
 
 

@@ -156,6 +156,8 @@ def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
             obj = obj["state_dict"]
         elif isinstance(obj, dict) and "module" in obj and isinstance(obj["module"], dict) and len(obj) <= 3:
             obj = obj["module"]
+        elif isinstance(obj, dict) and isinstance(obj.get("params_ema", obj.get("params")), dict):
+            obj = obj.get("params_ema", obj.get("params"))  # BasicSR / Real-ESRGAN releases
     if not isinstance(obj, dict):
         raise CheckpointError(f"Checkpoint {path} does not hold a state dict (found {type(obj).__name__})")
     tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}

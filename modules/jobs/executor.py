@@ -56,14 +56,16 @@ class LocalExecutor:
 
     slots = 1
 
-    def __init__(self, engine, job_images_dir: Path, outdir: Path | None = None) -> None:
+    def __init__(self, engine, job_images_dir: Path, outdir: Path | None = None, name: str = "local") -> None:
         self.engine = engine
+        self.name = name
         self.job_images_dir = Path(job_images_dir)
         self.outdir = outdir  # where saved images go; None: the engine's outputs/<task>-images
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="atelier-worker")
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"atelier-worker-{name}")
         self._controls: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._loaded: str | None = None
+        self.loads = 0  # checkpoints loaded so far (model-affinity routing keeps this low)
 
     # -- jobs -----------------------------------------------------------------
     def run(self, spec: JobSpec, on_event: EventCallback) -> JobResult:
@@ -72,6 +74,7 @@ class LocalExecutor:
         control = JobControl()
         with self._lock:
             self._controls[spec.id] = control
+        on_event({"worker": self.name})
         try:
             return self._worker.submit(self._execute, spec, control, on_event).result()
         finally:
@@ -92,8 +95,10 @@ class LocalExecutor:
 
     def _execute(self, spec: JobSpec, control, on_event: EventCallback) -> JobResult:
         payload = JobPayload.from_json(spec.params, kind=spec.kind)
-        model = self._ensure_model(payload.checkpoint)
-        result = runners.run(self.engine, payload, control, lambda p: on_event(_event(p)), self.outdir)
+        needs_model = getattr(type(payload.params), "needs_checkpoint", True)
+        model = self._ensure_model(payload.checkpoint) if needs_model else ""
+        result = runners.run(self.engine, payload, control, lambda p: on_event(_event(p)), self.outdir,
+                             self._ensure_model)
         paths = [str(p) for p in result.paths]
         if not paths:  # not saved to the gallery: keep the job's images under the data folder
             paths = [str(p) for p in runners.save_job_images(result, self.job_images_dir / spec.id)]
@@ -113,6 +118,7 @@ class LocalExecutor:
         if current is None or Path(current.info.path).resolve() != Path(info.path).resolve():
             log.info("loading checkpoint %s", info.name)
             self.engine.load_model(info.path)
+            self.loads += 1
         self._loaded = info.name
         return info.name
 
@@ -138,5 +144,5 @@ class LocalExecutor:
 
 def _event(progress) -> dict[str, Any]:
     return {"fraction": progress.fraction, "job_no": progress.job_no, "job_count": progress.job_count,
-            "step": progress.step, "steps": progress.steps,
+            "step": progress.step, "steps": progress.steps, "text": getattr(progress, "text", ""),
             "preview": png_bytes(progress.preview) if progress.preview is not None else None}

@@ -20,6 +20,8 @@ from modules.jobs.model import (
     Job,
     JobNotFound,
     JobSpec,
+    NotAllowed,
+    NotQueued,
     Progress,
     QueueFull,
     new_job_id,
@@ -57,6 +59,8 @@ class JobManager:
         self._cancelling: set[str] = set()
         self._listeners: list[Listener] = []
         self._threads: list[threading.Thread] = []
+        self._notices: dict[str, str] = {}  # job id -> the executor's last word ("retrying on another worker")
+        self._durations: list[float] = []  # run times of recent jobs, for ETAs
         self._closed = False
 
     # -- lifecycle --------------------------------------------------------------
@@ -66,14 +70,38 @@ class JobManager:
         for job in failed:
             log.warning("job %s was running when the server stopped; marked failed", job.id)
         with self._cond:
-            for job in self.store.queued():
-                self._live[job.id] = job
-                self._queue.push(job.owner, job.id)
-        for n in range(max(1, self.executor.slots)):
-            thread = threading.Thread(target=self._dispatch_loop, name=f"atelier-dispatch-{n}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
+            self._restore_queue()
+            self._durations = self.store.durations()
+        listen = getattr(self.executor, "set_listener", None)
+        if listen is not None:  # a pool whose workers come and go wakes the dispatchers
+            listen(self._executor_changed)
+        self._ensure_dispatchers()
         return failed
+
+    def _restore_queue(self) -> None:
+        """Queued jobs back in the queue in their steered order, with priorities and pauses; lock held."""
+        steered = self.store.queue_order()
+        jobs = self.store.queued()
+        jobs.sort(key=lambda j: (steered.get(j.id, (None, 0))[0] is None, steered.get(j.id, (0, 0))[0] or 0,
+                                 j.seq))
+        for job in jobs:
+            self._live[job.id] = job
+            self._queue.push(job.owner, job.id, steered.get(job.id, (None, 0))[1])
+        self._queue.paused_all, self._queue.paused_owners = self.store.paused()
+
+    def _ensure_dispatchers(self) -> None:
+        """One dispatcher per executor slot (more when workers join)."""
+        with self._cond:
+            while len(self._threads) < max(1, self.executor.slots) and not self._closed:
+                thread = threading.Thread(target=self._dispatch_loop, daemon=True,
+                                          name=f"atelier-dispatch-{len(self._threads)}")
+                thread.start()
+                self._threads.append(thread)
+
+    def _executor_changed(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+        self._ensure_dispatchers()
 
     def close(self, timeout: float = 30.0) -> None:
         with self._cond:
@@ -82,7 +110,7 @@ class JobManager:
             self._cond.notify_all()
         for job_id in running:
             self.executor.interrupt(job_id)
-        for thread in self._threads:
+        for thread in list(self._threads):
             thread.join(timeout)
         self.executor.close()
 
@@ -215,17 +243,33 @@ class JobManager:
         self._live.pop(job.id, None)
         self._previews.pop(job.id, None)
         self._cancelling.discard(job.id)
+        self._notices.pop(job.id, None)
+        if job.state == DONE and job.started is not None and job.finished is not None:
+            self._durations = [job.finished - job.started, *self._durations[:19]]
         self.store.update(job)
         self._cond.notify_all()
         return job
 
+    def _pick(self) -> str | None:
+        """The next job to run, or None to wait; lock held. A pool executor may pick from a window of the
+        next fair jobs (model affinity) and says None while no worker is idle."""
+        order = self._queue.runnable()
+        if not order:
+            return None
+        reserve = getattr(self.executor, "reserve", None)
+        if reserve is None:
+            return self._queue.pop()
+        window = order[:64]  # the pool looks a few jobs ahead, and counts the rest by model
+        index = reserve([(job_id, self._live[job_id].params.get("checkpoint")) for job_id in window])
+        return None if index is None else self._queue.pop(window[index])
+
     def _next(self) -> Job | None:
         with self._cond:
-            while not self._closed and not len(self._queue):
+            while not self._closed and (job_id := self._pick()) is None:
                 self._cond.wait()
             if self._closed:
                 return None
-            job = self._live[self._queue.pop()].evolve(state=RUNNING, started=time.time())
+            job = self._live[job_id].evolve(state=RUNNING, started=time.time())
             self._live[job.id] = job
             self.store.update(job)
         self._emit(JobEvent(RUNNING, job))
@@ -251,13 +295,18 @@ class JobManager:
         except InvalidParams as err:  # refused at run time (an extension's check, a model mismatch)
             return {"state": FAILED, "error": str(err), "error_kind": "invalid"}
         except AtelierError as err:
+            log.warning("job %s failed: %s", job.id, " ".join(str(err).split()))  # one line
             return {"state": FAILED, "error": str(err)}
         except Exception as err:  # nothing a job does may take the worker down
             log.exception("job %s failed", job.id)
             return {"state": FAILED, "error": f"Internal error: {type(err).__name__}: {err}"}
 
     def _on_progress(self, job_id: str, event: dict[str, Any]) -> None:
-        progress = Progress(**{k: event[k] for k in ("fraction", "job_no", "job_count", "step", "steps")})
+        if "worker" in event:  # the executor says which worker runs it (and why it moved)
+            self._on_worker(job_id, event)
+            return
+        progress = Progress(**{k: event[k] for k in ("fraction", "job_no", "job_count", "step", "steps")},
+                            text=str(event.get("text") or ""))
         with self._cond:
             job = self._live.get(job_id)
             if job is None:
@@ -267,3 +316,106 @@ class JobManager:
             if event.get("preview") is not None:
                 self._previews[job_id] = event["preview"]
         self._emit(JobEvent("progress", job, {"preview": event.get("preview")}))
+
+    def _on_worker(self, job_id: str, event: dict[str, Any]) -> None:
+        with self._cond:
+            job = self._live.get(job_id)
+            if job is None:
+                return
+            job = self._live[job_id] = job.evolve(worker=event["worker"])
+            if event.get("message"):
+                self._notices[job_id] = event["message"]
+        self._emit(JobEvent("progress", job, {"message": event.get("message")}))
+
+    # -- steering the queue ------------------------------------------------------------------
+    def notice(self, job_id: str) -> str | None:
+        with self._cond:
+            return self._notices.get(job_id)
+
+    def set_paused(self, caller: Caller, paused: bool, owner: str | None = None) -> None:
+        """Pause or resume everyone's jobs (`owner` None: admins only) or one owner's (their own, or admins)."""
+        if not caller.admin and owner != caller.owner:
+            raise NotAllowed("Only admins may pause or resume the whole queue or another user's jobs.")
+        with self._cond:
+            if owner is None:
+                self._queue.paused_all = paused
+            elif paused:
+                self._queue.paused_owners.add(owner)
+            else:
+                self._queue.paused_owners.discard(owner)
+            self.store.set_paused(owner, paused)
+            self._cond.notify_all()
+        self._emit_positions()
+
+    def move(self, job_id: str, index: int, caller: Caller) -> list[str]:
+        """Move a queued job to `index` among its owner's queued jobs; returns that owner's new order."""
+        self.get(job_id, caller)  # another user's job is not found
+        with self._cond:
+            if job_id not in self._queue:
+                raise NotQueued(f"Job {job_id} is not waiting in the queue any more.")
+            lane = self._queue.move(job_id, index)
+            self.store.set_ranks(lane)
+        self._emit_positions()
+        return lane
+
+    def set_priority(self, job_id: str, priority: int, caller: Caller) -> None:
+        """Admins only: a job with a higher priority runs before every job with a lower one."""
+        if not caller.admin:
+            raise NotAllowed("Only admins may set a job's priority.")
+        self.get(job_id, caller)
+        with self._cond:
+            if job_id not in self._queue:
+                raise NotQueued(f"Job {job_id} is not waiting in the queue any more.")
+            self._queue.set_priority(job_id, priority)
+            self.store.set_priority(job_id, priority)
+            self._cond.notify_all()
+        self._emit_positions()
+
+    def eta(self, job: Job) -> float | None:
+        """Seconds until `job` is likely done (running or queued); None when unknown or finished."""
+        with self._cond:
+            mean = sum(self._durations) / len(self._durations) if self._durations else None
+            position = self._queue.positions().get(job.id)
+        if job.state == RUNNING:
+            return _running_eta(job, mean)
+        if position is None or mean is None:
+            return None
+        return mean * (position // max(1, self.executor.slots) + 1)
+
+    def queue_state(self, caller: Caller) -> dict[str, Any]:
+        """The live queue as `caller` may see it: their jobs (admins: everyone's) in run order,
+        with position, priority, worker and ETA in seconds (None until a job has finished)."""
+        with self._cond:
+            order = self._queue.order()
+            running = [job for job in self._live.values() if job.state == RUNNING]
+            queued = [self._live[job_id] for job_id in order]
+            paused_all, paused = self._queue.paused_all, set(self._queue.paused_owners)
+            priorities = {job_id: self._queue.priority(job_id) for job_id in order}
+            mean = sum(self._durations) / len(self._durations) if self._durations else None
+        slots = max(1, self.executor.slots)
+        entries = []
+        for job in running:
+            entries.append({"job": job, "position": None, "priority": 0,
+                            "eta": _running_eta(job, mean), "paused": False})
+        for n, job in enumerate(queued):
+            entries.append({"job": job, "position": n, "priority": priorities[job.id],
+                            "eta": None if mean is None else mean * (n // slots + 1),
+                            "paused": paused_all or job.owner in paused})
+        visible = [e for e in entries if caller.may_touch(e["job"])]
+        return {"paused": paused_all, "paused_owners": sorted(o for o in paused if caller.admin or o == caller.owner),
+                "entries": visible, "workers": _workers(self.executor)}
+
+
+def _running_eta(job: Job, mean: float | None) -> float | None:
+    fraction = job.progress.fraction
+    if job.started is not None and 0 < fraction < 1:
+        elapsed = time.time() - job.started
+        return elapsed * (1 - fraction) / fraction
+    return mean
+
+
+def _workers(executor: Executor) -> list[dict[str, Any]]:
+    describe = getattr(executor, "workers", None)
+    if describe is not None:
+        return describe()
+    return [{"name": "local", "model": executor.loaded_model(), "state": "ready"}]

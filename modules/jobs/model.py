@@ -55,6 +55,7 @@ class Progress:
     job_count: int = 0
     step: int = 0
     steps: int = 0
+    text: str = ""  # what a script is doing ("cell 3/12"); empty for a plain job
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,6 +77,7 @@ class Job:
     result: JobResult | None = None
     error: str | None = None
     seq: int = 0  # submission order, assigned by the store
+    worker: str | None = None  # the executor's worker that runs (or ran) it
     error_kind: str | None = None  # "invalid": the job's parameters were refused while it ran (a 4xx)
 
     @property
@@ -94,7 +96,7 @@ class Job:
             "id": self.id, "owner": self.owner, "kind": self.kind, "state": self.state,
             "created": self.created, "started": self.started, "finished": self.finished,
             "progress": self.progress.to_dict(), "error": self.error,
-            "result": self.result.to_dict() if self.result else None,
+            "result": self.result.to_dict() if self.result else None, "worker": self.worker,
         }
         if self.error_kind:
             data["error_kind"] = self.error_kind
@@ -109,7 +111,7 @@ class Job:
             state=data.get("state", QUEUED), created=data.get("created", 0.0), started=data.get("started"),
             finished=data.get("finished"), progress=Progress(**(data.get("progress") or {})),
             result=JobResult.from_dict(data.get("result")), error=data.get("error"), seq=data.get("seq", 0),
-            error_kind=data.get("error_kind"))
+            worker=data.get("worker"), error_kind=data.get("error_kind"))
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,14 @@ class Caller:
 
 class JobNotFound(LookupError):
     """No such job, or not one the caller may see."""
+
+
+class NotAllowed(PermissionError):
+    """The caller may not steer this job or queue (another user's job, or an admin-only action)."""
+
+
+class NotQueued(RuntimeError):
+    """The job is no longer waiting in the queue (it runs or has finished), so it cannot be steered."""
 
 
 class QueueFull(RuntimeError):

@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from modules.errors import InvalidParams
+from modules.pipeline.extras import ExtrasJobParams
 from modules.pipeline.params import GenerationParams, Img2ImgParams, Txt2ImgParams
 
 PAYLOAD_VERSION = 1
-PARAMS_BY_KIND: dict[str, type[GenerationParams]] = {"txt2img": Txt2ImgParams, "img2img": Img2ImgParams}
+PARAMS_BY_KIND: dict[str, type] = {"txt2img": Txt2ImgParams, "img2img": Img2ImgParams, "extras": ExtrasJobParams}
 IMAGE_FIELDS = ("init_images", "mask")  # stored as files beside the job, never inside the params
 SERVER_ONLY_FIELDS = ("outdir", *IMAGE_FIELDS)  # no client sets these: the executor and the inputs do
 
@@ -160,12 +161,14 @@ class JobPayload:
     request: Mapping[str, Any] = field(default_factory=dict)  # echoed as A1111's `parameters`
     warnings: tuple[str, ...] = ()
     source: str = "api"  # "api", "jobs-api", "ui" or "cli"
+    script: Mapping[str, Any] | None = None  # {"name": script title, "args": {option: value}}; None: no script
 
     def to_json(self) -> dict[str, Any]:
         return {"version": PAYLOAD_VERSION, "kind": self.kind, "checkpoint": self.checkpoint,
                 "params": encode_params(self.params), "inputs": _json_value("inputs", self.inputs),
                 "request": _json_value("request", self.request), "warnings": list(self.warnings),
-                "source": self.source}
+                "source": self.source,
+                **({"script": _json_value("script", self.script)} if self.script else {})}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any], kind: str | None = None) -> JobPayload:
@@ -178,4 +181,5 @@ class JobPayload:
             raise InvalidParams(f"job payload version {data['version']!r} is newer than {PAYLOAD_VERSION}")
         return cls(kind=kind, params=decode_params(kind, params), checkpoint=data.get("checkpoint") or "",
                    inputs=dict(data.get("inputs") or {}), request=dict(data.get("request") or {}),
-                   warnings=tuple(data.get("warnings") or ()), source=data.get("source", "api"))
+                   warnings=tuple(data.get("warnings") or ()), source=data.get("source", "api"),
+                   script=dict(data["script"]) if data.get("script") else None)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from modules.jobs.inputs import load_inputs
 from modules.jobs.payload import JobPayload
+from modules.jobs.script_runs import run_script
+from modules.pipeline.extras import ExtrasJobParams, run_extras
 
 
 def job_params(payload: JobPayload, outdir: Path | None = None):
@@ -17,9 +19,18 @@ def job_params(payload: JobPayload, outdir: Path | None = None):
     return params
 
 
-def run(engine, payload: JobPayload, control, on_progress, outdir: Path | None = None):
-    """Run one job on `engine` (on the worker thread) and return the engine's Result."""
-    return engine.generate(job_params(payload, outdir), control, on_progress)
+def run(engine, payload: JobPayload, control, on_progress, outdir: Path | None = None, load_model=None):
+    """Run one job on `engine` (on the worker thread) and return the engine's Result.
+
+    A job with a script runs the script, which calls the engine once per cell; `load_model(name)`
+    (on this worker) lets it switch checkpoints between cells."""
+    params = job_params(payload, outdir)
+    if payload.script:
+        return run_script(engine, payload.kind, payload.script, params, payload.checkpoint, control, on_progress,
+                          load_model)
+    if isinstance(params, ExtrasJobParams):
+        return run_extras(engine.registries, params, control, on_progress)
+    return engine.generate(params, control, on_progress)
 
 
 def save_job_images(result, folder: Path) -> list[Path]:

@@ -29,7 +29,18 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, seq);
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, seq);
+CREATE TABLE IF NOT EXISTS queue_order (
+    id TEXT PRIMARY KEY,
+    rank INTEGER,
+    priority INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS queue_flags (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 """
+PAUSED_ALL = "paused"
+PAUSED_OWNER = "paused:"
 CRASH_REASON = "The server stopped while this job was running; it did not finish."
 
 
@@ -99,6 +110,49 @@ class JobStore:
             rows = self._db.execute("SELECT seq, data FROM jobs WHERE state=? ORDER BY seq",
                                     (QUEUED,)).fetchall()
         return [_job(row) for row in rows]
+
+    # -- queue steering: order within an owner, admin priority, pauses (read back on start) --------
+    def set_ranks(self, job_ids: list[str]) -> None:
+        """One owner's queued jobs in their chosen order."""
+        with self._transaction() as db:
+            for rank, job_id in enumerate(job_ids):
+                db.execute("INSERT INTO queue_order (id, rank) VALUES (?, ?) "
+                           "ON CONFLICT(id) DO UPDATE SET rank=excluded.rank", (job_id, rank))
+
+    def set_priority(self, job_id: str, priority: int) -> None:
+        with self._transaction() as db:
+            db.execute("INSERT INTO queue_order (id, priority) VALUES (?, ?) "
+                       "ON CONFLICT(id) DO UPDATE SET priority=excluded.priority", (job_id, priority))
+
+    def queue_order(self) -> dict[str, tuple[int | None, int]]:
+        """Job id -> (rank or None, priority) for queued jobs that were steered."""
+        with self._lock:
+            rows = self._db.execute("SELECT q.id, q.rank, q.priority FROM queue_order q JOIN jobs j "
+                                    "ON j.id = q.id WHERE j.state=?", (QUEUED,)).fetchall()
+        return {job_id: (rank, priority) for job_id, rank, priority in rows}
+
+    def set_paused(self, owner: str | None, paused: bool) -> None:
+        """Pause or resume everyone (`owner` None) or one owner; kept across restarts."""
+        key = PAUSED_ALL if owner is None else PAUSED_OWNER + owner
+        with self._transaction() as db:
+            if paused:
+                db.execute("INSERT OR REPLACE INTO queue_flags (key, value) VALUES (?, '1')", (key,))
+            else:
+                db.execute("DELETE FROM queue_flags WHERE key=?", (key,))
+
+    def paused(self) -> tuple[bool, set[str]]:
+        """(everything paused, the owners paused)."""
+        with self._lock:
+            keys = [row[0] for row in self._db.execute("SELECT key FROM queue_flags").fetchall()]
+        return PAUSED_ALL in keys, {k[len(PAUSED_OWNER):] for k in keys if k.startswith(PAUSED_OWNER)}
+
+    def durations(self, limit: int = 20) -> list[float]:
+        """Run times of the latest finished jobs (for ETAs)."""
+        with self._lock:
+            rows = self._db.execute("SELECT finished - started FROM jobs WHERE state='done' AND started "
+                                    "IS NOT NULL AND finished IS NOT NULL ORDER BY seq DESC LIMIT ?",
+                                    (limit,)).fetchall()
+        return [float(row[0]) for row in rows]
 
     def recover(self, now: float) -> list[Job]:
         """Mark jobs left running by a dead process as failed; returns them."""

@@ -26,6 +26,7 @@ from modules.jobs.payload import (
     field_names,
     params_class,
 )
+from modules.jobs.script_runs import check_script
 from modules.settings import Limits
 
 
@@ -33,7 +34,7 @@ from modules.settings import Limits
 class Submission:
     """A job as a front end asks for it; `values` are params fields by name (unset ones take defaults)."""
 
-    kind: str  # "txt2img" or "img2img" (inpainting is img2img with a mask)
+    kind: str  # "txt2img", "img2img" (inpainting is img2img with a mask) or "extras" (upscaling)
     values: Mapping[str, Any]
     images: Mapping[str, Any] = field(default_factory=dict)  # init_images: [PIL images], mask: PIL image
     checkpoint: str | None = None  # None: the server's current sd_model_checkpoint
@@ -41,6 +42,7 @@ class Submission:
     request: Mapping[str, Any] | None = None  # what the client sent, echoed back; None: the params
     warnings: tuple[str, ...] = ()
     source: str = "api"
+    script: Mapping[str, Any] | None = None  # {"name": title, "args": [positional] or {named}}
 
 
 @dataclass(frozen=True)
@@ -62,20 +64,23 @@ class SubmitService:
         names = field_names(cls)
         self._check_names(submission.values)
         changes, warnings = job_overrides.overridden(submission.overrides, names)
-        values = {**job_overrides.job_defaults(self.options(caller), names), **submission.values, **changes}
+        options = self.options(caller)
+        values = {**job_overrides.job_defaults(options, names), **submission.values, **changes}
         images = {k: v for k, v in submission.images.items() if k in IMAGE_FIELDS and v is not None}
         try:
             params = build_params(cls, values, **images)
         except TypeError as err:  # a dataclass refusing an argument
             raise InvalidParams(str(err)) from None
         _validate(params, self.limits, names)
-        checkpoint, title = self._checkpoint(submission.checkpoint)
+        checkpoint, title = self._checkpoint(submission.checkpoint) if getattr(cls, "needs_checkpoint", True) \
+            else ("", "")
+        script = check_script(submission, params, self.registries, self._checkpoint_name, self.limits, options)
         request = submission.request
         if request is None:
             request = {**encode_params(params), "override_settings": {"sd_model_checkpoint": title}}
         return JobPayload(submission.kind, dataclasses.replace(params, init_images=(), mask=None)
                           if images else params, checkpoint, images, dict(request),
-                          (*submission.warnings, *warnings), submission.source)
+                          (*submission.warnings, *warnings), submission.source, script)
 
     def submit(self, caller: Caller, submission: Submission) -> Job:
         """Validate, store the input images beside the job and queue it for `caller`."""
@@ -88,6 +93,12 @@ class SubmitService:
             raise
 
     def _check_names(self, values: Mapping[str, Any]) -> None:
+        for field_name in ("upscaler_1", "upscaler_2"):  # Extras: pixel upscalers by name
+            name = values.get(field_name)
+            if name not in (None, "", "None") and (name not in self.registries.upscalers
+                                                   or self.registries.upscalers.get(name).is_latent):
+                known = ", ".join(s.name for s in self.registries.upscalers if not s.is_latent)
+                raise InvalidParams(f"Unknown upscaler {name!r} for {field_name}. Known: {known}", field=field_name)
         sampler = values.get("sampler_name")
         if sampler is not None and sampler not in self.registries.samplers:
             raise InvalidParams(f"Unknown sampler {sampler!r}. Known: {', '.join(self.registries.samplers.names())}",
@@ -97,6 +108,12 @@ class SubmitService:
             raise InvalidParams(f"Unknown scheduler {scheduler!r}. "
                                 f"Known: Automatic, {', '.join(self.registries.schedulers.names())}",
                                 field="scheduler")
+
+    def _checkpoint_name(self, name: str) -> str:
+        try:
+            return self.resolve_checkpoint(name)[0]
+        except AtelierError as err:
+            raise InvalidParams(str(err), field="script_args") from None
 
     def _checkpoint(self, name: str | None) -> tuple[str, str]:
         try:

@@ -60,6 +60,7 @@ class Progress:
     step: int  # steps done in this batch
     steps: int
     preview: Any = None
+    text: str = ""  # set by a script run: "cell 3/12"
 
     @property
     def fraction(self) -> float:

@@ -13,9 +13,11 @@ from modules.errors import InvalidParams
 from modules.pipeline.hooks import Denoiser
 from modules.sampling import schedules
 from modules.sampling.denoisers import StopSampling
+from modules.sampling.noise import BrownianTreeNoise, SequentialNoise
 from modules.sampling.specs import SamplerSpec, ScheduleContext, SchedulerSpec
 
 SAMPLER_OPTION_FIELDS = ("eta", "s_churn", "s_tmin", "s_tmax", "s_noise")
+SDE_NOISE_MODES = ("brownian", "sequential")  # Settings.sde_noise
 
 
 class SamplerRegistries(Protocol):
@@ -62,8 +64,10 @@ def plan_sampling(registries: SamplerRegistries, sampler_name: str, scheduler_na
     sigmas = schedules.sigmas_for(sampler, scheduler, steps, context)
     if not torch.isfinite(sigmas).all():
         raise InvalidParams(f"schedule {scheduler.label!r} gave invalid sigmas for {steps} steps")
-    return SamplingPlan(sampler, scheduler, sigmas.to(context.device, torch.float32),
-                        sampler_options(sampler, overrides))
+    options = sampler_options(sampler, overrides)
+    if "model_sigmas" in inspect.signature(sampler.function).parameters:  # e.g. TCD's timestep mapping
+        options["model_sigmas"] = context.model_sigmas
+    return SamplingPlan(sampler, scheduler, sigmas.to(context.device, torch.float32), options)
 
 
 def img2img_steps(steps: int, denoising_strength: float) -> int:
@@ -76,6 +80,19 @@ def starting_at(plan: SamplingPlan, t_enc: int) -> SamplingPlan:
     if not 0 <= t_enc < len(plan.sigmas) - 1:
         raise InvalidParams(f"cannot start {t_enc + 1} steps before the end of a {len(plan.sigmas) - 1}-step schedule")
     return replace(plan, sigmas=plan.sigmas[-(t_enc + 2):])
+
+
+def noise_sampler_for(plan: SamplingPlan, x: torch.Tensor, seeds: list[int], draw: Callable[[], torch.Tensor],
+                      mode: str = "brownian") -> Callable[[Any, Any], torch.Tensor]:
+    """The pass's noise: per-image Brownian trees over the plan's sigma range, seeded by the images'
+    seeds as A1111 does, for samplers that ask for it (unless `mode` is "sequential"); otherwise
+    fresh draws from the images' generators. The trees live on x's device, as A1111's."""
+    if mode not in SDE_NOISE_MODES:
+        raise InvalidParams(f"unknown SDE noise {mode!r}: use one of {', '.join(SDE_NOISE_MODES)}")
+    positive = plan.sigmas[plan.sigmas > 0]
+    if plan.sampler.brownian_noise and mode == "brownian" and len(positive) >= 2:
+        return BrownianTreeNoise(x, float(positive.min()), float(plan.sigmas.max()), seeds)
+    return SequentialNoise(draw)
 
 
 def run_sampler(plan: SamplingPlan, denoiser: Denoiser, x: torch.Tensor,

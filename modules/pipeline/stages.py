@@ -19,7 +19,7 @@ from modules.pipeline import latents as latent_ops
 from modules.pipeline.control import Progress
 from modules.pipeline.hooks import Denoiser, DenoiserContext, StepClock
 from modules.pipeline.job import Batch, Job, outdir
-from modules.pipeline.sampling import Sampled, SamplingPlan, run_sampler
+from modules.pipeline.sampling import Sampled, SamplingPlan, noise_sampler_for, run_sampler
 from modules.sampling import rng
 from modules.sampling.denoisers import CFGDenoiser, denoiser_class
 
@@ -98,7 +98,10 @@ def sample(job: Job, batch: Batch, s: SamplingInput) -> Sampled:
         context.clock.step = step
         report(job, batch.index, s.step_offset + step, s.steps_per_batch, denoised)
 
-    return run_sampler(s.plan, denoiser, s.x.to(device), lambda *_: s.noise.next().to(device), on_step, s.fallback)
+    x = s.x.to(device)
+    noise = noise_sampler_for(s.plan, x, list(batch.seeds), lambda: s.noise.next().to(device),
+                              job.engine.settings.sde_noise)
+    return run_sampler(s.plan, denoiser, x, noise, on_step, s.fallback)
 
 
 def report(job: Job, n: int, step: int, steps: int, denoised: torch.Tensor) -> None:

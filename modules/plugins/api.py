@@ -19,8 +19,17 @@ from modules.errors import AtelierError, InvalidParams
 from modules.pipeline.hooks import DenoiserContext
 from modules.pipeline.params import GenerationParams, Img2ImgParams, Result, Txt2ImgParams
 from modules.plugins.context import JobContext, PostprocessContext
+from modules.plugins.grids import GridAnnotation, annotate_grid, combine_grid, image_grid, split_grid
 from modules.plugins.hookspecs import hookimpl
 from modules.plugins.patch import ModelPatch
+from modules.plugins.scripts import (
+    AxisSpec,
+    ScriptCheck,
+    ScriptContext,
+    ScriptSpec,
+    extend_result,
+    with_infotext_fields,
+)
 from modules.plugins.specs import (
     EmbeddingSpec,
     ExtraNetworkItem,
@@ -42,12 +51,18 @@ from modules.text.prompt_parser import ExtraNetworkTag
 # 1.1: register_extra_networks, patch_model, register_embeddings; ExtraNetworkSpec, ExtraNetworkItem,
 #      ExtraNetworkTag, EmbeddingSpec, ModelPatch; JobContext.infotext
 # 1.2: an extension module may define create_plugin(settings); each app registers the object it returns
-# 1.3: unet_residuals (conditioning inside the UNet: ControlNet) with DenoiserContext, UNetCall, UNetResiduals
+# 1.3: SamplerSpec.brownian_noise; a sampler taking `model_sigmas` gets the model's sigma table;
+#      the sampler's model offers `last_uncond` (CFG++)
+# 1.4: register_upscalers(settings) may take the settings; UpscalerSpec.model_path and .scale (model upscalers); register_scripts,
+#      register_xyz_axes; ScriptSpec, ScriptCheck, ScriptContext, AxisSpec, with_infotext_fields,
+#      extend_result; the grid builder (image_grid, annotate_grid, GridAnnotation, split_grid, combine_grid)
+# 1.5: unet_residuals (conditioning inside the UNet: ControlNet) with DenoiserContext, UNetCall, UNetResiduals
 #      and JobContext.state; register_root_api_routes with RootRoutesSpec; a list `args` in alwayson_scripts
-API_VERSION = "1.3"
+API_VERSION = "1.5"
 
 __all__ = [
-    "API_VERSION", "AtelierError", "DenoiserContext", "DenoiserStep", "EmbeddingSpec", "ExtraNetworkItem", "ExtraNetworkSpec",
+    "API_VERSION", "AtelierError", "AxisSpec", "DenoiserContext", "GridAnnotation", "ScriptCheck", "ScriptContext", "ScriptSpec",
+    "annotate_grid", "combine_grid", "extend_result", "image_grid", "split_grid", "with_infotext_fields", "DenoiserStep", "EmbeddingSpec", "ExtraNetworkItem", "ExtraNetworkSpec",
     "ExtraNetworkTag", "GenerationParams", "Img2ImgParams", "InvalidParams", "JobContext", "ModelPatch", "OptionSpec", "PostprocessContext", "PostprocessorSpec", "Result", "RootRoutesSpec", "SamplerSpec",
     "ScheduleContext", "SchedulerSpec", "StyleSpec", "Txt2ImgParams", "UISectionSpec", "UITabSpec",
     "UNetCall", "UNetResiduals", "UpscalerSpec", "get_logger", "hookimpl", "to_d",

@@ -10,6 +10,7 @@ from typing import Any
 
 import pluggy
 
+from modules.plugins.scripts import AxisSpec, ScriptSpec
 from modules.plugins.specs import (
     EmbeddingSpec,
     ExtraNetworkSpec,
@@ -38,8 +39,8 @@ def register_schedulers() -> list[SchedulerSpec]:
 
 
 @hookspec
-def register_upscalers() -> list[UpscalerSpec]:
-    """Return upscalers (latent modes or pixel-space functions) for the hires fix."""
+def register_upscalers(settings: Any) -> list[UpscalerSpec]:
+    """Return upscalers (latent modes or pixel-space functions) for the hires fix and Extras."""
 
 
 @hookspec
@@ -100,6 +101,16 @@ def patch_model(patch: Any, tags: Any, params: Any, context: Any) -> None:
 @hookspec
 def register_embeddings(settings: Any) -> list[EmbeddingSpec]:
     """Return textual-inversion embeddings whose trigger words prompts may use."""
+
+
+@hookspec
+def register_scripts() -> list[ScriptSpec]:
+    """Return selectable scripts (X/Y/Z plot, ...) for the Script dropdown and `script_name` in the API."""
+
+
+@hookspec
+def register_xyz_axes() -> list[AxisSpec]:
+    """Return axes that the X/Y/Z plot script can vary (LoRA weight, for example)."""
 
 
 @hookspec

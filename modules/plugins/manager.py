@@ -11,6 +11,7 @@ import pluggy
 from modules.plugins import hookspecs
 from modules.plugins.host import PluginHost
 from modules.plugins.registry import NamedRegistry
+from modules.plugins.scripts import AxisSpec, ScriptSpec
 from modules.plugins.specs import (
     ExtraNetworkSpec,
     PostprocessorSpec,
@@ -45,6 +46,8 @@ class Registries:
     postprocessors: NamedRegistry[PostprocessorSpec]
     upscalers: NamedRegistry[UpscalerSpec]
     extra_networks: NamedRegistry[ExtraNetworkSpec]
+    scripts: NamedRegistry[ScriptSpec]  # selectable scripts (X/Y/Z plot, ...)
+    xyz_axes: NamedRegistry[AxisSpec]  # the X/Y/Z plot's axes, built-in and from extensions
 
 
 def _registry(host: PluginHost, kind: str, hook: str, spec_type: type, **kwargs: Any) -> NamedRegistry:
@@ -76,7 +79,10 @@ def build_registries(plugins: PluginHost | pluggy.PluginManager, settings: Any =
         styles=StyleStore(_registry(host, "style", "register_styles", StyleSpec, settings=settings),
                           getattr(settings, "styles_file", None)),
         postprocessors=NamedRegistry("post-processor", sorted(postprocessors, key=lambda s: s.order)),
-        upscalers=_registry(host, "upscaler", "register_upscalers", UpscalerSpec),
+        upscalers=_registry(host, "upscaler", "register_upscalers", UpscalerSpec, settings=settings),
         extra_networks=_registry(host, "extra network", "register_extra_networks", ExtraNetworkSpec,
                                   settings=settings),
+        scripts=NamedRegistry("script", sorted(_registry(host, "script", "register_scripts", ScriptSpec),
+                                               key=lambda s: s.order)),
+        xyz_axes=_registry(host, "X/Y/Z axis", "register_xyz_axes", AxisSpec),
     )

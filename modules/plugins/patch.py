@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from modules.checkpoints.packed import packed_weight
+
 Delta = torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -35,7 +37,7 @@ class ModelPatch:
         self._targets.update({f"te{i}": te for i, te in enumerate(model.text_encoders)})
         self._modules: dict[str, dict[str, nn.Module]] = {}
         self._deltas: dict[tuple[str, str], list[Delta]] = {}
-        self._saved: dict[tuple[str, str], torch.Tensor] = {}
+        self._saved: dict[tuple[str, str], torch.Tensor | None] = {}  # None: a packed weight's delta
         self.apply_seconds = 0.0
         self.restore_seconds = 0.0
 
@@ -71,30 +73,45 @@ class ModelPatch:
         return len(self._deltas)
 
     def apply(self) -> None:
-        """Save the originals of the patched weights and add the summed deltas."""
+        """Save the originals of the patched weights and add the summed deltas.
+
+        A packed weight (GGUF, fp8) is never written: its summed delta is set on the layer's
+        restore step and added each time the weight is unpacked, until `restore` clears it.
+        """
         start = time.perf_counter()
         with torch.no_grad():
             for (target, module), deltas in self._deltas.items():
                 weight = self.weight(target, module)
-                original = weight.detach().clone()
-                total = None
-                for delta in deltas:
-                    value = delta(original) if callable(delta) else delta
-                    value = value.to(device=weight.device, dtype=torch.float32).reshape(weight.shape)
-                    total = value if total is None else total + value
-                self._saved[(target, module)] = original
-                if weight.dtype == torch.float32:
+                packed = packed_weight(self.modules(target)[module])
+                original = weight if packed is not None else weight.detach().clone()
+                total = self._summed(deltas, original, weight)
+                self._saved[(target, module)] = None if packed is not None else original
+                if packed is not None:
+                    packed.delta = total.to(packed.dtype)
+                elif weight.dtype == torch.float32:
                     weight.add_(total)  # the same float32 sum as below, without two more copies
                 else:
                     weight.copy_((original.float() + total).to(weight.dtype))
         self.apply_seconds = time.perf_counter() - start
+
+    @staticmethod
+    def _summed(deltas: list[Delta], original: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        total = None
+        for delta in deltas:
+            value = delta(original) if callable(delta) else delta
+            value = value.to(device=weight.device, dtype=torch.float32).reshape(weight.shape)
+            total = value if total is None else total + value
+        return total
 
     def restore(self) -> None:
         """Put every saved original back (exact copies: bit-identical to before `apply`)."""
         start = time.perf_counter()
         with torch.no_grad():
             for (target, module), original in self._saved.items():
-                self.weight(target, module).copy_(original)
+                if original is None:
+                    packed_weight(self.modules(target)[module]).delta = None
+                else:
+                    self.weight(target, module).copy_(original)
         self._saved.clear()
         self.restore_seconds = time.perf_counter() - start
 

@@ -119,6 +119,8 @@ class UpscalerSpec:
     latent_mode: str | None = None
     antialias: bool = False
     aliases: tuple[str, ...] = ()
+    model_path: str | None = None  # a model upscaler's file (/sdapi/v1/upscalers)
+    scale: float = 4  # its native scale, as A1111 lists it
 
     def __post_init__(self) -> None:
         if (self.function is None) == (self.latent_mode is None):

@@ -224,6 +224,7 @@ class CFGDenoiser:
     unconds[b] is image b's negative-prompt schedule. The result is
     uncond + sum_i w_i * cfg_scale * (cond_i - uncond), in denoised space.
     Call `set_step` from the sampler callback so prompt editing follows the steps.
+    After each call `last_uncond` holds the unconditional prediction, for CFG++ samplers.
     `check`, called before every model evaluation, raises StopSampling to stop early.
     """
 
@@ -239,6 +240,7 @@ class CFGDenoiser:
         self.check = check
         self.concat = concat
         self.step = 0
+        self.last_uncond: torch.Tensor | None = None  # the latest call's uncond prediction (None: skipped)
         self._indices: dict[tuple[int, ...], torch.Tensor] = {}
 
     def set_step(self, step: int) -> None:
@@ -263,14 +265,18 @@ class CFGDenoiser:
         return rows, cond_rows, uncond_rows
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """The guided prediction; afterwards `last_uncond` holds this call's uncond (CFG++ samplers)."""
         if self.on_guided is None:
-            return self._guide(x, sigma)[0]
+            denoised, out, _, uncond_rows = self._guide(x, sigma)
+            self.last_uncond = torch.stack([out[r] for r in uncond_rows]) if uncond_rows else None
+            return denoised
         return self.guidance(x, sigma).denoised
 
     def guidance(self, x: torch.Tensor, sigma: torch.Tensor) -> DenoiserStep:
         """The guided prediction with its cond and uncond parts (for CFG++-style samplers), after hooks."""
         denoised, out, cond_rows, uncond_rows = self._guide(x, sigma)
         uncond = torch.stack([out[r] for r in uncond_rows]) if uncond_rows else None
+        self.last_uncond = uncond
         conds = []
         for b, parts in enumerate(cond_rows):
             if uncond is None or (len(parts) == 1 and parts[0][1] == 1.0):

@@ -52,7 +52,8 @@ class SamplerSpec:
     `function(model, x, sigmas, extra_args=None, callback=None, disable=None,
     noise_sampler=None, **options) -> x`, where `model(x, sigma, **extra_args)`
     returns the denoised prediction and `noise_sampler(sigma, sigma_next)` returns
-    fresh noise shaped like `x` from each image's own generator.
+    fresh noise shaped like `x` from each image's own generator. A function with a
+    `model_sigmas` parameter also gets the model's ascending discrete sigma table.
     """
 
     name: str
@@ -64,6 +65,7 @@ class SamplerSpec:
     discard_next_to_last_sigma: bool = False  # DPM2 family, as in A1111
     second_order: bool = False  # calls the model about twice per step
     vp_start: bool = False  # start from unit noise in VP space, x = noise * sqrt(1 + sigma_0^2) (DDIM)
+    brownian_noise: bool = False  # noise from per-image Brownian trees seeded by the job seeds (A1111's SDE)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "options", _frozen(self.options))

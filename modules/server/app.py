@@ -19,6 +19,7 @@ from modules.server.convert import RequestError
 from modules.server.events import EventHub
 from modules.server.jobs_api import jobs_router
 from modules.server.origin import install_origin_policy
+from modules.server.queue_api import queue_router
 from modules.server.redact import install_path_redaction
 from modules.server.sdapi import sdapi_router
 
@@ -82,6 +83,7 @@ def create_app(ctx: ServerContext, mount_ui: MountUI | None = None) -> FastAPI:
     app.state.get_caller = get_caller
     _error_handlers(app)
     app.include_router(jobs_router(ctx, get_caller))
+    app.include_router(queue_router(ctx, get_caller))
     if ctx.config.serves_sdapi:
         app.include_router(sdapi_router(ctx, get_caller))
 
@@ -144,4 +146,5 @@ def serve(ctx: ServerContext, mount_ui: MountUI | None = None) -> None:
     log.warning("%s", ctx.config.banner())
     log.info("A1111 API: %s; web UI: %s", "on" if ctx.config.serves_sdapi else "off",
              "on" if mount_ui is not None else "off")
-    uvicorn.run(app, host=ctx.config.host, port=ctx.config.port, log_level="info", timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=ctx.config.host, port=ctx.config.port, log_level="info", timeout_graceful_shutdown=5,
+                access_log=ctx.config.log_requests)

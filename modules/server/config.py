@@ -34,6 +34,10 @@ class ServerConfig:
     cors_allow_origins: tuple[str, ...] = ()  # other origins that may call and read the API with credentials
     cors_allow_origins_regex: str | None = None
     allow_file_extension_install: bool = False  # file:// URLs for /api/v1/extensions/install
+    log_requests: bool = False  # uvicorn's access log, one line per request
+    preload_model: bool = True  # load the default checkpoint in the background at start
+    devices: str | None = None  # --devices: all, or cuda:0,cuda:1 (one worker each); None: --device alone
+    cluster: str | None = None  # --cluster: local, auto or ray://HOST:PORT (docs/cluster.md)
 
     @property
     def exposed(self) -> bool:
@@ -131,7 +135,18 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--allow-file-extension-install", action="store_true",
                        help="allow installing extensions from file:// URLs (off: a web page could name a local path)")
     group.add_argument("--api-max-body-mb", type=int, default=100, help="largest request body accepted")
+    group.add_argument("--lazy-load", action="store_true",
+                       help="do not load the default checkpoint at start; the first job loads it")
+    group.add_argument("--log-requests", action="store_true",
+                       help="log every HTTP request (off: the log keeps warnings, errors and job failures)")
+    group.add_argument("--devices", default=None,
+                       help="run one worker per device: all, or a list such as cuda:0,cuda:1 (default: --device)")
+    group.add_argument("--cluster", default=None, metavar="local|auto|ray://HOST:PORT",
+                       help="run jobs on Ray workers (pip install .[cluster]); see docs/cluster.md")
     group.add_argument("--max-size", type=int, default=4096, help="largest width or height a job may ask for")
+    group.add_argument("--max-batch-size", type=int, default=64, help="largest batch_size a job may ask for")
+    group.add_argument("--max-n-iter", type=int, default=10000, help="most batches (n_iter) a job may ask for")
+    group.add_argument("--max-steps", type=int, default=1000, help="most sampling steps a job may ask for")
 
 
 def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -144,7 +159,10 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         allowed_hosts=_names(getattr(args, "allowed_hosts", "")),
         cors_allow_origins=_names(getattr(args, "cors_allow_origins", "")),
         cors_allow_origins_regex=getattr(args, "cors_allow_origins_regex", None) or None,
-        allow_file_extension_install=getattr(args, "allow_file_extension_install", False))
+        allow_file_extension_install=getattr(args, "allow_file_extension_install", False),
+        log_requests=getattr(args, "log_requests", False),
+        preload_model=not getattr(args, "lazy_load", False),
+        devices=getattr(args, "devices", None), cluster=getattr(args, "cluster", None))
 
 
 def _names(text: str | None) -> tuple[str, ...]:

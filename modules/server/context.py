@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -11,7 +13,7 @@ from pathlib import Path
 from modules.app import App
 from modules.checkpoints.model import CheckpointInfo
 from modules.errors import AtelierError, CheckpointError
-from modules.jobs.executor import Executor, LocalExecutor
+from modules.jobs.executor import Executor
 from modules.jobs.manager import JobManager
 from modules.jobs.model import Caller
 from modules.jobs.store import JobStore
@@ -20,6 +22,7 @@ from modules.server.config import ServerConfig
 from modules.server.options import Options
 from modules.server.user_options import UserOptions
 
+log = logging.getLogger(__name__)
 _TITLE_HASH = re.compile(r"^(.*?)\s*\[[0-9a-fA-F]{8,64}\]$")
 
 
@@ -70,11 +73,23 @@ class ServerContext:
         return self.is_admin(caller)
 
     def start(self) -> None:
-        """Recover and start the queue; choose the default checkpoint (loaded lazily by the first job)."""
+        """Recover and start the queue; choose the default checkpoint and start loading it on the worker
+        in the background, so the page is served at once and the first image does not wait for the load."""
         self.jobs.start()
         current = self.options.get("sd_model_checkpoint")
         if current is None or self.find_checkpoint(current) is None:
             self.options.update({"sd_model_checkpoint": self._default_title()})
+        if self.config.preload_model and self.options.get("sd_model_checkpoint"):
+            threading.Thread(target=self._preload, args=(self.options.get("sd_model_checkpoint"),),
+                             name="atelier-preload", daemon=True).start()
+
+    def _preload(self, title: str) -> None:
+        try:
+            self.executor.load_model(self.require_checkpoint(title).name)
+        except AtelierError as err:  # the first job reports it again, in its own words
+            log.warning("default checkpoint not loaded: %s", " ".join(str(err).split()))
+        except RuntimeError as err:  # the worker was shut down while the load was queued
+            log.info("default checkpoint not loaded: %s", err)
 
     def _default_title(self) -> str | None:
         """The engine's choice (a real model before the bundled demo), among the listed checkpoints."""
@@ -138,9 +153,22 @@ class ServerContext:
         return info
 
 
+def _executor(app: App, config: ServerConfig) -> Executor:
+    """One device (the default), every listed device (--devices), or Ray workers (--cluster)."""
+    from modules.server.executors import local_devices_executor, parse_devices
+
+    devices = parse_devices(config.devices)
+    if config.cluster:
+        from modules.server.cluster import ray_executor
+
+        return ray_executor(app, config.cluster, devices)
+    return local_devices_executor(app, devices)
+
+
 def build_context(app: App, config: ServerConfig, executor: Executor | None = None) -> ServerContext:
     settings = app.settings
-    executor = executor or LocalExecutor(app.engine, settings.data_dir / "job-images")
+    if executor is None:
+        executor = _executor(app, config)
     jobs = JobManager(JobStore(settings.data_dir / "jobs.sqlite3"), executor,
                       max_queued_per_owner=config.max_queued_per_owner)
     return ServerContext(app, config, jobs, Options(settings, settings.data_dir / "config.json",

@@ -17,6 +17,7 @@ from modules.errors import AtelierError, InvalidParams
 from modules.jobs.model import Caller, Job
 from modules.jobs.payload import JobPayload, field_names, params_class
 from modules.jobs.submit import Submission
+from modules.pipeline.params import GenerationParams
 from modules.server.context import ServerContext
 from modules.server.schemas import Img2ImgRequest, Txt2ImgRequest
 
@@ -69,8 +70,6 @@ def _check_request(ctx: ServerContext, req: Txt2ImgRequest) -> None:
     for name in ("restore_faces", "tiling"):
         if getattr(req, name):
             raise RequestError((name,), f"{name} is not supported by Atelier yet")
-    if req.script_name:
-        raise RequestError(("script_name",), f"Script {req.script_name!r} not found")
 
 
 def _param_values(req: Txt2ImgRequest, names: frozenset[str],
@@ -143,7 +142,8 @@ def submission(ctx: ServerContext, kind: str, req: Txt2ImgRequest, source: str =
     values = _param_values(req, field_names(params_class(job_kind)), lambda name: _loaded_extension(ctx, name))
     return Submission(job_kind, values, images,
                       checkpoint=overrides.get("sd_model_checkpoint"), overrides=overrides,
-                      request=_request_record(req), source=source)
+                      request=_request_record(req), source=source,
+                      script={"name": req.script_name, "args": req.script_args} if req.script_name else None)
 
 
 def submit(ctx: ServerContext, caller: Caller, kind: str, req: Txt2ImgRequest, source: str = "api") -> Job:
@@ -156,6 +156,8 @@ def submit(ctx: ServerContext, caller: Caller, kind: str, req: Txt2ImgRequest, s
 
 
 def _location(field: str | None, overrides: dict[str, Any]) -> tuple:
+    if field in ("script_name", "script_args"):
+        return (field,)
     if field == "sd_model_checkpoint" or field in overrides:
         return ("override_settings", field)
     return (field or "params",)
@@ -179,6 +181,9 @@ def a1111_info(job: Job) -> dict[str, Any]:
     payload = JobPayload.from_json(job.params, kind=job.kind)
     p, result = payload.params, job.result
     texts = result.infotexts if result else []
+    if not isinstance(p, GenerationParams):  # an Extras job has no generation fields
+        return {"infotexts": texts, "job_id": job.id, "interrupted": bool(result and result.interrupted),
+                "warnings": [*payload.warnings, *(result.warnings if result else [])]}
     first = infotext.parse(texts[0]) if texts else {}
     seeds = result.seeds if result else []
     return {

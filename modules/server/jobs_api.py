@@ -23,6 +23,8 @@ def job_view(ctx: ServerContext, job: Job) -> dict[str, Any]:
     data = job.to_dict(with_params=False)
     data["params"] = JobPayload.from_json(job.params, kind=job.kind).request
     data["position"] = ctx.jobs.position(job.id)
+    data["eta"] = ctx.jobs.eta(job) if not job.is_finished else None
+    data["notice"] = ctx.jobs.notice(job.id)  # e.g. "Worker cuda:1 was lost; retrying on another worker."
     if job.result:
         result = data["result"]
         result["images"] = [f"/api/v1/jobs/{job.id}/images/{n}" for n in range(len(job.result.images))]

@@ -16,6 +16,7 @@ from typing import Any
 
 from modules.errors import InvalidParams
 from modules.jobs.overrides import PARAM_OPTIONS, RNG_LABELS, option_to_param, options_from_settings
+from modules.plugins.grids import GRID_OPTION_DEFAULTS, grid_options
 from modules.settings import Settings
 
 __all__ = ["Options", "RNG_LABELS"]
@@ -42,6 +43,7 @@ class Options:
             "outdir_img2img_samples": str(settings.outputs_dir / "img2img-images"),
             "show_progress_every_n_steps": settings.preview_every,
             "live_previews_enable": True,
+            **GRID_OPTION_DEFAULTS,
         }
         self._values.update(self._load())
 
@@ -82,6 +84,11 @@ class Options:
                 option_to_param(key, value)
             elif key in READ_ONLY and value != self.get(key):
                 raise InvalidParams(f"{key} cannot be changed while the server runs (it is {self.get(key)!r})")
+        if any(key in GRID_OPTION_DEFAULTS for key in changes):
+            try:
+                grid_options({**self.all(), **changes})
+            except ValueError as err:
+                raise InvalidParams(str(err)) from None
 
     def update(self, changes: dict[str, Any]) -> None:
         """Validate, apply and persist (write a temporary file, then rename)."""

@@ -53,7 +53,7 @@ class Txt2ImgRequest(_Request):
     hr_prompt: str = ""
     hr_negative_prompt: str = ""
     script_name: str | None = None
-    script_args: list[Any] = Field(default_factory=list)
+    script_args: list[Any] | dict[str, Any] = Field(default_factory=list)  # A1111's ui() order, or by name
     send_images: bool = True
     save_images: bool = False
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict)

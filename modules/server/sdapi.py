@@ -15,8 +15,9 @@ from modules.errors import AtelierError
 from modules.jobs.model import FAILED, RUNNING, Caller, Job
 from modules.jobs.overrides import PARAM_OPTIONS
 from modules.jobs.payload import JobPayload
-from modules.server import convert, system
+from modules.server import convert, scripts_api, system
 from modules.server.context import ServerContext
+from modules.server.extras_api import add_extras_routes
 from modules.server.schemas import GenerationResponse, Img2ImgRequest, PngInfoRequest, Txt2ImgRequest
 
 ADMIN_ONLY = ("Only admin users may change the server's models and options while logins are on: ask an admin, "
@@ -104,6 +105,8 @@ def sdapi_router(ctx: ServerContext, get_caller) -> APIRouter:
         return {}
 
     system.add_list_routes(router, ctx, AdminDep)
+    add_extras_routes(router, ctx, CallerDep)
+    scripts_api.add_script_routes(router, ctx)
     return router
 
 
@@ -137,7 +140,7 @@ def progress_report(ctx: ServerContext, caller: Caller, skip_image: bool) -> dic
     preview = None if skip_image else ctx.jobs.preview(job.id)
     return {"progress": fraction, "eta_relative": max(elapsed / fraction - elapsed, 0.0), "state": state,
             "current_image": base64.b64encode(preview).decode("ascii") if preview else None,
-            "textinfo": f"Step {p.step}/{p.steps}"}
+            "textinfo": f"{p.text.capitalize()}, step {p.step}/{p.steps}" if p.text else f"Step {p.step}/{p.steps}"}
 
 
 def set_user_options(ctx: ServerContext, caller: Caller, changes: dict[str, Any]) -> None:

@@ -11,8 +11,7 @@ from fastapi import APIRouter
 from modules.server.context import ServerContext
 from modules.server.networks import add_network_routes
 
-EMPTY_LISTS = ("hypernetworks",
-               "face-restorers", "realesrgan-models", "script-info")
+EMPTY_LISTS = ("hypernetworks", "face-restorers")
 
 
 def _plain(value: Any) -> Any:
@@ -80,8 +79,14 @@ def add_list_routes(router: APIRouter, ctx: ServerContext, admin: Any = None) ->
 
     @router.get("/upscalers")
     def upscalers() -> list[dict[str, Any]]:
-        return [{"name": u.name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+        return [{"name": u.name, "model_name": Path(u.model_path).parent.name if u.model_path else None,
+                 "model_path": u.model_path, "model_url": None, "scale": u.scale}
                 for u in registries.upscalers if u.latent_mode is None]
+
+    @router.get("/realesrgan-models")
+    def realesrgan_models() -> list[dict[str, Any]]:
+        return [{"name": u.name, "path": u.model_path, "scale": u.scale} for u in registries.upscalers
+                if u.model_path and (u.name.startswith("R-ESRGAN") or Path(u.model_path).parent.name == "RealESRGAN")]
 
     @router.get("/latent-upscale-modes")
     def latent_upscale_modes() -> list[dict[str, str]]:
@@ -91,10 +96,6 @@ def add_list_routes(router: APIRouter, ctx: ServerContext, admin: Any = None) ->
         router.add_api_route(f"/{name}", _empty_list, methods=["GET"], name=name)
 
     add_network_routes(router, ctx, admin)  # loras, refresh-loras, embeddings
-
-    @router.get("/scripts")
-    def scripts() -> dict[str, list[str]]:
-        return {"txt2img": [], "img2img": []}
 
     @router.get("/extensions")
     def extensions() -> list[dict[str, Any]]:

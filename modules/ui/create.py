@@ -14,6 +14,7 @@ CSS_PATH = Path(__file__).with_name("style.css")
 def create_ui(ui: UIContext) -> gr.Blocks:
     """The whole page: checkpoint row, then the tabs; tabs are linked by send-to buttons."""
     from modules.ui.extensions_tab import build_extension_tabs, build_extensions_tab
+    from modules.ui.extras_tab import build_extras_tab
     from modules.ui.history import build_history_tab
     from modules.ui.img2img import build_img2img_tab
     from modules.ui.pnginfo import build_pnginfo_tab
@@ -26,6 +27,7 @@ def create_ui(ui: UIContext) -> gr.Blocks:
         with gr.Tabs(elem_id="tabs") as tabs:
             ui.tabs["txt2img"] = build_txt2img_tab(ui, checkpoint)
             ui.tabs["img2img"] = build_img2img_tab(ui, checkpoint)
+            ui.tabs["extras"] = build_extras_tab(ui)
             ui.tabs["pnginfo"] = build_pnginfo_tab(ui)
             ui.tabs["history"] = build_history_tab(ui)
             ui.tabs["settings"] = build_settings_tab(ui)

@@ -29,6 +29,7 @@ from modules.ui.results import (
     result_state,
     results_panel,
 )
+from modules.ui.scripts import ScriptPanel, render_scripts
 from modules.ui.sections import render_sections, section_components, section_values
 
 # build_inputs(fields) renders the tab's own inputs and returns (extra input components, collect)
@@ -45,6 +46,7 @@ class GenerationTab:
     sections: dict[str, dict[str, Any]]
     extra_inputs: set = field(default_factory=set)
     handles: dict[str, Any] = field(default_factory=dict)  # tab-specific components (img2img images)
+    scripts: ScriptPanel | None = None  # the Script dropdown and its controls
 
 
 def build_generation_tab(ui: UIContext, name: str, kind: str, checkpoint: gr.Dropdown,
@@ -66,10 +68,11 @@ def build_generation_tab(ui: UIContext, name: str, kind: str, checkpoint: gr.Dro
             if kind == "txt2img":
                 ui_components.hires_accordion(name, samplers, schedules, registries.upscalers.names(), fields)
             sections = render_sections(ui.app, kind)
+            scripts = render_scripts(ui.app, kind)
         with gr.Column(scale=1):
             results = results_panel(name)
     panel = ui_components.ParamsPanel(fields, prompts, actions, seed, swap)
-    tab = GenerationTab(name, fields, panel, results, sections, extra_inputs, handles)
+    tab = GenerationTab(name, fields, panel, results, sections, extra_inputs, handles, scripts)
     _wire(ui, tab, kind, defaults, checkpoint, collect)
     return tab
 
@@ -83,6 +86,8 @@ def _wire(ui: UIContext, tab: GenerationTab, kind: str, defaults: dict, checkpoi
     panel.swap_size.click(lambda w, h: (h, w), inputs=[fields["width"], fields["height"]],
                           outputs=[fields["width"], fields["height"]], queue=False)
     inputs = set(fields.values()) | tab.extra_inputs | section_components(tab.sections) | {checkpoint}
+    if tab.scripts is not None:
+        inputs |= tab.scripts.components()
     outputs = [results.progress, results.preview, results.gallery, results.infotext, results.message,
                results.state, results.download]
 
@@ -140,7 +145,8 @@ def _submit_tab(ui: UIContext, tab: GenerationTab, kind: str, defaults: dict, da
         job_kind, extra, images = collect(data)
         values.update(extra)
     values["extension_args"] = section_values(tab.sections, data)
-    return submit(ui.server, caller, job_kind, values, images, data.get(checkpoint))
+    script = tab.scripts.values(data) if tab.scripts is not None else None
+    return submit(ui.server, caller, job_kind, values, images, data.get(checkpoint), script)
 
 
 def _finished(results: ResultsPanel, job) -> dict:

@@ -15,11 +15,14 @@ def params_class(kind: str) -> type:
 
 
 def submit(ctx: ServerContext, caller: Caller, kind: str, values: dict[str, Any],
-           images: dict[str, Any] | None = None, checkpoint: str | None = None) -> Job:
-    """Queue a job for `caller` from widget values by field name; raises AtelierError with a readable message."""
+           images: dict[str, Any] | None = None, checkpoint: str | None = None,
+           script: dict[str, Any] | None = None) -> Job:
+    """Queue a job for `caller` from widget values by field name; raises AtelierError with a readable message.
+
+    `script` is the chosen script and its arguments by option name ({"name", "args"}), or None."""
     job_kind = "txt2img" if kind == "txt2img" else "img2img"
     submission = Submission(job_kind, {**values, "save_images": True}, images or {},
-                            checkpoint=checkpoint or None, source="ui")
+                            checkpoint=checkpoint or None, source="ui", script=script)
     return ctx.submitter.submit(caller, submission)
 
 

@@ -7,7 +7,7 @@ import gradio as gr
 
 from modules import infotext
 from modules import styles as style_files
-from modules.errors import AtelierError
+from modules.errors import AtelierError, InvalidParams
 from modules.plugins.specs import StyleSpec
 from modules.ui import components as ui_components
 from modules.ui.bindings import Fields, values_from_infotext
@@ -49,8 +49,12 @@ def wire_prompt_area(ui: UIContext, tab: str, prompts, fields: Fields, defaults:
                               outputs=[*fields.values(), checkpoint], queue=False)
 
     def apply_styles(prompt: str, negative: str, chosen: list[str]) -> tuple:
-        specs = [ui.app.registries.styles.get(name) for name in chosen or []]
-        prompt, negative = style_files.apply_styles(prompt or "", negative or "", specs)
+        try:
+            specs = [ui.app.registries.styles.get(name) for name in chosen or []]
+            prompt, negative = style_files.apply_styles(prompt or "", negative or "", specs)
+        except InvalidParams as err:  # a toast, and the boxes keep what the user typed
+            gr.Warning(str(err))
+            return prompt, negative, chosen
         return prompt, negative, []
 
     prompts.apply_styles.click(apply_styles, inputs=[prompts.prompt, prompts.negative, prompts.styles],

@@ -40,7 +40,7 @@ def results_panel(tab: str) -> ResultsPanel:
     with gr.Row():
         send = {name: gr.Button(label, size="sm", elem_id=f"{tab}-send-to-{name}")
                 for name, label in (("img2img", "Send to img2img"), ("inpaint", "Send to inpaint"),
-                                    ("pnginfo", "Send to PNG info"))}
+                                    ("extras", "Send to extras"), ("pnginfo", "Send to PNG info"))}
         download = gr.DownloadButton("Download", size="sm", elem_id=f"{tab}-download")
         open_folder = gr.Button("📂 Open folder", size="sm", elem_id=f"{tab}-open-folder")
     infotext = gr.HTML("", elem_id=f"{tab}-infotext", elem_classes=["atelier-infotext"])
@@ -65,6 +65,8 @@ def progress_html(update: Update) -> str:
         return _bar(0.0, text, "queued")
     p = job.progress
     batch = f" · batch {p.job_no + 1}/{p.job_count}" if p.job_count > 1 else ""
+    if p.text:  # a script: "cell 3/12"
+        batch = f" · {p.text}"
     text = f"Step {p.step}/{p.steps}{batch} · ETA {_seconds(update.eta)}" if p.steps else "Starting…"
     return _bar(p.fraction, text, "running")
 

@@ -1,4 +1,4 @@
-"""Send-to buttons between tabs: results -> img2img / inpaint / PNG info,
+"""Send-to buttons between tabs: results -> img2img / inpaint / Extras / PNG info,
 PNG info and History -> txt2img / img2img."""
 from __future__ import annotations
 
@@ -54,6 +54,7 @@ def _outputs(target: GenerationTab, tabs: gr.Tabs, checkpoint: gr.Dropdown, with
 
 def wire_send_to(ui: UIContext, tabs: gr.Tabs, checkpoint: gr.Dropdown) -> None:
     txt2img, img2img, pnginfo = ui.tabs["txt2img"], ui.tabs["img2img"], ui.tabs["pnginfo"]
+    extras = ui.tabs["extras"]
     for source in (txt2img, img2img):
         results = source.results
         for mode in ("img2img", "inpaint"):
@@ -68,6 +69,12 @@ def wire_send_to(ui: UIContext, tabs: gr.Tabs, checkpoint: gr.Dropdown) -> None:
             return {pnginfo.image: _open(path), tabs: gr.Tabs(selected="pnginfo")}
 
         results.send["pnginfo"].click(to_pnginfo, inputs=results.state, outputs=[pnginfo.image, tabs])
+
+        def to_extras(state: dict) -> dict:
+            path, _ = selected(state)
+            return {extras.image: _open(path), tabs: gr.Tabs(selected="extras")}
+
+        results.send["extras"].click(to_extras, inputs=results.state, outputs=[extras.image, tabs])
 
     def png_to_txt2img(text: str) -> dict:
         return _to_tab(ui, txt2img, tabs, checkpoint, None, text, None)

@@ -1,0 +1,175 @@
+"""The built-in X/Y/Z axes, registered through `register_xyz_axes` like any extension's.
+
+`A1111_AXES` lists A1111 1.10's axis labels per tab in its order: API clients send an axis as
+an index into that list (`x_type`), so indexes keep A1111's meaning even where Atelier lacks
+the axis (that gives a clear error). Extension axes follow at the end, in registration order.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from modules.plugins import api
+
+_COMMON_HEAD = ("Nothing", "Seed", "Var. seed", "Var. strength", "Steps")
+_COMMON_TAIL = ("Checkpoint name", "Negative Guidance minimum sigma", "Sigma Churn", "Sigma min", "Sigma max",
+                "Sigma noise", "Schedule type", "Schedule min sigma", "Schedule max sigma", "Schedule rho", "Eta",
+                "Clip skip", "Denoising", "Initial noise multiplier", "Extra noise")
+_END = ("VAE", "Styles", "UniPC Order", "Face restore", "Token merging ratio", "Token merging ratio high-res",
+        "Always discard next-to-last sigma", "SGM noise multiplier", "Refiner checkpoint", "Refiner switch at",
+        "RNG source")
+A1111_AXES = {
+    "txt2img": (*_COMMON_HEAD, "Hires steps", "CFG Scale", "Prompt S/R", "Prompt order", "Sampler", "Hires sampler",
+                *_COMMON_TAIL, "Hires upscaler", *_END),
+    "img2img": (*_COMMON_HEAD, "CFG Scale", "Image CFG Scale", "Prompt S/R", "Prompt order", "Sampler",
+                *_COMMON_TAIL, "Cond. Image Mask Weight", *_END),
+}
+FALSE_WORDS = ("false", "no", "n", "0", "none", "off", "")
+
+
+def set_field(name: str):
+    def apply(params: Any, value: Any, values: Any = None) -> Any:
+        return dataclasses.replace(params, **{name: value})
+
+    return apply
+
+
+def prompt_sr(params: Any, value: str, values: list[str]) -> Any:
+    """Prompt S/R: the axis's first value, wherever it is in either prompt, becomes `value`."""
+    search = values[0]
+    return dataclasses.replace(params, prompt=params.prompt.replace(search, value),
+                               negative_prompt=params.negative_prompt.replace(search, value))
+
+
+def check_prompt_sr(values: list[str], ctx: api.ScriptCheck) -> None:
+    p = ctx.params
+    if values and values[0] not in p.prompt and values[0] not in p.negative_prompt:
+        raise api.InvalidParams(f"Prompt S/R: {values[0]!r} is in neither the prompt nor the negative prompt")
+
+
+def apply_order(params: Any, order: tuple[str, ...], values: Any = None) -> Any:
+    """Rebuild the prompt with the listed parts in `order`, each at the place a part was found."""
+    prompt = params.prompt
+    found = sorted((prompt.find(token), token) for token in order)
+    pieces, rest = [], prompt
+    for _, token in found:
+        at = rest.find(token)
+        pieces.append(rest[:at])
+        rest = rest[at + len(token):]
+    rebuilt = "".join(piece + token for piece, token in zip(pieces, order, strict=False))
+    return dataclasses.replace(params, prompt=rebuilt + rest)
+
+
+def check_prompt_order(values: list[Any], ctx: api.ScriptCheck) -> None:
+    for token in values[0] if values else ():
+        if token not in ctx.params.prompt:
+            raise api.InvalidParams(f"Prompt order: {token!r} is not in the prompt")
+
+
+def check_registry(kind: str, attr: str):
+    def check(values: list[str], ctx: api.ScriptCheck) -> None:
+        registry = getattr(ctx.registries, attr)
+        for value in values:
+            if value not in registry and not (attr == "schedulers" and value.lower() == "automatic"):
+                raise api.InvalidParams(f"Unknown {kind} {value!r} on an X/Y/Z axis. Known: "
+                                        f"{', '.join(registry.names())}")
+
+    return check
+
+
+def check_styles(values: list[str], ctx: api.ScriptCheck) -> None:
+    known = ctx.registries.styles.names()
+    lowered = {n.lower() for n in known}
+    for value in values:
+        for name in (v.strip() for v in value.split(",")):
+            if name and name.lower() not in lowered:
+                raise api.InvalidParams(f"Unknown style {name!r} on an X/Y/Z axis. Known: {', '.join(known)}")
+
+
+def apply_styles(params: Any, value: str, values: Any = None) -> Any:
+    extra = tuple(v.strip() for v in value.split(",") if v.strip())
+    return dataclasses.replace(params, styles=(*params.styles, *extra))
+
+
+def check_face_restore(values: list[str], ctx: api.ScriptCheck) -> None:
+    for value in values:
+        if value.strip().lower() not in FALSE_WORDS:
+            raise api.InvalidParams(f"Face restore {value!r}: face restoration is not supported by Atelier yet; "
+                                    "use False")
+
+
+def parse_size(value: str) -> tuple[int, int]:
+    parts = value.lower().replace(" ", "").split("x")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise api.InvalidParams(f"Size {value!r} must look like 512x768 (width x height)")
+    return int(parts[0]), int(parts[1])
+
+
+def apply_size(params: Any, value: str, values: Any = None) -> Any:
+    width, height = parse_size(value)
+    return dataclasses.replace(params, width=width, height=height)
+
+
+def check_rng(values: list[str], ctx: api.ScriptCheck) -> None:
+    for value in values:
+        if value.lower() not in ("gpu", "cpu", "nv"):
+            raise api.InvalidParams(f"RNG source {value!r}: use GPU, CPU or NV")
+
+
+def _unchanged(params: Any, value: Any, values: Any = None) -> Any:
+    return params
+
+
+def _checkpoint_label(value: Any) -> str:
+    return Path(str(value)).stem
+
+
+def _raw(value: Any) -> str:
+    return str(value)
+
+
+def _joined(value: Any) -> str:
+    return ", ".join(value)
+
+
+def builtin_axes() -> list[api.AxisSpec]:
+    t2i, i2i = ("txt2img",), ("img2img",)
+    field = set_field
+    return [
+        api.AxisSpec("Nothing", _unchanged, kind="nothing"),
+        api.AxisSpec("Seed", field("seed"), kind="int"),
+        api.AxisSpec("Var. seed", field("subseed"), kind="int"),
+        api.AxisSpec("Var. strength", field("subseed_strength"), kind="float"),
+        api.AxisSpec("Steps", field("steps"), kind="int"),
+        api.AxisSpec("Hires steps", field("hr_second_pass_steps"), kind="int", tabs=t2i),
+        api.AxisSpec("CFG Scale", field("cfg_scale"), kind="float"),
+        api.AxisSpec("Image CFG Scale", field("image_cfg_scale"), kind="float", tabs=i2i),
+        api.AxisSpec("Prompt S/R", prompt_sr, check=check_prompt_sr, format=_raw),
+        api.AxisSpec("Prompt order", apply_order, kind="permutations", check=check_prompt_order, format=_joined),
+        api.AxisSpec("Sampler", field("sampler_name"), check=check_registry("sampler", "samplers"), format=_raw,
+                     choices=lambda r: r.samplers.names()),
+        api.AxisSpec("Hires sampler", field("hr_sampler_name"), tabs=t2i, check=check_registry("sampler", "samplers"),
+                     choices=lambda r: r.samplers.names()),
+        api.AxisSpec("Checkpoint name", _unchanged, kind="checkpoint", cost=1.0, format=_checkpoint_label),
+        api.AxisSpec("Sigma Churn", field("s_churn"), kind="float"),
+        api.AxisSpec("Sigma min", field("s_tmin"), kind="float"),
+        api.AxisSpec("Sigma max", field("s_tmax"), kind="float"),
+        api.AxisSpec("Sigma noise", field("s_noise"), kind="float"),
+        api.AxisSpec("Schedule type", field("scheduler"), check=check_registry("schedule type", "schedulers"),
+                     choices=lambda r: ["Automatic", *r.schedulers.names()]),
+        api.AxisSpec("Schedule min sigma", field("sigma_min"), kind="float"),
+        api.AxisSpec("Schedule max sigma", field("sigma_max"), kind="float"),
+        api.AxisSpec("Schedule rho", field("rho"), kind="float"),
+        api.AxisSpec("Eta", field("eta"), kind="float"),
+        api.AxisSpec("Clip skip", field("clip_skip"), kind="int"),
+        api.AxisSpec("Denoising", field("denoising_strength"), kind="float"),
+        api.AxisSpec("Initial noise multiplier", field("initial_noise_multiplier"), kind="float", tabs=i2i),
+        api.AxisSpec("Hires upscaler", field("hr_upscaler"), tabs=t2i, check=check_registry("upscaler", "upscalers"),
+                     choices=lambda r: r.upscalers.names()),
+        api.AxisSpec("Styles", apply_styles, check=check_styles, choices=lambda r: r.styles.names()),
+        api.AxisSpec("Face restore", _unchanged, check=check_face_restore, format=_raw),
+        api.AxisSpec("RNG source", lambda p, v, vs=None: dataclasses.replace(p, rng_source=v.lower()), check=check_rng,
+                     choices=lambda r: ["GPU", "CPU", "NV"]),
+        api.AxisSpec("Size", apply_size, check=lambda values, ctx: [parse_size(v) for v in values]),
+    ]

@@ -1,0 +1,152 @@
+"""Weights that stay packed in memory (GGUF blocks, fp8) and are restored one layer at a time.
+
+A `PackedTensor` is what a reader returns for a quantized tensor: its raw storage (uint8
+blocks or a float8 tensor), its format, its logical shape and an optional scale. Key
+conversion may rename, reshape or split it along dim 0 on block boundaries without
+unpacking anything.
+
+`pack_weights(module, packed, compute_dtype)` puts packed tensors into a module as
+parametrizations: the storage stays a (frozen) parameter, and every read of
+`module.weight` restores it on the storage's device in the compute dtype, so a layer
+upcasts per matmul and the model never holds a whole float copy. A weight delta (LoRA)
+is set on the parametrization and added at restore time, and cleared to revert; the
+packed storage is never written.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from modules.checkpoints.quant import QuantType, dequantize, packed_bytes, quant_type
+from modules.errors import CheckpointError
+
+FP8_DTYPES = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+@dataclass(frozen=True)
+class PackedTensor:
+    """A tensor kept in its stored format: GGML blocks (uint8) or float8 with an optional scale."""
+
+    storage: torch.Tensor
+    format: str  # "Q8_0", "Q4_K", ... or "F8_E4M3" / "F8_E5M2"
+    shape: tuple[int, ...]
+    scale: torch.Tensor | None = None  # fp8 files' per-tensor `scale_weight` / `weight_scale`
+
+    @property
+    def nbytes(self) -> int:
+        return self.storage.numel() * self.storage.element_size()
+
+    def reshape(self, *shape: int) -> PackedTensor:
+        shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], tuple | list) else tuple(shape)
+        if _count(shape) != _count(self.shape):
+            raise CheckpointError(f"cannot view a {self.format} tensor of shape {self.shape} as {shape}")
+        return replace(self, shape=shape)
+
+    def chunk(self, chunks: int) -> list[PackedTensor]:
+        """Equal parts along dim 0 (fused q/k/v); each part must be whole blocks of whole rows."""
+        if self.shape[0] % chunks:
+            raise CheckpointError(f"cannot split {self.shape[0]} rows of a {self.format} tensor into {chunks}")
+        rows = self.shape[0] // chunks
+        shape = (rows, *self.shape[1:])
+        if self.format in FP8_DTYPES:
+            parts = self.storage.reshape(self.shape).chunk(chunks)
+            return [PackedTensor(p.contiguous(), self.format, shape, self.scale) for p in parts]
+        size = packed_bytes(quant_type(self.format), shape)  # raises unless the rows fill whole blocks
+        flat = self.storage.reshape(-1)
+        return [PackedTensor(flat[i * size:(i + 1) * size], self.format, shape) for i in range(chunks)]
+
+    def restore(self, dtype: torch.dtype) -> torch.Tensor:
+        """The float tensor, on the storage's device."""
+        if self.format in FP8_DTYPES:
+            value = self.storage.reshape(self.shape).to(dtype)
+            return value * self.scale.to(value.device, dtype) if self.scale is not None else value
+        return dequantize(self.storage, quant_type(self.format), self.shape, dtype)
+
+
+def _count(shape: tuple[int, ...]) -> int:
+    total = 1
+    for size in shape:
+        total *= size
+    return total
+
+
+def fp8_dtype(name: str) -> torch.dtype:
+    """torch's float8 dtype for a format name; a clear error on a torch build without it."""
+    dtype = getattr(torch, FP8_DTYPES[name], None)
+    if dtype is None:
+        raise CheckpointError(f"this torch ({torch.__version__}) has no {FP8_DTYPES[name]}; fp8 weights need "
+                              "torch 2.1 or newer")
+    return dtype
+
+
+class RestorePacked(nn.Module):
+    """The parametrization behind a packed weight: storage -> compute-dtype weight (+ delta)."""
+
+    def __init__(self, packed: PackedTensor, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.format, self.shape, self.dtype = packed.format, packed.shape, dtype
+        self.qtype: QuantType | None = None if packed.format in FP8_DTYPES else quant_type(packed.format)
+        self.register_buffer("scale", packed.scale, persistent=False)
+        self.delta: torch.Tensor | None = None  # a LoRA's summed delta while a job is patched
+
+    def forward(self, storage: torch.Tensor) -> torch.Tensor:
+        if self.qtype is not None:
+            weight = dequantize(storage, self.qtype, self.shape, self.dtype)
+        else:
+            weight = storage.reshape(self.shape).to(self.dtype)
+            if self.scale is not None:
+                weight = weight * self.scale.to(self.dtype)
+        return weight if self.delta is None else weight + self.delta
+
+
+def packed_weight(module: nn.Module, name: str = "weight") -> RestorePacked | None:
+    """The module's RestorePacked parametrization of `name`, if it has one."""
+    if not parametrize.is_parametrized(module, name):
+        return None
+    found = [p for p in getattr(module.parametrizations, name) if isinstance(p, RestorePacked)]
+    return found[0] if found else None
+
+
+def pack_weights(module: nn.Module, packed: dict[str, PackedTensor], dtype: torch.dtype) -> None:
+    """Put each `name -> PackedTensor` (module-relative parameter names) into `module` as packed storage."""
+    for name, tensor in packed.items():
+        owner_name, _, attr = name.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        current = getattr(owner, attr, None)
+        if not isinstance(current, torch.Tensor):
+            raise CheckpointError(f"the model has no parameter {name} for a packed tensor")
+        if tuple(current.shape) != tensor.shape:
+            raise CheckpointError(f"{name}: the file's shape {tensor.shape} does not match the model's "
+                                  f"{tuple(current.shape)}")
+        storage = tensor.storage.to(current.device)
+        setattr(owner, attr, nn.Parameter(storage, requires_grad=False))
+        restore = RestorePacked(replace(tensor, storage=storage), dtype).to(current.device)
+        parametrize.register_parametrization(owner, attr, restore, unsafe=True)
+
+
+def packed_bytes_in(module: nn.Module) -> int:
+    """Bytes of packed storage held by `module` (for the model list and memory reports)."""
+    total = 0
+    for sub in module.modules():
+        if parametrize.is_parametrized(sub):
+            for plist in sub.parametrizations.values():
+                total += plist.original.numel() * plist.original.element_size()
+    return total
+
+
+def store_as_fp8(module: nn.Module, dtype: torch.dtype, fmt: str = "F8_E4M3") -> int:
+    """A1111's "FP8 weight": every Linear and Conv weight of `module` kept as float8 (no scale),
+    restored to `dtype` per layer. Returns the bytes saved."""
+    storage_dtype = fp8_dtype(fmt)
+    before = after = 0
+    for owner in module.modules():
+        if isinstance(owner, nn.Linear | nn.Conv2d) and packed_weight(owner) is None:
+            weight = owner.weight.detach()
+            stored = weight.to(storage_dtype)
+            before += weight.numel() * weight.element_size()
+            after += stored.numel()
+            pack_weights(owner, {"weight": PackedTensor(stored, fmt, tuple(weight.shape))}, dtype)
+    return before - after
