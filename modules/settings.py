@@ -35,6 +35,7 @@ class Settings:
     ckpt_dirs: tuple[Path, ...] = ()
     vae_path: Path | None = None
     sd_vae: str = "Automatic"  # A1111's "SD VAE": Automatic, None, or a file name in models/VAE
+    text_encoders: tuple[str, ...] = ()  # FLUX.1 / SD3.5: chosen files in models/text_encoder (else by name)
     outputs_dir: Path = REPO_ROOT / "outputs"
     data_dir: Path = REPO_ROOT / "data"
     device: str = "auto"
@@ -78,7 +79,13 @@ class Settings:
 
     @property
     def checkpoint_dirs(self) -> list[Path]:
-        return [self.checkpoint_dir, *self.ckpt_dirs]
+        # FLUX.1 / SD3.5 transformers are also kept in unet/ and diffusion_models/ (ComfyUI, Forge)
+        return [self.checkpoint_dir, *self.ckpt_dirs, self.models_dir / "unet", self.models_dir / "diffusion_models"]
+
+    @property
+    def text_encoder_dirs(self) -> list[Path]:
+        """Split CLIP-L / CLIP-G / T5-XXL files for FLUX.1 and SD3.5."""
+        return [self.models_dir / "text_encoder", self.models_dir / "clip"]
 
     @property
     def vae_dir(self) -> Path:
@@ -113,6 +120,9 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
                        help="extra LoRA / LyCORIS folder (models/Lora is always searched)")
     group.add_argument("--embeddings-dir", type=Path, action="append", default=[],
                        help="extra textual-inversion folder (models/embeddings is always searched)")
+    group.add_argument("--text-encoder", dest="text_encoders", action="append", default=[],
+                       help="FLUX.1 / SD3.5: a clip_l / clip_g / t5xxl file in models/text_encoder to use "
+                            "(repeat for each; default: found by name)")
     group.add_argument("--vae", dest="sd_vae", default="Automatic",
                        help="Automatic (NAME.vae.* beside the checkpoint), None, or a file in models/VAE")
     group.add_argument("--outputs-dir", type=Path, help="where images are saved")
@@ -174,6 +184,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         lora_dirs=tuple(getattr(args, "lora_dir", ())),
         embeddings_dirs=tuple(getattr(args, "embeddings_dir", ())),
         sd_vae=args.sd_vae,
+        text_encoders=tuple(getattr(args, "text_encoders", ())),
         outputs_dir=args.outputs_dir or base.outputs_dir,
         data_dir=data_dir,
         device=args.device,

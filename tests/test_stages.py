@@ -130,12 +130,13 @@ def test_skip_is_a_stop_value_for_one_batch(sd1_engine):
 
 def test_prediction_type_picks_the_denoiser(tiny_sd1, tmp_path):
     assert denoiser_class("eps") is ModelDenoiser and denoiser_class("v") is VDenoiser
-    with pytest.raises(CheckpointError, match="'flow'.*known prediction types: eps, v"):
-        denoiser_class("flow")
+    assert denoiser_class("flow").prediction == "flow"
+    with pytest.raises(CheckpointError, match="'edm'.*known prediction types: eps, v, flow"):
+        denoiser_class("edm")
     engine = make_engine(tmp_path)
     model = engine.load_model(tiny_sd1)
-    model.spec = dataclasses.replace(model.spec, prediction="flow")
-    with pytest.raises(CheckpointError, match="predicts 'flow'"):
+    model.spec = dataclasses.replace(model.spec, prediction="edm")
+    with pytest.raises(CheckpointError, match="predicts 'edm'"):
         engine.txt2img(params())
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import yaml
 
+from modules.checkpoints.flow_arch import FLOW_ARCHES, FlowArch
 from modules.checkpoints.keys import SD1_TE, SD2_TE, UNET, VAE, XL_TE1, XL_TE2, StateDict, clip_l_prefix
 from modules.checkpoints.keys import has_prefix as _has_prefix
 from modules.checkpoints.model import ModelSpec, TextEncoderSpec
@@ -47,7 +48,8 @@ class ArchSpec:
         return all(_has_prefix(sd, p) for p in self.prefixes) and _unet_in_channels(sd) in self.in_channels
 
 
-ARCH_TABLE: tuple[ArchSpec, ...] = (
+ARCH_TABLE: tuple[ArchSpec | FlowArch, ...] = (
+    *FLOW_ARCHES,  # FLUX.1 dev / schnell, SD3.5 Medium / Large (built by load_mmdit.py)
     ArchSpec("sdxl", (UNET + "label_emb.", XL_TE1, XL_TE2), (4, 9), True, 128,
              ((XL_TE1, "clip_l", "penultimate", False), (XL_TE2, "open_clip", "penultimate", True))),
     ArchSpec("sd2", (SD2_TE,), (4, 9), True, 64, ((SD2_TE, "open_clip", "penultimate_norm", False),)),
@@ -251,13 +253,16 @@ def find_arch(sd: StateDict) -> ArchSpec:
         if spec.matches(sd):
             return spec
     raise CheckpointError(f"Unknown checkpoint architecture ({_describe(sd)}); "
-                          f"supported: SD 1.x, SD 1.x inpainting, SD 2.x, SDXL base")
+                          f"supported: SD 1.x, SD 1.x inpainting, SD 2.x, SDXL base, FLUX.1 dev / schnell, "
+                          f"SD3.5 Medium / Large")
 
 
 def detect_model_spec(sd: StateDict, *, yaml_path: Path | None = None, force_v: bool = False,
                       metadata: Mapping[str, str] | None = None) -> ModelSpec:
     """The architecture and all widths of a single-file checkpoint's state dict."""
     arch = find_arch(sd)
+    if isinstance(arch, FlowArch):
+        raise CheckpointError(f"{arch.arch} is a flow-matching transformer: load it with load_checkpoint")
     try:
         encoders = tuple(
             TextEncoderSpec(flavour=flavour, layer=layer, config=infer_clip_config(sd, prefix, flavour),

@@ -14,6 +14,13 @@ from modules.checkpoints.detect import (
     infer_vae_config,
 )
 from modules.checkpoints.discover import model_hash, yaml_beside_checkpoint
+from modules.checkpoints.load_mmdit import (
+    ComponentDirs,
+    flow_folder_family,
+    is_flow_checkpoint,
+    load_flow_folder,
+    load_flow_parts,
+)
 from modules.checkpoints.model import CheckpointInfo, LoadedModel, ModelSpec
 from modules.checkpoints.read import SAFETENSORS_SUFFIXES, read_safetensors_metadata, read_state_dict
 from modules.errors import CheckpointError
@@ -37,11 +44,15 @@ def load_vae_file(path: Path, spec: ModelSpec, *, device: torch.device, dtype: t
 
 
 def _load_single_file(info: CheckpointInfo, device: torch.device, dtype: torch.dtype, yaml_path: Path | None,
-                      force_v: bool, vae_path: Path | None, vae_dtype: torch.dtype, channels_last_vae: bool
-                      ) -> tuple[ModelSpec, torch.nn.Module, torch.nn.Module, list[torch.nn.Module]]:
+                      force_v: bool, vae_path: Path | None, vae_dtype: torch.dtype, channels_last_vae: bool,
+                      components: ComponentDirs | None = None) -> tuple[ModelSpec, torch.nn.Module, torch.nn.Module, list[torch.nn.Module]]:
     nhwc = (VAE,) if channels_last_vae and vae_path is None else ()
     sd = read_state_dict(info.path, dtype=dtype, channels_last=nhwc)  # converted while read: no second full copy
     metadata = read_safetensors_metadata(info.path) if info.path.suffix.lower() in SAFETENSORS_SUFFIXES else None
+    if is_flow_checkpoint(sd):  # FLUX.1 / SD3.5: components may come from their own folders
+        parts = load_flow_parts(info.path, sd, device=device, dtype=dtype, vae_dtype=vae_dtype, vae_path=vae_path,
+                                dirs=components or ComponentDirs())
+        return parts.spec, parts.transformer, parts.vae, parts.encoders, parts.modules
     spec = detect_model_spec(sd, yaml_path=yaml_path, force_v=force_v, metadata=metadata)
     arch = next(a for a in ARCH_TABLE if a.arch == spec.arch.replace("sd2-v", "sd2"))
     unet = build_unet(sd, spec.unet_config, device=device, dtype=dtype)
@@ -51,7 +62,7 @@ def _load_single_file(info: CheckpointInfo, device: torch.device, dtype: torch.d
         vae = build_vae(vae_source(sd, VAE), spec.vae_config, device=device, dtype=vae_dtype)
     encoders = [build_text_encoder(sd, te, prefix, device=device, dtype=dtype)
                 for te, (prefix, *_rest) in zip(spec.text_encoders, arch.encoders, strict=True)]
-    return spec, unet, vae, encoders
+    return spec, unet, vae, encoders, ()
 
 
 def _load_diffusers(info: CheckpointInfo, device: torch.device, dtype: torch.dtype,
@@ -81,12 +92,13 @@ def _load_diffusers(info: CheckpointInfo, device: torch.device, dtype: torch.dty
 def load_checkpoint(info: CheckpointInfo, *, device: torch.device | str, dtype: torch.dtype,
                     vae_path: Path | None = None, yaml_path: Path | None = None, force_v: bool = False,
                     hash_cache: Path | None = None, vae_dtype: torch.dtype | None = None,
-                    channels_last_vae: bool = False) -> LoadedModel:
+                    channels_last_vae: bool = False, components: ComponentDirs | None = None) -> LoadedModel:
     """Build the UNet, VAE and text encoders of `info` on `device` in `dtype` (the VAE in `vae_dtype`, default `dtype`).
 
     `yaml_path` defaults to `NAME.yaml` beside a single-file checkpoint. `vae_path` replaces the
     checkpoint's own VAE. `channels_last_vae` reads a single file's VAE convolution weights straight
-    into NHWC (a hint: other VAEs keep NCHW). Raises CheckpointError / UnsafeCheckpointError with a
+    into NHWC (a hint: other VAEs keep NCHW). `components` tells where a FLUX.1 / SD3.5 transformer
+    file finds the text encoders and VAE it lacks. Raises CheckpointError / UnsafeCheckpointError with a
     user-facing message.
     """
     device = torch.device(device)
@@ -94,14 +106,20 @@ def load_checkpoint(info: CheckpointInfo, *, device: torch.device | str, dtype: 
     path = Path(info.path)
     if not path.exists():
         raise CheckpointError(f"Checkpoint not found: {path}")
-    if info.format == "diffusers":
+    family = flow_folder_family(path) if info.format == "diffusers" else None
+    if family is not None:  # a FLUX.1 / SD3.5 diffusers folder
+        parts = load_flow_folder(path, family, device=device, dtype=dtype, vae_dtype=vae_dtype)
+        spec, unet, vae, encoders, modules = parts.spec, parts.transformer, parts.vae, parts.encoders, ()
+        short_hash = ""
+    elif info.format == "diffusers":
         spec, unet, vae, encoders = _load_diffusers(info, device, dtype, force_v, vae_dtype)
+        modules = ()
         short_hash = ""
     else:
         yaml_path = yaml_path if yaml_path is not None else yaml_beside_checkpoint(path)
         vae_path = Path(vae_path) if vae_path is not None else None
-        spec, unet, vae, encoders = _load_single_file(info, device, dtype, yaml_path, force_v, vae_path,
-                                                         vae_dtype, channels_last_vae)
+        spec, unet, vae, encoders, modules = _load_single_file(info, device, dtype, yaml_path, force_v, vae_path,
+                                                         vae_dtype, channels_last_vae, components)
         short_hash = model_hash(path, hash_cache)
     vae_name = vae_hash = None
     if vae_path is not None:
@@ -109,4 +127,5 @@ def load_checkpoint(info: CheckpointInfo, *, device: torch.device | str, dtype: 
             vae = load_vae_file(Path(vae_path), spec, device=device, dtype=vae_dtype)
         vae_name, vae_hash = Path(vae_path).name, model_hash(Path(vae_path), hash_cache)
     return LoadedModel(info=info, spec=spec, model_hash=short_hash, unet=unet, vae=vae,
-                       text_encoders=encoders, device=device, dtype=dtype, vae_name=vae_name, vae_hash=vae_hash)
+                       text_encoders=encoders, device=device, dtype=dtype, vae_name=vae_name, vae_hash=vae_hash,
+                       modules=modules)

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from modules.checkpoints.load import load_checkpoint
+from modules.checkpoints.load_mmdit import ComponentDirs, preflight
 from modules.checkpoints.model import CheckpointInfo, LoadedModel
 
 
@@ -25,6 +26,7 @@ class _LoadKey:
     yaml_path: Path | None
     force_v: bool
     channels_last_vae: bool
+    components: ComponentDirs | None = None
 
 
 def release_memory() -> None:
@@ -65,18 +67,20 @@ class ModelManager:
 
     def load(self, info: CheckpointInfo, *, device: torch.device | str, dtype: torch.dtype,
              vae_path: Path | None = None, yaml_path: Path | None = None, force_v: bool = False,
-             vae_dtype: torch.dtype | None = None, channels_last_vae: bool = False) -> LoadedModel:
+             vae_dtype: torch.dtype | None = None, channels_last_vae: bool = False,
+             components: ComponentDirs | None = None) -> LoadedModel:
         """The loaded `info`, loading it (and releasing the previous model first) when needed."""
         key = _LoadKey(Path(info.path).resolve(), info.format, str(torch.device(device)), dtype, vae_dtype,
                        Path(vae_path).resolve() if vae_path else None,
-                       Path(yaml_path).resolve() if yaml_path else None, force_v, channels_last_vae)
+                       Path(yaml_path).resolve() if yaml_path else None, force_v, channels_last_vae, components)
         if self._current is not None and key == self._key:
             return self._current
+        preflight(info.path, vae_path=vae_path, dirs=components or ComponentDirs())  # before the old model goes
         if self._current is not None:  # nothing to release before a first load (skips a ~0.2 s gc pass)
             self.unload()
         model = load_checkpoint(info, device=device, dtype=dtype, vae_path=vae_path, yaml_path=yaml_path,
                                 force_v=force_v, hash_cache=self._hash_cache, vae_dtype=vae_dtype,
-                                channels_last_vae=channels_last_vae)
+                                channels_last_vae=channels_last_vae, components=components)
         self._current, self._key = model, key
         return model
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-ARCHES = ("sd1", "sd1-inpaint", "sd2", "sd2-v", "sdxl")
+ARCHES = ("sd1", "sd1-inpaint", "sd2", "sd2-v", "sdxl")  # FLUX.1 / SD3.5: modules.checkpoints.families
 
 
 @dataclass(frozen=True)
@@ -48,8 +48,8 @@ class TextEncoderSpec:
 class ModelSpec:
     """Architecture detected from keys and shapes, with every width inferred."""
 
-    arch: str  # one of ARCHES
-    prediction: str  # "eps" or "v"
+    arch: str  # one of ARCHES, or a flow family name (families.FAMILIES)
+    prediction: str  # "eps", "v" or "flow"
     unet_config: dict[str, Any]  # diffusers UNet2DConditionModel config
     vae_config: dict[str, Any]  # diffusers AutoencoderKL config
     text_encoders: tuple[TextEncoderSpec, ...]
@@ -57,6 +57,7 @@ class ModelSpec:
     beta_start: float = 0.00085
     beta_end: float = 0.012
     num_train_timesteps: int = 1000
+    family: Any = None  # a modules.checkpoints.families.Family for flow-matching models, else None
 
     @property
     def is_sdxl(self) -> bool:
@@ -80,10 +81,11 @@ class LoadedModel:
     info: CheckpointInfo
     spec: ModelSpec
     model_hash: str  # A1111 short hash, sha256(file)[:10]; "" for diffusers folders
-    unet: torch.nn.Module  # diffusers UNet2DConditionModel
+    unet: torch.nn.Module  # diffusers UNet2DConditionModel (Flux / SD3 transformer for flow families)
     vae: torch.nn.Module  # diffusers AutoencoderKL
     text_encoders: list[torch.nn.Module]  # transformers CLIPTextModel / CLIPTextModelWithProjection
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
     vae_name: str | None = None
     vae_hash: str | None = None
+    modules: tuple[str, ...] = ()  # FLUX.1 / SD3.5 split components used (file stems), Forge's "Module N"

@@ -5,6 +5,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from modules.checkpoints.discover import find_checkpoints, find_vaes, vae_beside_checkpoint
+from modules.checkpoints.load_mmdit import ComponentDirs, chosen_encoders
 from modules.checkpoints.manager import ModelManager
 from modules.checkpoints.model import CheckpointInfo, LoadedModel
 from modules.devices import DeviceConfig, apply_attention, apply_memory_format
@@ -88,7 +89,8 @@ class Engine:
         self.placement.detach()
         model = self.models.load(info, device=self.placement.load_device(), dtype=self.devices.dtype,
                                  vae_path=self.vae_for(info), force_v=self.settings.force_v_prediction,
-                                 vae_dtype=self.devices.vae_dtype, channels_last_vae=self.devices.channels_last)
+                                 vae_dtype=self.devices.vae_dtype, channels_last_vae=self.devices.channels_last,
+                                 components=self.component_dirs())
         apply_attention([model.unet, model.vae], self.devices.attention)
         # the UNet measured ~5% slower in NHWC; VAE weights read as NHWC are not copied again
         apply_memory_format([model.vae], self.devices.channels_last)
@@ -96,6 +98,12 @@ class Engine:
             model.device = self.devices.device
             self.placement.attach(model.unet, model.vae, model.text_encoders)
         return model
+
+    def component_dirs(self) -> ComponentDirs:
+        """Where FLUX.1 / SD3.5 transformer files find the text encoders and VAE they lack."""
+        dirs = tuple(self.settings.text_encoder_dirs)
+        return ComponentDirs(text_encoders=dirs, vaes=(self.settings.vae_dir,),
+                             chosen=chosen_encoders(self.settings.text_encoders, dirs))
 
     def vaes(self) -> list[Path]:
         return find_vaes(self.settings.vae_dir)
@@ -144,6 +152,12 @@ class Engine:
     def text_conditioner(self, model: LoadedModel):
         from modules.text.encoder import TextConditioner
 
+        if model.spec.family is not None:  # FLUX.1 / SD3.5: CLIP pooled + T5 states
+            from modules.text.flow_encoder import FlowTextConditioner
+
+            folder = Path(model.info.path) if model.info.format == "diffusers" else None
+            return self._cached(model, "text", lambda: FlowTextConditioner(
+                model.text_encoders, model.spec.family, self.tokenizer(), folder))
         return self._cached(model, "text", lambda: TextConditioner(
             model.text_encoders, list(model.spec.text_encoders), self.tokenizer()))
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from modules.pipeline.hooks import CONDITIONING, SAMPLING, UPSCALE
-from modules.pipeline.job import Batch, Job, encode, inpaint_concat, make_plan, noise
+from modules.pipeline.job import Batch, Job, add_noise, encode, inpaint_concat, make_plan, noise
 from modules.pipeline.params import Txt2ImgParams, hires_target
 from modules.pipeline.resize import LANCZOS
 from modules.pipeline.sampling import Sampled, SamplingPlan, starting_at
@@ -109,7 +109,7 @@ def hires_pass(job: Job, inputs: Any, batch: Batch, first: Sampled | None) -> Sa
         return Sampled(upscaled.latents, warnings=warnings)
     p, latents = job.params, upscaled.latents
     image_noise = noise(job, batch, latents.shape[1:])
-    x = latents + image_noise.first().to(latents.device) * hires.plan.sigmas[0]
+    x = add_noise(job, latents, image_noise.first().to(latents.device), hires.plan.sigmas[0])
     cond = run_stage(job, CONDITIONING, condition, job, [p.hr_prompt or prompt for prompt in batch.prompts],
                      [p.hr_negative_prompt or negative for negative in batch.negatives], hires.steps)
     concat = inpaint_concat(job, latents.shape[0], latents.shape[2] * 8, latents.shape[3] * 8)

@@ -22,7 +22,7 @@ from modules.pipeline import inpaint, masks
 from modules.pipeline import latents as latent_ops
 from modules.pipeline.generation import Task
 from modules.pipeline.hooks import CONDITIONING, SAMPLING
-from modules.pipeline.job import Batch, Job, encode, inpaint_concat, make_plan, noise
+from modules.pipeline.job import Batch, Job, add_noise, encode, inpaint_concat, make_plan, noise
 from modules.pipeline.sampling import Sampled, SamplingPlan, img2img_steps, starting_at
 from modules.pipeline.stages import InfotextFields, SamplingInput, condition, run_stage, sample
 from modules.sampling import rng
@@ -108,7 +108,7 @@ def inpaint_conditioning(job: Job, images: inpaint.Inputs, size: tuple[int, int]
 def encode_pixels(job: Job, pixels: torch.Tensor) -> torch.Tensor:
     model = job.model
     return latent_ops.encode(model.vae, pixels, model.spec.vae_scale_factor,
-                             job.engine.vae_tiling()).to(model.device)
+                             job.engine.vae_tiling(), shift=latent_ops.latent_shift(model)).to(model.device)
 
 
 def img2img_pass(job: Job, inputs: Img2ImgInputs, batch: Batch, previous: Sampled | None) -> Sampled:
@@ -121,7 +121,7 @@ def img2img_pass(job: Job, inputs: Img2ImgInputs, batch: Batch, previous: Sample
                               device=job.model.device).first()
         init = init * (1.0 - nmask) + fill * nmask
     image_noise = noise(job, batch, init.shape[1:])
-    x = init + image_noise.first() * p.initial_noise_multiplier * inputs.plan.sigmas[0]
+    x = add_noise(job, init, image_noise.first() * p.initial_noise_multiplier, inputs.plan.sigmas[0])
     blend = None if nmask is None else (lambda denoiser: inpaint.MaskBlend(denoiser, init, nmask))
     s = SamplingInput("first", inputs.plan, cond, x, image_noise, p.width, p.height,
                       _batched(inputs.concat, p.batch_size), fallback=init,

@@ -19,7 +19,8 @@ from modules.pipeline.control import JobControl, ProgressCallback
 from modules.pipeline.hooks import StageHooks
 from modules.pipeline.params import GenerationParams
 from modules.pipeline.sampling import SAMPLER_OPTION_FIELDS, SamplerRegistries, SamplingPlan, plan_sampling
-from modules.sampling import rng
+from modules.sampling import flow, rng
+from modules.sampling.schedules import DiscreteSchedule
 from modules.sampling.specs import ScheduleContext
 
 
@@ -71,7 +72,7 @@ def new_job(engine: Engine, task: str, params: GenerationParams, hooks: StageHoo
     params = hooks.prepare(params)
     model = engine.require_model()
     conditioner = PromptConditioner(engine.text_conditioner(model), params.clip_skip, params.emphasis,
-                                    zero_empty_negative=model.spec.is_sdxl,
+                                    zero_empty_negative=model.spec.is_sdxl,  # not FLUX / SD3 (as diffusers)
                                     embeddings=hooks.embeddings(model, engine.tokenizer(), params))
     return Job(engine, task, params, model, hooks, control or JobControl(), on_progress, conditioner)
 
@@ -86,8 +87,20 @@ def batches(job: Job) -> list[Batch]:
                   (p.prompt,) * size, (p.negative_prompt,) * size) for n in range(p.n_iter)]
 
 
+def flow_shift(job: Job) -> float | None:
+    """The time shift of a flow-matching job (explicit, else the family's); None for other models."""
+    family = job.model.spec.family
+    if family is None:
+        return None
+    return flow.job_shift(family, job.params.width, job.params.height, job.params.shift)
+
+
 def schedule_context(job: Job) -> ScheduleContext:
-    table = job.engine.discrete_schedule(job.model)
+    shift = flow_shift(job)
+    if shift is None:
+        table = job.engine.discrete_schedule(job.model)
+    else:  # flow models: the shifted t in (0, 1] is the sigma
+        table = DiscreteSchedule.from_sigmas(flow.flow_sigma_table(shift))
     p = job.params
     return ScheduleContext(sigma_min=p.sigma_min or float(table.sigma_min),
                            sigma_max=p.sigma_max or float(table.sigma_max),
@@ -112,14 +125,23 @@ def noise(job: Job, batch: Batch, shape: Sequence[int]) -> rng.ImageNoise:
 
 
 def latent_shape(job: Job, height: int, width: int) -> tuple[int, int, int]:
-    return (job.model.unet.config.out_channels, height // 8, width // 8)
+    family = job.model.spec.family
+    channels = family.latent.channels if family is not None else job.model.unet.config.out_channels
+    return (channels, height // 8, width // 8)
+
+
+def add_noise(job: Job, latents: torch.Tensor, noise_: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Latents at noise level `sigma`: x0 + sigma * noise; flow models interpolate, (1 - sigma) x0 + sigma * noise."""
+    if job.model.spec.prediction == "flow":
+        return latents * (1 - sigma) + noise_ * sigma
+    return latents + noise_ * sigma
 
 
 def encode(job: Job, images: list[Image.Image]) -> torch.Tensor:
     """PIL images -> scaled latents on the model's device."""
     model = job.model
     return latent_ops.encode(model.vae, latent_ops.from_pil(images), model.spec.vae_scale_factor,
-                             job.engine.vae_tiling()).to(model.device)
+                             job.engine.vae_tiling(), shift=latent_ops.latent_shift(model)).to(model.device)
 
 
 def inpaint_concat(job: Job, batch: int, height: int, width: int) -> torch.Tensor | None:

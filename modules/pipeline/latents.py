@@ -26,6 +26,12 @@ def cheap_preview(latent: torch.Tensor, is_sdxl: bool = False) -> Image.Image:
     return Image.fromarray(rgb)
 
 
+def latent_shift(model) -> float:
+    """The latent format's shift factor of a LoadedModel (FLUX.1 / SD3.5), 0 for SD models."""
+    family = model.spec.family
+    return family.latent.shift if family is not None else 0.0
+
+
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """[B, 3, H, W] in [-1, 1] -> PIL images."""
     array = ((images.float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
@@ -52,22 +58,24 @@ def _vae_decode(vae: torch.nn.Module, latents: torch.Tensor, tiling: VaeTiling |
 
 
 def decode(vae: torch.nn.Module, latents: torch.Tensor, scale_factor: float,
-           tiling: VaeTiling | None = None) -> tuple[torch.Tensor, bool]:
+           tiling: VaeTiling | None = None, shift: float = 0.0) -> tuple[torch.Tensor, bool]:
     """Decode latents (tile by tile when `tiling` is given and the image is larger than a tile);
     on NaNs or infs from a half-precision VAE, retry in fp32 and keep it there.
 
-    Returns the images in [-1, 1] and whether the fp32 fallback was used.
+    `shift` is the latent format's shift factor (FLUX.1 / SD3.5). Returns the images in [-1, 1]
+    and whether the fp32 fallback was used.
     """
-    images = _vae_decode(vae, latents / scale_factor, tiling)
+    latents = latents / scale_factor + shift
+    images = _vae_decode(vae, latents, tiling)
     if torch.isfinite(images).all() or next(vae.parameters()).dtype == torch.float32:
         return images, False
     log.warning("NaNs or infs in the VAE output; switching the VAE to fp32")
     vae.to(torch.float32)
-    return _vae_decode(vae, latents / scale_factor, tiling), True
+    return _vae_decode(vae, latents, tiling), True
 
 
 def encode(vae: torch.nn.Module, images: torch.Tensor, scale_factor: float,
-           tiling: VaeTiling | None = None) -> torch.Tensor:
+           tiling: VaeTiling | None = None, shift: float = 0.0) -> torch.Tensor:
     """Images [B, 3, H, W] in [-1, 1] -> scaled latents (the distribution's mode), tiled if asked."""
     dtype = next(vae.parameters()).dtype
     device = next(vae.parameters()).device
@@ -78,8 +86,8 @@ def encode(vae: torch.nn.Module, images: torch.Tensor, scale_factor: float,
     with torch.inference_mode():
         if tiling is not None and tiling.needed(images.shape[2] // 8, images.shape[3] // 8):
             channels = vae.config.latent_channels if hasattr(vae, "config") else 4
-            return tiled_encode(run, images, tiling, channels, norm_net=vae).to(device) * scale_factor
-        return run(images) * scale_factor
+            return (tiled_encode(run, images, tiling, channels, norm_net=vae).to(device) - shift) * scale_factor
+        return (run(images) - shift) * scale_factor
 
 
 def txt2img_inpaint_concat(vae: torch.nn.Module, batch: int, height: int, width: int,

@@ -45,6 +45,8 @@ class GenerationParams:
     sigma_min: float | None = None
     sigma_max: float | None = None
     rho: float | None = None
+    distilled_cfg_scale: float = 3.5  # FLUX.1-dev's guidance embedding (Forge's name); other models ignore it
+    shift: float | None = None  # flow models' time shift; None: the family's (FLUX.1-dev: by resolution)
     save_images: bool = True
     outdir: Path | None = None  # None: Settings.outputs_dir / "<task>-images"
     styles: tuple[str, ...] = ()  # prompt style names, applied in order before the job runs
@@ -59,6 +61,9 @@ class GenerationParams:
         _check_int("n_iter", self.n_iter, 1, limits.max_n_iter)
         _check_int("clip_skip", self.clip_skip, 1, 12)
         _check_number("cfg_scale", self.cfg_scale, 0.0, 100.0)
+        _check_number("distilled_cfg_scale", self.distilled_cfg_scale, 0.0, 100.0)
+        if self.shift is not None:
+            _check_number("shift", self.shift, 0.0, 100.0)
         _check_number("subseed_strength", self.subseed_strength, 0.0, 1.0)
         for name in ("seed", "subseed"):
             _check_int(name, getattr(self, name), -1, 2**32 - 1)

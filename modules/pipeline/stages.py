@@ -76,8 +76,11 @@ def build_denoiser(job: Job, s: SamplingInput, context: DenoiserContext) -> Deno
     time_ids = None
     if model.spec.is_sdxl:
         time_ids = torch.tensor([[s.height, s.width, 0, 0, s.height, s.width]], dtype=torch.float32)
+    extra = {"guidance": job.params.distilled_cfg_scale} if model.spec.family is not None else {}
+    if model.spec.family is None:  # SD1/SD2/SDXL: conditioning hooks (ControlNet); flow models get none yet
+        extra["residuals"] = job.hooks.unet_residuals(context)
     inner = denoiser_class(model.spec.prediction)(model.unet, job.engine.discrete_schedule(model).sigma_to_t,
-                                                  time_ids=time_ids, residuals=job.hooks.unet_residuals(context))
+                                                  time_ids=time_ids, **extra)
     guided: Denoiser = CFGDenoiser(job.hooks.wrap_model(inner, context), s.cond.conds, s.cond.unconds,
                                    job.params.cfg_scale, job.control.check, s.concat,
                                    on_guided=job.hooks.on_guided)
@@ -111,7 +114,7 @@ def report(job: Job, n: int, step: int, steps: int, denoised: torch.Tensor) -> N
     every = max(job.engine.settings.preview_every, 1)
     preview = None
     if step % every == 0 or step == steps:
-        preview = latent_ops.cheap_preview(denoised[0], job.model.spec.is_sdxl)
+        preview = latent_ops.cheap_preview(denoised[0][:4], job.model.spec.is_sdxl)
     job.on_progress(Progress(n, job.params.n_iter, step, steps, preview))
 
 
@@ -124,7 +127,8 @@ class Decoded:
 
 def decode(job: Job, latents: torch.Tensor) -> Decoded:
     model = job.model
-    pixels, fell_back = latent_ops.decode(model.vae, latents, model.spec.vae_scale_factor, job.engine.vae_tiling())
+    pixels, fell_back = latent_ops.decode(model.vae, latents, model.spec.vae_scale_factor, job.engine.vae_tiling(),
+                                          shift=latent_ops.latent_shift(model))
     warnings = ("NaNs in the VAE output: the VAE now runs in fp32",) if fell_back else ()
     return Decoded(tuple(latent_ops.to_pil(pixels)), warnings)
 
@@ -200,5 +204,20 @@ def base_infotext_fields(params: Any, plan: SamplingPlan, model: Any, seed: int,
         "ENSD": params.eta_noise_seed_delta or None,
         "RNG": params.rng_source.upper() if params.rng_source != "gpu" else None,
         "Emphasis": params.emphasis if params.emphasis != "Original" else None,
+        **flow_infotext(params, model),
         "Version": VERSION,
     }
+
+
+def flow_infotext(params: Any, model: Any) -> dict[str, Any]:
+    """Forge's keys for FLUX.1 / SD3.5: Distilled CFG Scale (dev), Shift (explicit or static), Module N."""
+    family = model.spec.family
+    if family is None:
+        return {}
+    fields: dict[str, Any] = {}
+    if family.distilled_cfg is not None:
+        fields["Distilled CFG Scale"] = params.distilled_cfg_scale
+    if params.shift or family.dynamic_shift is None:
+        fields["Shift"] = params.shift or family.shift
+    fields.update({f"Module {i}": name for i, name in enumerate(getattr(model, "modules", ()), start=1)})
+    return fields

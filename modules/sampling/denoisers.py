@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from modules.errors import CheckpointError
+from modules.sampling.flow import FlowDenoiser
 
 
 class StopSampling(Exception):
@@ -179,13 +180,15 @@ class VDenoiser(ModelDenoiser):
 DENOISERS: Mapping[str, type[ModelDenoiser]] = {"eps": ModelDenoiser, "v": VDenoiser}
 
 
-def denoiser_class(prediction: str) -> type[ModelDenoiser]:
+def denoiser_class(prediction: str) -> type[ModelDenoiser] | type[FlowDenoiser]:
     """The model wrapper for a checkpoint's prediction type; CheckpointError for an unknown one."""
+    if prediction == "flow":  # SD3.5 / FLUX.1
+        return FlowDenoiser
     try:
         return DENOISERS[prediction]
     except KeyError:
         raise CheckpointError(f"this checkpoint predicts {prediction!r}, which Atelier cannot sample yet "
-                              f"(known prediction types: {', '.join(DENOISERS)})") from None
+                              f"(known prediction types: {', '.join([*DENOISERS, 'flow'])})") from None
 
 
 @dataclass(frozen=True)

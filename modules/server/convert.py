@@ -165,11 +165,14 @@ def _location(field: str | None, overrides: dict[str, Any]) -> tuple:
 
 def _request_record(req: Txt2ImgRequest) -> dict[str, Any]:
     """The request as A1111 echoes it in `parameters`, without the input images."""
-    data = req.model_dump()
+    data = req.model_dump(exclude=set(FORGE_FIELDS)) | req.model_dump(exclude_unset=True, include=set(FORGE_FIELDS))
     for name in ("init_images", "mask"):
         if name in data:
             data[name] = None
     return data
+
+
+FORGE_FIELDS = ("distilled_cfg_scale", "shift")  # echoed only when sent: A1111's `parameters` stay as they were
 
 
 def image_b64(path: str) -> str:

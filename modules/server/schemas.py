@@ -58,6 +58,8 @@ class Txt2ImgRequest(_Request):
     save_images: bool = False
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
     infotext: str | None = None
+    distilled_cfg_scale: float = 3.5  # FLUX.1-dev's guidance embedding, as Forge takes it
+    shift: float | None = None  # flow models' time shift (None: the model's)
 
 
 class Img2ImgRequest(Txt2ImgRequest):

@@ -22,6 +22,7 @@ INFOTEXT_FIELDS: Mapping[str, str] = MappingProxyType({
     "Hires steps": "hr_second_pass_steps", "Hires upscaler": "hr_upscaler", "Hires resize-1": "hr_resize_x",
     "Hires resize-2": "hr_resize_y", "Hires sampler": "hr_sampler_name", "Hires schedule type": "hr_scheduler",
     "Hires prompt": "hr_prompt", "Hires negative prompt": "hr_negative_prompt", "Mask blur": "mask_blur",
+    "Distilled CFG Scale": "distilled_cfg_scale", "Shift": "shift",
 })
 SAME_AS_FIRST_PASS = ("Use same sampler", "Use same scheduler", "Use same checkpoint")
 

@@ -107,6 +107,13 @@ def size_rows(tab: str, defaults: dict, fields: Fields, max_size: int) -> gr.But
             fields["batch_size"] = gr.Slider(1, 8, value=1, step=1, label="Batch size", elem_id=f"{tab}-batch-size")
     fields["cfg_scale"] = gr.Slider(1.0, 30.0, value=defaults["cfg_scale"], step=0.5, label="CFG Scale",
                                     elem_id=f"{tab}-cfg-scale")
+    with gr.Accordion("FLUX.1 / SD3.5", open=False):  # other models ignore these
+        with gr.Row():
+            fields["distilled_cfg_scale"] = gr.Slider(0.0, 30.0, value=defaults["distilled_cfg_scale"], step=0.1,
+                                                      label="Distilled CFG Scale (FLUX.1-dev)",
+                                                      elem_id=f"{tab}-distilled-cfg-scale")
+            fields["shift"] = gr.Number(0, label="Shift (0: the model's)", minimum=0, maximum=100,
+                                        elem_id=f"{tab}-shift")
     return swap
 
 
