@@ -65,6 +65,7 @@ class Settings:
     enable_insecure_extension_access: bool = False  # allow installs even when listening beyond localhost
     lora_dirs: tuple[Path, ...] = ()  # --lora-dir: searched after models/Lora
     embeddings_dirs: tuple[Path, ...] = ()  # --embeddings-dir: searched after models/embeddings
+    controlnet_unit_count: int = 3  # ControlNet units per job (sd-webui-controlnet's control_net_unit_count)
     extra: dict = field(default_factory=dict)
 
     @property

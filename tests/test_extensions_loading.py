@@ -30,7 +30,7 @@ def test_bundled_and_fixture_extensions_are_found(app):
         assert status[name] == "loaded", (name, status[name])
     bundled = {i.name for i in app.plugins.extensions if i.bundled}
     assert bundled == {"film-grain", "style-pack", "wildcards", "lora", "xyz-grid", "prompt-matrix",
-                       "prompts-from-file", "sd-upscale", "loopback", "outpainting-mk2"}
+                       "prompts-from-file", "sd-upscale", "loopback", "outpainting-mk2", "controlnet"}
     info = app.plugins.extension("film-grain")
     assert info.version == "1.0.0" and info.api_version == "1.0" and info.load_time_s > 0
 

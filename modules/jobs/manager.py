@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from modules.errors import AtelierError
+from modules.errors import AtelierError, InvalidParams
 from modules.jobs.executor import Executor
 from modules.jobs.model import (
     CANCELLED,
@@ -292,6 +292,8 @@ class JobManager:
             result = self.executor.run(JobSpec(job.id, job.kind, job.params),
                                        lambda event: self._on_progress(job.id, event))
             return {"state": DONE, "result": result}
+        except InvalidParams as err:  # refused at run time (an extension's check, a model mismatch)
+            return {"state": FAILED, "error": str(err), "error_kind": "invalid"}
         except AtelierError as err:
             log.warning("job %s failed: %s", job.id, " ".join(str(err).split()))  # one line
             return {"state": FAILED, "error": str(err)}

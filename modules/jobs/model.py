@@ -78,6 +78,7 @@ class Job:
     error: str | None = None
     seq: int = 0  # submission order, assigned by the store
     worker: str | None = None  # the executor's worker that runs (or ran) it
+    error_kind: str | None = None  # "invalid": the job's parameters were refused while it ran (a 4xx)
 
     @property
     def is_finished(self) -> bool:
@@ -97,6 +98,8 @@ class Job:
             "progress": self.progress.to_dict(), "error": self.error,
             "result": self.result.to_dict() if self.result else None, "worker": self.worker,
         }
+        if self.error_kind:
+            data["error_kind"] = self.error_kind
         if with_params:
             data["params"] = self.params
         return data
@@ -108,7 +111,7 @@ class Job:
             state=data.get("state", QUEUED), created=data.get("created", 0.0), started=data.get("started"),
             finished=data.get("finished"), progress=Progress(**(data.get("progress") or {})),
             result=JobResult.from_dict(data.get("result")), error=data.get("error"), seq=data.get("seq", 0),
-            worker=data.get("worker"))
+            worker=data.get("worker"), error_kind=data.get("error_kind"))
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,10 @@ Three kinds of seam:
 - job-time hooks the run loop calls: `prepare`, `patch`, `embeddings`, `on_guided`,
   `postprocess`, `infotext`, `saved`, `warnings`;
 - denoiser wrap points: `wrap_model` wraps the model call of every UNet row
-  (`(x, sigma, cross_attn, pooled=None, concat=None) -> denoised`: where ControlNet adds
-  its per-step conditioning), `wrap_denoiser` wraps the guided denoiser a sampler calls
-  (`(x, sigma) -> denoised` with `set_step`); both get a `DenoiserContext`;
+  (`(x, sigma, cross_attn, pooled=None, concat=None) -> denoised`), `wrap_denoiser` wraps
+  the guided denoiser a sampler calls (`(x, sigma) -> denoised` with `set_step`);
+  `unet_residuals` returns the pass's conditioning function (`UNetCall -> UNetResiduals`:
+  where ControlNet adds its per-step residuals inside the UNet); all get a `DenoiserContext`;
 - stage hooks: `before_stage(name, job)` and `after_stage(name, job, value) -> value` around
   each stage (`STAGES`), which may replace the stage's output.
 """
@@ -22,7 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from modules.sampling.denoisers import GuidanceHook
+from modules.sampling.denoisers import GuidanceHook, ResidualFn
 
 INPUTS, CONDITIONING, SAMPLING, UPSCALE = "inputs", "conditioning", "sampling", "upscale"
 DECODE, POSTPROCESS, SAVE = "decode", "postprocess", "save"
@@ -60,6 +61,9 @@ class DenoiserContext:
     cfg_scale: float
     sigmas: torch.Tensor
     clock: StepClock = field(default_factory=StepClock)
+    arch: str = ""  # the loaded model's architecture ("sd1", "sd2", "sdxl", ...)
+    init_images: Sequence[Any] = ()  # img2img: the pass's init images (PIL), as the task prepared them
+    mask: Any = None  # img2img: the working mask (PIL "L"), when inpainting
 
     @property
     def step(self) -> int:
@@ -112,6 +116,8 @@ class StageHooks(Protocol):
 
     def wrap_denoiser(self, denoiser: Denoiser, context: DenoiserContext) -> Denoiser: ...
 
+    def unet_residuals(self, context: DenoiserContext) -> ResidualFn | None: ...
+
     def before_stage(self, name: str, job: Any) -> None: ...
 
     def after_stage(self, name: str, job: Any, value: Any) -> Any: ...
@@ -133,6 +139,9 @@ class PassThroughStages:
 
     def wrap_denoiser(self, denoiser: Denoiser, context: DenoiserContext) -> Denoiser:
         return denoiser
+
+    def unet_residuals(self, context: DenoiserContext) -> ResidualFn | None:
+        return None
 
     def before_stage(self, name: str, job: Any) -> None:
         return None

@@ -125,7 +125,8 @@ def img2img_pass(job: Job, inputs: Img2ImgInputs, batch: Batch, previous: Sample
     blend = None if nmask is None else (lambda denoiser: inpaint.MaskBlend(denoiser, init, nmask))
     s = SamplingInput("first", inputs.plan, cond, x, image_noise, p.width, p.height,
                       _batched(inputs.concat, p.batch_size), fallback=init,
-                      steps_per_batch=inputs.steps_per_batch, blend=blend)
+                      steps_per_batch=inputs.steps_per_batch, blend=blend,
+                      init_images=tuple(inputs.images.images), mask=inputs.images.mask)
     sampled = run_stage(job, SAMPLING, sample, job, batch, s)
     if nmask is None:
         return sampled

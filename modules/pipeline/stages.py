@@ -66,6 +66,8 @@ class SamplingInput:
     step_offset: int = 0  # progress: steps of earlier passes of this batch
     steps_per_batch: int = 0  # progress: every pass of a batch together
     blend: Callable[[Denoiser], Denoiser] | None = None  # the task's own wrapper (inpainting's mask blend)
+    init_images: Sequence[Image.Image] = ()  # img2img: the working init images, for conditioning hooks
+    mask: Image.Image | None = None  # img2img: the working mask, for conditioning hooks
 
 
 def build_denoiser(job: Job, s: SamplingInput, context: DenoiserContext) -> Denoiser:
@@ -75,6 +77,8 @@ def build_denoiser(job: Job, s: SamplingInput, context: DenoiserContext) -> Deno
     if model.spec.is_sdxl:
         time_ids = torch.tensor([[s.height, s.width, 0, 0, s.height, s.width]], dtype=torch.float32)
     extra = {"guidance": job.params.distilled_cfg_scale} if model.spec.family is not None else {}
+    if model.spec.family is None:  # SD1/SD2/SDXL: conditioning hooks (ControlNet); flow models get none yet
+        extra["residuals"] = job.hooks.unet_residuals(context)
     inner = denoiser_class(model.spec.prediction)(model.unet, job.engine.discrete_schedule(model).sigma_to_t,
                                                   time_ids=time_ids, **extra)
     guided: Denoiser = CFGDenoiser(job.hooks.wrap_model(inner, context), s.cond.conds, s.cond.unconds,
@@ -88,7 +92,8 @@ def build_denoiser(job: Job, s: SamplingInput, context: DenoiserContext) -> Deno
 def sample(job: Job, batch: Batch, s: SamplingInput) -> Sampled:
     """Run one pass; an interrupt or skip comes back as `Sampled.stop`."""
     context = DenoiserContext(job.task, s.pass_name, job.params, s.width, s.height, s.cond.conds,
-                              s.cond.unconds, job.params.cfg_scale, s.plan.sigmas, StepClock())
+                              s.cond.unconds, job.params.cfg_scale, s.plan.sigmas, StepClock(),
+                              arch=job.model.spec.arch, init_images=tuple(s.init_images), mask=s.mask)
     denoiser = build_denoiser(job, s, context)
     device = job.model.device
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 
 from modules.errors import AtelierError, InvalidParams
+from modules.pipeline.hooks import DenoiserContext
 from modules.pipeline.params import GenerationParams, Img2ImgParams, Result, Txt2ImgParams
 from modules.plugins.context import JobContext, PostprocessContext
 from modules.plugins.grids import GridAnnotation, annotate_grid, combine_grid, image_grid, split_grid
@@ -35,6 +36,7 @@ from modules.plugins.specs import (
     ExtraNetworkSpec,
     OptionSpec,
     PostprocessorSpec,
+    RootRoutesSpec,
     SamplerSpec,
     ScheduleContext,
     SchedulerSpec,
@@ -43,7 +45,7 @@ from modules.plugins.specs import (
     UITabSpec,
     UpscalerSpec,
 )
-from modules.sampling.denoisers import DenoiserStep
+from modules.sampling.denoisers import DenoiserStep, UNetCall, UNetResiduals
 from modules.text.prompt_parser import ExtraNetworkTag
 
 # 1.1: register_extra_networks, patch_model, register_embeddings; ExtraNetworkSpec, ExtraNetworkItem,
@@ -54,14 +56,16 @@ from modules.text.prompt_parser import ExtraNetworkTag
 # 1.4: register_upscalers(settings) may take the settings; UpscalerSpec.model_path and .scale (model upscalers); register_scripts,
 #      register_xyz_axes; ScriptSpec, ScriptCheck, ScriptContext, AxisSpec, with_infotext_fields,
 #      extend_result; the grid builder (image_grid, annotate_grid, GridAnnotation, split_grid, combine_grid)
-API_VERSION = "1.4"
+# 1.5: unet_residuals (conditioning inside the UNet: ControlNet) with DenoiserContext, UNetCall, UNetResiduals
+#      and JobContext.state; register_root_api_routes with RootRoutesSpec; a list `args` in alwayson_scripts
+API_VERSION = "1.5"
 
 __all__ = [
-    "API_VERSION", "AtelierError", "AxisSpec", "GridAnnotation", "ScriptCheck", "ScriptContext", "ScriptSpec",
+    "API_VERSION", "AtelierError", "AxisSpec", "DenoiserContext", "GridAnnotation", "ScriptCheck", "ScriptContext", "ScriptSpec",
     "annotate_grid", "combine_grid", "extend_result", "image_grid", "split_grid", "with_infotext_fields", "DenoiserStep", "EmbeddingSpec", "ExtraNetworkItem", "ExtraNetworkSpec",
-    "ExtraNetworkTag", "GenerationParams", "Img2ImgParams", "InvalidParams", "JobContext", "ModelPatch", "OptionSpec", "PostprocessContext", "PostprocessorSpec", "Result", "SamplerSpec",
+    "ExtraNetworkTag", "GenerationParams", "Img2ImgParams", "InvalidParams", "JobContext", "ModelPatch", "OptionSpec", "PostprocessContext", "PostprocessorSpec", "Result", "RootRoutesSpec", "SamplerSpec",
     "ScheduleContext", "SchedulerSpec", "StyleSpec", "Txt2ImgParams", "UISectionSpec", "UITabSpec",
-    "UpscalerSpec", "get_logger", "hookimpl", "to_d",
+    "UNetCall", "UNetResiduals", "UpscalerSpec", "get_logger", "hookimpl", "to_d",
 ]
 
 

@@ -15,6 +15,7 @@ class JobContext:
     task: str = "txt2img"
     warnings: list[str] = field(default_factory=list)
     infotext: dict[str, Any] = field(default_factory=dict)  # extra infotext fields ("Lora hashes", ...)
+    state: dict[str, Any] = field(default_factory=dict)  # per-job scratch space, keyed by extension name
 
     def warn(self, message: str) -> None:
         """Attach a warning to the job's result (shown to the user, never fatal)."""

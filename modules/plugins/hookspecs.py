@@ -111,3 +111,13 @@ def register_scripts() -> list[ScriptSpec]:
 @hookspec
 def register_xyz_axes() -> list[AxisSpec]:
     """Return axes that the X/Y/Z plot script can vary (LoRA weight, for example)."""
+
+
+@hookspec
+def unet_residuals(context: Any, params: Any, job: Any) -> Any:
+    """Return a function `UNetCall -> UNetResiduals` whose residuals are added inside every UNet call of a pass."""
+
+
+@hookspec
+def register_root_api_routes() -> list[Any]:
+    """Return RootRoutesSpec(prefix, router)s served at a top-level prefix, for another project's URLs."""

@@ -24,7 +24,7 @@ from modules.plugins.networks import build_patch, job_embeddings, ti_hashes
 from modules.plugins.patch import ModelPatch
 from modules.plugins.specs import OptionSpec, PostprocessorSpec
 from modules.sampling import rng
-from modules.sampling.denoisers import DenoiserStep, GuidanceHook
+from modules.sampling.denoisers import DenoiserStep, GuidanceHook, ResidualFn, UNetCall, UNetResiduals
 
 log = logging.getLogger("atelier.plugins")
 
@@ -155,6 +155,36 @@ def guidance_hook(host: PluginHost, params: Any, context: JobContext) -> Guidanc
     return hook
 
 
+def residual_functions(host: PluginHost, denoiser: Any, params: Any, context: JobContext) -> ResidualFn | None:
+    """The pass's `unet_residuals` functions summed into one; None when no extension adds any."""
+    asked, found = _asked(params), []
+    for impl in host.implementations("unet_residuals"):
+        ok, value = host.call_one("unet_residuals", impl, {"context": denoiser, "params": params, "job": context},
+                                  strict=asked(impl.plugin_name))
+        if not ok:
+            context.warn(f"Extension {impl.plugin_name!r} failed in unet_residuals and was skipped: {value.message}")
+        elif value is not None:
+            found.append((impl.plugin_name, value))
+    if not found:
+        return None
+
+    def residuals(call: UNetCall) -> UNetResiduals | None:
+        total = None
+        for name, fn in found:
+            value = fn(call)
+            if value is not None and not isinstance(value, UNetResiduals):
+                raise ExtensionError(f"Extension {name!r} returned {type(value).__name__} from its unet_residuals "
+                                     "function; expected UNetResiduals or None")
+            if value is not None and (value.down is None) != (value.mid is None):
+                raise ExtensionError(f"Extension {name!r} returned UNetResiduals with only one of `down` and `mid`; "
+                                     "the UNet applies them as a pair (use zeros for the other)")
+            if value is not None:
+                total = value if total is None else total + value
+        return total
+
+    return residuals
+
+
 def image_saved(host: PluginHost, path: Any, params: Any, infotext: str, context: JobContext) -> None:
     outcome = host.call("on_image_saved", strict=_asked(params), path=path, params=params, infotext=infotext)
     for warning in outcome.warnings():
@@ -247,6 +277,10 @@ class JobHooks(PassThroughStages):
         self.embedding_lookup = job_embeddings(self.host, self.context.settings, model, tokenizer, params,
                                                self.context)
         return self.embedding_lookup
+
+    def unet_residuals(self, context: Any) -> ResidualFn | None:
+        """The `unet_residuals` hooks' functions for one sampling pass, summed (None without any)."""
+        return residual_functions(self.host, context, context.params, self.context)
 
     def postprocess(self, image: Any, params: Any, index: int, seed: int, subseed: int) -> Any:
         return postprocess(self.host, image, params, self.context, index, seed, subseed)

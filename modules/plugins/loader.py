@@ -34,7 +34,7 @@ log = logging.getLogger("atelier.plugins")
 ENTRY_POINT_GROUP = "atelier.extensions"
 # What --disable-extra-extensions keeps: the extensions shipped in the repository's extensions/ folder.
 BUNDLED_EXTENSIONS = frozenset({"film-grain", "style-pack", "wildcards", "lora", "xyz-grid", "prompt-matrix",
-                                "prompts-from-file", "sd-upscale", "loopback", "outpainting-mk2"})
+                                "prompts-from-file", "sd-upscale", "loopback", "outpainting-mk2", "controlnet"})
 
 Loader = Callable[[], object]
 # An extension with per-app state defines create_plugin(settings); each app registers what it returns.

@@ -92,6 +92,18 @@ class UITabSpec:
 
 
 @dataclass(frozen=True)
+class RootRoutesSpec:
+    """A FastAPI router served at a top-level `prefix` ("/controlnet"), for clients of another project's API.
+
+    The prefix is one segment of letters, digits, "-" and "_"; Atelier's own prefixes are refused,
+    and the first extension to claim a prefix keeps it.
+    """
+
+    prefix: str
+    router: Any
+
+
+@dataclass(frozen=True)
 class UpscalerSpec:
     """An upscaler for the hires fix, by A1111's name ("Latent", "Lanczos", ...).
 

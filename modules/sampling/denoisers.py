@@ -45,46 +45,123 @@ def cond_at(schedule: ScheduledCond, step: int) -> Cond:
     return schedule[-1][1]
 
 
+@dataclass(frozen=True)
+class UNetCall:
+    """One UNet evaluation, as a residual function (`ResidualFn`) sees it.
+
+    Rows are images x prompt parts; `uncond` marks the rows of negative prompts (all False
+    when the caller did not say).
+    """
+
+    x: torch.Tensor  # the noisy latents in k-diffusion scale, [rows, 4, h, w]
+    sigma: torch.Tensor  # [rows]
+    model_in: torch.Tensor  # x * c_in, the UNet's latent input without concat channels
+    timestep: torch.Tensor  # [rows], the UNet's (fractional) timesteps
+    cross_attn: torch.Tensor  # [rows, tokens, dim]
+    added_cond: Mapping[str, torch.Tensor] | None  # SDXL: text_embeds and time_ids
+    uncond: torch.Tensor  # [rows] bool
+
+
+@dataclass(frozen=True)
+class UNetResiduals:
+    """What conditioning models add inside the UNet: per down-block skip residuals (ControlNet's
+    12 for SD1/SD2, 9 for SDXL) with the middle block's residual (a pair: the UNet applies both
+    or neither), and T2I-Adapter-style intra-block residuals. Residuals from several sources are summed."""
+
+    down: tuple[torch.Tensor, ...] | None = None
+    mid: torch.Tensor | None = None
+    intrablock: tuple[torch.Tensor, ...] | None = None
+
+    def __add__(self, other: UNetResiduals) -> UNetResiduals:
+        def add(a, b):
+            if a is None or b is None:
+                return b if a is None else a
+            if isinstance(a, tuple):
+                return tuple(x + y for x, y in zip(a, b, strict=True))
+            return a + b
+        return UNetResiduals(add(self.down, other.down), add(self.mid, other.mid),
+                             add(self.intrablock, other.intrablock))
+
+
+ResidualFn = Callable[[UNetCall], "UNetResiduals | None"]
+
+
 class ModelDenoiser:
     """Wraps an eps-prediction diffusers UNet as model(x, sigma, ...) -> denoised.
 
     `sigma_to_t` maps sigmas to the UNet's (fractional) timesteps; `time_ids` is SDXL's
-    size conditioning. Subclasses for other predictions override `to_denoised`.
+    size conditioning. `residuals` (conditioning hooks: ControlNet and the like) returns
+    what to add inside the UNet at each call. Subclasses for other predictions override `to_denoised`.
     """
 
     prediction = "eps"
 
     def __init__(self, unet: torch.nn.Module, sigma_to_t: Callable[[torch.Tensor], torch.Tensor],
-                 time_ids: torch.Tensor | None = None) -> None:
+                 time_ids: torch.Tensor | None = None, residuals: ResidualFn | None = None) -> None:
         self.unet = unet
         self.sigma_to_t = sigma_to_t
         self.time_ids = time_ids
+        self.residuals = residuals
         self.dtype = next(unet.parameters()).dtype
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cross_attn: torch.Tensor,
-                 pooled: torch.Tensor | None = None, concat: torch.Tensor | None = None) -> torch.Tensor:
+                 pooled: torch.Tensor | None = None, concat: torch.Tensor | None = None,
+                 uncond: torch.Tensor | None = None) -> torch.Tensor:
         sigma_ = sigma.reshape(-1, 1, 1, 1).to(x.dtype)
         c_in = 1.0 / (sigma_**2 + 1.0) ** 0.5
         model_in = x * c_in
+        latent_in = model_in
         if concat is not None:
             model_in = torch.cat([model_in, concat.to(x.dtype)], dim=1)
-        out = self._unet(model_in, self.sigma_to_t(sigma.reshape(-1)), cross_attn, pooled)
+        t = self.sigma_to_t(sigma.reshape(-1))
+        added = self._added_cond(pooled, model_in)
+        extra = {}
+        if self.residuals is not None:
+            rows = torch.zeros(x.shape[0], dtype=torch.bool) if uncond is None else uncond
+            call = UNetCall(x, sigma.reshape(-1), latent_in.to(self.dtype), t.to(x.device),
+                            cross_attn.to(self.dtype), added, rows)
+            extra = _residual_kwargs(self.residuals(call))
+        out = self._unet(model_in, t, cross_attn, added, extra)
         return self.to_denoised(x, out, sigma_)
 
     def to_denoised(self, x: torch.Tensor, out: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """eps-prediction: denoised = x - eps * sigma."""
         return x - out * sigma
 
-    def _unet(self, model_in, t, cross_attn, pooled) -> torch.Tensor:
-        kwargs = {}
-        if pooled is not None:
-            if self.time_ids.device != model_in.device:  # once: a host-to-GPU copy waits for the GPU
-                self.time_ids = self.time_ids.to(model_in.device)
-            time_ids = self.time_ids.expand(model_in.shape[0], -1)
-            kwargs["added_cond_kwargs"] = {"text_embeds": pooled.to(self.dtype), "time_ids": time_ids}
+    @property
+    def takes_uncond(self) -> bool:
+        """CFGDenoiser passes `uncond=` row flags when a residual function may want them."""
+        return self.residuals is not None
+
+    def _added_cond(self, pooled: torch.Tensor | None, model_in: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        if pooled is None:
+            return None
+        if self.time_ids.device != model_in.device:  # once: a host-to-GPU copy waits for the GPU
+            self.time_ids = self.time_ids.to(model_in.device)
+        time_ids = self.time_ids.expand(model_in.shape[0], -1)
+        return {"text_embeds": pooled.to(self.dtype), "time_ids": time_ids}
+
+    def _unet(self, model_in, t, cross_attn, added, extra) -> torch.Tensor:
+        kwargs = dict(extra)
+        if added is not None:
+            kwargs["added_cond_kwargs"] = added
         out = self.unet(model_in.to(self.dtype), t.to(model_in.device),
                         encoder_hidden_states=cross_attn.to(self.dtype), return_dict=False, **kwargs)[0]
         return out.float()
+
+
+def _residual_kwargs(residuals: UNetResiduals | None) -> dict[str, object]:
+    """diffusers UNet2DConditionModel keyword arguments for `residuals`."""
+    if residuals is None:
+        return {}
+    kwargs: dict[str, object] = {}
+    if residuals.down is not None:
+        kwargs["down_block_additional_residuals"] = list(residuals.down)
+    if residuals.mid is not None:
+        kwargs["mid_block_additional_residual"] = residuals.mid
+    if residuals.intrablock is not None:
+        kwargs["down_intrablock_additional_residuals"] = list(residuals.intrablock)
+    return kwargs
 
 
 class VDenoiser(ModelDenoiser):
@@ -140,6 +217,7 @@ class Row:
 
     image: int
     cond: Cond
+    uncond: bool = False  # the negative prompt's row
 
 
 class CFGDenoiser:
@@ -186,7 +264,7 @@ class CFGDenoiser:
                 rows.append(Row(b, cond_at(schedule, self.step)))
             if not self._skip_uncond():
                 uncond_rows.append(len(rows))
-                rows.append(Row(b, cond_at(self.unconds[b], self.step)))
+                rows.append(Row(b, cond_at(self.unconds[b], self.step), uncond=True))
         return rows, cond_rows, uncond_rows
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -241,10 +319,17 @@ class CFGDenoiser:
                 torch.cat([rows[i].cond.cross_attn for i in indices]),
                 torch.cat(pooled) if pooled[0] is not None else None,
                 self.concat[images] if self.concat is not None else None,
+                **self._uncond_kwargs([rows[i].uncond for i in indices]),
             )
             for i, value in zip(indices, result, strict=True):
                 out[i] = value
         return out
+
+    def _uncond_kwargs(self, flags: list[bool]) -> dict[str, torch.Tensor]:
+        """`uncond=` row flags for models that take them (ModelDenoiser does; plain callables need not)."""
+        if not getattr(self.inner, "takes_uncond", False):
+            return {}
+        return {"uncond": torch.tensor(flags, dtype=torch.bool)}
 
     def _index(self, images: list[int], device: torch.device) -> torch.Tensor:
         """`images` as an index tensor on `device`, built once per pattern: indexing a GPU tensor

@@ -105,7 +105,7 @@ def create_app(ctx: ServerContext, mount_ui: MountUI | None = None) -> FastAPI:
 def _mount_extensions(app: FastAPI, ctx: ServerContext, get_caller: Callable[[Request], Caller]) -> None:
     """The Extensions-tab API under /api/v1/extensions (changes: admins, or anyone without auth) and
     every extension's own routers under /ext/<name>/."""
-    from modules.server.extension_routes import routes_for_extensions
+    from modules.server.extension_routes import root_routes_for_extensions, routes_for_extensions
     from modules.server.extensions_api import a1111_extension_records, extensions_router
 
     ctx.extension_records = lambda: a1111_extension_records(ctx.app.plugins)
@@ -117,6 +117,9 @@ def _mount_extensions(app: FastAPI, ctx: ServerContext, get_caller: Callable[[Re
                                          allow_file_install=ctx.config.allow_file_extension_install),
                        prefix="/api/v1", tags=["extensions"])
     mount_extension_routes(app, routes_for_extensions(ctx.app.plugins))
+    taken = {getattr(r, "path", "/").split("/")[1] for r in app.routes}
+    for prefix, router in root_routes_for_extensions(ctx.app.plugins, taken):
+        app.include_router(router, prefix=prefix)  # register_root_api_routes: e.g. /controlnet
 
 
 def mount_extension_routes(app: FastAPI, routers: Iterable[tuple[str, Any]]) -> list[str]:

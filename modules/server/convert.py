@@ -6,6 +6,7 @@ import binascii
 import io
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,8 @@ def _check_request(ctx: ServerContext, req: Txt2ImgRequest) -> None:
         raise RequestError(("restore_faces",), "restore_faces is not supported by Atelier yet")
 
 
-def _param_values(req: Txt2ImgRequest, names: frozenset[str]) -> dict[str, Any]:
+def _param_values(req: Txt2ImgRequest, names: frozenset[str],
+                  extension: Callable[[str], str | None] = lambda _: None) -> dict[str, Any]:
     """A1111 request fields -> params fields by name; None means "not set" (the params' default)."""
     values = {k: v for k, v in req.model_dump().items() if k in names}
     values.update(sampler_name=req.sampler_name or req.sampler_index or "Euler",
@@ -84,17 +86,26 @@ def _param_values(req: Txt2ImgRequest, names: frozenset[str]) -> dict[str, Any]:
     if req.enable_hr and "enable_hr" not in names:
         raise RequestError(("enable_hr",), "hires fix is only for txt2img")
     if req.alwayson_scripts:
-        values["extension_args"] = _extension_args(req.alwayson_scripts, names)
+        values["extension_args"] = _extension_args(req.alwayson_scripts, names, extension)
     return {k: v for k, v in values.items() if v is not None}
 
 
-def _extension_args(scripts: dict[str, Any], names: frozenset[str]) -> dict[str, dict[str, Any]]:
-    """`alwayson_scripts` -> the params' `extension_args`, by extension name; options go by name too."""
+def _extension_args(scripts: dict[str, Any], names: frozenset[str],
+                    extension: Callable[[str], str | None]) -> dict[str, dict[str, Any]]:
+    """`alwayson_scripts` -> the params' `extension_args`, by extension name; options go by name too.
+
+    A list `args` (A1111's positional form) goes to a loaded extension, matched case-insensitively,
+    as `{"args": [...]}`; the extension reads it itself (the bundled controlnet does).
+    """
     if "extension_args" not in names:
         raise RequestError(("alwayson_scripts", next(iter(scripts))), "always-on script not found")
     result = {}
     for name, spec in scripts.items():
         args = spec.get("args", spec) if isinstance(spec, dict) else spec
+        owner = extension(name)
+        if isinstance(args, list | tuple) and owner is not None:
+            result[owner] = {"args": list(args)}
+            continue
         if not isinstance(args, dict):
             raise RequestError(("alwayson_scripts", name, "args"),
                                'positional script args are not supported; send {"args": {"option": value}}')
@@ -116,13 +127,19 @@ def _input_images(ctx: ServerContext, kind: str, req: Txt2ImgRequest) -> dict[st
     return images
 
 
+def _loaded_extension(ctx: ServerContext, name: str) -> str | None:
+    """The loaded extension `name` names (case-insensitively), or None."""
+    return next((e.name for e in ctx.app.plugins.extensions if e.loaded and e.name.lower() == name.lower()), None)
+
+
 def submission(ctx: ServerContext, kind: str, req: Txt2ImgRequest, source: str = "api") -> Submission:
     """An A1111 request as the submit service takes it; raises RequestError (422) for request-only faults."""
     _check_request(ctx, req)
     images = _input_images(ctx, kind, req)
     job_kind = "img2img" if kind == "inpaint" else kind
     overrides = dict(req.override_settings or {})
-    return Submission(job_kind, _param_values(req, field_names(params_class(job_kind))), images,
+    values = _param_values(req, field_names(params_class(job_kind)), lambda name: _loaded_extension(ctx, name))
+    return Submission(job_kind, values, images,
                       checkpoint=overrides.get("sd_model_checkpoint"), overrides=overrides,
                       request=_request_record(req), source=source,
                       script={"name": req.script_name, "args": req.script_args} if req.script_name else None)

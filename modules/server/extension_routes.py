@@ -15,6 +15,13 @@ from modules.plugins.host import PluginHost
 
 log = logging.getLogger("atelier.plugins")
 HOOK = "register_api_routes"
+ROOT_HOOK = "register_root_api_routes"
+# Top-level names Atelier (its API, the web UI, Gradio, the docs) uses or may use: never an extension's.
+RESERVED_ROOTS = frozenset({
+    "", "api", "sdapi", "ext", "file", "files", "internal", "docs", "redoc", "openapi.json", "static", "assets",
+    "gradio_api", "queue", "config", "login", "logout", "theme.css", "info", "upload", "heartbeat", "custom_component",
+    "user", "token", "app_id", "startup-events", "reset", "run", "stream", "favicon.ico", "manifest.json",
+})
 
 
 def extension_prefix(name: str) -> str:
@@ -58,4 +65,33 @@ def routes_for_extensions(host: PluginHost) -> list[tuple[str, Any]]:
                 host.record(HOOK, plugin, PermissionError(problem))
                 continue
             mounted.append((plugin, router))
+    return mounted
+
+
+def root_prefix_problem(prefix: Any, taken: set[str]) -> str | None:
+    """Why `prefix` may not be an extension's top-level prefix, or None."""
+    if not isinstance(prefix, str) or not prefix.startswith("/") or not NAME_PATTERN.match(prefix[1:]):
+        return f"root prefix {prefix!r} must be '/' and one segment of letters, digits, '-' and '_'"
+    name = prefix[1:].lower()
+    if name in RESERVED_ROOTS:
+        return f"root prefix {prefix!r} is Atelier's own"
+    if name in taken:
+        return f"root prefix {prefix!r} is already served by another extension or route"
+    return None
+
+
+def root_routes_for_extensions(host: PluginHost, taken: set[str]) -> list[tuple[str, Any]]:
+    """(prefix, router) pairs from `register_root_api_routes`; the first claim of a prefix wins,
+    Atelier's own prefixes and the first segments in `taken` are refused; refusals are recorded."""
+    mounted = []
+    taken = {t.lower() for t in taken}
+    for plugin, value in host.call(ROOT_HOOK, refusals=False).results:
+        for spec in value if isinstance(value, (list, tuple)) else [value]:
+            prefix = getattr(spec, "prefix", None)
+            problem = root_prefix_problem(prefix, taken) or router_problem(getattr(spec, "router", None), prefix)
+            if problem:
+                host.record(ROOT_HOOK, plugin, PermissionError(problem))
+                continue
+            taken.add(prefix[1:].lower())
+            mounted.append((prefix, spec.router))
     return mounted

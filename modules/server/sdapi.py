@@ -38,7 +38,7 @@ def sdapi_router(ctx: ServerContext, get_caller) -> APIRouter:
         job = await run_in_threadpool(convert.submit, ctx, caller, kind, req)
         job = await request.app.state.hub.wait(job.id, caller)
         if job.state == FAILED:
-            return JSONResponse(status_code=500, content={
+            return JSONResponse(status_code=422 if job.error_kind == "invalid" else 500, content={
                 "error": "JobFailed", "detail": job.error, "errors": job.error, "job_id": job.id})
         return await run_in_threadpool(convert.a1111_response, job, req.send_images)
 

@@ -1,0 +1,75 @@
+"""Built-in ControlNet, compatible with sd-webui-controlnet's API, written against the public plugin API only.
+
+Hooks: `prepare_params` (the job's units from `extension_args["controlnet"]`, checked, written to
+infotext), `unet_residuals` (per sampling pass: hints preprocessed once per job, the residual
+function summing the units), `register_root_api_routes` (/controlnet/*, as sd-webui-controlnet
+serves them; also under /ext/controlnet/) and `register_ui_sections`. Each app gets its own
+`ControlNetExtension` from `create_plugin`. See docs/controlnet.md.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from modules.plugins import api
+
+from . import control
+from .models import ControlNetLibrary
+from .routes import api_router
+from .ui import controlnet_section
+from .units import parse_units
+
+NAME = "controlnet"
+log = api.get_logger(NAME)
+
+
+def create_plugin(settings: Any) -> ControlNetExtension:
+    """The plugin one app registers (plugin API 1.2): its model library belongs to that app only."""
+    return ControlNetExtension(settings)
+
+
+class ControlNetExtension:
+    """One app's ControlNet library (found files, converted tensors, built models) and settings."""
+
+    def __init__(self, settings: Any) -> None:
+        models_dir = Path(getattr(settings, "models_dir", "models"))
+        self.library = ControlNetLibrary((models_dir / "ControlNet", Path(__file__).parent / "models"))
+        self.annotators = models_dir / "annotators"
+        self.unit_count = int(getattr(settings, "controlnet_unit_count", 3))
+        self.hashes: dict = {}  # (path, mtime) -> short sha256, for model titles
+
+    @api.hookimpl
+    def prepare_params(self, params, context):
+        args = (params.extension_args or {}).get(NAME)
+        if args is None or (isinstance(args, dict) and args.get("enabled") is False):
+            return None
+        units = parse_units(args, self.unit_count)
+        planned = control.plan_units(units, self.library)
+        context.state[NAME] = {"planned": planned}
+        for p in planned:
+            context.infotext[f"ControlNet {p.index}"] = p.unit.infotext()
+        return None
+
+    @api.hookimpl
+    def unet_residuals(self, context, params, job):
+        state = job.state.get(NAME)
+        if not state or not state["planned"]:
+            return None
+        planned = state["planned"]
+        control.check_arch(planned, self.library, context.arch)
+        hints = control.prepare_hints(planned, state, context, self.annotators, int(params.seed))
+        residuals = control.Residuals(planned, hints, self.library, context)
+        state.setdefault("passes", []).append(residuals)
+        return residuals
+
+    @api.hookimpl
+    def register_root_api_routes(self):
+        return [api.RootRoutesSpec("/controlnet", api_router(self))]
+
+    @api.hookimpl
+    def register_api_routes(self):
+        return [api_router(self)]
+
+    @api.hookimpl
+    def register_ui_sections(self, tab):
+        return [controlnet_section(self, tab)]

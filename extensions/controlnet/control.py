@@ -1,0 +1,200 @@
+"""A job's ControlNet units at sampling time: hints (preprocessed once per job), guidance windows,
+control modes, and the residual function the engine calls at every UNet evaluation.
+
+Facts from sd-webui-controlnet: a unit is off at step i of N when i/N < guidance_start or
+i/N > guidance_end; "My prompt is more important" scales the residuals by 0.825^(n-1-k)
+(k-th of n outputs, so the middle block keeps the full weight); "ControlNet is more important"
+does the same and adds residuals to the prompt's rows only, not the negative prompt's;
+an inpaint hint (RGBA) becomes `rgb * (1 - m) - m` with the mask binarised at 0.5.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from modules.plugins import api
+
+from . import preprocessors
+from .models import FAMILIES, ControlNetLibrary, family
+from .units import Unit
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One active unit of a job, its model file and preprocessor."""
+
+    index: int
+    unit: Unit
+    path: Path
+    pre: preprocessors.Preprocessor
+
+
+def resolved(unit: Unit, pre: preprocessors.Preprocessor) -> Unit:
+    """Out-of-range slider values (the API's -1) -> the preprocessor's defaults, as sd-webui-controlnet does."""
+    changes = {}
+    for name, slider in (("processor_res", pre.resolution), ("threshold_a", pre.a), ("threshold_b", pre.b)):
+        value = getattr(unit, name)
+        if slider is not None and not slider.min <= value <= slider.max:
+            changes[name] = type(value)(slider.value)
+    return replace(unit, **changes)
+
+
+def plan_units(units: Sequence[Unit], library: ControlNetLibrary) -> list[Planned]:
+    """The units that change anything (enabled, weight not 0), checked: module, model; InvalidParams otherwise."""
+    planned = []
+    for i, unit in enumerate(units):
+        if not unit.active:
+            continue
+        pre = preprocessors.find(unit.module)
+        if pre is None:
+            known = ", ".join(p.name for p in preprocessors.PREPROCESSORS)
+            raise api.InvalidParams(f"controlnet unit {i}: unknown module {unit.module!r} (known: {known})")
+        if unit.model in ("", "None", "none"):
+            raise api.InvalidParams(f"controlnet unit {i} is enabled but names no model; pick one of "
+                                    f"{library.names() or 'the models in models/ControlNet (none found)'}")
+        path = library.find(unit.model)
+        if path is None:
+            raise api.InvalidParams(f"controlnet unit {i}: model {unit.model!r} not found in "
+                                    f"{', '.join(str(r) for r in library.roots)} (found: {library.names() or 'none'})")
+        planned.append(Planned(i, resolved(unit, pre), path, pre))
+    return planned
+
+
+def check_arch(planned: Sequence[Planned], library: ControlNetLibrary, arch: str) -> None:
+    """One clear message when a ControlNet was made for another architecture than the loaded checkpoint."""
+    for p in planned:
+        cn = library.read(p.path)
+        if cn.arch != family(arch):
+            raise api.InvalidParams(
+                f"ControlNet {p.unit.model!r} (unit {p.index}) is a {FAMILIES[cn.arch]} ControlNet, but the loaded "
+                f"checkpoint is {FAMILIES.get(arch, arch)}: use a ControlNet made for {FAMILIES.get(arch, arch)}, "
+                f"or load a {FAMILIES[cn.arch]} checkpoint")
+
+
+# ---------------------------------------------------------------- hints
+def pixel_perfect_resolution(image: Image.Image, width: int, height: int, resize_mode: int) -> int:
+    """sd-webui-controlnet's pixel-perfect processor resolution for a target size."""
+    k0, k1 = height / image.height, width / image.width
+    k = min(k0, k1) if resize_mode == 2 else max(k0, k1)
+    return int(round(k * min(image.height, image.width)))
+
+
+def detect(p: Planned, image: Image.Image, mask: Image.Image | None, width: int, height: int, seed: int,
+           annotators: Path) -> np.ndarray:
+    """The unit's detected map (runs the preprocessor; callers cache it per job)."""
+    unit = p.unit
+    resolution = unit.processor_res
+    if unit.pixel_perfect:
+        resolution = pixel_perfect_resolution(image, width, height, unit.resize_mode)
+    return preprocessors.run(p.pre, image, mask, resolution, unit.threshold_a, unit.threshold_b, seed, annotators)
+
+
+def _resize(channels: np.ndarray, size: tuple[int, int], nearest: bool) -> np.ndarray:
+    image = Image.fromarray(channels)
+    shrink = size[0] < image.width
+    method = Image.Resampling.NEAREST if nearest else (Image.Resampling.LANCZOS if shrink else Image.Resampling.BICUBIC)
+    return np.asarray(image.resize(size, method))
+
+
+def fit(detected: np.ndarray, width: int, height: int, resize_mode: int) -> np.ndarray:
+    """The detected map at width x height by the unit's resize mode (0 stretch, 1 crop, 2 fill with black)."""
+    h, w = detected.shape[:2]
+    if resize_mode == 0:
+        scale_w, scale_h = width, height
+    else:
+        k = max(width / w, height / h) if resize_mode == 1 else min(width / w, height / h)
+        scale_w, scale_h = max(1, round(w * k)), max(1, round(h * k))
+    rgb = _resize(detected[..., :3], (scale_w, scale_h), nearest=False)
+    parts = [rgb]
+    if detected.shape[2] == 4:
+        parts.append(_resize(detected[..., 3], (scale_w, scale_h), nearest=True)[..., None])
+    resized = np.concatenate(parts, axis=2)
+    canvas = np.zeros((height, width, detected.shape[2]), np.uint8)
+    top, left = (height - scale_h) // 2, (width - scale_w) // 2
+    src = resized[max(0, -top):max(0, -top) + height, max(0, -left):max(0, -left) + width]
+    canvas[max(0, top):max(0, top) + src.shape[0], max(0, left):max(0, left) + src.shape[1]] = src
+    return canvas
+
+
+def hint_tensor(fitted: np.ndarray) -> torch.Tensor:
+    """[1, 3, H, W] in 0..1; an RGBA inpaint hint -> rgb * (1 - m) - m."""
+    t = torch.from_numpy(fitted.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
+    if t.shape[1] == 4:
+        rgb, m = t[:, :3], (t[:, 3:4] > 0.5).float()
+        t = rgb * (1 - m) - m
+    return t
+
+
+# ---------------------------------------------------------------- the residual function
+def active(unit: Unit, step: int, steps: int) -> bool:
+    """sd-webui-controlnet's guidance window: off when step/steps < start or > end."""
+    fraction = step / max(steps, 1)
+    return not (fraction < unit.guidance_start or fraction > unit.guidance_end)
+
+
+def scales(unit: Unit, n: int) -> list[float]:
+    if unit.control_mode == 0:
+        return [unit.weight] * n
+    return [unit.weight * 0.825 ** float(n - 1 - k) for k in range(n)]
+
+
+class Residuals:
+    """The engine's `UNetCall -> UNetResiduals` for one pass: the sum over the active units."""
+
+    def __init__(self, planned: Sequence[Planned], hints: Sequence[torch.Tensor], library: ControlNetLibrary,
+                 context: api.DenoiserContext) -> None:
+        self.planned, self.hints, self.library, self.context = planned, hints, library, context
+        self.steps = len(context.sigmas) - 1
+        self.calls: list[tuple[int, tuple[int, ...]]] = []  # (step, units used), for tests and benchmarks
+
+    def __call__(self, call: api.UNetCall) -> api.UNetResiduals | None:
+        step = self.context.step
+        live = [(p, h) for p, h in zip(self.planned, self.hints, strict=True) if active(p.unit, step, self.steps)]
+        self.calls.append((step, tuple(p.index for p, _ in live)))
+        if not live:
+            return None
+        dtype, device = call.model_in.dtype, call.model_in.device
+        pooled = None if call.added_cond is None else int(call.added_cond["text_embeds"].shape[-1])
+        models = self.library.models([p.path for p, _ in live], pooled, device, dtype)
+        total = None
+        for (p, hint), model in zip(live, models, strict=True):
+            rows = call.model_in.shape[0]
+            cond = hint.to(device=device, dtype=dtype).expand(rows, -1, -1, -1)
+            down, mid = model(call.model_in, call.timestep, encoder_hidden_states=call.cross_attn,
+                              controlnet_cond=cond, conditioning_scale=1.0, added_cond_kwargs=call.added_cond,
+                              return_dict=False)
+            outs = [*down, mid]
+            weights = scales(p.unit, len(outs))
+            mark = None
+            if p.unit.control_mode == 2:  # "ControlNet is more important": the prompt's rows only
+                mark = (~call.uncond).to(device=device, dtype=dtype)[:, None, None, None]
+            outs = [o * w if mark is None else o * w * mark for o, w in zip(outs, weights, strict=True)]
+            residual = api.UNetResiduals(down=tuple(outs[:-1]), mid=outs[-1])
+            total = residual if total is None else total + residual
+        return total
+
+
+def prepare_hints(planned: Sequence[Planned], state: dict[str, Any], context: api.DenoiserContext,
+                  annotators: Path, seed: int) -> list[torch.Tensor]:
+    """Each unit's hint at the pass's size; the detected maps are computed once per job (`state`)."""
+    detected: dict[int, np.ndarray] = state.setdefault("detected", {})
+    hints = []
+    for p in planned:
+        if p.index not in detected:
+            image = p.unit.image
+            if image is None and context.init_images:
+                image = context.init_images[0]
+            if image is None:
+                raise api.InvalidParams(f"controlnet unit {p.index} has no image: send `image` (base64), "
+                                        "or use img2img, whose init image is the default")
+            mask = p.unit.mask if p.unit.mask is not None else context.mask
+            detected[p.index] = detect(p, image, mask, context.width, context.height, seed, annotators)
+            state.setdefault("preprocess_calls", []).append(p.index)
+        hints.append(hint_tensor(fit(detected[p.index], context.width, context.height, p.unit.resize_mode)))
+    return hints

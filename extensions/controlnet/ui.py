@@ -1,0 +1,115 @@
+"""The ControlNet accordion in txt2img and img2img: a tab per unit with image upload, Control Type
+filter, preprocessor and model (with refresh), the unit's sliders and a preprocessor preview.
+
+Values reach the job as `extension_args["controlnet"]` with flat keys `u<N>_<field>`
+(`units.parse_units` groups them); the uploaded image travels as base64 (a hidden textbox filled
+when the image changes), so jobs stay JSON. In img2img a unit without an image uses the init image.
+"""
+from __future__ import annotations
+
+import base64
+import io
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from modules.plugins import api
+
+from . import preprocessors
+from .routes import CONTROL_TYPES, control_type, model_titles
+from .units import CONTROL_MODES, RESIZE_MODES
+
+
+def to_base64(image: Any) -> str:
+    if image is None:
+        return ""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _preview(ext: Any, image: Any, module: str, res: float, a: float, b: float, pixel_perfect: bool) -> Any:
+    pre = preprocessors.find(module or "none")
+    if image is None or pre is None:
+        return None
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    try:
+        detected = preprocessors.run(pre, image, None, int(res), float(a), float(b), 0, ext.annotators)
+    except api.InvalidParams as err:
+        import gradio as gr
+        raise gr.Error(str(err)) from None
+    return Image.fromarray(detected[..., :3])
+
+
+def _unit_tab(ext: Any, tab: str, n: int) -> dict[str, Any]:
+    import gradio as gr
+
+    prefix = f"{tab}-controlnet-{n}"
+    models = ["None", *model_titles(ext, ext.hashes)]
+    modules = [p.name for p in preprocessors.PREPROCESSORS]
+    with gr.Row():
+        image = gr.Image(label="Control image", type="pil", sources=["upload", "clipboard"], elem_id=f"{prefix}-image")
+        preview = gr.Image(label="Preprocessor preview", type="pil", interactive=False, elem_id=f"{prefix}-preview")
+    encoded = gr.Textbox(visible=False, elem_id=f"{prefix}-b64")
+    with gr.Row():
+        enabled = gr.Checkbox(False, label="Enable", elem_id=f"{prefix}-enabled")
+        pixel_perfect = gr.Checkbox(False, label="Pixel Perfect", elem_id=f"{prefix}-pixel-perfect")
+    kind = gr.Radio(list(CONTROL_TYPES), value="All", label="Control Type", elem_id=f"{prefix}-type")
+    with gr.Row():
+        module = gr.Dropdown(modules, value="none", label="Preprocessor", elem_id=f"{prefix}-module")
+        model = gr.Dropdown(models, value="None", label="Model", elem_id=f"{prefix}-model")
+        refresh = gr.Button("🔄", size="sm", scale=0, elem_id=f"{prefix}-refresh")
+        run_preview = gr.Button("💥 Preview", size="sm", scale=0, elem_id=f"{prefix}-run-preview")
+    weight = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Control Weight", elem_id=f"{prefix}-weight")
+    with gr.Row():
+        start = gr.Slider(0.0, 1.0, value=0.0, step=0.01, label="Starting Control Step", elem_id=f"{prefix}-start")
+        end = gr.Slider(0.0, 1.0, value=1.0, step=0.01, label="Ending Control Step", elem_id=f"{prefix}-end")
+    with gr.Row():
+        res = gr.Slider(64, 2048, value=512, step=8, label="Preprocessor Resolution", elem_id=f"{prefix}-res")
+        a = gr.Slider(-1, 255, value=-1, step=1, label="Threshold A (-1: default)", elem_id=f"{prefix}-a")
+        b = gr.Slider(-1, 255, value=-1, step=1, label="Threshold B (-1: default)", elem_id=f"{prefix}-b")
+    control_mode = gr.Radio(list(CONTROL_MODES), value=CONTROL_MODES[0], label="Control Mode",
+                            elem_id=f"{prefix}-control-mode")
+    resize_mode = gr.Radio(list(RESIZE_MODES), value=RESIZE_MODES[1], label="Resize Mode",
+                           elem_id=f"{prefix}-resize-mode")
+
+    def pick_type(name: str):
+        ext.library.refresh()
+        choice = control_type(name, modules, model_titles(ext, ext.hashes))
+        return (gr.update(choices=choice["module_list"], value=choice["default_option"]),
+                gr.update(choices=choice["model_list"], value=choice["default_model"]))
+
+    def rescan(current: str):
+        ext.library.refresh()
+        titles = ["None", *model_titles(ext, ext.hashes)]
+        return gr.update(choices=titles, value=current if current in titles else "None")
+
+    def uploaded(picture: Any) -> tuple[str, Any]:
+        return to_base64(picture), gr.update(value=True) if picture is not None else gr.update()
+
+    image.change(uploaded, image, [encoded, enabled], queue=False)
+    kind.change(pick_type, kind, [module, model], queue=False)
+    refresh.click(rescan, model, model, queue=False)
+    run_preview.click(lambda *v: _preview(ext, *v), [image, module, res, a, b, pixel_perfect], preview, queue=False)
+    parts = {"enabled": enabled, "image": encoded, "module": module, "model": model, "weight": weight,
+             "guidance_start": start, "guidance_end": end, "processor_res": res, "threshold_a": a, "threshold_b": b,
+             "pixel_perfect": pixel_perfect, "control_mode": control_mode, "resize_mode": resize_mode}
+    return {f"u{n}_{name}": component for name, component in parts.items()}
+
+
+def controlnet_section(ext: Any, tab: str) -> api.UISectionSpec:
+    def build(context: Any) -> dict:
+        import gradio as gr
+
+        components: dict[str, Any] = {}
+        with gr.Tabs():
+            for n in range(ext.unit_count):
+                with gr.Tab(f"ControlNet Unit {n}"):
+                    components.update(_unit_tab(ext, tab, n))
+        return components
+
+    return api.UISectionSpec("controlnet", "ControlNet", tabs=(tab,), build=build, order=50)

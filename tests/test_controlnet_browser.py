@@ -1,0 +1,65 @@
+"""Browser test of the ControlNet accordion (real chromium): upload a control image, pick a model,
+preview the preprocessor, generate, and the result differs from the same job without ControlNet."""
+from __future__ import annotations
+
+import shutil
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests import test_webui_browser as base
+from tests.fixtures.make_tiny_controlnet import make_tiny_controlnet
+from tests.test_webui_browser import fill_txt2img, gallery_image, wait_result
+from tests.ui_helpers import REPO, require_browser, screenshot_dir, start_ui_server
+
+pytestmark = pytest.mark.slow
+browser, page = base.browser, base.page
+UNIT = "#txt2img-controlnet-0"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_checkpoints):
+    require_browser()
+    root = tmp_path_factory.mktemp("webui-cn")
+    folder = root / "models" / "ControlNet"
+    folder.mkdir(parents=True)
+    shutil.copy(make_tiny_controlnet("sd1", root / "src" / "cn-sd1.safetensors", seed=2), folder / "tiny-sd15-canny.safetensors")
+    running = start_ui_server(root, {"tiny": tiny_checkpoints["sd1"]}, settings_overrides={
+        "extensions_dirs": (REPO / "extensions",), "extensions_allow": ("controlnet",)})
+    yield running
+    running.stop()
+
+
+def control_image(path) -> None:
+    image = Image.new("RGB", (64, 64), (255, 255, 255))
+    image.paste((0, 0, 0), (10, 10, 54, 30))
+    image.save(path)
+
+
+def test_upload_a_control_image_and_generate(page, server, tmp_path):
+    fill_txt2img(page, "a lighthouse", seed=11, steps=3)
+    page.click("#txt2img-generate")
+    assert "ControlNet" not in wait_result(page)
+    plain = np.asarray(gallery_image(page, server, "txt2img"), dtype=float)
+
+    page.click("#txt2img-ext-controlnet")  # open the accordion
+    control_image(tmp_path / "hint.png")
+    upload = page.locator(f"{UNIT}-image input[type=file]")
+    upload.wait_for(state="attached")
+    upload.set_input_files(str(tmp_path / "hint.png"))
+    page.wait_for_function(f"document.querySelector('{UNIT}-enabled input').checked", timeout=30_000)
+    page.locator(f"{UNIT}-type").get_by_text("Canny", exact=True).click()
+    page.wait_for_function(f"document.querySelector('{UNIT}-module input').value === 'canny'", timeout=30_000)
+    page.wait_for_function(f"document.querySelector('{UNIT}-model input').value.startsWith('tiny-sd15-canny [')",
+                           timeout=30_000)  # the Control Type picked the matching model
+    page.click(f"{UNIT}-run-preview")
+    page.locator(f"{UNIT}-preview img").first.wait_for(state="visible", timeout=30_000)
+    time.sleep(0.5)
+    page.screenshot(path=str(screenshot_dir() / "controlnet-unit.png"), full_page=True)
+    page.click("#txt2img-generate")
+    info = wait_result(page)
+    assert 'ControlNet 0: "Module: canny, Model: tiny-sd15-canny [' in info, info
+    controlled = np.asarray(gallery_image(page, server, "txt2img"), dtype=float)
+    assert np.abs(controlled - plain).mean() > 1.0
