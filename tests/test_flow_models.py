@@ -160,9 +160,9 @@ def test_img2img_inpaint_outpaint_and_hires_run_for_flow_models(files, engine) -
     init = Image.new("RGB", (64, 64), (200, 40, 40))
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (32, 0, 64, 64))
-    for extra in ({}, {"mask": mask}, {"outpaint": (16, 0, 0, 0)}):
+    for extra, size in (({}, (64, 64)), ({"mask": mask}, (64, 64)), ({"outpaint": (16, 0, 0, 0)}, (80, 64))):
         result = engine.img2img(Img2ImgParams(**base, init_images=(init,), denoising_strength=0.5, **extra))
-        assert result.images[0].size == (64, 64)
+        assert result.images[0].size == size  # outpainting adds its padding to the init image
     hires = engine.txt2img(_params(enable_hr=True, hr_scale=1.5, denoising_strength=0.5, hr_second_pass_steps=2))
     assert hires.images[0].size == (96, 96)
     job = engine.new_job(Txt2ImgParams(**base))

@@ -131,7 +131,7 @@ def test_gallery_lightbox_preview_keyboard_and_send_to_pnginfo(page, server):
     area.press("Control+ArrowDown")
     area.press("Control+ArrowDown")
     assert area.input_value() == "a red fox"
-    for elem, value in (("txt2img-width", 64), ("txt2img-height", 64), ("txt2img-steps", 8),
+    for elem, value in (("txt2img-width", 64), ("txt2img-height", 64), ("txt2img-steps", 40),
                         ("txt2img-batch-size", 4)):
         set_number(page, elem, value)
     page.locator("#txt2img-tiling input").check()  # seamless tiling reaches the job
@@ -186,7 +186,7 @@ def test_gallery_lightbox_preview_keyboard_and_send_to_pnginfo(page, server):
     page.wait_for_function("document.querySelector('#pnginfo-text textarea')?.value.includes('Seed:')",
                            timeout=15_000)
     text = page.locator("#pnginfo-text textarea").input_value()
-    assert "a red fox" in text and "Steps: 8" in text, text
+    assert "a red fox" in text and "Steps: 40" in text, text
     assert "Sampler" in page.locator("#pnginfo-table").inner_text()
 
 

@@ -101,6 +101,7 @@ def test_send_to_extras_from_the_txt2img_gallery(page, server):
     fill_txt2img(page, "a lighthouse", seed=7, steps=2)
     page.click("#txt2img-generate")
     assert "Seed: 7" in wait_result(page)
+    source = gallery_image(page, server, "txt2img").size  # (the model's native size may have replaced 64)
     page.click("#txt2img-send-to-extras")
     page.wait_for_selector("#extras-image img", state="visible", timeout=30_000)
     deadline = time.monotonic() + 10
@@ -111,4 +112,4 @@ def test_send_to_extras_from_the_txt2img_gallery(page, server):
     set_number(page, "extras-upscaling-resize", 2)
     page.click("#extras-generate")
     wait_text(page, "#extras-message", "Done: 1 image(s)", timeout=120)
-    assert gallery_image(page, server, "extras").size == (128, 128)
+    assert gallery_image(page, server, "extras").size == (2 * source[0], 2 * source[1])

@@ -292,11 +292,10 @@ class JobManager:
             result = self.executor.run(JobSpec(job.id, job.kind, job.params),
                                        lambda event: self._on_progress(job.id, event))
             return {"state": DONE, "result": result}
-        except InvalidParams as err:  # refused at run time (an extension's check, a model mismatch)
-            return {"state": FAILED, "error": str(err), "error_kind": "invalid"}
-        except AtelierError as err:
+        except AtelierError as err:  # InvalidParams: refused at run time (an extension's check, a model mismatch)
             log.warning("job %s failed: %s", job.id, " ".join(str(err).split()))  # one line
-            return {"state": FAILED, "error": str(err)}
+            kind = {"error_kind": "invalid"} if isinstance(err, InvalidParams) else {}
+            return {"state": FAILED, "error": str(err), **kind}
         except Exception as err:  # nothing a job does may take the worker down
             log.exception("job %s failed", job.id)
             return {"state": FAILED, "error": f"Internal error: {type(err).__name__}: {err}"}
