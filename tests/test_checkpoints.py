@@ -447,3 +447,33 @@ def test_manager_reuses_and_releases(tiny: dict[str, Path], tmp_path: Path) -> N
     assert grown < 0.5 * model_bytes, f"RSS grew {grown / 2**20:.1f} MiB over 3 switches"
     manager.unload()
     assert manager.current is None
+
+
+def test_hash_cache_survives_threads_hashing_at_once(tmp_path):
+    """Two workers of one process (--devices cpu,cpu) load, and so hash, at the same time; they once
+    shared one temporary file name and the second rename failed."""
+    import threading
+
+    from modules.checkpoints.discover import file_sha256
+
+    files = []
+    for n in range(8):
+        files.append(tmp_path / f"m{n}.bin")
+        files[-1].write_bytes(bytes([n]) * 4096)
+    cache, errors = tmp_path / "data" / "hashes.json", []
+
+    def hash_all(offset: int) -> None:
+        try:
+            for k in range(40):
+                file_sha256(files[(k + offset) % len(files)], cache)
+                (files[(k + offset) % len(files)]).touch()  # a new mtime: the next call hashes and writes again
+        except Exception as err:  # noqa: BLE001 - any failure is the bug
+            errors.append(err)
+
+    threads = [threading.Thread(target=hash_all, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    assert not list(cache.parent.glob("*.tmp"))

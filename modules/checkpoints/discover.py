@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -124,7 +125,8 @@ def file_sha256(path: Path, cache_file: Path | None = None) -> str:
     if cache_file:
         cache[key] = {"mtime": st.st_mtime, "size": st.st_size, "sha256": digest}
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(cache_file.name + f".{os.getpid()}.tmp")
+        # one temporary name per thread: workers of one process (--devices) may hash at the same time
+        tmp = cache_file.with_name(cache_file.name + f".{os.getpid()}.{threading.get_ident()}.tmp")
         tmp.write_text(json.dumps(cache, indent=1, sort_keys=True), encoding="utf-8")
         tmp.replace(cache_file)
     return digest

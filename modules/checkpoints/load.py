@@ -129,3 +129,16 @@ def load_checkpoint(info: CheckpointInfo, *, device: torch.device | str, dtype: 
     return LoadedModel(info=info, spec=spec, model_hash=short_hash, unet=unet, vae=vae,
                        text_encoders=encoders, device=device, dtype=dtype, vae_name=vae_name, vae_hash=vae_hash,
                        modules=modules)
+
+
+def import_model_classes() -> None:
+    """Import the model classes now, in the calling thread. diffusers' lazy first import is not
+    thread-safe ("cannot import name 'UNet2DConditionModel'"), and the workers of one process
+    (--devices) may build their first models at the same moment."""
+    from diffusers import (  # noqa: F401
+        AutoencoderKL,
+        FluxTransformer2DModel,
+        SD3Transformer2DModel,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel  # noqa: F401

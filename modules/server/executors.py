@@ -5,6 +5,7 @@ import logging
 from pathlib import Path
 
 from modules.app import App, build_engine
+from modules.checkpoints.load import import_model_classes
 from modules.errors import AtelierError
 from modules.jobs.executor import Executor, LocalExecutor
 from modules.jobs.pool import PoolExecutor
@@ -61,6 +62,7 @@ def local_devices_executor(app: App, devices: tuple[str, ...]) -> Executor:
     if len(devices) <= 1 and (not devices or str(app.engine.devices.device) == devices[0]):
         return LocalExecutor(app.engine, job_images)
     _share_cpu_threads(devices.count("cpu"))
+    import_model_classes()  # before several workers can load at once
     workers = {}
     for n, (device, name) in enumerate(zip(devices, worker_names(devices), strict=True)):
         same = n == 0 and str(app.engine.devices.device) == device
