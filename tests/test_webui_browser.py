@@ -60,6 +60,8 @@ def open_ui(page, url: str) -> None:
     page.goto(url)
     page.wait_for_selector("#txt2img-generate", timeout=60_000)
     page.wait_for_function("document.querySelector('#checkpoint input')?.value.startsWith('tiny')", timeout=30_000)
+    # the model's native size is applied once it has loaded; typing before then could be overwritten
+    page.wait_for_function("document.body.dataset.nativeSize === 'applied'", timeout=120_000)
 
 
 def set_number(page, elem_id: str, value) -> None:

@@ -47,6 +47,8 @@ def page(browser, server):
     page.goto(server.url)
     page.wait_for_selector("#txt2img-generate", timeout=60_000)
     page.wait_for_function("document.querySelector('#checkpoint input')?.value", timeout=30_000)
+    # the model's native size is applied once it has loaded; typing before then could be overwritten
+    page.wait_for_function("document.body.dataset.nativeSize === 'applied'", timeout=120_000)
     yield page
     context.close()
     assert not outside, f"requests left 127.0.0.1: {outside}"

@@ -15,6 +15,8 @@ from modules.ui.context import UIContext
 
 log = logging.getLogger(__name__)
 TABS = ("txt2img", "img2img")
+# After each update the page says so (body[data-native-size="applied"]), for scripts and browser tests.
+NATIVE_SIZE_DONE = "() => { document.body.dataset.nativeSize = 'applied'; }"
 
 
 def native_size(ui: UIContext, title: str | None) -> int | None:
@@ -65,4 +67,5 @@ def wire_native_size(ui: UIContext, blocks: gr.Blocks, checkpoint: gr.Dropdown) 
     for event in (blocks.load, checkpoint.change):
         event(load_model, inputs=checkpoint, outputs=loaded, show_progress="hidden", concurrency_limit=1,
               concurrency_id="native-size").then(apply, inputs=[loaded, *inputs], outputs=outputs,
-                                                 show_progress="hidden", queue=False)
+                                                 show_progress="hidden", queue=False
+                                                 ).then(None, js=NATIVE_SIZE_DONE)
