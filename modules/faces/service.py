@@ -32,6 +32,11 @@ DETECTOR_HINT = ("detection_Resnet50_Final.pth or detection_mobilenet0.25_Final.
 DEFAULT_WEIGHT = 0.5  # A1111's CodeFormer weight option default
 
 
+def canonical_name(name: str) -> str | None:
+    """A restorer's own spelling ("codeformer" -> "CodeFormer"); None for unknown names."""
+    return {n.lower(): n for n in KNOWN}.get(str(name).strip().lower())
+
+
 def _files(folders: list[Path]) -> list[Path]:
     found = []
     for folder in folders:
@@ -50,15 +55,15 @@ class RestorerInfo:
 class FaceRestorers:
     """Finds face model files under `models_dir`; restores faces with one cached network at a time."""
 
-    def __init__(self, models_dir: Path, device: str = "auto", options: DetectOptions | None = None) -> None:
-        self.models_dir = Path(models_dir)
+    def __init__(self, models_dir: Path | None, device: str = "auto", options: DetectOptions | None = None) -> None:
+        self.models_dir = Path(models_dir) if models_dir is not None else None  # None: no files (tests, tools)
         self.device = device
         self.options = options or DetectOptions()
         self._lock = threading.Lock()
         self._cache: dict[str, tuple[Path, object]] = {}
 
     def _folders(self, names: tuple[str, ...]) -> list[Path]:
-        return [self.models_dir / name for name in names]
+        return [self.models_dir / name for name in names] if self.models_dir is not None else []
 
     def restorer_file(self, name: str) -> Path | None:
         marker = KNOWN[name][0]
@@ -83,7 +88,7 @@ class FaceRestorers:
 
     def check(self, name: str, field: str = "face_restoration_model") -> None:
         """Raise InvalidParams naming the files to fetch when `name` cannot run."""
-        canonical = {n.lower(): n for n in KNOWN}.get(str(name).strip().lower())
+        canonical = canonical_name(name)
         if canonical is None:
             raise InvalidParams(f"Unknown face restoration model {name!r}. Known: {', '.join(KNOWN)}", field=field)
         missing = []
@@ -98,7 +103,7 @@ class FaceRestorers:
 
     def canonical(self, name: str) -> str:
         self.check(name)
-        return {n.lower(): n for n in KNOWN}[str(name).strip().lower()]
+        return canonical_name(name)
 
     def _device(self) -> torch.device:
         if self.device not in ("auto", ""):

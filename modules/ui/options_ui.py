@@ -12,15 +12,17 @@ from typing import Any
 import gradio as gr
 
 from modules.errors import AtelierError
+from modules.faces.service import KNOWN as _FACE_MODELS
 from modules.server.options import READ_ONLY, RNG_LABELS
 from modules.settings import EMPHASIS_MODES
 from modules.ui.components import AUTOMATIC
 from modules.ui.context import UIContext
 
+FACE_RESTORERS = list(_FACE_MODELS)
 DEFAULT_QUICKSETTINGS = ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers")
 INT_OPTIONS = ("show_progress_every_n_steps", "CLIP_stop_at_last_layers", "eta_noise_seed_delta")
 SECTIONS = ("Stable Diffusion", "Sampler parameters", "Live previews", "User interface", "Saving images",
-            "Other")
+            "Face restoration", "Other")
 RESTART_FLAGS = {"sd_vae": "--vae", "samples_format": "(PNG with infotext)", "outdir_txt2img_samples":
                  "--outputs-dir", "outdir_img2img_samples": "--outputs-dir"}
 
@@ -49,6 +51,8 @@ def known_options() -> dict[str, OptionInfo]:
         ("samples_format", "Saving images", "File format for images"),
         ("outdir_txt2img_samples", "Saving images", "Output directory for txt2img images"),
         ("outdir_img2img_samples", "Saving images", "Output directory for img2img images"),
+        ("face_restoration_model", "Face restoration", "Face restoration model"),
+        ("code_former_weight", "Face restoration", "CodeFormer weight (0 = maximum effect, 1 = minimum effect)"),
     )
     return {key: OptionInfo(key, section, label) for key, section, label in rows}
 
@@ -88,7 +92,11 @@ def option_widget(ui: UIContext, key: str, elem_id: str, compact: bool = False) 
         return gr.Slider(1, 50, value=value or 1, step=1, **common)
     if key == "keyedit_precision_attention":
         return gr.Slider(0.01, 0.2, value=value, step=0.001, **common)
+    if key == "code_former_weight":
+        return gr.Slider(0, 1, value=0.5 if value is None else value, step=0.01, **common)
     choice = gr.Dropdown if compact else gr.Radio
+    if key == "face_restoration_model":
+        return choice(FACE_RESTORERS, value=value or "CodeFormer", **common)
     if key == "randn_source":
         return choice(list(RNG_LABELS.values()), value=value or "GPU", **common)
     if key == "emphasis":
