@@ -8,6 +8,7 @@ from typing import Any
 
 import pluggy
 
+from modules.faces.service import FaceRestorers
 from modules.plugins import hookspecs
 from modules.plugins.host import PluginHost
 from modules.plugins.registry import NamedRegistry
@@ -20,7 +21,6 @@ from modules.plugins.specs import (
     StyleSpec,
     UpscalerSpec,
 )
-from modules.faces.service import FaceRestorers
 from modules.styles import StyleStore
 
 log = logging.getLogger("atelier.plugins")
