@@ -277,6 +277,13 @@ def test_listing_and_file_choice(models):
     _write(models / "facerestore_models", "codeformer.pth", mk.codeformer_state_dict())
     assert faces.restorer_file("GFPGAN").name == "GFPGANv1.4.pth"  # v1.4 before v1.3
     assert faces.detector_file().name == "detection_mobilenet0.25_Final.pth"
+    _write(models / "GFPGAN", "RestoreFormer.pth", mk.restoreformer_state_dict())
+    _write(models / "GFPGAN", "RestoreFormer++.ckpt", mk.restoreformer_state_dict(True, prefix="vqvae."),
+           wrap="state_dict")
+    assert faces.restorer_file("RestoreFormer").name == "RestoreFormer++.ckpt"
+    assert faces.restorer_file("GFPGAN").name == "GFPGANv1.4.pth"
+    assert load.load_restorer(faces.restorer_file("RestoreFormer")).architecture == "RestoreFormer++"
+    faces.check("RestoreFormer")
 
 
 # -- errors ------------------------------------------------------------------------------------
@@ -350,3 +357,37 @@ def test_wrong_detection_file_is_named(tmp_path):
     path = _write(tmp_path, "detection_Resnet50_Final.pth", mk.gfpgan_state_dict(), wrap=None)
     with pytest.raises(CheckpointError, match="detection_Resnet50_Final.pth is not RetinaFace"):
         load.load_detector(path)
+
+
+class _PlusPlusFeatures(dict):
+    def __missing__(self, key: str):
+        return self[key.removesuffix("_atten")]
+
+
+@pytest.mark.parametrize("plus", [False, True])
+def test_restoreformer_matches_spandrel(plus):
+    """RestoreFormer against spandrel's network; RestoreFormer++ against spandrel's encoder and
+    quantiser with spandrel's MultiHeadDecoderTransformer attending at two levels, 4 heads, where a
+    level without `block_i_atten` features reads `block_i` (as RestoreFormer++'s decoder does)."""
+    spandrel_or_skip()
+    from spandrel.architectures.RestoreFormer import RestoreFormer as Reference
+    from spandrel.architectures.RestoreFormer.__arch.restoreformer_arch import MultiHeadDecoderTransformer
+
+    sd = mk.restoreformer_state_dict(plus)
+    shape = dict(ch=32, out_ch=3, ch_mult=(1, 1, 1, 2, 2, 2), num_res_blocks=1, resolution=64, z_channels=32,
+                 enable_mid=True)
+    ref = Reference(n_embed=16, embed_dim=32, attn_resolutions=(2,), double_z=False, head_size=4 if plus else 8,
+                    in_channels=3, dropout=0.0, **shape)
+    if plus:
+        ref.decoder = MultiHeadDecoderTransformer(attn_resolutions=(2, 4), head_size=4, **shape)
+    ref.load_state_dict(sd, strict=True)
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    with torch.no_grad():
+        quant, _, _, hs = ref.eval().encode(x)
+        expected = ref.decode(quant, _PlusPlusFeatures(hs))
+        net = load.build_restorer({f"vqvae.{k}": v for k, v in sd.items()} | {"loss.w": torch.zeros(1)},
+                                  Path("RestoreFormer++.ckpt" if plus else "RestoreFormer.pth"))
+        got = net.run(x, 0.5)
+    assert net.architecture == ("RestoreFormer++" if plus else "RestoreFormer")
+    assert expected.abs().mean() > 0.01
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

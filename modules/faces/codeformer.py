@@ -22,15 +22,15 @@ ENCODER_TAPS = {"512": 2, "256": 5, "128": 8, "64": 11, "32": 14, "16": 18}
 GENERATOR_TAPS = {"16": 6, "32": 9, "64": 12, "128": 15, "256": 18, "512": 21}
 
 
-def _norm(c: int) -> nn.GroupNorm:
+def group_norm(c: int) -> nn.GroupNorm:
     return nn.GroupNorm(GROUPS, c, eps=1e-6)
 
 
 class ResBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int) -> None:
         super().__init__()
-        self.norm1, self.conv1 = _norm(c_in), nn.Conv2d(c_in, c_out, 3, 1, 1)
-        self.norm2, self.conv2 = _norm(c_out), nn.Conv2d(c_out, c_out, 3, 1, 1)
+        self.norm1, self.conv1 = group_norm(c_in), nn.Conv2d(c_in, c_out, 3, 1, 1)
+        self.norm2, self.conv2 = group_norm(c_out), nn.Conv2d(c_out, c_out, 3, 1, 1)
         self.conv_out = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -42,7 +42,7 @@ class ResBlock(nn.Module):
 class AttnBlock(nn.Module):
     def __init__(self, c: int) -> None:
         super().__init__()
-        self.norm = _norm(c)
+        self.norm = group_norm(c)
         self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -79,7 +79,7 @@ def _blocks(sd: dict[str, torch.Tensor], prefix: str, up: bool) -> nn.ModuleList
         elif p + "conv.weight" in sd:
             blocks.append(Resample(sd[p + "conv.weight"].shape[0], up))
         elif sd[p + "weight"].ndim == 1:
-            blocks.append(_norm(sd[p + "weight"].shape[0]))
+            blocks.append(group_norm(sd[p + "weight"].shape[0]))
         else:
             w = sd[p + "weight"]
             blocks.append(nn.Conv2d(w.shape[1], w.shape[0], w.shape[2], 1, w.shape[2] // 2))

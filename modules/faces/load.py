@@ -2,12 +2,10 @@
 
 Files are read by `modules.checkpoints.read.read_state_dict` (`.safetensors`, or `.pth` through
 `torch.load(weights_only=True)` only: a pickle that needs code is refused, never run). GFPGAN
-v1.3/v1.4, CodeFormer and RetinaFace run on Atelier's own networks; RestoreFormer is handed to the
-optional `spandrel` package when it is installed and importable.
+v1.3/v1.4, CodeFormer, RestoreFormer / RestoreFormer++ and RetinaFace run on Atelier's own networks.
 """
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +16,7 @@ from torch import nn
 
 from modules.checkpoints.read import read_state_dict
 from modules.errors import CheckpointError
-from modules.faces import codeformer, gfpgan, retinaface
-
-log = logging.getLogger(__name__)
-RESTOREFORMER_KEYS = {"quantize.embedding.weight", "encoder.conv_in.weight", "quant_conv.weight",
-                      "decoder.conv_out.weight"}
+from modules.faces import codeformer, gfpgan, restoreformer, retinaface
 
 
 @dataclass(frozen=True)
@@ -30,16 +24,18 @@ class FaceNet:
     """A restoration network: `run(x, weight)` maps (1, 3, size, size) in [-1, 1] to the same."""
 
     net: nn.Module
-    architecture: str  # "GFPGAN", "CodeFormer", "RestoreFormer"
+    architecture: str  # "GFPGAN", "CodeFormer", "RestoreFormer", "RestoreFormer++"
     size: int
     path: Path
     run: Callable[[torch.Tensor, float], torch.Tensor]
 
 
 def _strip(sd: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The tensors under the first prefix any key has, without it (a training checkpoint's `vqvae.`
+    network beside its loss modules; DataParallel's `module.`)."""
     for prefix in prefixes:
-        if sd and all(k.startswith(prefix) for k in sd):
-            return {k[len(prefix):]: v for k, v in sd.items()}
+        if any(k.startswith(prefix) for k in sd):
+            return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     return sd
 
 
@@ -50,23 +46,10 @@ def read(path: Path, kind: str) -> dict[str, torch.Tensor]:
         raise type(err)(str(err).replace("Checkpoint ", f"{kind} model ", 1)) from err
 
 
-def _restoreformer(sd: dict[str, torch.Tensor], path: Path) -> FaceNet:
-    try:
-        import spandrel
-    except Exception as err:  # ImportError, or torchvision failing to load its operators
-        raise CheckpointError(f"Face model {path.name} is RestoreFormer, which runs through the optional package "
-                              f"spandrel with a working torchvision (pip install spandrel): {err}") from err
-    descriptor = spandrel.ModelLoader().load_from_state_dict(sd)
-    net = descriptor.model.eval().requires_grad_(False)
-    return FaceNet(net, "RestoreFormer", 512, path, lambda x, w: net(x)[0])
-
-
 def build_restorer(sd: dict[str, torch.Tensor], path: Path) -> FaceNet:
     """The restoration network for a state dict; CheckpointError naming the file otherwise."""
     sd = _strip(sd, ("module.", "vqvae."))
     keys = set(sd)
-    if RESTOREFORMER_KEYS <= keys:
-        return _restoreformer(sd, path)
     try:
         if gfpgan.is_gfpgan(keys):
             net: Any = gfpgan.build(sd)
@@ -76,11 +59,15 @@ def build_restorer(sd: dict[str, torch.Tensor], path: Path) -> FaceNet:
             net = codeformer.build(sd)
             size = 32 * int(sd["position_emb"].shape[0] ** 0.5)
             return FaceNet(net.eval().requires_grad_(False), "CodeFormer", size, path, lambda x, w: net(x, w))
+        if restoreformer.is_restoreformer(keys):
+            net = restoreformer.build(sd)
+            name = "RestoreFormer++" if restoreformer.is_plus_plus(sd) else "RestoreFormer"
+            return FaceNet(net.eval().requires_grad_(False), name, 512, path, lambda x, w: net(x))  # trained at 512
     except (RuntimeError, KeyError, ValueError, IndexError) as err:  # shapes that do not fit the layout
         raise CheckpointError(f"Face model {path.name}: the weights do not fit the detected architecture "
                               f"({type(err).__name__}: {str(err)[:300]})") from err
-    raise CheckpointError(f"Face model {path.name} is not GFPGAN (v1.3/v1.4, 'clean'), CodeFormer or RestoreFormer: "
-                          "its keys match none of them.")
+    raise CheckpointError(f"Face model {path.name} is not GFPGAN (v1.3/v1.4, 'clean'), CodeFormer or "
+                          "RestoreFormer(++): its keys match none of them.")
 
 
 def load_restorer(path: Path) -> FaceNet:

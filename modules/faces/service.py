@@ -18,14 +18,15 @@ from modules.errors import InvalidParams
 from modules.faces import load, restore
 from modules.faces.restore import DetectOptions
 
-SUFFIXES = (".pth", ".safetensors")
+SUFFIXES = (".pth", ".safetensors", ".ckpt")
 RESTORER_FOLDERS = ("Codeformer", "GFPGAN", "facerestore_models")
 DETECTOR_FOLDERS = ("facedetection", "GFPGAN", "Codeformer", "facerestore_models")
 # restorer name -> (file-name marker, the file users fetch)
 KNOWN = {
     "CodeFormer": ("codeformer", "codeformer-v0.1.0.pth (sczhou/CodeFormer releases) into models/Codeformer"),
     "GFPGAN": ("gfpgan", "GFPGANv1.4.pth or GFPGANv1.3.pth (TencentARC/GFPGAN releases) into models/GFPGAN"),
-    "RestoreFormer": ("restoreformer", "RestoreFormer.pth (TencentARC/GFPGAN releases) into models/GFPGAN"),
+    "RestoreFormer": ("restoreformer", "RestoreFormer++.ckpt (wzhouxiff/RestoreFormerPlusPlus releases) or "
+                      "RestoreFormer.pth (TencentARC/GFPGAN releases) into models/GFPGAN"),
 }
 DETECTOR_HINT = ("detection_Resnet50_Final.pth or detection_mobilenet0.25_Final.pth (xinntao/facexlib releases) "
                  "into models/facedetection (or models/GFPGAN)")
@@ -68,9 +69,9 @@ class FaceRestorers:
     def restorer_file(self, name: str) -> Path | None:
         marker = KNOWN[name][0]
         files = [p for p in _files(self._folders(RESTORER_FOLDERS)) if marker in p.stem.lower()]
-        if name == "GFPGAN":  # GFPGANv1.4 before v1.3; RestoreFormer files are not GFPGAN
-            files = sorted((p for p in files if "restoreformer" not in p.stem.lower()), key=lambda p: p.stem,
-                           reverse=True)
+        if name == "GFPGAN":  # RestoreFormer files are not GFPGAN
+            files = [p for p in files if "restoreformer" not in p.stem.lower()]
+        files.sort(key=lambda p: p.stem, reverse=True)  # GFPGANv1.4 before v1.3, RestoreFormer++ before v1
         return files[0] if files else None
 
     def detector_file(self) -> Path | None:
