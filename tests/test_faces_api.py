@@ -178,3 +178,36 @@ def test_absent_weights_are_a_422_naming_the_files(bare, kind, body, words):
     assert all(w in r.text for w in words), r.text
     assert "Traceback" not in r.text
     assert httpx.get(f"{bare.url}/sdapi/v1/face-restorers").json() == []
+
+
+def test_prompts_from_file_restore_faces_flag(http):
+    args = {"checkbox_iterate": False, "prompt_position": "start",
+            "prompt_txt": '--prompt "a face" --restore_faces true\nplain'}
+    r = http.post("/sdapi/v1/txt2img", json={**SMALL, "script_name": "Prompts from file or textbox",
+                                             "script_args": args})
+    assert r.status_code == 200, r.text
+    texts = json.loads(r.json()["info"])["infotexts"]
+    assert ["Face restoration" in t for t in texts] == [True, False]
+
+
+@pytest.mark.parametrize("script", [
+    {"name": "Prompts from file or textbox", "args": {"prompt_position": "start",
+                                                      "prompt_txt": '--prompt "a face" --restore_faces true'}},
+    {"name": "X/Y/Z plot", "args": {"x_type": "Face restore", "x_values": "False, GFPGAN"}},
+])
+def test_scripts_turning_restoration_on_are_checked_for_weights(tmp_path, tiny_sd1, script):
+    """Refused at submit time, with the files named, before anything is queued."""
+    from modules.errors import InvalidParams
+    from modules.jobs.local import local_jobs
+    from modules.jobs.model import Caller
+    from modules.jobs.submit import Submission
+    from tests.api_server import models_dir_with
+    from tests.plugin_helpers import ext_app
+
+    models_dir_with(tmp_path, {"tiny": tiny_sd1})
+    app = ext_app(tmp_path)
+    with local_jobs(app) as (jobs, submitter):
+        with pytest.raises(InvalidParams, match="models/(Codeformer|GFPGAN)") as err:
+            submitter.submit(Caller("t"), Submission("txt2img", {k: v for k, v in SMALL.items()}, script=script))
+        assert "detection_Resnet50_Final.pth" in str(err.value)
+        assert jobs.list(Caller("t")) == []
