@@ -46,3 +46,12 @@ def test_extras_face_sliders_restore(page, tmp_path):
     wait_text(page, "#extras-message", "Done: 1 image(s)", timeout=120)
     wait_text(page, "#extras-info", "GFPGAN visibility: 1")
     wait_text(page, "#extras-info", "CodeFormer visibility: 0.5")
+
+
+def test_settings_have_the_face_restoration_options(page):
+    page.get_by_role("tab", name="Settings", exact=True).click()
+    section = page.locator("#settings-section-face-restoration")
+    section.wait_for(state="visible")
+    text = section.inner_text()
+    for word in ("Face restoration model", "CodeFormer", "GFPGAN", "RestoreFormer", "CodeFormer weight"):
+        assert word in text, text
