@@ -54,7 +54,7 @@ class RestorerInfo:
 
 
 class FaceRestorers:
-    """Finds face model files under `models_dir`; restores faces with one cached network at a time."""
+    """Finds face model files under `models_dir`; restores faces, keeping one network per restorer."""
 
     def __init__(self, models_dir: Path | None, device: str = "auto", options: DetectOptions | None = None) -> None:
         self.models_dir = Path(models_dir) if models_dir is not None else None  # None: no files (tests, tools)
@@ -125,7 +125,7 @@ class FaceRestorers:
         if visibility <= 0:
             return image
         with self._lock:
-            model = self._cached("restorer", self.restorer_file(name), load.load_restorer)
+            model = self._cached(name, self.restorer_file(name), load.load_restorer)
             detector = self._cached("detector", self.detector_file(), load.load_detector)
             device = self._device()
             model.net.to(device)
