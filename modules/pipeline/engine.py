@@ -4,12 +4,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from modules.checkpoints.discover import find_checkpoints, find_vaes, vae_beside_checkpoint
 from modules.checkpoints.load_mmdit import ComponentDirs, chosen_encoders
 from modules.checkpoints.manager import ModelManager
 from modules.checkpoints.model import CheckpointInfo, LoadedModel
 from modules.devices import DeviceConfig, apply_attention, apply_memory_format
 from modules.errors import CheckpointError, InvalidParams
+from modules.interrogate.service import InterrogateFolders, Interrogator
 from modules.pipeline.control import JobControl, ProgressCallback
 from modules.pipeline.generation import Task, run_task
 from modules.pipeline.hooks import NoHooks, StageHooks
@@ -54,6 +57,9 @@ class Engine:
         self.placement = Placement(settings.vram, devices.device)  # --medvram / --lowvram
         self._tokenizer = None
         self._per_model: dict[int, dict] = {}
+        # "Interrogate CLIP / DeepBooru" on this engine's device (fp32 on the CPU, as the models ship)
+        self.interrogator = Interrogator(InterrogateFolders.under(settings.models_dir), devices.device,
+                                         devices.dtype if devices.device.type == "cuda" else torch.float32)
 
     # -- models -------------------------------------------------------------
     def checkpoints(self) -> list[CheckpointInfo]:
