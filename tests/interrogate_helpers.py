@@ -93,7 +93,9 @@ def write_deepdanbooru(path: Path, width: int = 4, seed: int = 0, tags: list[str
         else:
             out = len(tags)
         in_ch = source if role == "proj" else channels
-        sd[f"n_Conv_{number}.weight"] = torch.randn(out, in_ch, kernel, kernel, generator=gen) * (2 / (in_ch * kernel ** 2)) ** 0.5
+        gain = {"expand": 0.2, "head": 0.05}.get(role, 1.0)  # residuals stay tame: scores spread over (0, 1)
+        sd[f"n_Conv_{number}.weight"] = (torch.randn(out, in_ch, kernel, kernel, generator=gen)
+                                         * gain * (2 / (in_ch * kernel ** 2)) ** 0.5)
         if role != "head":
             sd[f"n_Conv_{number}.bias"] = torch.randn(out, generator=gen) * 0.1
         if role != "proj":
