@@ -237,3 +237,16 @@ def test_options_are_checked():
         InterrogateOptions.from_options({"interrogate_deepbooru_score_threshold": 3})
     with pytest.raises(InvalidParams, match="interrogate_clip_min_length must not exceed"):
         InterrogateOptions.from_options({"interrogate_clip_min_length": 50, "interrogate_clip_max_length": 10})
+
+
+def test_a_model_folder_without_safetensors_is_refused_by_name(models_dir, tmp_path):
+    import shutil
+
+    blip = shutil.copytree(models_dir / "BLIP" / "tiny-blip", tmp_path / "BLIP" / "no-weights")
+    (blip / "model.safetensors").unlink()
+    (blip / "pytorch_model.bin").write_bytes(b"a pickle is never read")
+    folders = InterrogateFolders.under(models_dir)
+    interrogator = Interrogator(InterrogateFolders(tmp_path / "BLIP", folders.clip, folders.deepdanbooru,
+                                                   folders.lists))
+    with pytest.raises(CheckpointError, match=r"The BLIP model in .*no-weights cannot be loaded.*model\.safetensors"):
+        interrogator.interrogate(_image(), "clip", SHORT)

@@ -78,3 +78,22 @@ def test_interrogate_without_image_or_model_is_a_message(page, server, tmp_path)
     text = message_of(page, "img2img")
     assert "needs a BLIP captioning model" in text and "Traceback" not in text
     assert _prompt(page) == "kept"
+
+
+def test_settings_interrogate_section_reaches_the_buttons(page, server, tmp_path):
+    page.get_by_role("tab", name="Settings", exact=True).click()
+    assert page.locator("#settings-section-interrogate").is_visible()
+    threshold = page.locator("#setting-interrogate_deepbooru_score_threshold input[type=number]")
+    threshold.fill("1")
+    threshold.press("Enter")
+    page.click("#settings-save")
+    page.wait_for_function("document.querySelector('#settings-message')?.innerText.includes('Saved')")
+    try:
+        assert server.context.options.get("interrogate_deepbooru_score_threshold") == 1
+        _open_with_image(page, tmp_path)
+        page.fill("#img2img-prompt textarea", "old prompt")
+        page.click("#img2img-interrogate-deepdanbooru")  # no tag scores 1: an empty prompt
+        page.wait_for_function("() => document.querySelector('#img2img-prompt textarea').value === ''",
+                               timeout=60_000)
+    finally:
+        server.context.options.update(OPTIONS)

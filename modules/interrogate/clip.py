@@ -82,9 +82,9 @@ def clip_pixels(image: Image.Image, size: int) -> torch.Tensor:
     return _normalised(image.crop((left, top, left + size, top + size)), (size, size))
 
 
-def _from_pretrained(cls: Any, folder: Path, what: str) -> Any:
+def _from_pretrained(cls: Any, folder: Path, what: str, **kwargs: Any) -> Any:
     try:
-        return cls.from_pretrained(folder, local_files_only=True)
+        return cls.from_pretrained(folder, local_files_only=True, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise CheckpointError(f"{what} in {folder} cannot be loaded ({type(err).__name__}: {str(err)[:300]}). "
                               "It must be a Hugging Face folder with config.json, model.safetensors and "
@@ -102,7 +102,7 @@ class Captioner:
     def load(cls, folder: Path) -> Captioner:
         from transformers import AutoTokenizer, BlipForConditionalGeneration
 
-        model = _from_pretrained(BlipForConditionalGeneration, folder, "The BLIP model")
+        model = _from_pretrained(BlipForConditionalGeneration, folder, "The BLIP model", use_safetensors=True)
         return cls(model.eval().requires_grad_(False), _from_pretrained(AutoTokenizer, folder, "BLIP's tokenizer"))
 
     @torch.no_grad()
@@ -127,7 +127,7 @@ class Ranker:
     def load(cls, folder: Path) -> Ranker:
         from transformers import CLIPModel, CLIPTokenizer
 
-        model = _from_pretrained(CLIPModel, folder, "The CLIP model")
+        model = _from_pretrained(CLIPModel, folder, "The CLIP model", use_safetensors=True)
         return cls(model.eval().requires_grad_(False), _from_pretrained(CLIPTokenizer, folder, "CLIP's tokenizer"))
 
     @torch.no_grad()
