@@ -148,6 +148,11 @@ def test_clip_ranking_equals_a_direct_transformers_computation(models_dir):
     ranked = ranker.rank(ranker.image_features(_image()), texts, 3)
     assert [name for name, _ in ranked] == [texts[i] for i in top.indices.tolist()]
     assert [score for _, score in ranked] == pytest.approx((top.values * 100).tolist(), rel=1e-4)
+    calls = []
+    ranker.model.text_model.register_forward_hook(lambda *_: calls.append(1))
+    assert ranker.rank(ranker.image_features(_image()), texts, 3) == ranked and not calls  # cached features
+    ranker.rank(ranker.image_features(_image()), texts[:5], 3)
+    assert calls  # another list is encoded
 
 
 def test_clip_interrogation_format(interrogator):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from modules.interrogate.options import InterrogateOptions
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's; BLIP uses the same
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 TEXT_BATCH = 256  # list entries encoded per forward pass
+CACHED_LISTS = 16  # lists whose text features a Ranker keeps (they rarely change between calls)
 _TOPN = re.compile(r"\.top(\d+)$")
 ORDER = ("artists", "mediums", "movements", "flavors")  # "caption, by artist, medium, movement, flavors"
 
@@ -118,10 +119,11 @@ class Captioner:
 
 @dataclass
 class Ranker:
-    """CLIP: ranks text entries by similarity to an image."""
+    """CLIP: ranks text entries by similarity to an image. A list's text features are computed once."""
 
     model: Any
     tokenizer: Any
+    cache: dict[tuple[str, ...], torch.Tensor] = field(default_factory=dict)  # texts -> features (CPU)
 
     @classmethod
     def load(cls, folder: Path) -> Ranker:
@@ -139,8 +141,17 @@ class Ranker:
         features = self.model.visual_projection(pooled).float()
         return features / features.norm(dim=-1, keepdim=True)
 
-    @torch.no_grad()
     def text_features(self, texts: Sequence[str]) -> torch.Tensor:
+        """(len(texts), D), unit length, on the CPU; cached by the texts."""
+        key = tuple(texts)
+        if key not in self.cache:
+            if len(self.cache) >= CACHED_LISTS:
+                self.cache.pop(next(iter(self.cache)))
+            self.cache[key] = self.encode_texts(key).cpu()
+        return self.cache[key]
+
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """(len(texts), D), unit length; texts longer than CLIP's context are truncated."""
         device = next(self.model.parameters()).device
         limit = self.model.config.text_config.max_position_embeddings
@@ -156,7 +167,8 @@ class Ranker:
 
     def rank(self, image_features: torch.Tensor, texts: Sequence[str], top: int) -> list[tuple[str, float]]:
         """The `top` best entries with their scores (percent of the softmax over 100 x cosine)."""
-        probs = (100.0 * image_features @ self.text_features(texts).T).softmax(dim=-1)[0].cpu()
+        text_features = self.text_features(texts).to(image_features.device)
+        probs = (100.0 * image_features @ text_features.T).softmax(dim=-1)[0].cpu()
         values, indices = probs.topk(min(top, len(texts)))
         return [(texts[i], float(v) * 100) for v, i in zip(values.tolist(), indices.tolist(), strict=True)]
 
