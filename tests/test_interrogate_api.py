@@ -112,3 +112,14 @@ def test_a_broken_model_file_is_a_4xx_and_the_loaded_one_keeps_working(server):
     finally:
         broken.unlink()
     assert _post(server, {"image": _b64(_image()), "model": "deepdanbooru"}).json()["caption"] == before
+
+
+@pytest.mark.parametrize("mode", ["positive", "negative"])
+def test_generated_requests_never_answer_500(server, mode):
+    schemathesis = pytest.importorskip("schemathesis")
+    from tests.test_api_fuzz import check_route
+
+    schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
+    operations = [r.ok() for r in schema.get_all_operations()]
+    route = next(op for op in operations if op.path == "/sdapi/v1/interrogate")
+    assert check_route(route, schemathesis.GenerationMode(mode), server.url) >= 1
