@@ -50,15 +50,15 @@ def check_script(submission: Any, params: Any, registries: Any, find_checkpoint:
         grid = grid_options(options or {})
     except ValueError as err:
         raise InvalidParams(f"the grid options are not valid: {err}", field="script_name") from None
-    interrogate = InterrogateOptions.from_options(options).to_json()  # the caller's, for ctx.interrogate
+    names = InterrogateOptions.__dataclass_fields__  # the caller's, for ctx.interrogate (checked when used)
+    interrogate = {k: v for k, v in (options or {}).items() if k in names}
     return {"name": spec.name, "args": args, "grid": grid.to_json(), "interrogate": interrogate}
 
 
 def _interrogation(engine: Any, options: Mapping[str, Any] | None) -> Callable[[Any, str], str]:
     """`ctx.interrogate(image, model)` on the job's engine with the options the job was submitted with."""
-    chosen = InterrogateOptions.from_options(options)
-
     def interrogate(image: Any, model: str) -> str:
+        chosen = InterrogateOptions.from_options(options)
         return engine.interrogator.interrogate(image.convert("RGB"), model, chosen)
 
     return interrogate
