@@ -6,6 +6,7 @@ the API, a message in the UI) naming the folder and the files to put there.
 """
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Callable
@@ -49,8 +50,6 @@ class InterrogateFolders:
 
 def hf_folder(folder: Path, model_type: str) -> Path | None:
     """`folder` itself or its first sub-folder (by name) holding a config.json of `model_type`."""
-    import json
-
     candidates = [folder, *sorted(p for p in folder.iterdir() if p.is_dir())] if folder.is_dir() else []
     for candidate in candidates:
         config = candidate / "config.json"
@@ -67,10 +66,12 @@ def hf_folder(folder: Path, model_type: str) -> Path | None:
 def resize_and_fill(image: Image.Image, size: int) -> Image.Image:
     """A1111's "resize and fill": fit inside size x size, centred, edges stretched into the margins."""
     image = image.convert("RGB")
-    scale = size / max(image.size)
-    w, h = max(1, round(image.width * scale)), max(1, round(image.height * scale))
+    if image.width >= image.height:  # A1111's integer sizes and offsets
+        w, h = size, max(1, image.height * size // image.width)
+    else:
+        w, h = max(1, image.width * size // image.height), size
     array = np.asarray(image.resize((w, h), Image.Resampling.LANCZOS))
-    left, top = (size - w) // 2, (size - h) // 2
+    left, top = size // 2 - w // 2, size // 2 - h // 2
     padded = np.pad(array, ((top, size - h - top), (left, size - w - left), (0, 0)), mode="edge")
     return Image.fromarray(padded)
 
