@@ -4,12 +4,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from modules.checkpoints.discover import find_checkpoints, find_vaes, vae_beside_checkpoint
 from modules.checkpoints.load_mmdit import ComponentDirs, chosen_encoders
 from modules.checkpoints.manager import ModelManager
 from modules.checkpoints.model import CheckpointInfo, LoadedModel
 from modules.devices import DeviceConfig, apply_attention, apply_memory_format
 from modules.errors import CheckpointError, InvalidParams
+from modules.interrogate.service import InterrogateFolders, Interrogator
 from modules.pipeline.compiled import check_compiler, compile_model
 from modules.pipeline.control import JobControl, ProgressCallback
 from modules.pipeline.generation import Task, run_task
@@ -57,6 +60,9 @@ class Engine:
             check_compiler(devices.device, settings.compile_backend)  # refuse at start, not at the first job
         self._tokenizer = None
         self._per_model: dict[int, dict] = {}
+        # "Interrogate CLIP / DeepBooru" on this engine's device (fp32 on the CPU, as the models ship)
+        self.interrogator = Interrogator(InterrogateFolders.under(settings.models_dir), devices.device,
+                                         devices.dtype if devices.device.type == "cuda" else torch.float32)
 
     # -- models -------------------------------------------------------------
     def checkpoints(self) -> list[CheckpointInfo]:
