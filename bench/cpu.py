@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 CACHE = REPO / "bench" / "cache"
 CKPT = "sd15-random-seed0.safetensors"
-VARIANTS = ("atelier", "atelier-fp32", "diffusers", "diffusers-bf16")
+VARIANTS = ("atelier", "atelier-fp32", "atelier-compile", "diffusers", "diffusers-bf16")
 PROMPT = "a photograph of an astronaut riding a horse, detailed, sharp focus"
 NEGATIVE = "blurry, low quality"
 SEED = 1234
@@ -118,7 +118,7 @@ def child_raw_read(ckpt: Path) -> dict:
     return {"load_s": took, "params": sum(t.numel() for t in tensors.values()), "peak_rss_gb": peak_rss_gb()}
 
 
-def child_atelier(ckpt: Path, precision: str, size: int, steps: int, cache: Path) -> dict:
+def child_atelier(ckpt: Path, precision: str, size: int, steps: int, cache: Path, compile: bool = False) -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401  imported before the clock starts,
     from transformers import CLIPTextModel  # noqa: F401  as the diffusers child imports its pipeline class
 
@@ -127,18 +127,30 @@ def child_atelier(ckpt: Path, precision: str, size: int, steps: int, cache: Path
     from modules.settings import Settings
 
     app = build_app(Settings(device="cpu", precision=precision, data_dir=cache / "data",
-                             outputs_dir=cache / "outputs", disable_extra_extensions=True))
+                             outputs_dir=cache / "outputs", disable_extra_extensions=True, compile=compile))
     began = time.perf_counter()
     model = app.engine.load_model(ckpt)
     load_s = time.perf_counter() - began
+    compile_s = _warm_up(app.engine, size) if compile else 0.0
     timers = Timers({"text": model.text_encoders[0], "unet": model.unet, "vae": model.vae.decoder})
     params = Txt2ImgParams(prompt=PROMPT, negative_prompt=NEGATIVE, steps=steps, sampler_name="Euler",
                            cfg_scale=7.0, seed=SEED, width=size, height=size, save_images=False)
     began = time.perf_counter()
     result = app.engine.txt2img(params)
     total_s = time.perf_counter() - began
-    result.images[0].save(cache / f"out-{precision}-{size}.png")
-    return {"load_s": load_s, "total_s": total_s, "device": app.devices.describe(), **_split(timers, steps)}
+    result.images[0].save(cache / f"out-{precision}{'-compile' if compile else ''}-{size}.png")
+    return {"load_s": load_s, "total_s": total_s, "compile_s": compile_s, "device": app.devices.describe(),
+            **_split(timers, steps)}
+
+
+def _warm_up(engine, size: int) -> float:
+    """--compile: one short job of the same shapes compiles the UNet and the decoder (or reads the cache)."""
+    from modules.pipeline.params import Txt2ImgParams
+
+    began = time.perf_counter()
+    engine.txt2img(Txt2ImgParams(prompt=PROMPT, negative_prompt=NEGATIVE, steps=2, sampler_name="Euler",
+                                 cfg_scale=7.0, seed=SEED, width=size, height=size, save_images=False))
+    return time.perf_counter() - began
 
 
 def child_diffusers(ckpt: Path, config: Path, bf16: bool, size: int, steps: int) -> dict:
@@ -178,7 +190,7 @@ def run_child(args: argparse.Namespace) -> dict:
         return child_raw_read(ckpt)
     if args.child.startswith("atelier"):
         precision = "fp32" if args.child == "atelier-fp32" else "auto"
-        return child_atelier(ckpt, precision, args.size, args.steps, args.cache)
+        return child_atelier(ckpt, precision, args.size, args.steps, args.cache, args.child == "atelier-compile")
     return child_diffusers(ckpt, args.cache / "sd15-diffusers-config", args.child == "diffusers-bf16",
                            args.size, args.steps)
 
@@ -215,15 +227,13 @@ def summarise(runs: dict[str, list[dict]]) -> dict[str, dict]:
 
 
 def ratios(s: dict[str, dict], variants: list[str]) -> dict[str, float]:
-    """How many times faster (or leaner) the default Atelier is than each other variant."""
-    base = s.get("atelier")
-    if base is None:
-        return {}
+    """How many times faster (or leaner) Atelier (default, and compiled) is than each other variant."""
     out = {}
-    for other in (v for v in variants if v != "atelier"):
-        for key in ("total_s", "step_s", "decode_s", "text_s", "load_s"):
-            if key in s[other] and s["atelier"].get(key):
-                out[f"{other}/atelier {key}"] = s[other][key] / s["atelier"][key]
+    for base in (b for b in ("atelier", "atelier-compile") if b in s):
+        for other in (v for v in variants if v not in (base, "atelier-compile")):
+            for key in ("total_s", "step_s", "decode_s", "text_s", "load_s"):
+                if key in s[other] and s[base].get(key):
+                    out[f"{other}/{base} {key}"] = s[other][key] / s[base][key]
     if "raw" in s:
         for v in variants:
             out[f"{v} load / raw read"] = s[v]["load_s"] / s["raw"]["load_s"]
@@ -242,7 +252,8 @@ def print_table(s: dict[str, dict], rats: dict[str, float], args: argparse.Names
     print(f"\n{args.size}x{args.size}, {args.steps} Euler steps, CFG 7 (batch 2 per UNet call), "
           f"median of {args.repeats}")
     print_markdown_table(s, {"load s": "load_s", "text s": "text_s", "s/step": "step_s", "decode s": "decode_s",
-                             "total s": "total_s", "peak RSS GB": "peak_rss_gb"})
+                             "total s": "total_s", "compile s": "compile_s",
+                             "peak RSS GB": "peak_rss_gb"})
     for k, v in rats.items():
         print(f"  {k}: {v:.2f}x")
 
@@ -276,8 +287,12 @@ def main(argv: list[str] | None = None) -> int:
     print_table(s, rats, args)
     if quality is not None:
         print(f"  PSNR atelier default vs atelier fp32 (same seed): {quality:.1f} dB")
+    compiled = psnr(args.cache / f"out-auto-compile-{args.size}.png", args.cache / f"out-fp32-{args.size}.png")
+    if compiled is not None:
+        print(f"  PSNR atelier --compile vs atelier fp32 (same seed): {compiled:.1f} dB")
     report = {"size": args.size, "steps": args.steps, "repeats": args.repeats, "cpu": cpu_name(),
-              "cores": os.cpu_count(), "results": s, "runs": runs, "ratios": rats, "psnr_default_vs_fp32_db": quality}
+              "cores": os.cpu_count(), "results": s, "runs": runs, "ratios": rats, "psnr_default_vs_fp32_db": quality,
+              "psnr_compile_vs_fp32_db": compiled}
     args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")
     return 0

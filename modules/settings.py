@@ -66,6 +66,9 @@ class Settings:
     lora_dirs: tuple[Path, ...] = ()  # --lora-dir: searched after models/Lora
     embeddings_dirs: tuple[Path, ...] = ()  # --embeddings-dir: searched after models/embeddings
     controlnet_unit_count: int = 3  # ControlNet units per job (sd-webui-controlnet's control_net_unit_count)
+    compile: bool = False  # the denoiser and VAE decoder through torch.compile (inductor)
+    compile_mode: str = "default"  # torch.compile mode: default, max-autotune, ...
+    compile_backend: str = "inductor"  # any torch.compile backend (openvino once installed)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -151,6 +154,13 @@ def add_performance_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--upscaler-tile", type=int, default=0,
                        help="model upscaler tile side in pixels (0 = automatic from free memory)")
     group.add_argument("--upscaler-tile-overlap", type=int, default=0, help="model upscaler tile overlap (0 = auto)")
+    group.add_argument("--compile", action="store_true",
+                       help="compile the UNet/transformer and the VAE decoder with torch.compile (the first job "
+                            "of each size compiles; cached under DATA_DIR/cache/inductor)")
+    group.add_argument("--compile-mode", choices=("default", "max-autotune", "max-autotune-no-cudagraphs"),
+                       default="default", help="torch.compile mode for --compile")
+    group.add_argument("--compile-backend", default="inductor",
+                       help="torch.compile backend for --compile: inductor, or openvino when installed")
     vram = group.add_mutually_exclusive_group()
     vram.add_argument("--medvram", dest="vram", action="store_const", const="medvram", default="normal",
                       help="keep only the model in use (text encoder, UNet or VAE) on the GPU")
@@ -201,6 +211,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         upscaler_tile=getattr(args, "upscaler_tile", 0),
         upscaler_tile_overlap=getattr(args, "upscaler_tile_overlap", 0),
         vram=getattr(args, "vram", "normal"),
+        compile=getattr(args, "compile", False),
+        compile_mode=getattr(args, "compile_mode", "default"),
+        compile_backend=getattr(args, "compile_backend", "inductor"),
         styles_file=args.styles_file or data_dir / "styles.csv",
         extensions_dirs=(*base.extensions_dirs, *args.extensions_dir),
         disable_all_extensions=args.disable_all_extensions,

@@ -137,8 +137,8 @@ def test_empty_batch_is_refused(server):
     assert r.status_code == 422 and "imageList is empty" in r.text
 
 
-@pytest.mark.parametrize("model,message", [("clip", "Interrogation (clip) is not available"),
-                                           ("deepdanbooru", "Interrogation (deepdanbooru) is not available"),
+@pytest.mark.parametrize("model,message", [("clip", "needs a BLIP captioning model"),
+                                           ("deepdanbooru", "needs model-resnet_custom_v3.pt"),
                                            ("blip9", "Unknown interrogation model 'blip9'")])
 def test_interrogate_is_a_clear_4xx(server, model, message):
     r = httpx.post(f"{server.url}/sdapi/v1/interrogate", json={"image": _b64(_random(8, 8)), "model": model})

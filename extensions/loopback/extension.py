@@ -1,7 +1,7 @@
 """Loopback (img2img): each result becomes the next loop's init image; the denoising strength moves
 from the job's value to the final one along a curve. Controls in A1111 1.10's `ui()` order:
-loops, final_denoising_strength, denoising_curve, append_interrogation (only "None": Atelier has
-no interrogator yet).
+loops, final_denoising_strength, denoising_curve, append_interrogation. With an interrogation chosen,
+each loop's prompt is the job's prompt, ", ", then the interrogation of that loop's init image (A1111's).
 """
 from __future__ import annotations
 
@@ -13,12 +13,13 @@ from modules.plugins import api
 
 TITLE = "Loopback"
 CURVES = ("Aggressive", "Linear", "Lazy")
+INTERROGATIONS = {"None": None, "CLIP": "clip", "DeepBooru": "deepdanbooru"}  # choice -> interrogation model
 OPTIONS = (
     api.OptionSpec("loops", "Loops", 4, "slider", 1, 32, 1),
     api.OptionSpec("final_denoising_strength", "Final denoising strength", 0.5, "slider", 0.0, 1.0, 0.01),
     api.OptionSpec("denoising_curve", "Denoising strength curve", "Linear", "dropdown", choices=CURVES),
     api.OptionSpec("append_interrogation", "Append interrogated prompt at each iteration", "None", "dropdown",
-                   choices=("None", "CLIP", "DeepBooru")),
+                   choices=tuple(INTERROGATIONS)),
 )
 
 
@@ -40,9 +41,24 @@ def check(ctx: api.ScriptCheck) -> None:
     if ctx.args["denoising_curve"] not in CURVES:
         raise api.InvalidParams(f"Loopback: denoising_curve must be one of {', '.join(CURVES)}, "
                                 f"got {ctx.args['denoising_curve']!r}")
-    if ctx.args["append_interrogation"] != "None":
-        raise api.InvalidParams(f"Loopback: append_interrogation {ctx.args['append_interrogation']!r} is not "
-                                "supported by Atelier yet (no interrogator); use None")
+    choice = ctx.args["append_interrogation"]
+    if choice not in INTERROGATIONS:
+        raise api.InvalidParams(f"Loopback: append_interrogation must be one of {', '.join(INTERROGATIONS)}, "
+                                f"got {choice!r}")
+    if INTERROGATIONS[choice] is not None:
+        try:
+            ctx.check_interrogation(INTERROGATIONS[choice])
+        except api.InvalidParams as err:
+            raise api.InvalidParams(f"Loopback: append_interrogation {choice}: {err}") from None
+
+
+def prompt_for(ctx: api.ScriptContext, image, prompt: str) -> str:
+    """The loop's prompt: with an interrogation chosen, "<job prompt>, <interrogation of image>"."""
+    model = INTERROGATIONS[ctx.args["append_interrogation"]]
+    if model is None:
+        return prompt
+    text = ctx.interrogate(image, model)
+    return f"{prompt}, {text}" if prompt else text
 
 
 def run(ctx: api.ScriptContext) -> api.Result:
@@ -60,7 +76,8 @@ def run(ctx: api.ScriptContext) -> api.Result:
             denoise = strength(i, loops, p.denoising_strength, float(args["final_denoising_strength"]),
                                args["denoising_curve"])
             cell = dataclasses.replace(p, init_images=tuple(init), batch_size=1, n_iter=1, seed=seed,
-                                       denoising_strength=denoise, inpainting_fill=fill)
+                                       denoising_strength=denoise, inpainting_fill=fill,
+                                       prompt=prompt_for(ctx, init[0], p.prompt))
             result = ctx.process(cell, label="loop")
             if not result.images:
                 break

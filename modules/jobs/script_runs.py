@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from modules.errors import InvalidParams
+from modules.interrogate.options import InterrogateOptions
 from modules.plugins.grids import GridOptions, grid_options
 from modules.plugins.scripts import ScriptCheck, ScriptContext, find_script, script_args
 
@@ -22,7 +23,8 @@ log = logging.getLogger(__name__)
 
 
 def check_script(submission: Any, params: Any, registries: Any, find_checkpoint: Callable[[str], str],
-                 limits: Any = None, options: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+                 limits: Any = None, options: Mapping[str, Any] | None = None,
+                 interrogation: Callable[[str], None] | None = None) -> dict[str, Any] | None:
     """The submission's script as the payload stores it ({"name", "args" by name, "grid" options}), checked;
     None: no script. `options` are the caller's A1111 options (grid_format, n_rows, ...).
 
@@ -35,7 +37,8 @@ def check_script(submission: Any, params: Any, registries: Any, find_checkpoint:
     args = script_args(spec, script.get("args"))
     if spec.check is not None:
         try:
-            spec.check(ScriptCheck(submission.kind, params, args, registries, find_checkpoint, limits))
+            spec.check(ScriptCheck(submission.kind, params, args, registries, find_checkpoint, limits,
+                                   interrogation))
         except InvalidParams as err:
             err.field = err.field or "script_args"
             raise
@@ -47,7 +50,18 @@ def check_script(submission: Any, params: Any, registries: Any, find_checkpoint:
         grid = grid_options(options or {})
     except ValueError as err:
         raise InvalidParams(f"the grid options are not valid: {err}", field="script_name") from None
-    return {"name": spec.name, "args": args, "grid": grid.to_json()}
+    names = InterrogateOptions.__dataclass_fields__  # the caller's, for ctx.interrogate (checked when used)
+    interrogate = {k: v for k, v in (options or {}).items() if k in names}
+    return {"name": spec.name, "args": args, "grid": grid.to_json(), "interrogate": interrogate}
+
+
+def _interrogation(engine: Any, options: Mapping[str, Any] | None) -> Callable[[Any, str], str]:
+    """`ctx.interrogate(image, model)` on the job's engine with the options the job was submitted with."""
+    def interrogate(image: Any, model: str) -> str:
+        chosen = InterrogateOptions.from_options(options)
+        return engine.interrogator.interrogate(image.convert("RGB"), model, chosen)
+
+    return interrogate
 
 
 def run_script(engine: Any, task: str, script: Mapping[str, Any], params: Any, checkpoint: str, control: Any,
@@ -88,7 +102,8 @@ def run_script(engine: Any, task: str, script: Mapping[str, Any], params: Any, c
     ctx = ScriptContext(task, params, dict(script.get("args") or {}), engine.registries, checkpoint,
                         find_checkpoint, process, saver(engine.settings.outputs_dir / f"{task}-grids", grid),
                         lambda: control.interrupted,
-                        saver(params.outdir or engine.settings.outputs_dir / f"{task}-images"), grid=grid)
+                        saver(params.outdir or engine.settings.outputs_dir / f"{task}-images"), grid=grid,
+                        interrogate_fn=_interrogation(engine, script.get("interrogate")))
     result = spec.run(ctx)
     for warning in ctx.warnings:
         if warning not in result.warnings:

@@ -55,6 +55,7 @@ class SubmitService:
     options: Callable[[Caller | None], Mapping[str, Any]]  # a caller's A1111 options (None: the server's)
     resolve_checkpoint: Callable[[str | None], tuple[str, str]]  # name (None: current) -> (name, title)
     inputs_dir: Path
+    interrogation: Callable[[str], None] | None = None  # model name -> raises when it is not installed
 
     def prepare(self, submission: Submission, caller: Caller | None = None) -> JobPayload:
         """The validated payload, input images still in memory; raises InvalidParams naming the field.
@@ -75,7 +76,8 @@ class SubmitService:
         _check_face_models(params, self.registries)
         checkpoint, title = self._checkpoint(submission.checkpoint) if getattr(cls, "needs_checkpoint", True) \
             else ("", "")
-        script = check_script(submission, params, self.registries, self._checkpoint_name, self.limits, options)
+        script = check_script(submission, params, self.registries, self._checkpoint_name, self.limits, options,
+                              self.interrogation)
         request = submission.request
         if request is None:
             request = {**encode_params(params), "override_settings": {"sd_model_checkpoint": title}}

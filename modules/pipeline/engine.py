@@ -4,12 +4,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from modules.checkpoints.discover import find_checkpoints, find_vaes, vae_beside_checkpoint
 from modules.checkpoints.load_mmdit import ComponentDirs, chosen_encoders
 from modules.checkpoints.manager import ModelManager
 from modules.checkpoints.model import CheckpointInfo, LoadedModel
 from modules.devices import DeviceConfig, apply_attention, apply_memory_format
 from modules.errors import CheckpointError, InvalidParams
+from modules.interrogate.service import InterrogateFolders, Interrogator
+from modules.pipeline.compiled import check_compiler, compile_model
 from modules.pipeline.control import JobControl, ProgressCallback
 from modules.pipeline.generation import Task, run_task
 from modules.pipeline.hooks import NoHooks, StageHooks
@@ -52,8 +56,13 @@ class Engine:
         self.demo_checkpoint = demo_checkpoint
         self.models = ModelManager(settings.hash_cache)
         self.placement = Placement(settings.vram, devices.device)  # --medvram / --lowvram
+        if settings.compile:
+            check_compiler(devices.device, settings.compile_backend)  # refuse at start, not at the first job
         self._tokenizer = None
         self._per_model: dict[int, dict] = {}
+        # "Interrogate CLIP / DeepBooru" on this engine's device (fp32 on the CPU, as the models ship)
+        self.interrogator = Interrogator(InterrogateFolders.under(settings.models_dir), devices.device,
+                                         devices.dtype if devices.device.type == "cuda" else torch.float32)
 
     # -- models -------------------------------------------------------------
     def checkpoints(self) -> list[CheckpointInfo]:
@@ -95,6 +104,9 @@ class Engine:
         apply_attention([model.unet, model.vae], self.devices.attention)
         # the UNet measured ~5% slower in NHWC; VAE weights read as NHWC are not copied again
         apply_memory_format([model.vae], self.devices.channels_last)
+        if self.settings.compile:
+            compile_model(model, self.devices.device, self.settings.data_dir / "cache" / "inductor",
+                          self.settings.compile_mode, self.settings.compile_backend)
         if self.placement.enabled:  # built on the CPU; each part comes to the GPU when it runs
             model.device = self.devices.device
             self.placement.attach(model.unet, model.vae, model.text_encoders)

@@ -58,7 +58,8 @@ from modules.text.prompt_parser import ExtraNetworkTag
 #      extend_result; the grid builder (image_grid, annotate_grid, GridAnnotation, split_grid, combine_grid)
 # 1.5: unet_residuals (conditioning inside the UNet: ControlNet) with DenoiserContext, UNetCall, UNetResiduals
 #      and JobContext.state; register_root_api_routes with RootRoutesSpec; a list `args` in alwayson_scripts
-API_VERSION = "1.5"
+# 1.6: ScriptContext.interrogate(image, model) and ScriptCheck.check_interrogation(model) (CLIP / DeepDanbooru)
+API_VERSION = "1.6"
 
 __all__ = [
     "API_VERSION", "AtelierError", "AxisSpec", "DenoiserContext", "GridAnnotation", "ScriptCheck", "ScriptContext", "ScriptSpec",

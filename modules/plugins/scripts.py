@@ -60,6 +60,13 @@ class ScriptCheck:
     registries: Any
     find_checkpoint: Callable[[str], str]  # a name as users write it -> the checkpoint's name; raises
     limits: Any = None  # the server's Limits: check a cell's params with `params.validate(limits)`
+    interrogation: Callable[[str], None] | None = None
+
+    def check_interrogation(self, model: str) -> None:
+        """Raise InvalidParams naming the files when interrogation model `model` ("clip" or
+        "deepdanbooru") is not installed, so a script that needs it is refused before it is queued."""
+        if self.interrogation is not None:
+            self.interrogation(model)
 
 
 @dataclass
@@ -77,6 +84,7 @@ class ScriptContext:
     stop_fn: Callable[[], bool]
     save_fn: Callable[[Any, int, str], Path | None] = lambda image, seed, text: None
     grid: GridOptions = field(default_factory=GridOptions)  # the user's grid options (rows, format, saving)
+    interrogate_fn: Callable[[Any, str], str] | None = None
     warnings: list[str] = field(default_factory=list)
     total: int = 1
     done: int = 0
@@ -103,6 +111,13 @@ class ScriptContext:
     def save(self, image: Any, seed: int, infotext: str) -> Path | None:
         """Save a finished image (SD upscale's result) with the job's other images, if the job saves."""
         return self.save_fn(image, seed, infotext)
+
+    def interrogate(self, image: Any, model: str) -> str:
+        """A prompt for `image`: "clip" (caption and list matches) or "deepdanbooru" (tags), with the
+        user's interrogation options, as img2img's Interrogate buttons give it."""
+        if self.interrogate_fn is None:
+            raise InvalidParams("interrogation is not available to this script run")
+        return self.interrogate_fn(image, model)
 
     def warn(self, message: str) -> None:
         if message not in self.warnings:

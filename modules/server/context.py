@@ -44,7 +44,8 @@ class ServerContext:
     def submitter(self) -> SubmitService:
         """The one way jobs are queued, for the UI and both APIs alike."""
         return SubmitService(self.jobs, self.app.settings.limits, self.app.registries, self.options_for,
-                             self.checkpoint_for_job, self.data_dir / "job-inputs")
+                             self.checkpoint_for_job, self.data_dir / "job-inputs",
+                             interrogation=self.app.engine.interrogator.check)
 
     @cached_property
     def user_options(self) -> UserOptions:

@@ -18,11 +18,11 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from modules.errors import InvalidParams
 from modules.jobs.model import FAILED, Caller, Job
 from modules.jobs.submit import Submission
 from modules.server.context import ServerContext
 from modules.server.convert import RequestError, decode_image
+from modules.server.interrogate_api import run_interrogation
 from modules.upscalers.extras import ExtrasParams
 
 
@@ -125,10 +125,6 @@ def add_extras_routes(router: APIRouter, ctx: ServerContext, caller_dep: Any) ->
         paths = job.result.images if job.result else []
         return {"html_info": _info(job), "images": [_b64(p) for p in paths] if req.show_extras_results else []}
 
-    @router.post("/interrogate", dependencies=[caller_dep])
-    def interrogate(req: InterrogateRequest) -> dict[str, Any]:
-        if req.model not in ("clip", "deepdanbooru"):
-            raise InvalidParams(f"Unknown interrogation model {req.model!r}; A1111's are clip and deepdanbooru",
-                                field="model")
-        raise InvalidParams(f"Interrogation ({req.model}) is not available in Atelier yet: no captioning or "
-                            "tagging model is supported so far.", field="model")
+    @router.post("/interrogate")
+    async def interrogate(req: InterrogateRequest, caller: Caller = caller_dep) -> dict[str, Any]:
+        return await run_interrogation(ctx, req.image, req.model, caller)

@@ -11,6 +11,7 @@ from modules.pipeline.params import INPAINTING_FILLS, RESIZE_MODES
 from modules.ui.bindings import Fields
 from modules.ui.context import UIContext
 from modules.ui.generation import GenerationTab, build_generation_tab
+from modules.ui.interrogate import interrogate_buttons, wire_interrogate
 from modules.ui.safe_image import SafeImage
 
 MODES = (("img2img", "img2img"), ("sketch", "Sketch"), ("inpaint", "Inpaint"), ("inpaint_sketch", "Inpaint sketch"),
@@ -24,7 +25,9 @@ DEFAULT_BRUSH = 20  # radius before an image is known (a 512x512 image gets 21)
 
 def build_img2img_tab(ui: UIContext, checkpoint: gr.Dropdown) -> GenerationTab:
     with gr.Tab("img2img", id="img2img", elem_id="tab-img2img"):
-        return build_generation_tab(ui, "img2img", "img2img", checkpoint, _image_inputs)
+        tab = build_generation_tab(ui, "img2img", "img2img", checkpoint, _image_inputs)
+        wire_interrogate(ui, tab)
+        return tab
 
 
 def _image_inputs(fields: Fields) -> tuple[set, Any, dict]:
@@ -36,6 +39,7 @@ def _image_inputs(fields: Fields) -> tuple[set, Any, dict]:
                 _mode_inputs(key, handles)
             tab.select(lambda k=key: k, outputs=mode, queue=False)
     handles["modes"] = modes
+    handles["interrogate"] = interrogate_buttons()
     _resize_by(handles)
     _img2img_fields(fields)
     extra = {mode, handles["image"], handles["editor"], handles["sketch"], handles["inpaint_sketch"],

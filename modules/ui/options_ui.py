@@ -20,9 +20,25 @@ from modules.ui.context import UIContext
 
 FACE_RESTORERS = list(_FACE_MODELS)
 DEFAULT_QUICKSETTINGS = ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers")
-INT_OPTIONS = ("show_progress_every_n_steps", "CLIP_stop_at_last_layers", "eta_noise_seed_delta")
+INT_OPTIONS = ("show_progress_every_n_steps", "CLIP_stop_at_last_layers", "eta_noise_seed_delta",
+               "interrogate_clip_num_beams", "interrogate_clip_min_length", "interrogate_clip_max_length",
+               "interrogate_clip_dict_limit")
 SECTIONS = ("Stable Diffusion", "Sampler parameters", "Live previews", "User interface", "Saving images",
-            "Face restoration", "Other")
+            "Interrogate", "Face restoration", "Other")
+INTERROGATE_LABELS = (  # A1111's Settings > Interrogate
+    ("interrogate_keep_models_in_memory", "Keep models in VRAM"),
+    ("interrogate_return_ranks", "Include ranks of model tags matches in results"),
+    ("interrogate_clip_num_beams", "BLIP: num_beams"),
+    ("interrogate_clip_min_length", "BLIP: minimum description length"),
+    ("interrogate_clip_max_length", "BLIP: maximum description length"),
+    ("interrogate_clip_dict_limit", "CLIP: maximum number of lines in text file (0 = no limit)"),
+    ("interrogate_clip_skip_categories", "CLIP: skip inquire categories"),
+    ("interrogate_deepbooru_score_threshold", "deepbooru: score threshold"),
+    ("deepbooru_sort_alpha", "deepbooru: sort tags alphabetically (if not: by score)"),
+    ("deepbooru_use_spaces", "deepbooru: use spaces in tags"),
+    ("deepbooru_escape", "deepbooru: escape (\\) brackets"),
+    ("deepbooru_filter_tags", "deepbooru: filter out those tags (comma-separated)"),
+)
 RESTART_FLAGS = {"sd_vae": "--vae", "samples_format": "(PNG with infotext)", "outdir_txt2img_samples":
                  "--outputs-dir", "outdir_img2img_samples": "--outputs-dir"}
 
@@ -54,6 +70,7 @@ def known_options() -> dict[str, OptionInfo]:
         ("face_restoration_model", "Face restoration", "Face restoration model"),
         ("code_former_weight", "Face restoration", "CodeFormer weight (0 = maximum effect, 1 = minimum effect)"),
     )
+    rows += tuple((key, "Interrogate", label) for key, label in INTERROGATE_LABELS)
     return {key: OptionInfo(key, section, label) for key, section, label in rows}
 
 
@@ -94,6 +111,11 @@ def option_widget(ui: UIContext, key: str, elem_id: str, compact: bool = False) 
         return gr.Slider(0.01, 0.2, value=value, step=0.001, **common)
     if key == "code_former_weight":
         return gr.Slider(0, 1, value=0.5 if value is None else value, step=0.01, **common)
+    if key == "interrogate_deepbooru_score_threshold":
+        return gr.Slider(0.0, 1.0, value=value, step=0.01, **common)
+    if key == "interrogate_clip_skip_categories":
+        return gr.Dropdown(["artists", "mediums", "movements", "flavors"], value=list(value or []),
+                           multiselect=True, allow_custom_value=True, **common)
     choice = gr.Dropdown if compact else gr.Radio
     if key == "face_restoration_model":
         return choice(FACE_RESTORERS, value=value or "CodeFormer", **common)

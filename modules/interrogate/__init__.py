@@ -1,0 +1,1 @@
+"""Interrogation: a prompt from an image (A1111's "Interrogate CLIP" and "Interrogate DeepBooru")."""
