@@ -205,8 +205,8 @@ def test_extras_second_upscaler_is_blended(tmp_path):
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("gfpgan_visibility", 0.5, "Face restoration is not available.*models/GFPGAN"),
-    ("codeformer_visibility", 1.0, "Face restoration is not available.*models/Codeformer"),
+    ("gfpgan_visibility", 1.5, "gfpgan_visibility must be between 0 and 1"),
+    ("codeformer_weight", -0.5, "codeformer_weight must be between 0 and 1"),
     ("upscaling_resize", 9.0, "upscaling_resize must be between 1 and 8"),
     ("resize_mode", 2, "resize_mode must be 0"),
     ("extras_upscaler_2_visibility", 1.5, "extras_upscaler_2_visibility must be between"),

@@ -77,6 +77,15 @@ def test_face_restoration_gives_a_message_not_a_traceback(page, tmp_path):
     assert "Traceback" not in page.locator("#extras-message").inner_text()
 
 
+def test_restore_faces_without_weights_names_the_files(page):
+    fill_txt2img(page, "a face", seed=5, steps=1)
+    page.locator("#txt2img-restore-faces input").check()
+    page.click("#txt2img-generate")
+    message = wait_result(page)
+    assert "codeformer-v0.1.0.pth" in message and "models/Codeformer" in message, message
+    assert "detection_Resnet50_Final.pth" in message and "Traceback" not in message
+
+
 def test_batch_from_directory_scale_to(page, server):
     folder = server.root / "outputs" / "batch-in"
     folder.mkdir(parents=True, exist_ok=True)

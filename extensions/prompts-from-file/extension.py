@@ -90,7 +90,9 @@ def line_params(base: Any, flags: dict[str, Any], position: str, registries: Any
             own = getattr(base, tag)
             joined = (f"{value} {own}" if position == "start" else f"{own} {value}") if own else value
             changes[tag] = joined
-        elif tag in ("restore_faces", "tiling"):
+        elif tag == "restore_faces":
+            changes["restore_faces"] = bool(value)
+        elif tag == "tiling":
             if value:
                 raise api.InvalidParams(f"Prompts from file: --{tag} true is not supported by Atelier yet")
         elif tag == "do_not_save_samples":
@@ -132,6 +134,9 @@ def check(ctx: api.ScriptCheck) -> None:
         if checkpoint is not None:
             ctx.find_checkpoint(checkpoint)
         _checked(ctx, params, line)
+        faces = getattr(ctx.registries, "face_restorers", None)
+        if getattr(params, "restore_faces", False) and faces is not None:
+            faces.check(params.face_restoration_model, "script_args")  # names the weight files to fetch
 
 
 def run(ctx: api.ScriptContext) -> api.Result:

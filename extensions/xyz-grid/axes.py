@@ -92,11 +92,39 @@ def apply_styles(params: Any, value: str, values: Any = None) -> Any:
     return dataclasses.replace(params, styles=(*params.styles, *extra))
 
 
+TRUE_WORDS = ("true", "yes", "y", "1", "on")
+FACE_MODELS = {"codeformer": "CodeFormer", "gfpgan": "GFPGAN", "restoreformer": "RestoreFormer"}
+
+
+def face_restore_choice(value: str) -> str | None:
+    """A1111's Face restore values: a model name turns it on with that model, True with the job's model."""
+    word = str(value).strip().lower()
+    if word in FACE_MODELS:
+        return FACE_MODELS[word]
+    if word in TRUE_WORDS:
+        return ""
+    if word in FALSE_WORDS:
+        return None
+    raise api.InvalidParams(f"Face restore {value!r}: use True, False, CodeFormer, GFPGAN or RestoreFormer")
+
+
+def apply_face_restore(params: Any, value: str, values: Any = None) -> Any:
+    model = face_restore_choice(value)
+    if model is None:
+        return dataclasses.replace(params, restore_faces=False)
+    return dataclasses.replace(params, restore_faces=True, face_restoration_model=model or params.face_restoration_model)
+
+
 def check_face_restore(values: list[str], ctx: api.ScriptCheck) -> None:
+    """Each value is understood, and the models it turns on have their files (the message names them)."""
+    faces = getattr(ctx.registries, "face_restorers", None)
     for value in values:
-        if value.strip().lower() not in FALSE_WORDS:
-            raise api.InvalidParams(f"Face restore {value!r}: face restoration is not supported by Atelier yet; "
-                                    "use False")
+        model = face_restore_choice(value)
+        if model is None:
+            continue
+        if faces is None:
+            raise api.InvalidParams("Face restore: face restoration is not available in this process")
+        faces.check(model or ctx.params.face_restoration_model, "script_args")
 
 
 def parse_size(value: str) -> tuple[int, int]:
@@ -168,7 +196,8 @@ def builtin_axes() -> list[api.AxisSpec]:
         api.AxisSpec("Hires upscaler", field("hr_upscaler"), tabs=t2i, check=check_registry("upscaler", "upscalers"),
                      choices=lambda r: r.upscalers.names()),
         api.AxisSpec("Styles", apply_styles, check=check_styles, choices=lambda r: r.styles.names()),
-        api.AxisSpec("Face restore", _unchanged, check=check_face_restore, format=_raw),
+        api.AxisSpec("Face restore", apply_face_restore, check=check_face_restore, format=_raw,
+                     choices=lambda r: ["False", "True", *FACE_MODELS.values()]),
         api.AxisSpec("RNG source", lambda p, v, vs=None: dataclasses.replace(p, rng_source=v.lower()), check=check_rng,
                      choices=lambda r: ["GPU", "CPU", "NV"]),
         api.AxisSpec("Size", apply_size, check=lambda values, ctx: [parse_size(v) for v in values]),

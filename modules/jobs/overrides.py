@@ -17,6 +17,8 @@ PARAM_OPTIONS = {
     "eta_noise_seed_delta": "eta_noise_seed_delta",
     "randn_source": "rng_source",
     "emphasis": "emphasis",
+    "face_restoration_model": "face_restoration_model",
+    "code_former_weight": "code_former_weight",
 }
 RNG_LABELS = {"gpu": "GPU", "cpu": "CPU", "nv": "NV"}
 NOT_OVERRIDES = ("sd_model_checkpoint",)  # handled by the submit service itself
@@ -25,7 +27,8 @@ NOT_OVERRIDES = ("sd_model_checkpoint",)  # handled by the submit service itself
 def options_from_settings(settings: Any) -> dict[str, Any]:
     """The per-job options' process defaults (the --clip-skip, --rng, --emphasis and ENSD flags)."""
     return {"CLIP_stop_at_last_layers": settings.clip_skip, "eta_noise_seed_delta": settings.eta_noise_seed_delta,
-            "randn_source": RNG_LABELS.get(settings.rng_source, settings.rng_source), "emphasis": settings.emphasis}
+            "randn_source": RNG_LABELS.get(settings.rng_source, settings.rng_source), "emphasis": settings.emphasis,
+            "face_restoration_model": "CodeFormer", "code_former_weight": 0.5}
 
 
 def option_to_param(key: str, value: Any) -> Any:
@@ -37,8 +40,11 @@ def option_to_param(key: str, value: Any) -> Any:
     if key in ("CLIP_stop_at_last_layers", "eta_noise_seed_delta") and (
             isinstance(value, bool) or not isinstance(value, int)):
         raise InvalidParams(f"{key} must be a whole number, got {value!r}", field=key)
-    if key == "emphasis" and not isinstance(value, str):
-        raise InvalidParams(f"emphasis must be text, got {value!r}", field=key)
+    if key in ("emphasis", "face_restoration_model") and not isinstance(value, str):
+        raise InvalidParams(f"{key} must be text, got {value!r}", field=key)
+    if key == "code_former_weight" and (isinstance(value, bool) or not isinstance(value, int | float)
+                                        or not 0 <= value <= 1):
+        raise InvalidParams(f"code_former_weight must be a number between 0 and 1, got {value!r}", field=key)
     return value
 
 

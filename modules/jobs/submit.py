@@ -73,6 +73,7 @@ class SubmitService:
         except TypeError as err:  # a dataclass refusing an argument
             raise InvalidParams(str(err)) from None
         _validate(params, self.limits, names)
+        _check_face_models(params, self.registries)
         checkpoint, title = self._checkpoint(submission.checkpoint) if getattr(cls, "needs_checkpoint", True) \
             else ("", "")
         script = check_script(submission, params, self.registries, self._checkpoint_name, self.limits, options,
@@ -122,6 +123,22 @@ class SubmitService:
             return self.resolve_checkpoint(name)
         except AtelierError as err:
             raise InvalidParams(str(err), field="sd_model_checkpoint") from None
+
+
+def _check_face_models(params: Any, registries: Any) -> None:
+    """Face restoration asked for (restore_faces, Extras' visibilities) needs its files: InvalidParams naming them."""
+    wanted = []
+    if getattr(params, "restore_faces", False):
+        wanted.append((params.face_restoration_model, "restore_faces"))
+    if getattr(params, "gfpgan_visibility", 0) > 0:
+        wanted.append(("GFPGAN", "gfpgan_visibility"))
+    if getattr(params, "codeformer_visibility", 0) > 0:
+        wanted.append(("CodeFormer", "codeformer_visibility"))
+    faces = getattr(registries, "face_restorers", None)
+    for name, field_name in wanted:
+        if faces is None:
+            raise InvalidParams("Face restoration is not available in this process", field=field_name)
+        faces.check(name, field_name)
 
 
 def _validate(params: Any, limits: Limits, names: frozenset[str]) -> None:

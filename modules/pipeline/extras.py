@@ -1,8 +1,9 @@
 """Extras as a job: the typed params the job system queues, and the run on the executor's worker.
 
 `ExtrasJobParams` holds A1111's Extras fields plus the input images (stored beside the job, as
-img2img's are). The run upscales image by image with the engine's upscaler registry, reports
-progress per tile, and stops between tiles when the job is interrupted.
+img2img's are). The run restores faces (GFPGAN, then CodeFormer, by visibility) and upscales image by
+image with the engine's registries (before the faces when `upscale_first`), reports progress per
+tile, and stops between tiles when the job is interrupted.
 """
 from __future__ import annotations
 
@@ -58,6 +59,36 @@ def upscaler_lookup(registries: Any, on_tile: Any = None) -> Any:
     return lookup
 
 
+def restore_faces(registries: Any, params: extras.ExtrasParams, image: Any) -> tuple[Any, dict[str, Any]]:
+    """GFPGAN then CodeFormer at their visibilities (A1111's Extras order) and their infotext fields."""
+    info: dict[str, Any] = {}
+    if params.gfpgan_visibility <= 0 and params.codeformer_visibility <= 0:
+        return image, info
+    faces = getattr(registries, "face_restorers", None)
+    if faces is None:
+        raise InvalidParams("Face restoration is not available in this process", field="gfpgan_visibility")
+    if params.gfpgan_visibility > 0:
+        image = faces.restore(image, "GFPGAN", visibility=params.gfpgan_visibility)
+        info["GFPGAN visibility"] = params.gfpgan_visibility
+    if params.codeformer_visibility > 0:
+        image = faces.restore(image, "CodeFormer", weight=params.codeformer_weight,
+                              visibility=params.codeformer_visibility)
+        info.update({"CodeFormer visibility": params.codeformer_visibility,
+                     "CodeFormer weight": params.codeformer_weight})
+    return image, info
+
+
+def _process(registries: Any, params: extras.ExtrasParams, image: Any, on_tile: Any) -> tuple[Any, dict[str, Any]]:
+    image = image.convert("RGB")
+    if params.upscale_first:
+        image, info = extras.upscale(image, params, upscaler_lookup(registries, on_tile))
+        image, faces = restore_faces(registries, params, image)
+        return image, {**info, **faces}
+    image, faces = restore_faces(registries, params, image)
+    image, info = extras.upscale(image, params, upscaler_lookup(registries, on_tile))
+    return image, {**faces, **info}
+
+
 def run_extras(registries: Any, params: ExtrasJobParams, control: JobControl | None = None,
                on_progress: ProgressCallback | None = None) -> Result:
     """Upscale every input image; an interrupt between tiles ends the job with the images done so far."""
@@ -80,7 +111,7 @@ def run_extras(registries: Any, params: ExtrasJobParams, control: JobControl | N
             result.interrupted = True
             break
         try:
-            image, info = extras.upscale(image, upscale, upscaler_lookup(registries, tile_done(index)))
+            image, info = _process(registries, upscale, image, tile_done(index))
         except JobInterrupted:
             result.interrupted = True
             break

@@ -52,6 +52,9 @@ class GenerationParams:
     outdir: Path | None = None  # None: Settings.outputs_dir / "<task>-images"
     styles: tuple[str, ...] = ()  # prompt style names, applied in order before the job runs
     extension_args: dict[str, dict[str, Any]] = field(default_factory=dict)  # option values by extension name
+    restore_faces: bool = False  # A1111's "Restore faces": after decoding, with face_restoration_model
+    face_restoration_model: str = "CodeFormer"  # A1111 option; "CodeFormer", "GFPGAN" or "RestoreFormer"
+    code_former_weight: float = 0.5  # A1111 option: CodeFormer's fidelity (0: strongest, 1: closest to input)
 
     def validate(self, limits: Limits = DEFAULT_LIMITS) -> None:
         """Raise InvalidParams naming the first bad field; sizes and counts within the server's `limits`."""
@@ -74,6 +77,9 @@ class GenerationParams:
                 _check_size(name, value, limits.max_size)
         if not isinstance(self.prompt, str) or not isinstance(self.negative_prompt, str):
             raise InvalidParams("prompt and negative_prompt must be text")
+        _check_number("code_former_weight", self.code_former_weight, 0.0, 1.0)
+        if not isinstance(self.face_restoration_model, str):
+            raise InvalidParams("face_restoration_model must be text", field="face_restoration_model")
 
     def to_dict(self) -> dict[str, Any]:
         """Fields by name (shallow: init images and masks stay PIL images)."""

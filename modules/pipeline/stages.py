@@ -15,6 +15,8 @@ from PIL import Image
 
 from modules import images as image_files
 from modules import infotext
+from modules.errors import InvalidParams
+from modules.faces.service import canonical_name
 from modules.pipeline import latents as latent_ops
 from modules.pipeline.control import Progress
 from modules.pipeline.hooks import Denoiser, DenoiserContext, StepClock
@@ -135,12 +137,27 @@ def decode(job: Job, latents: torch.Tensor) -> Decoded:
 
 def postprocess(job: Job, batch: Batch, images: Sequence[Image.Image], first_index: int,
                 finish: Callable[[Image.Image, int], Image.Image]) -> tuple[Image.Image, ...]:
-    """The hooks' post-processors, then the task's `finish` (inpainting pastes back), per image."""
+    """Face restoration (`restore_faces`), the hooks' post-processors, then the task's `finish`
+    (inpainting pastes back), per image."""
+    restore = face_restorer(job)
     out = []
     for i, image in enumerate(images):
+        if restore is not None:
+            image = restore(image)
         image = job.hooks.postprocess(image, job.params, first_index + i, batch.seeds[i], batch.subseeds[i])
         out.append(finish(image, i))
     return tuple(out)
+
+
+def face_restorer(job: Job) -> Callable[[Image.Image], Image.Image] | None:
+    """The job's face restoration (A1111's "Restore faces"), or None when it is off."""
+    p = job.params
+    if not getattr(p, "restore_faces", False):
+        return None
+    faces = getattr(job.engine.registries, "face_restorers", None)
+    if faces is None:
+        raise InvalidParams("Face restoration is not available in this process", field="restore_faces")
+    return lambda image: faces.restore(image, p.face_restoration_model, p.code_former_weight)
 
 
 @dataclass(frozen=True)
@@ -191,6 +208,8 @@ def base_infotext_fields(params: Any, plan: SamplingPlan, model: Any, seed: int,
         "Schedule type": plan.scheduler.label,
         "CFG scale": params.cfg_scale,
         "Seed": seed,
+        "Face restoration": canonical_name(params.face_restoration_model) if getattr(params, "restore_faces", False)
+        else None,
         "Size": f"{params.width}x{params.height}",
         "Model hash": model.model_hash or None,
         "Model": model.info.stem,

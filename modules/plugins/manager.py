@@ -8,6 +8,7 @@ from typing import Any
 
 import pluggy
 
+from modules.faces.service import FaceRestorers
 from modules.plugins import hookspecs
 from modules.plugins.host import PluginHost
 from modules.plugins.registry import NamedRegistry
@@ -48,6 +49,7 @@ class Registries:
     extra_networks: NamedRegistry[ExtraNetworkSpec]
     scripts: NamedRegistry[ScriptSpec]  # selectable scripts (X/Y/Z plot, ...)
     xyz_axes: NamedRegistry[AxisSpec]  # the X/Y/Z plot's axes, built-in and from extensions
+    face_restorers: FaceRestorers | None = None  # GFPGAN / CodeFormer / RestoreFormer files under models/
 
 
 def _registry(host: PluginHost, kind: str, hook: str, spec_type: type, **kwargs: Any) -> NamedRegistry:
@@ -85,4 +87,5 @@ def build_registries(plugins: PluginHost | pluggy.PluginManager, settings: Any =
         scripts=NamedRegistry("script", sorted(_registry(host, "script", "register_scripts", ScriptSpec),
                                                key=lambda s: s.order)),
         xyz_axes=_registry(host, "X/Y/Z axis", "register_xyz_axes", AxisSpec),
+        face_restorers=FaceRestorers(getattr(settings, "models_dir", None), getattr(settings, "device", "auto")),
     )

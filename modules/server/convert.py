@@ -67,8 +67,6 @@ def _check_request(ctx: ServerContext, req: Txt2ImgRequest) -> None:
     for name in ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt"):
         if len(getattr(req, name)) > limit:
             raise RequestError((name,), f"{name} is {len(getattr(req, name))} characters; the limit is {limit}")
-    if req.restore_faces:
-        raise RequestError(("restore_faces",), "restore_faces is not supported by Atelier yet")
 
 
 def _param_values(req: Txt2ImgRequest, names: frozenset[str],
@@ -197,7 +195,8 @@ def a1111_info(job: Job) -> dict[str, Any]:
         "all_subseeds": result.subseeds if result else [], "subseed_strength": p.subseed_strength,
         "width": p.width, "height": p.height, "sampler_name": p.sampler_name,
         "cfg_scale": p.cfg_scale, "steps": p.steps, "batch_size": p.batch_size,
-        "restore_faces": False, "face_restoration_model": None,
+        "restore_faces": bool(getattr(p, "restore_faces", False)),
+        "face_restoration_model": p.face_restoration_model if getattr(p, "restore_faces", False) else None,
         "sd_model_name": first.get("Model"), "sd_model_hash": first.get("Model hash"),
         "sd_vae_name": first.get("VAE"), "sd_vae_hash": first.get("VAE hash"),
         "seed_resize_from_w": p.seed_resize_from_w, "seed_resize_from_h": p.seed_resize_from_h,

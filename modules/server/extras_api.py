@@ -2,8 +2,8 @@
 
 Each request is one "extras" job on the caller's fair queue (validated once by the submit service,
 run by the executor, interruptible, in the caller's history), upscaled with the app's upscaler
-registry. Face restoration is not implemented: a GFPGAN or CodeFormer visibility above 0 is
-answered 422 with the missing files named.
+registry, faces restored with its face restorers (docs/faces.md); a GFPGAN or CodeFormer
+visibility above 0 without the weight files is answered 422 with the missing files named.
 """
 from __future__ import annotations
 

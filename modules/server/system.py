@@ -11,7 +11,7 @@ from fastapi import APIRouter
 from modules.server.context import ServerContext
 from modules.server.networks import add_network_routes
 
-EMPTY_LISTS = ("hypernetworks", "face-restorers")
+EMPTY_LISTS = ("hypernetworks",)
 
 
 def _plain(value: Any) -> Any:
@@ -91,6 +91,13 @@ def add_list_routes(router: APIRouter, ctx: ServerContext, admin: Any = None) ->
     @router.get("/latent-upscale-modes")
     def latent_upscale_modes() -> list[dict[str, str]]:
         return [{"name": u.name} for u in registries.upscalers if u.latent_mode is not None]
+
+    @router.get("/face-restorers")
+    def face_restorers() -> list[dict[str, Any]]:
+        """A1111's {name, cmd_dir}: each restorer whose weights file is installed, with its folder."""
+        faces = registries.face_restorers
+        found = faces.restorers() if faces is not None else []
+        return [{"name": r.name, "cmd_dir": str(r.path.parent)} for r in found if r.path is not None]
 
     for name in EMPTY_LISTS:  # features that Atelier does not have yet answer with empty lists
         router.add_api_route(f"/{name}", _empty_list, methods=["GET"], name=name)

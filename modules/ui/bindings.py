@@ -24,6 +24,7 @@ INFOTEXT_FIELDS: Mapping[str, str] = MappingProxyType({
     "Hires prompt": "hr_prompt", "Hires negative prompt": "hr_negative_prompt", "Mask blur": "mask_blur",
     "Tiling": "tiling",
     "Distilled CFG Scale": "distilled_cfg_scale", "Shift": "shift",
+    "Face restoration": "face_restoration_model",
 })
 SAME_AS_FIRST_PASS = ("Use same sampler", "Use same scheduler", "Use same checkpoint")
 
@@ -85,4 +86,6 @@ def values_from_infotext(parsed: dict[str, Any], defaults: dict[str, Any]) -> di
         values.pop("hr_resize_x"), values.pop("hr_resize_y", None)
     if "enable_hr" in defaults:
         values["enable_hr"] = any(k in parsed for k in ("Hires upscale", "Hires upscaler", "Hires steps"))
+    if "restore_faces" in defaults:
+        values["restore_faces"] = "Face restoration" in parsed
     return values

@@ -117,6 +117,8 @@ def size_rows(tab: str, defaults: dict, fields: Fields, max_size: int) -> gr.But
         fields["cfg_scale"] = gr.Slider(1.0, 30.0, value=defaults["cfg_scale"], step=0.5, label="CFG Scale",
                                         elem_id=f"{tab}-cfg-scale", scale=4)
         fields["tiling"] = gr.Checkbox(False, label="Tiling", elem_id=f"{tab}-tiling", scale=1, min_width=90)
+        fields["restore_faces"] = gr.Checkbox(False, label="Restore faces", elem_id=f"{tab}-restore-faces", scale=1,
+                                              min_width=90)
     with gr.Accordion("FLUX.1 / SD3.5", open=False):  # other models ignore these
         with gr.Row():
             fields["distilled_cfg_scale"] = gr.Slider(0.0, 30.0, value=defaults["distilled_cfg_scale"], step=0.1,

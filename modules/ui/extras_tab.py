@@ -201,10 +201,12 @@ def _resize_and_upscalers(fields: dict[str, Any], upscalers: list[str]) -> None:
         fields["upscaler_2"] = gr.Dropdown(upscalers, value="None", label="Upscaler 2", elem_id="extras-upscaler-2")
         fields["extras_upscaler_2_visibility"] = gr.Slider(0, 1, value=0, step=0.001, label="Upscaler 2 visibility",
                                                            elem_id="extras-upscaler-2-visibility")
-    with gr.Accordion("Face restoration (needs GFPGAN / CodeFormer weights; not available yet)", open=False):
+    with gr.Accordion("Face restoration (needs GFPGAN / CodeFormer weights in models/GFPGAN, models/Codeformer)",
+                      open=False):
         fields["gfpgan_visibility"] = gr.Slider(0, 1, value=0, step=0.001, label="GFPGAN visibility",
                                                 elem_id="extras-gfpgan-visibility")
         fields["codeformer_visibility"] = gr.Slider(0, 1, value=0, step=0.001, label="CodeFormer visibility",
                                                     elem_id="extras-codeformer-visibility")
-        fields["codeformer_weight"] = gr.Slider(0, 1, value=0, step=0.001, label="CodeFormer weight",
+        fields["codeformer_weight"] = gr.Slider(0, 1, value=0, step=0.001,
+                                                label="CodeFormer weight (0 = maximum effect, 1 = minimum effect)",
                                                 elem_id="extras-codeformer-weight")

@@ -12,17 +12,19 @@ from typing import Any
 import gradio as gr
 
 from modules.errors import AtelierError
+from modules.faces.service import KNOWN as _FACE_MODELS
 from modules.server.options import READ_ONLY, RNG_LABELS
 from modules.settings import EMPHASIS_MODES
 from modules.ui.components import AUTOMATIC
 from modules.ui.context import UIContext
 
+FACE_RESTORERS = list(_FACE_MODELS)
 DEFAULT_QUICKSETTINGS = ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers")
 INT_OPTIONS = ("show_progress_every_n_steps", "CLIP_stop_at_last_layers", "eta_noise_seed_delta",
                "interrogate_clip_num_beams", "interrogate_clip_min_length", "interrogate_clip_max_length",
                "interrogate_clip_dict_limit")
 SECTIONS = ("Stable Diffusion", "Sampler parameters", "Live previews", "User interface", "Saving images",
-            "Interrogate", "Other")
+            "Interrogate", "Face restoration", "Other")
 INTERROGATE_LABELS = (  # A1111's Settings > Interrogate
     ("interrogate_keep_models_in_memory", "Keep models in VRAM"),
     ("interrogate_return_ranks", "Include ranks of model tags matches in results"),
@@ -65,6 +67,8 @@ def known_options() -> dict[str, OptionInfo]:
         ("samples_format", "Saving images", "File format for images"),
         ("outdir_txt2img_samples", "Saving images", "Output directory for txt2img images"),
         ("outdir_img2img_samples", "Saving images", "Output directory for img2img images"),
+        ("face_restoration_model", "Face restoration", "Face restoration model"),
+        ("code_former_weight", "Face restoration", "CodeFormer weight (0 = maximum effect, 1 = minimum effect)"),
     )
     rows += tuple((key, "Interrogate", label) for key, label in INTERROGATE_LABELS)
     return {key: OptionInfo(key, section, label) for key, section, label in rows}
@@ -105,12 +109,16 @@ def option_widget(ui: UIContext, key: str, elem_id: str, compact: bool = False) 
         return gr.Slider(1, 50, value=value or 1, step=1, **common)
     if key == "keyedit_precision_attention":
         return gr.Slider(0.01, 0.2, value=value, step=0.001, **common)
+    if key == "code_former_weight":
+        return gr.Slider(0, 1, value=0.5 if value is None else value, step=0.01, **common)
     if key == "interrogate_deepbooru_score_threshold":
         return gr.Slider(0.0, 1.0, value=value, step=0.01, **common)
     if key == "interrogate_clip_skip_categories":
         return gr.Dropdown(["artists", "mediums", "movements", "flavors"], value=list(value or []),
                            multiselect=True, allow_custom_value=True, **common)
     choice = gr.Dropdown if compact else gr.Radio
+    if key == "face_restoration_model":
+        return choice(FACE_RESTORERS, value=value or "CodeFormer", **common)
     if key == "randn_source":
         return choice(list(RNG_LABELS.values()), value=value or "GPU", **common)
     if key == "emphasis":

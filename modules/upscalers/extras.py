@@ -1,8 +1,8 @@
 """A1111's Extras post-processing (upscale part): scale by / scale to with crop, two upscalers blended.
 
 `ExtrasParams` carries A1111 1.10's field names. Upscaler "None" (or an empty name) skips that
-upscaler, as in A1111. Face restoration is not implemented yet: a visibility above 0 is refused
-with a message naming the missing feature instead of being silently ignored.
+upscaler, as in A1111. Face restoration (GFPGAN / CodeFormer visibility and CodeFormer weight)
+runs in the Extras job (`modules.pipeline.extras`), before the upscale unless `upscale_first`.
 """
 from __future__ import annotations
 
@@ -15,10 +15,6 @@ from PIL import Image
 from modules.errors import InvalidParams
 
 UpscaleFn = Callable[[Image.Image, float], Image.Image]  # (image, scale) -> image about `scale` times larger
-FACE_RESTORATION_MISSING = (
-    "Face restoration is not available in Atelier yet: {field} must be 0. GFPGAN (models/GFPGAN/"
-    "GFPGANv1.4.pth) and CodeFormer (models/Codeformer/codeformer-v0.1.0.pth) support is planned; "
-    "until then use an upscaler only.")
 
 
 @dataclass(frozen=True)
@@ -37,9 +33,9 @@ class ExtrasParams:
     upscale_first: bool = False
 
     def validate(self, max_size: int) -> None:
-        for name in ("gfpgan_visibility", "codeformer_visibility"):
-            if getattr(self, name) > 0:
-                raise InvalidParams(FACE_RESTORATION_MISSING.format(field=name), field=name)
+        for name in ("gfpgan_visibility", "codeformer_visibility", "codeformer_weight"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise InvalidParams(f"{name} must be between 0 and 1", field=name)
         if self.resize_mode not in (0, 1):
             raise InvalidParams("resize_mode must be 0 (scale by) or 1 (scale to)", field="resize_mode")
         if self.resize_mode == 0 and not 1 <= self.upscaling_resize <= 8:

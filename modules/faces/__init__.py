@@ -1,0 +1,1 @@
+"""Face restoration: RetinaFace detection, alignment, GFPGAN / CodeFormer / RestoreFormer, paste-back."""
