@@ -133,9 +133,7 @@ def load_checkpoint(info: CheckpointInfo, *, device: torch.device | str, dtype: 
         spec, unet, vae, encoders, modules = _load_single_file(info, device, dtype, yaml_path, force_v, vae_path,
                                                          vae_dtype, channels_last_vae, components)
         short_hash = model_hash(path, hash_cache)
-    if weights == "fp8" and weight_format(unet) in ("fp32", "fp16", "bf16"):
-        require_fp8(info.name)
-        store_as_fp8(unet, dtype)
+    fp8_weight = _store_fp8(unet, spec, weights, dtype, info.name)
     vae_name = vae_hash = None
     if vae_path is not None:
         if info.format == "diffusers":
@@ -143,7 +141,23 @@ def load_checkpoint(info: CheckpointInfo, *, device: torch.device | str, dtype: 
         vae_name, vae_hash = Path(vae_path).name, model_hash(Path(vae_path), hash_cache)
     return LoadedModel(info=info, spec=spec, model_hash=short_hash, unet=unet, vae=vae,
                        text_encoders=encoders, device=device, dtype=dtype, vae_name=vae_name, vae_hash=vae_hash,
-                       modules=modules, weight_dtype=weight_format(unet))
+                       modules=modules, weight_dtype=weight_format(unet),
+                       fp8_weight=fp8_weight)
+
+
+FP8_WEIGHT_LABELS = {"fp8": "Enable", "fp8-sdxl": "Enable for SDXL"}  # A1111's fp8_storage values
+
+
+def _store_fp8(unet: torch.nn.Module, spec: ModelSpec, weights: str, dtype: torch.dtype, name: str) -> str | None:
+    """A1111's "FP8 weight": float UNet / transformer weights kept as fp8 ("fp8", or "fp8-sdxl" for SDXL
+    only); returns the infotext value when applied. Packed (GGUF, fp8) files are left as they are."""
+    if weights not in FP8_WEIGHT_LABELS or (weights == "fp8-sdxl" and not spec.is_sdxl):
+        return None
+    if weight_format(unet) not in ("fp32", "fp16", "bf16"):
+        return None
+    require_fp8(name)
+    store_as_fp8(unet, dtype)
+    return FP8_WEIGHT_LABELS[weights]
 
 
 def import_model_classes() -> None:

@@ -194,6 +194,7 @@ def base_infotext_fields(params: Any, plan: SamplingPlan, model: Any, seed: int,
         "Size": f"{params.width}x{params.height}",
         "Model hash": model.model_hash or None,
         "Model": model.info.stem,
+        "FP8 weight": getattr(model, "fp8_weight", None),
         "VAE hash": model.vae_hash,
         "VAE": model.vae_name,
         "Variation seed": subseed if varied else None,
@@ -206,8 +207,18 @@ def base_infotext_fields(params: Any, plan: SamplingPlan, model: Any, seed: int,
         "Emphasis": params.emphasis if params.emphasis != "Original" else None,
         "Tiling": True if params.tiling else None,
         **flow_infotext(params, model),
+        "Weight dtype": stored_weight_format(model),
         "Version": VERSION,
     }
+
+
+_COMPUTE_NAMES = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16"}
+
+
+def stored_weight_format(model: Any) -> str | None:
+    """How the diffusion model's weights are stored ("Q8_0", "fp8_e4m3fn"), when not in the compute dtype."""
+    stored = getattr(model, "weight_dtype", "")
+    return stored if stored and stored != _COMPUTE_NAMES.get(str(getattr(model, "dtype", ""))) else None
 
 
 def flow_infotext(params: Any, model: Any) -> dict[str, Any]:

@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from modules.errors import InvalidParams
-from modules.jobs.overrides import PARAM_OPTIONS, RNG_LABELS, option_to_param, options_from_settings
+from modules.jobs.overrides import (
+    PARAM_OPTIONS,
+    RNG_LABELS,
+    fp8_storage_option,
+    job_weights,
+    option_to_param,
+    options_from_settings,
+)
 from modules.plugins.grids import GRID_OPTION_DEFAULTS, grid_options
 from modules.settings import Settings
 
@@ -44,6 +51,7 @@ class Options:
             "show_progress_every_n_steps": settings.preview_every,
             "live_previews_enable": True,
             **GRID_OPTION_DEFAULTS,
+            "fp8_storage": fp8_storage_option(settings),
         }
         self._values.update(self._load())
 
@@ -84,6 +92,8 @@ class Options:
                 option_to_param(key, value)
             elif key in READ_ONLY and value != self.get(key):
                 raise InvalidParams(f"{key} cannot be changed while the server runs (it is {self.get(key)!r})")
+        if "fp8_storage" in changes:
+            job_weights({}, changes)
         if any(key in GRID_OPTION_DEFAULTS for key in changes):
             try:
                 grid_options({**self.all(), **changes})
