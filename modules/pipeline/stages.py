@@ -224,8 +224,9 @@ def stored_weight_format(model: Any) -> str | None:
 def flow_infotext(params: Any, model: Any) -> dict[str, Any]:
     """Forge's keys for FLUX.1 / SD3.5: Distilled CFG Scale (dev), Shift (explicit or static), Module N."""
     family = model.spec.family
+    modules = {f"Module {i}": name for i, name in enumerate(getattr(model, "modules", ()), start=1)}
     if family is None:
-        return {}
+        return modules  # an SD UNet alone names its split parts too
     fields: dict[str, Any] = {}
     if family.distilled_cfg is not None:
         fields["Distilled CFG Scale"] = params.distilled_cfg_scale
