@@ -220,3 +220,36 @@ def test_fp8_without_float8_and_nf4_without_bitsandbytes(sdxl, flux, monkeypatch
                                               r"and bitsandbytes is not installed.*pip install bitsandbytes"):
         engine.load_model(nf4)
     _keeps_old_model(engine, old)
+
+
+# ---------------------------------------------------------------- over HTTP
+
+def test_api_lists_formats_takes_fp8_storage_and_refuses_a_bad_gguf(sdxl, tmp_path) -> None:
+    import httpx
+
+    from tests.api_server import start_server
+
+    _, root = sdxl
+    srv = start_server(tmp_path, {"full-sdxl": root / "models" / "Stable-diffusion" / "full-sdxl.safetensors"})
+    models = tmp_path / "models"
+    for sub in ("text_encoder", "VAE", "unet"):
+        shutil.copytree(root / "models" / sub, models / sub, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("cut-*", "iq-*", "flux1-*"))
+    good = (models / "unet" / "tiny-sdxl-Q8_0.gguf").read_bytes()
+    (models / "unet" / "broken-sdxl.gguf").write_bytes(good[:2048])
+    try:
+        listed = {m["model_name"]: m for m in httpx.get(f"{srv.url}/sdapi/v1/sd-models", timeout=30).json()}
+        assert listed["tiny-sdxl-Q8_0"]["weight_dtype"] == "Q8_0" and listed["full-sdxl"]["weight_dtype"] == "fp16"
+        body = {**PARAMS, "override_settings": {"sd_model_checkpoint": "tiny-sdxl-Q8_0"}}
+        body.pop("save_images")
+        reply = httpx.post(f"{srv.url}/sdapi/v1/txt2img", json=body, timeout=300)
+        assert reply.status_code == 200 and "Weight dtype: Q8_0" in reply.json()["info"]
+        body["override_settings"] = {"sd_model_checkpoint": "full-sdxl", "fp8_storage": "Enable"}
+        info = httpx.post(f"{srv.url}/sdapi/v1/txt2img", json=body, timeout=300).json()["info"]
+        assert "FP8 weight: Enable" in info and "Weight dtype: fp8_e4m3fn" in info
+        bad = httpx.post(f"{srv.url}/sdapi/v1/options", json={"sd_model_checkpoint": "broken-sdxl"}, timeout=60)
+        assert 400 <= bad.status_code < 500 and "broken-sdxl.gguf" in bad.text
+        body["override_settings"] = {"fp8_storage": "Enable"}  # the loaded model still generates
+        assert httpx.post(f"{srv.url}/sdapi/v1/txt2img", json=body, timeout=300).status_code == 200
+    finally:
+        srv.stop()
