@@ -20,6 +20,7 @@ from tests.conftest import make_engine
 from tests.fixtures import make_tiny_lora as mk
 from tests.fixtures.make_tiny_checkpoint import make_tiny_checkpoint, save_safetensors_deterministic
 from tests.fixtures.make_tiny_gguf import (
+    make_sd1_split,
     make_sdxl_split,
     quantized_fraction,
     save_fp8_file,
@@ -158,6 +159,34 @@ def test_weights_fp8_stores_a_float_checkpoint_as_fp8(sdxl, tmp_path) -> None:
     assert fields["FP8 weight"] == "Enable" and fields["Weight dtype"] == "fp8_e4m3fn"
     plain, _ = generate(sdxl[0], "full-sdxl")
     assert psnr(image, plain) >= 18 and not np.array_equal(image, plain)
+
+
+def test_sd1_unet_and_sd35_transformer_gguf_equal_their_float_files(tmp_path) -> None:
+    """F32 GGUF holds the float weights exactly: the image must be the float file's, bit for bit."""
+    sd1, sd3 = tmp_path / "sd1", tmp_path / "sd3"
+    make_tiny_checkpoint("sd1", sd1 / "models" / "Stable-diffusion" / "full-sd1.safetensors")
+    make_sd1_split(sd1 / "models", "F32")
+    engine = make_engine(sd1)
+    assert np.array_equal(generate(engine, "full-sd1")[0], generate(engine, "tiny-sd1-F32")[0])
+    assert engine.require_model().modules == ("vae-ft-mse-840000-ema-pruned", "clip_l")
+
+    split = make_split_files("sd35-medium", tmp_path / "split")
+    folder = sd3 / "models" / "diffusion_models"
+    folder.mkdir(parents=True)
+    shutil.copy(split["transformer"], folder / "sd3.5-medium-fp16.safetensors")
+    transformer = quantized.read_weights(split["transformer"])
+    write_gguf(folder / "sd3.5-medium-F32.gguf", transformer, "F32", "sd3")
+    write_gguf(folder / "sd3.5-medium-Q8_0.gguf", transformer, "Q8_0", "sd3")
+    for sub, names in (("text_encoder", ("clip_l", "clip_g", "t5xxl")), ("VAE", ("vae",))):
+        (sd3 / "models" / sub).mkdir()
+        for name in names:
+            shutil.copy(split[name], sd3 / "models" / sub / (split[name].name if name != "vae" else "sd3_vae.safetensors"))
+    engine = make_engine(sd3)
+    assert np.array_equal(generate(engine, "sd3.5-medium-fp16")[0], generate(engine, "sd3.5-medium-F32")[0])
+    engine.load_model("sd3.5-medium-Q8_0")
+    model = engine.require_model()
+    assert model.spec.arch == "sd35-medium" and model.weight_dtype == "Q8_0"
+    assert packed_weight(model.unet.transformer_blocks[0].attn.to_q).format == "Q8_0"  # fused qkv split packed
 
 
 # ---------------------------------------------------------------- bad files keep the old model
