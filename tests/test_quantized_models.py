@@ -95,7 +95,7 @@ def test_sdxl_gguf_unet_with_split_parts_matches_the_checkpoint(sdxl) -> None:
     assert packed_weight(conv).format == "Q8_0"
     assert conv.parametrizations.weight.original.dtype == torch.uint8  # blocks in memory, not floats
     # Q8_0 keeps each weight to 1/254 of its 32-block's largest magnitude (~0.5% RMS of a Gaussian block);
-    # through a few layers that is ~1% of the image's range, ~40 dB. 30 dB leaves room and still fails
+    # through a few layers that is ~1% of the image's range: 39.8 dB measured. 30 dB leaves room and fails
     # for any real mistake (a wrong scale, a transposed block), which lands far below 20 dB.
     assert not np.array_equal(q8, f32) and psnr(q8, f32) >= 30
     fields = parse(info)
@@ -125,11 +125,12 @@ def test_flux_gguf_quants_are_close_to_bf16(flux) -> None:
     assert quantized_fraction(transformer, "Q4_K") > 0.9  # the wide model really is mostly Q4_K
     q8, info = generate(engine, "flux1-schnell-Q8_0")
     assert engine.require_model().weight_dtype == "Q8_0" and parse(info)["Weight dtype"] == "Q8_0"
-    assert psnr(q8, ref) >= 30  # as for SDXL: Q8_0's ~0.5% weight error gives ~40 dB here
+    assert psnr(q8, ref) >= 30  # as for SDXL: Q8_0's ~0.5% weight error; measured 47 dB here
     q4, _ = generate(engine, "flux1-schnell-Q4_K")
     assert engine.require_model().weight_dtype == "Q4_K"
-    # Q4_K: 16 levels per 32 weights with 6-bit sub-block scales, ~4% RMS weight error: about 25 dB
-    # measured on this model; 18 dB is the stated bound (a broken k-quant decode gives under 10 dB).
+    # Q4_K: 16 levels per 32 weights with 6-bit sub-block scales; the fixture's min/max quantizer leaves ~8% RMS
+    # weight error (llama.cpp's ~4%): 24.9 dB measured on this model. 18 dB is the stated bound, with room
+    # for other seeds; a broken k-quant decode (wrong scale bits, swapped nibbles) gives under 10 dB.
     assert psnr(q4, ref) >= 18 and psnr(q4, ref) < psnr(q8, ref)
 
 
@@ -144,8 +145,9 @@ def test_scaled_fp8_file_stays_fp8_and_upcasts_with_its_scale(flux) -> None:
     source = transformer["double_blocks.0.img_mlp.2.weight"].float()
     scale = source.abs().max() / 448
     torch.testing.assert_close(layer.weight, (source / scale).to(torch.float8_e4m3fn).float() * scale)
-    # e4m3 keeps 3 mantissa bits (~3% RMS per weight): a bound like Q4_K's
-    assert psnr(fp8, ref) >= 18
+    # e4m3 keeps 3 mantissa bits (~2-3% RMS per weight, the scale puts the largest weight at 448):
+    # 31.7 dB measured; 25 dB is the bound. Ignoring the scale would leave weights 448/max|W| too large.
+    assert psnr(fp8, ref) >= 25
 
 
 def test_weights_fp8_stores_a_float_checkpoint_as_fp8(sdxl, tmp_path) -> None:
@@ -158,6 +160,8 @@ def test_weights_fp8_stores_a_float_checkpoint_as_fp8(sdxl, tmp_path) -> None:
     fields = parse(info)
     assert fields["FP8 weight"] == "Enable" and fields["Weight dtype"] == "fp8_e4m3fn"
     plain, _ = generate(sdxl[0], "full-sdxl")
+    # unscaled e4m3 (A1111's setting): the tiny model's small weights (~0.06) reach the subnormal range,
+    # so this bound is Q4_K's 18 dB rather than the scaled file's 25
     assert psnr(image, plain) >= 18 and not np.array_equal(image, plain)
 
 
