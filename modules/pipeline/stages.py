@@ -232,5 +232,4 @@ def flow_infotext(params: Any, model: Any) -> dict[str, Any]:
         fields["Distilled CFG Scale"] = params.distilled_cfg_scale
     if params.shift or family.dynamic_shift is None:
         fields["Shift"] = params.shift or family.shift
-    fields.update({f"Module {i}": name for i, name in enumerate(getattr(model, "modules", ()), start=1)})
-    return fields
+    return {**fields, **modules}
