@@ -8,6 +8,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+WEIGHT_MODES = ("auto", "fp8")
 RNG_SOURCES = ("gpu", "cpu", "nv")
 EMPHASIS_MODES = ("Original", "No norm", "Ignore")
 SDE_NOISE_MODES = ("brownian", "sequential")
@@ -69,6 +70,7 @@ class Settings:
     compile: bool = False  # the denoiser and VAE decoder through torch.compile (inductor)
     compile_mode: str = "default"  # torch.compile mode: default, max-autotune, ...
     compile_backend: str = "inductor"  # any torch.compile backend (openvino once installed)
+    weights: str = "auto"  # --weights fp8: float UNet / transformer weights kept as fp8 (A1111's "FP8 weight")
     extra: dict = field(default_factory=dict)
 
     @property
@@ -133,6 +135,9 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     group.add_argument("--precision", choices=PRECISIONS, default="auto",
                        help="compute dtype; fp16 is refused on the CPU")
+    group.add_argument("--weights", choices=WEIGHT_MODES, default="auto",
+                       help="auto: weights as stored (GGUF and fp8 files stay packed); fp8: keep a float "
+                            "checkpoint's UNet / transformer weights as float8, upcast per layer")
     group.add_argument("--xformers", action="store_true", help="use xformers attention when installed")
     group.add_argument("--force-v-prediction", action="store_true", help="treat checkpoints as v-prediction")
     group.add_argument("--rng", dest="rng_source", choices=RNG_SOURCES, default="gpu",
@@ -221,6 +226,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         extensions_allow=tuple(n.strip() for n in args.extensions_allow.split(",") if n.strip())
         if args.extensions_allow is not None else None,
         enable_insecure_extension_access=args.enable_insecure_extension_access,
+        weights=getattr(args, "weights", "auto"),
     )
 
 

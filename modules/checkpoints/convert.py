@@ -15,6 +15,7 @@ import torch
 
 from modules.checkpoints.keys import UNET, clip_l_prefix
 from modules.checkpoints.model import TextEncoderSpec
+from modules.checkpoints.packed import PackedTensor, pack_weights
 from modules.errors import CheckpointError
 
 StateDict = Mapping[str, torch.Tensor]
@@ -35,15 +36,33 @@ def _assign(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str,
         if tuple(state[key].shape) != tuple(ref.shape):
             raise CheckpointError(f"The {what} tensor {key} has shape {tuple(state[key].shape)}, "
                                   f"the detected architecture needs {tuple(ref.shape)}")
-    moved = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
-    module.load_state_dict(moved, strict=True, assign=True)
+    packed, seen = {}, set()
+    state = dict(state)
+    for k, v in state.items():
+        if isinstance(v, PackedTensor):
+            if id(v) in seen:  # a tied weight (T5's shared embedding): its module gets the packed one
+                state[k] = v.restore(dtype)
+            else:
+                packed[k] = v
+                seen.add(id(v))
+    moved = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()
+             if k not in packed}
+    module.load_state_dict(moved, strict=not packed, assign=True)
+    if packed:  # GGUF blocks and fp8 stay packed; each layer restores its weight per matmul
+        pack_weights(module, packed, dtype, device)
     return module.eval().requires_grad_(False)
+
+
+def _identity(v: torch.Tensor | PackedTensor) -> tuple[int, int]:
+    if isinstance(v, PackedTensor):
+        return v.storage.data_ptr(), v.storage.numel()
+    return v.data_ptr(), v.numel()
 
 
 def _check_consumed(source: dict[str, torch.Tensor], converted: Mapping[str, torch.Tensor], what: str) -> None:
     """Every source tensor must reach the converted dict (diffusers' converters drop unknown keys)."""
-    used = {(v.data_ptr(), v.numel()) for v in converted.values()}  # views (1x1 conv -> linear) count
-    left = sorted(k for k, v in source.items() if (v.data_ptr(), v.numel()) not in used)
+    used = {_identity(v) for v in converted.values()}  # views (1x1 conv -> linear) count
+    left = sorted(k for k, v in source.items() if _identity(v) not in used)
     if left:
         raise CheckpointError(f"The {what} has tensors the detected architecture does not use: "
                               f"{left[:5]} ({len(left)} in all)")

@@ -11,7 +11,7 @@ from pathlib import Path
 from modules.checkpoints.model import CheckpointInfo
 from modules.errors import CheckpointError
 
-CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt")
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".gguf")  # GGUF: UNets and transformers alone
 VAE_SUFFIXES = (".safetensors", ".ckpt", ".pt")
 _VAE_BESIDE = (".vae.safetensors", ".vae.pt", ".vae.ckpt")
 
@@ -24,7 +24,8 @@ def _info(path: Path, root: Path | None) -> CheckpointInfo:
     if path.is_dir():
         fmt, rel = "diffusers", path.relative_to(root) if root else Path(path.name)
     else:
-        fmt = "safetensors" if path.suffix.lower() == ".safetensors" else "ckpt"
+        suffix = path.suffix.lower()
+        fmt = "safetensors" if suffix == ".safetensors" else "gguf" if suffix == ".gguf" else "ckpt"
         rel = (path.relative_to(root) if root else Path(path.name)).with_suffix("")
     return CheckpointInfo(path=path, name=rel.as_posix(), format=fmt)
 

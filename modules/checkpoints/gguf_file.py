@@ -51,41 +51,68 @@ def _metadata(reader) -> dict[str, object]:
             if not name.startswith("GGUF.")}
 
 
-def _tensor(entry, shape: tuple[int, ...], path: Path) -> torch.Tensor | PackedTensor:
+def _check_entry(entry, shape: tuple[int, ...], path: Path) -> str:
+    """The entry's format name, once its type is one Atelier reads and its bytes are all there."""
     fmt = entry.tensor_type.name
     if fmt not in QUANT_TYPES:
         raise CheckpointError(f"{path.name}: tensor {entry.name} uses GGUF quantization {fmt}, which Atelier "
                               f"does not read ({', '.join(QUANT_TYPES)}); use another quant of this model")
+    have, need = int(entry.data.nbytes), packed_bytes(quant_type(fmt), shape)
+    if have != need:
+        raise CheckpointError(f"{path.name}: tensor {entry.name} holds {have} bytes, its shape {shape} "
+                              f"in {fmt} needs {need}; the file is truncated or corrupt. Download it again.")
+    return fmt
+
+
+def _tensor(entry, shape: tuple[int, ...], path: Path) -> torch.Tensor | PackedTensor:
+    fmt = _check_entry(entry, shape, path)
     raw = torch.from_numpy(np.array(entry.data, copy=True)).view(torch.uint8).reshape(-1)
-    qtype = quant_type(fmt)
-    if raw.numel() != packed_bytes(qtype, shape):
-        raise CheckpointError(f"{path.name}: tensor {entry.name} holds {raw.numel()} bytes, its shape {shape} "
-                              f"in {fmt} needs {packed_bytes(qtype, shape)}; the file is corrupt")
     if fmt in FLOAT_TYPES:
         return raw.view(FLOAT_TYPES[fmt]).reshape(shape)
     return PackedTensor(raw, fmt, shape)
 
 
-def read_gguf(path: Path) -> GGUFContents:
-    """All tensors of a GGUF file; CheckpointError for a truncated, corrupt or unsupported file."""
+def _open(path: Path):
     from gguf import GGUFReader
 
-    path = Path(path)
     try:
-        reader = GGUFReader(str(path))
+        return GGUFReader(str(path))
     except (ValueError, IndexError, KeyError, OSError, TypeError) as err:
         raise CheckpointError(f"{path.name} is not a readable GGUF file (truncated or corrupt: "
                               f"{type(err).__name__}: {str(err)[:120]}). Download it again.") from err
+
+
+def _shape(entry, meta: dict[str, object]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(stored shape in torch order, logical shape from `comfy.gguf.orig_shape`, else the same)."""
+    shape = tuple(int(n) for n in reversed(entry.shape.tolist()))
+    original = meta.get(ORIG_SHAPE_KEY + entry.name)
+    return shape, tuple(int(n) for n in original) if original is not None else shape
+
+
+def _contents(path: Path, load: bool) -> GGUFContents:
+    path = Path(path)
+    reader = _open(path)
     meta = _metadata(reader)
     tensors: dict[str, torch.Tensor | PackedTensor] = {}
     formats: dict[str, int] = {}
     for entry in reader.tensors:
-        shape = tuple(int(n) for n in reversed(entry.shape.tolist()))
-        original = meta.get(ORIG_SHAPE_KEY + entry.name)
-        tensor = _tensor(entry, shape, path)
-        if original is not None:
-            tensor = tensor.reshape(tuple(int(n) for n in original))
-        tensors[entry.name] = tensor
+        stored, logical = _shape(entry, meta)
+        if load:
+            tensor = _tensor(entry, stored, path)
+            tensors[entry.name] = tensor.reshape(logical) if logical != stored else tensor
+        else:
+            _check_entry(entry, stored, path)
+            tensors[entry.name] = torch.empty(logical, device="meta")
         formats[entry.tensor_type.name] = formats.get(entry.tensor_type.name, 0) + 1
     arch = meta.get("general.architecture")
     return GGUFContents(tensors, str(arch) if arch is not None else None, formats)
+
+
+def read_gguf(path: Path) -> GGUFContents:
+    """All tensors of a GGUF file; CheckpointError for a truncated, corrupt or unsupported file."""
+    return _contents(path, load=True)
+
+
+def inspect_gguf(path: Path) -> GGUFContents:
+    """A GGUF file's tensors as meta tensors of their logical shapes, every entry checked (no weights read)."""
+    return _contents(path, load=False)

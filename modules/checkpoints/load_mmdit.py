@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from modules.checkpoints.families import Family
+from modules.checkpoints.gguf_file import inspect_gguf
 from modules.checkpoints.mmdit import (
     FLOW_ARCHES,
     build_hf_encoder,
@@ -26,6 +27,7 @@ from modules.checkpoints.mmdit import (
     transformer_prefix,
 )
 from modules.checkpoints.model import ModelSpec, TextEncoderSpec
+from modules.checkpoints.quantized import read_weights, unpacked
 from modules.checkpoints.read import read_state_dict
 from modules.errors import CheckpointError
 
@@ -150,6 +152,7 @@ def load_flow_parts(path: Path, sd: StateDict, *, device: torch.device, dtype: t
         sources[name] = found
     vae_src = Path(vae_path) if vae_path is not None else None
     vae_state = embedded_vae(sd) if vae_src is None else None
+    vae_state = unpacked(vae_state, vae_dtype) if vae_state is not None else None
     if vae_src is None and vae_state is None:
         vae_src = find_vae_file(fam, dirs)
     if missing or (vae_src is None and vae_state is None):
@@ -159,7 +162,7 @@ def load_flow_parts(path: Path, sd: StateDict, *, device: torch.device, dtype: t
     for name in fam.text_encoders:
         src = sources[name]
         if isinstance(src, Path):
-            labels[name], state = src.name, read_state_dict(src, dtype=dtype)
+            labels[name], state = src.name, read_weights(src, dtype=dtype)
             modules.append(src.stem)
         else:
             labels[name], state = f"{name} in {path.name}", src
@@ -202,9 +205,9 @@ def preflight(path: Path, *, vae_path: Path | None, dirs: ComponentDirs) -> None
     """For a FLUX.1 / SD3.5 safetensors file, the checks that need no weights, run before the current
     model is released: the file and each component are complete, none is missing, T5 is the right width."""
     path = Path(path)
-    if path.suffix.lower() not in COMPONENT_SUFFIXES or not path.is_file():
+    if not path.is_file() or path.suffix.lower() not in (*COMPONENT_SUFFIXES, ".gguf"):
         return
-    sd = _header_shapes(path)
+    sd = inspect_gguf(path).tensors if path.suffix.lower() == ".gguf" else _header_shapes(path)
     if not is_flow_checkpoint(sd):
         return
     fam = family_for(next(a for a in FLOW_ARCHES if a.matches(sd)).arch)

@@ -12,7 +12,9 @@ import torch
 
 from modules.checkpoints.load import load_checkpoint
 from modules.checkpoints.load_mmdit import ComponentDirs, preflight
+from modules.checkpoints.load_unet import preflight_unet
 from modules.checkpoints.model import CheckpointInfo, LoadedModel
+from modules.checkpoints.quantized import check_weights_file, require_fp8
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,7 @@ class _LoadKey:
     force_v: bool
     channels_last_vae: bool
     components: ComponentDirs | None = None
+    weights: str = "auto"
 
 
 def release_memory() -> None:
@@ -68,19 +71,26 @@ class ModelManager:
     def load(self, info: CheckpointInfo, *, device: torch.device | str, dtype: torch.dtype,
              vae_path: Path | None = None, yaml_path: Path | None = None, force_v: bool = False,
              vae_dtype: torch.dtype | None = None, channels_last_vae: bool = False,
-             components: ComponentDirs | None = None) -> LoadedModel:
-        """The loaded `info`, loading it (and releasing the previous model first) when needed."""
+             components: ComponentDirs | None = None, weights: str = "auto") -> LoadedModel:
+        """The loaded `info`, loading it (and releasing the previous model first) when needed.
+        `weights`: "auto" (as stored), "fp8" or "fp8-sdxl" (float weights kept as fp8; see load_checkpoint)."""
         key = _LoadKey(Path(info.path).resolve(), info.format, str(torch.device(device)), dtype, vae_dtype,
                        Path(vae_path).resolve() if vae_path else None,
-                       Path(yaml_path).resolve() if yaml_path else None, force_v, channels_last_vae, components)
+                       Path(yaml_path).resolve() if yaml_path else None, force_v, channels_last_vae, components,
+                       weights)
         if self._current is not None and key == self._key:
             return self._current
-        preflight(info.path, vae_path=vae_path, dirs=components or ComponentDirs())  # before the old model goes
+        dirs = components or ComponentDirs()
+        check_weights_file(info.path)  # before the old model goes: a bad file keeps it loaded
+        if weights != "auto":
+            require_fp8(info.name)
+        preflight(info.path, vae_path=vae_path, dirs=dirs)
+        preflight_unet(info.path, vae_path=vae_path, dirs=dirs)
         if self._current is not None:  # nothing to release before a first load (skips a ~0.2 s gc pass)
             self.unload()
         model = load_checkpoint(info, device=device, dtype=dtype, vae_path=vae_path, yaml_path=yaml_path,
                                 force_v=force_v, hash_cache=self._hash_cache, vae_dtype=vae_dtype,
-                                channels_last_vae=channels_last_vae, components=components)
+                                channels_last_vae=channels_last_vae, components=components, weights=weights)
         self._current, self._key = model, key
         return model
 

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from modules.checkpoints.packed import PackedTensor
 from modules.errors import CheckpointError
 
 StateDict = Mapping[str, torch.Tensor]
@@ -59,8 +60,10 @@ _SD3_QKV = {"x_block.attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
 
 
 def swap_halves(t: torch.Tensor) -> torch.Tensor:
-    """(shift, scale) -> (scale, shift) along dim 0."""
+    """(shift, scale) -> (scale, shift) along dim 0; a packed (GGUF, fp8) tensor stays packed."""
     first, second = t.chunk(2, dim=0)
+    if isinstance(t, PackedTensor):
+        return PackedTensor.cat([second, first])
     return torch.cat([second, first], dim=0)
 
 

@@ -36,6 +36,10 @@ class PackedTensor:
     scale: torch.Tensor | None = None  # fp8 files' per-tensor `scale_weight` / `weight_scale`
 
     @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
     def nbytes(self) -> int:
         return self.storage.numel() * self.storage.element_size()
 
@@ -45,18 +49,43 @@ class PackedTensor:
             raise CheckpointError(f"cannot view a {self.format} tensor of shape {self.shape} as {shape}")
         return replace(self, shape=shape)
 
-    def chunk(self, chunks: int) -> list[PackedTensor]:
+    def chunk(self, chunks: int, dim: int = 0) -> list[PackedTensor]:
         """Equal parts along dim 0 (fused q/k/v); each part must be whole blocks of whole rows."""
         if self.shape[0] % chunks:
             raise CheckpointError(f"cannot split {self.shape[0]} rows of a {self.format} tensor into {chunks}")
-        rows = self.shape[0] // chunks
-        shape = (rows, *self.shape[1:])
+        return self.split(self.shape[0] // chunks, dim)
+
+    def split(self, sizes: int | list[int], dim: int = 0) -> list[PackedTensor]:
+        """Parts of `sizes` rows along dim 0 (FLUX's linear1: q, k, v and the MLP), on block boundaries."""
+        if dim != 0:
+            raise CheckpointError(f"a {self.format} tensor splits only along its rows")
+        rows = self.shape[0]
+        sizes = [sizes] * (rows // sizes) if isinstance(sizes, int) else list(sizes)
+        if sum(sizes) != rows:
+            raise CheckpointError(f"cannot split {rows} rows of a {self.format} tensor into {sizes}")
+        parts, start = [], 0
         if self.format in FP8_DTYPES:
-            parts = self.storage.reshape(self.shape).chunk(chunks)
-            return [PackedTensor(p.contiguous(), self.format, shape, self.scale) for p in parts]
-        size = packed_bytes(quant_type(self.format), shape)  # raises unless the rows fill whole blocks
+            for n, part in zip(sizes, self.storage.reshape(self.shape).split(sizes), strict=True):
+                parts.append(PackedTensor(part.contiguous(), self.format, (n, *self.shape[1:]), self.scale))
+            return parts
         flat = self.storage.reshape(-1)
-        return [PackedTensor(flat[i * size:(i + 1) * size], self.format, shape) for i in range(chunks)]
+        for n in sizes:
+            size = packed_bytes(quant_type(self.format), (n, *self.shape[1:]))  # whole blocks or raises
+            parts.append(PackedTensor(flat[start:start + size], self.format, (n, *self.shape[1:])))
+            start += size
+        return parts
+
+    @staticmethod
+    def cat(parts: list[PackedTensor]) -> PackedTensor:
+        """Parts of one format joined along dim 0 (the reverse of `split`)."""
+        first = parts[0]
+        if any(p.format != first.format or p.shape[1:] != first.shape[1:] for p in parts):
+            raise CheckpointError("packed tensors of different formats or widths cannot be joined")
+        shape = (sum(p.shape[0] for p in parts), *first.shape[1:])
+        if first.format in FP8_DTYPES:
+            return PackedTensor(torch.cat([p.storage.reshape(p.shape) for p in parts]), first.format, shape,
+                                first.scale)
+        return PackedTensor(torch.cat([p.storage.reshape(-1) for p in parts]), first.format, shape)
 
     def restore(self, dtype: torch.dtype) -> torch.Tensor:
         """The float tensor, on the storage's device."""
@@ -110,8 +139,10 @@ def packed_weight(module: nn.Module, name: str = "weight") -> RestorePacked | No
     return found[0] if found else None
 
 
-def pack_weights(module: nn.Module, packed: dict[str, PackedTensor], dtype: torch.dtype) -> None:
-    """Put each `name -> PackedTensor` (module-relative parameter names) into `module` as packed storage."""
+def pack_weights(module: nn.Module, packed: dict[str, PackedTensor], dtype: torch.dtype,
+                 device: torch.device | None = None) -> None:
+    """Put each `name -> PackedTensor` (module-relative parameter names) into `module` as packed storage,
+    on `device` (default: where the parameter is; give it for a module built on the meta device)."""
     for name, tensor in packed.items():
         owner_name, _, attr = name.rpartition(".")
         owner = module.get_submodule(owner_name) if owner_name else module
@@ -121,9 +152,10 @@ def pack_weights(module: nn.Module, packed: dict[str, PackedTensor], dtype: torc
         if tuple(current.shape) != tensor.shape:
             raise CheckpointError(f"{name}: the file's shape {tensor.shape} does not match the model's "
                                   f"{tuple(current.shape)}")
-        storage = tensor.storage.to(current.device)
+        where = current.device if device is None else device
+        storage = tensor.storage.to(where)
         setattr(owner, attr, nn.Parameter(storage, requires_grad=False))
-        restore = RestorePacked(replace(tensor, storage=storage), dtype).to(current.device)
+        restore = RestorePacked(replace(tensor, storage=storage), dtype).to(where)
         parametrize.register_parametrization(owner, attr, restore, unsafe=True)
 
 

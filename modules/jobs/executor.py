@@ -65,6 +65,8 @@ class LocalExecutor:
         self._controls: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._loaded: str | None = None
+        self._weights: str | None = None  # the running job's weights mode (fp8_storage); None: --weights
+        self._loaded_weights: str | None = None
         self.loads = 0  # checkpoints loaded so far (model-affinity routing keeps this low)
 
     # -- jobs -----------------------------------------------------------------
@@ -96,6 +98,7 @@ class LocalExecutor:
     def _execute(self, spec: JobSpec, control, on_event: EventCallback) -> JobResult:
         payload = JobPayload.from_json(spec.params, kind=spec.kind)
         needs_model = getattr(type(payload.params), "needs_checkpoint", True)
+        self._weights = payload.weights or None  # this job's fp8_storage choice, for script cells too
         model = self._ensure_model(payload.checkpoint) if needs_model else ""
         result = runners.run(self.engine, payload, control, lambda p: on_event(_event(p)), self.outdir,
                              self._ensure_model)
@@ -115,10 +118,13 @@ class LocalExecutor:
                                   "or start with --ckpt FILE.")
         info = self.engine.find_checkpoint(name)
         current = self.engine.models.current
-        if current is None or Path(current.info.path).resolve() != Path(info.path).resolve():
+        weights = self._weights or self.engine.settings.weights
+        if current is None or Path(current.info.path).resolve() != Path(info.path).resolve() \
+                or weights != self._loaded_weights:
             log.info("loading checkpoint %s", info.name)
-            self.engine.load_model(info.path)
+            self.engine.load_model(info.path, weights=weights)
             self.loads += 1
+        self._loaded_weights = weights
         self._loaded = info.name
         return info.name
 

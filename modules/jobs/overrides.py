@@ -21,7 +21,8 @@ PARAM_OPTIONS = {
     "code_former_weight": "code_former_weight",
 }
 RNG_LABELS = {"gpu": "GPU", "cpu": "CPU", "nv": "NV"}
-NOT_OVERRIDES = ("sd_model_checkpoint",)  # handled by the submit service itself
+NOT_OVERRIDES = ("sd_model_checkpoint", "fp8_storage")  # handled by the submit service itself
+FP8_STORAGE = {"Disable": "auto", "Enable": "fp8", "Enable for SDXL": "fp8-sdxl"}  # A1111's "FP8 weight"
 
 
 def options_from_settings(settings: Any) -> dict[str, Any]:
@@ -65,3 +66,20 @@ def overridden(overrides: Mapping[str, Any], names: frozenset[str]) -> tuple[dic
             ignored.append(key)
     warnings = [f"override_settings ignored (not a per-job setting here): {', '.join(ignored)}"] if ignored else []
     return changes, warnings
+
+
+def fp8_storage_option(settings: Any) -> str:
+    """The fp8_storage option's process default, from --weights."""
+    return next((label for label, mode in FP8_STORAGE.items() if mode == settings.weights), "Disable")
+
+
+def job_weights(options: Mapping[str, Any], overrides: Mapping[str, Any]) -> str:
+    """The weights mode a job loads its checkpoint with ("" when the option is unset)."""
+    value = overrides.get("fp8_storage", options.get("fp8_storage"))
+    if value is None:
+        return ""
+    if isinstance(value, bool):  # some clients send the checkbox value
+        value = "Enable" if value else "Disable"
+    if value not in FP8_STORAGE:
+        raise InvalidParams(f"fp8_storage must be one of {', '.join(FP8_STORAGE)}, got {value!r}", field="fp8_storage")
+    return FP8_STORAGE[value]

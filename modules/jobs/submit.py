@@ -83,7 +83,8 @@ class SubmitService:
             request = {**encode_params(params), "override_settings": {"sd_model_checkpoint": title}}
         return JobPayload(submission.kind, dataclasses.replace(params, init_images=(), mask=None)
                           if images else params, checkpoint, images, dict(request),
-                          (*submission.warnings, *warnings), submission.source, script)
+                          (*submission.warnings, *warnings), submission.source, script,
+                          job_overrides.job_weights(options, submission.overrides))
 
     def submit(self, caller: Caller, submission: Submission) -> Job:
         """Validate, store the input images beside the job and queue it for `caller`."""

@@ -93,14 +93,15 @@ class Engine:
         raise CheckpointError(f"Checkpoint not found: {name_or_path}. Put models in "
                               f"{self.settings.models_dir / 'Stable-diffusion'} or pass --ckpt FILE.")
 
-    def load_model(self, name_or_path: str | Path) -> LoadedModel:
+    def load_model(self, name_or_path: str | Path, weights: str | None = None) -> LoadedModel:
+        """Load a checkpoint; `weights` ("auto", "fp8", "fp8-sdxl") overrides --weights for this load."""
         info = self.find_checkpoint(name_or_path)
         self._per_model.clear()
         self.placement.detach()
         model = self.models.load(info, device=self.placement.load_device(), dtype=self.devices.dtype,
                                  vae_path=self.vae_for(info), force_v=self.settings.force_v_prediction,
                                  vae_dtype=self.devices.vae_dtype, channels_last_vae=self.devices.channels_last,
-                                 components=self.component_dirs())
+                                 components=self.component_dirs(), weights=weights or self.settings.weights)
         apply_attention([model.unet, model.vae], self.devices.attention)
         # the UNet measured ~5% slower in NHWC; VAE weights read as NHWC are not copied again
         apply_memory_format([model.vae], self.devices.channels_last)

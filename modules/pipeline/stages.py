@@ -213,6 +213,7 @@ def base_infotext_fields(params: Any, plan: SamplingPlan, model: Any, seed: int,
         "Size": f"{params.width}x{params.height}",
         "Model hash": model.model_hash or None,
         "Model": model.info.stem,
+        "FP8 weight": getattr(model, "fp8_weight", None),
         "VAE hash": model.vae_hash,
         "VAE": model.vae_name,
         "Variation seed": subseed if varied else None,
@@ -225,19 +226,29 @@ def base_infotext_fields(params: Any, plan: SamplingPlan, model: Any, seed: int,
         "Emphasis": params.emphasis if params.emphasis != "Original" else None,
         "Tiling": True if params.tiling else None,
         **flow_infotext(params, model),
+        "Weight dtype": stored_weight_format(model),
         "Version": VERSION,
     }
+
+
+_COMPUTE_NAMES = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16"}
+
+
+def stored_weight_format(model: Any) -> str | None:
+    """How the diffusion model's weights are stored ("Q8_0", "fp8_e4m3fn"), when not in the compute dtype."""
+    stored = getattr(model, "weight_dtype", "")
+    return stored if stored and stored != _COMPUTE_NAMES.get(str(getattr(model, "dtype", ""))) else None
 
 
 def flow_infotext(params: Any, model: Any) -> dict[str, Any]:
     """Forge's keys for FLUX.1 / SD3.5: Distilled CFG Scale (dev), Shift (explicit or static), Module N."""
     family = model.spec.family
+    modules = {f"Module {i}": name for i, name in enumerate(getattr(model, "modules", ()), start=1)}
     if family is None:
-        return {}
+        return modules  # an SD UNet alone names its split parts too
     fields: dict[str, Any] = {}
     if family.distilled_cfg is not None:
         fields["Distilled CFG Scale"] = params.distilled_cfg_scale
     if params.shift or family.dynamic_shift is None:
         fields["Shift"] = params.shift or family.shift
-    fields.update({f"Module {i}": name for i, name in enumerate(getattr(model, "modules", ()), start=1)})
-    return fields
+    return {**fields, **modules}

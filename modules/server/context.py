@@ -12,6 +12,7 @@ from pathlib import Path
 
 from modules.app import App
 from modules.checkpoints.model import CheckpointInfo
+from modules.checkpoints.quantized import file_weight_format
 from modules.errors import AtelierError, CheckpointError
 from modules.jobs.executor import Executor
 from modules.jobs.manager import JobManager
@@ -129,7 +130,12 @@ class ServerContext:
         sha = self._cached_sha256(info)
         yaml = Path(info.path).with_suffix(".yaml")
         return {"title": self.title(info), "model_name": info.stem, "hash": sha[:10] if sha else None,
-                "sha256": sha, "filename": str(info.path), "config": str(yaml) if yaml.exists() else None}
+                "sha256": sha, "filename": str(info.path), "config": str(yaml) if yaml.exists() else None,
+                "weight_dtype": self.weight_format(info)}
+
+    def weight_format(self, info: CheckpointInfo) -> str | None:
+        """How a file stores most weights ('Q8_0', 'fp8_e4m3fn', 'fp16'), from its header; None for others."""
+        return file_weight_format(Path(info.path)) if info.format != "diffusers" else None
 
     def find_checkpoint(self, name: str) -> CheckpointInfo | None:
         """By title (with or without ' [hash]'), file name, name or stem; None when unknown."""

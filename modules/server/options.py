@@ -16,7 +16,14 @@ from typing import Any
 
 from modules.errors import InvalidParams
 from modules.interrogate.options import InterrogateOptions
-from modules.jobs.overrides import PARAM_OPTIONS, RNG_LABELS, option_to_param, options_from_settings
+from modules.jobs.overrides import (
+    PARAM_OPTIONS,
+    RNG_LABELS,
+    fp8_storage_option,
+    job_weights,
+    option_to_param,
+    options_from_settings,
+)
 from modules.plugins.grids import GRID_OPTION_DEFAULTS, grid_options
 from modules.settings import Settings
 
@@ -46,6 +53,7 @@ class Options:
             "live_previews_enable": True,
             **GRID_OPTION_DEFAULTS,
             **InterrogateOptions().to_json(),
+            "fp8_storage": fp8_storage_option(settings),
         }
         self._values.update(self._load())
 
@@ -88,6 +96,8 @@ class Options:
                 raise InvalidParams(f"{key} cannot be changed while the server runs (it is {self.get(key)!r})")
         if any(key in InterrogateOptions.__dataclass_fields__ for key in changes):
             InterrogateOptions.from_options({**self.all(), **changes})
+        if "fp8_storage" in changes:
+            job_weights({}, changes)
         if any(key in GRID_OPTION_DEFAULTS for key in changes):
             try:
                 grid_options({**self.all(), **changes})

@@ -13,7 +13,7 @@ from modules.ui.quicksettings import build_quicksettings
 def build_checkpoint_row(ui: UIContext) -> gr.Dropdown:
     with gr.Row(elem_id="checkpoint-row"):
         titles = ui.checkpoint_titles()
-        dropdown = gr.Dropdown(titles, value=ui.current_checkpoint() if titles else None,
+        dropdown = gr.Dropdown(ui.checkpoint_choices(), value=ui.current_checkpoint() if titles else None,
                                label="Stable Diffusion checkpoint", elem_id="checkpoint", scale=3,
                                allow_custom_value=True)  # titles gain a hash once a model was hashed
         refresh = gr.Button("\u21bb", size="sm", scale=0, min_width=36, elem_id="checkpoint-refresh",
@@ -25,7 +25,7 @@ def build_checkpoint_row(ui: UIContext) -> gr.Dropdown:
     def refresh_list(current: str | None):
         titles = ui.checkpoint_titles()
         value = current if current in titles else (ui.current_checkpoint() if titles else None)
-        return gr.update(choices=titles, value=value), _status(ui, value)
+        return gr.update(choices=ui.checkpoint_choices(), value=value), _status(ui, value)
 
     def switch(title: str | None, progress=gr.Progress()):  # noqa: B008 (Gradio's progress injection)
         info = ui.server.find_checkpoint(title) if title else None

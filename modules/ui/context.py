@@ -46,6 +46,15 @@ class UIContext:
     def checkpoint_titles(self) -> list[str]:
         return [self.server.title(info) for info in self.server.checkpoints()]
 
+    def checkpoint_choices(self) -> list[tuple[str, str]]:
+        """(label, title) per checkpoint: quantized and fp8 files show their format ('... · Q8_0')."""
+        choices = []
+        for info in self.server.checkpoints():
+            title, fmt = self.server.title(info), self.server.weight_format(info)
+            packed = fmt is not None and fmt not in ("fp32", "fp16", "bf16")
+            choices.append((f"{title} \u00b7 {fmt}" if packed else title, title))
+        return choices
+
     def current_checkpoint(self) -> str | None:
         """The current checkpoint's title as the dropdown lists it (the hash appears once known)."""
         name = self.server.options.get("sd_model_checkpoint")

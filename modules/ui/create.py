@@ -50,6 +50,6 @@ def default_widgets(ui: UIContext) -> list:
 def on_page_load(ui: UIContext) -> list:
     """Fresh values for each page load: the checkpoint list and the default sampler and schedule."""
     titles = ui.checkpoint_titles()
-    checkpoint = gr.update(choices=titles, value=ui.current_checkpoint() if titles else None)
+    checkpoint = gr.update(choices=ui.checkpoint_choices(), value=ui.current_checkpoint() if titles else None)
     defaults = [ui.default("sampler", "DPM++ 2M"), ui.default("scheduler", "Automatic")]
     return [checkpoint, *defaults, *defaults]

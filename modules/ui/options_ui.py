@@ -13,6 +13,7 @@ import gradio as gr
 
 from modules.errors import AtelierError
 from modules.faces.service import KNOWN as _FACE_MODELS
+from modules.jobs.overrides import FP8_STORAGE
 from modules.server.options import READ_ONLY, RNG_LABELS
 from modules.settings import EMPHASIS_MODES
 from modules.ui.components import AUTOMATIC
@@ -56,6 +57,8 @@ def known_options() -> dict[str, OptionInfo]:
         ("CLIP_stop_at_last_layers", "Stable Diffusion", "Clip skip"),
         ("emphasis", "Stable Diffusion", "Emphasis mode"),
         ("randn_source", "Stable Diffusion", "Random number generator source"),
+        ("fp8_storage", "Stable Diffusion", "FP8 weight (Use FP8 to store Linear/Conv layers' weight; GGUF "
+                                            "and fp8 files stay as stored)"),
         ("eta_noise_seed_delta", "Sampler parameters", "Eta noise seed delta (ENSD)"),
         ("atelier_default_sampler", "Sampler parameters", "Default sampler"),
         ("atelier_default_scheduler", "Sampler parameters", "Default schedule type"),
@@ -123,6 +126,8 @@ def option_widget(ui: UIContext, key: str, elem_id: str, compact: bool = False) 
         return choice(list(RNG_LABELS.values()), value=value or "GPU", **common)
     if key == "emphasis":
         return choice(list(EMPHASIS_MODES), value=value or "Original", **common)
+    if key == "fp8_storage":
+        return choice(list(FP8_STORAGE), value=value or "Disable", **common)
     if key == "atelier_default_sampler":
         return gr.Dropdown(registries.samplers.names(), value=value, **common)
     if key == "atelier_default_scheduler":
