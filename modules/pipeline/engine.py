@@ -1,6 +1,7 @@
 """The generation engine: the one object every front end talks to. No UI code here."""
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from modules.pipeline.img2img import IMG2IMG
 from modules.pipeline.job import Job, new_job
 from modules.pipeline.offload import Placement
 from modules.pipeline.params import GenerationParams, Img2ImgParams, Result, Txt2ImgParams
+from modules.pipeline.refiner import check_compatible
 from modules.pipeline.sampling import SamplerRegistries
 from modules.pipeline.tiling import circular_padding
 from modules.pipeline.txt2img import TXT2IMG
@@ -25,6 +27,8 @@ from modules.sampling.schedules import DiscreteSchedule
 from modules.settings import Settings
 
 HooksFactory = Callable[[str], StageHooks]  # task name -> one job's hooks
+_TITLE_HASH = re.compile(r"\s*\[[0-9a-fA-F]{8,64}\]$")  # A1111 titles: "name.safetensors [shorthash]"
+_CHECKPOINT_SUFFIX = re.compile(r"\.(safetensors|ckpt|gguf)$", re.IGNORECASE)
 
 
 def task_for(params: GenerationParams) -> Task:
@@ -122,6 +126,43 @@ class Engine:
             if choice in (path.name, path.stem, str(path.relative_to(self.settings.vae_dir))):
                 return path
         raise CheckpointError(f"VAE not found: {choice}. Put VAE files in {self.settings.vae_dir}.")
+
+    def refiner_model(self, params: GenerationParams, base: LoadedModel) -> LoadedModel | None:
+        """The refiner `params` ask for, loaded beside `base` (which stays loaded), or None (slot freed).
+
+        A missing file or one whose latents differ from `base`'s is a clear error."""
+        if not getattr(params, "uses_refiner", False):
+            self.models.drop_refiner()
+            return None
+        info = self._refiner_info(params.refiner_checkpoint)
+        if Path(info.path).resolve() == Path(base.info.path).resolve():
+            return base
+        if self.placement.enabled:
+            raise InvalidParams("the refiner cannot run with --medvram or --lowvram yet; "
+                                "start without them or leave the refiner off", field="refiner_checkpoint")
+        model = self.models.load_refiner(info, device=self.placement.load_device(), dtype=self.devices.dtype,
+                                         vae_path=self.vae_for(info), vae_dtype=self.devices.vae_dtype,
+                                         channels_last_vae=self.devices.channels_last,
+                                         components=self.component_dirs())
+        try:
+            check_compatible(base, model)
+        except InvalidParams:
+            self.models.drop_refiner()
+            raise
+        apply_attention([model.unet, model.vae], self.devices.attention)
+        return model
+
+    def _refiner_info(self, name: str) -> CheckpointInfo:
+        """A refiner by name, title ('name.safetensors [hash]') or file name; a clear error when missing."""
+        bare = _TITLE_HASH.sub("", name.strip())
+        for candidate in (bare, _CHECKPOINT_SUFFIX.sub("", bare)):
+            try:
+                return self.find_checkpoint(candidate)
+            except CheckpointError:
+                continue
+        raise InvalidParams(f"Refiner checkpoint not found: {name}. Put it in "
+                            f"{self.settings.models_dir / 'Stable-diffusion'} or choose another refiner.",
+                            field="refiner_checkpoint")
 
     def require_model(self) -> LoadedModel:
         model = self.models.current

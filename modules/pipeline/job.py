@@ -18,6 +18,7 @@ from modules.pipeline.conditioning import PromptConditioner
 from modules.pipeline.control import JobControl, ProgressCallback
 from modules.pipeline.hooks import StageHooks
 from modules.pipeline.params import GenerationParams
+from modules.pipeline.refiner import Refiner
 from modules.pipeline.sampling import SAMPLER_OPTION_FIELDS, SamplerRegistries, SamplingPlan, plan_sampling
 from modules.sampling import flow, rng
 from modules.sampling.schedules import DiscreteSchedule
@@ -40,6 +41,8 @@ class Engine(Protocol):
 
     def vae_tiling(self) -> Any: ...
 
+    def refiner_model(self, params: Any, base: Any) -> Any: ...
+
 
 @dataclass(frozen=True)
 class Job:
@@ -53,6 +56,7 @@ class Job:
     control: JobControl
     on_progress: ProgressCallback | None
     conditioner: PromptConditioner
+    refiner: Any = None  # a modules.pipeline.refiner.Refiner, or None
 
 
 @dataclass(frozen=True)
@@ -74,7 +78,22 @@ def new_job(engine: Engine, task: str, params: GenerationParams, hooks: StageHoo
     conditioner = PromptConditioner(engine.text_conditioner(model), params.clip_skip, params.emphasis,
                                     zero_empty_negative=model.spec.is_sdxl,  # not FLUX / SD3 (as diffusers)
                                     embeddings=hooks.embeddings(model, engine.tokenizer(), params))
-    return Job(engine, task, params, model, hooks, control or JobControl(), on_progress, conditioner)
+    return Job(engine, task, params, model, hooks, control or JobControl(), on_progress, conditioner,
+               _refiner(engine, params, model, hooks, conditioner))
+
+
+def _refiner(engine: Engine, params: GenerationParams, model: Any, hooks: StageHooks,
+             base_conditioner: PromptConditioner) -> Refiner | None:
+    """The job's refiner (loaded by the engine, checked against the base model), or None."""
+    refiner_model = engine.refiner_model(params, model)
+    if refiner_model is None:
+        return None
+    if refiner_model is model:
+        return Refiner(model, base_conditioner, float(params.refiner_switch_at))
+    conditioner = PromptConditioner(engine.text_conditioner(refiner_model), params.clip_skip, params.emphasis,
+                                    zero_empty_negative=refiner_model.spec.is_sdxl,
+                                    embeddings=hooks.embeddings(refiner_model, engine.tokenizer(), params))
+    return Refiner(refiner_model, conditioner, float(params.refiner_switch_at))
 
 
 def batches(job: Job) -> list[Batch]:

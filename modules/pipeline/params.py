@@ -52,6 +52,8 @@ class GenerationParams:
     outdir: Path | None = None  # None: Settings.outputs_dir / "<task>-images"
     styles: tuple[str, ...] = ()  # prompt style names, applied in order before the job runs
     extension_args: dict[str, dict[str, Any]] = field(default_factory=dict)  # option values by extension name
+    refiner_checkpoint: str | None = None  # A1111 1.10's refiner: a checkpoint name (None / "" / "None": none)
+    refiner_switch_at: float | None = None  # fraction of the steps run by the base model; None or 1.0: no refiner
 
     def validate(self, limits: Limits = DEFAULT_LIMITS) -> None:
         """Raise InvalidParams naming the first bad field; sizes and counts within the server's `limits`."""
@@ -74,6 +76,16 @@ class GenerationParams:
                 _check_size(name, value, limits.max_size)
         if not isinstance(self.prompt, str) or not isinstance(self.negative_prompt, str):
             raise InvalidParams("prompt and negative_prompt must be text")
+        if self.refiner_checkpoint is not None and not isinstance(self.refiner_checkpoint, str):
+            raise InvalidParams(f"refiner_checkpoint must be a checkpoint name, got {self.refiner_checkpoint!r}")
+        if self.refiner_switch_at is not None:
+            _check_number("refiner_switch_at", self.refiner_switch_at, 0.0, 1.0)
+
+    @property
+    def uses_refiner(self) -> bool:
+        """A refiner is named and takes over before the last step (A1111: switch at below 1)."""
+        name = (self.refiner_checkpoint or "").strip()
+        return name not in ("", "None", "none") and self.refiner_switch_at is not None and self.refiner_switch_at < 1.0
 
     def to_dict(self) -> dict[str, Any]:
         """Fields by name (shallow: init images and masks stay PIL images)."""
