@@ -24,6 +24,7 @@ INFOTEXT_FIELDS: Mapping[str, str] = MappingProxyType({
     "Hires prompt": "hr_prompt", "Hires negative prompt": "hr_negative_prompt", "Mask blur": "mask_blur",
     "Tiling": "tiling",
     "Distilled CFG Scale": "distilled_cfg_scale", "Shift": "shift",
+    "Refiner": "refiner_checkpoint", "Refiner switch at": "refiner_switch_at",
 })
 SAME_AS_FIRST_PASS = ("Use same sampler", "Use same scheduler", "Use same checkpoint")
 

@@ -57,6 +57,9 @@ TOOLTIPS: Mapping[str, str] = MappingProxyType({
     "-generate": "Generate (Ctrl+Enter)",
     "-tiling": "Produce an image that can be tiled.",
     "-styles": "Styles to apply to the prompt when the image is generated",
+    "-refiner-checkpoint": "Switch to another model in the middle of generation (None: no refiner)",
+    "-refiner-switch-at": "Fraction of sampling steps when the switch to refiner model should happen; "
+                          "1=never, 0.5=switch in the middle of generation",
 })
 
 # element id suffix -> (icon, aria-label and tooltip)
@@ -67,6 +70,7 @@ ICON_BUTTONS: Mapping[str, tuple[str, str]] = MappingProxyType({
     "-read-params": ("read", "Read generation parameters from prompt into user interface"),
     "-apply-styles": ("brush", "Apply the selected styles to the prompt"),
     "checkpoint-refresh": ("refresh", "Refresh the checkpoint list"),
+    "-refiner-refresh": ("refresh", "Refresh the refiner checkpoint list"),
 })
 
 # 16x16 stroke icons (own drawings)
