@@ -50,5 +50,5 @@ def register_scripts() -> list[api.ScriptSpec]:
 
 
 @api.hookimpl
-def register_xyz_axes() -> list[api.AxisSpec]:
-    return builtin_axes()
+def register_xyz_axes(settings: Any) -> list[api.AxisSpec]:
+    return builtin_axes(settings)

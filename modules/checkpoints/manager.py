@@ -92,6 +92,11 @@ class ModelManager:
         return model
 
     @property
+    def vae_path(self) -> Path | None | bool:
+        """The current model's separate VAE file (resolved), None for its own; False when unknown (adopted)."""
+        return self._key.vae_path if self._key is not None else False
+
+    @property
     def refiner(self) -> LoadedModel | None:
         return self._refiner
 

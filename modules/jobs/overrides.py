@@ -17,6 +17,7 @@ PARAM_OPTIONS = {
     "eta_noise_seed_delta": "eta_noise_seed_delta",
     "randn_source": "rng_source",
     "emphasis": "emphasis",
+    "img2img_extra_noise": "img2img_extra_noise",
 }
 RNG_LABELS = {"gpu": "GPU", "cpu": "CPU", "nv": "NV"}
 NOT_OVERRIDES = ("sd_model_checkpoint",)  # handled by the submit service itself
@@ -37,6 +38,8 @@ def option_to_param(key: str, value: Any) -> Any:
     if key in ("CLIP_stop_at_last_layers", "eta_noise_seed_delta") and (
             isinstance(value, bool) or not isinstance(value, int)):
         raise InvalidParams(f"{key} must be a whole number, got {value!r}", field=key)
+    if key == "img2img_extra_noise" and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise InvalidParams(f"{key} must be a number, got {value!r}", field=key)
     if key == "emphasis" and not isinstance(value, str):
         raise InvalidParams(f"emphasis must be text, got {value!r}", field=key)
     return value

@@ -88,12 +88,13 @@ class Engine:
         raise CheckpointError(f"Checkpoint not found: {name_or_path}. Put models in "
                               f"{self.settings.models_dir / 'Stable-diffusion'} or pass --ckpt FILE.")
 
-    def load_model(self, name_or_path: str | Path) -> LoadedModel:
+    def load_model(self, name_or_path: str | Path, vae: str | None = None) -> LoadedModel:
+        """Load a checkpoint (with the `vae` choice, default the server's `sd_vae`) unless it is loaded."""
         info = self.find_checkpoint(name_or_path)
         self._per_model.clear()
         self.placement.detach()
         model = self.models.load(info, device=self.placement.load_device(), dtype=self.devices.dtype,
-                                 vae_path=self.vae_for(info), force_v=self.settings.force_v_prediction,
+                                 vae_path=self.vae_for(info, vae), force_v=self.settings.force_v_prediction,
                                  vae_dtype=self.devices.vae_dtype, channels_last_vae=self.devices.channels_last,
                                  components=self.component_dirs())
         apply_attention([model.unet, model.vae], self.devices.attention)
@@ -113,9 +114,10 @@ class Engine:
     def vaes(self) -> list[Path]:
         return find_vaes(self.settings.vae_dir)
 
-    def vae_for(self, info: CheckpointInfo) -> Path | None:
-        """--vae-path, else the `sd_vae` choice: Automatic (beside the checkpoint), None, or a name."""
-        choice = self.settings.sd_vae
+    def vae_for(self, info: CheckpointInfo, choice: str | None = None) -> Path | None:
+        """--vae-path, else the `sd_vae` choice (`choice`, default the server's): Automatic (beside the
+        checkpoint), None, or a name."""
+        choice = choice if choice is not None else self.settings.sd_vae
         if self.settings.vae_path:
             return self.settings.vae_path
         if choice == "Automatic":
@@ -163,6 +165,15 @@ class Engine:
         raise InvalidParams(f"Refiner checkpoint not found: {name}. Put it in "
                             f"{self.settings.models_dir / 'Stable-diffusion'} or choose another refiner.",
                             field="refiner_checkpoint")
+
+    def use_vae(self, choice: str | None) -> None:
+        """Reload the current checkpoint when the job's VAE choice (None: the server's) is not the loaded one."""
+        model, loaded = self.models.current, self.models.vae_path
+        if model is None or loaded is False:  # nothing loaded, or a model built by hand (benchmarks, tests)
+            return
+        wanted = self.vae_for(model.info, choice)
+        if (Path(wanted).resolve() if wanted else None) != loaded:
+            self.load_model(model.info.path, vae=choice)
 
     def require_model(self) -> LoadedModel:
         model = self.models.current
@@ -215,6 +226,7 @@ class Engine:
                 on_progress: ProgressCallback | None = None, hooks: StageHooks | None = None) -> Job:
         """A job on the loaded model after the hooks' `prepare`; params are not validated here."""
         task = task_for(params)
+        self.use_vae(getattr(params, "sd_vae", None))
         return new_job(self, task.name, params, hooks or self.job_hooks(task.name), control, on_progress)
 
     def run(self, job: Job) -> Result:

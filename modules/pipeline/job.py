@@ -129,6 +129,9 @@ def schedule_context(job: Job) -> ScheduleContext:
 def make_plan(job: Job, sampler_name: str, scheduler: str, steps: int) -> SamplingPlan:
     """Sigmas and sampler options for one pass, the job's sampler overrides applied."""
     overrides = {k: getattr(job.params, k) for k in SAMPLER_OPTION_FIELDS}
+    order = getattr(job.params, "uni_pc_order", None)
+    if order is not None and job.engine.registries.samplers.get(sampler_name).name == "UniPC":
+        overrides["order"] = max(1, min(order, steps - 1))  # A1111: min(order, steps - 1)
     return plan_sampling(job.engine.registries, sampler_name, scheduler, steps, schedule_context(job), overrides)
 
 
@@ -150,10 +153,15 @@ def latent_shape(job: Job, height: int, width: int) -> tuple[int, int, int]:
 
 
 def add_noise(job: Job, latents: torch.Tensor, noise_: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Latents at noise level `sigma`: x0 + sigma * noise; flow models interpolate, (1 - sigma) x0 + sigma * noise."""
+    """Latents at noise level `sigma`: x0 + sigma * noise; flow models interpolate, (1 - sigma) x0 + sigma * noise.
+
+    A1111's "Extra noise" (img2img and hires) then adds `img2img_extra_noise` times the same noise."""
     if job.model.spec.prediction == "flow":
-        return latents * (1 - sigma) + noise_ * sigma
-    return latents + noise_ * sigma
+        x = latents * (1 - sigma) + noise_ * sigma
+    else:
+        x = latents + noise_ * sigma
+    extra = getattr(job.params, "img2img_extra_noise", 0.0)
+    return x + noise_ * extra if extra else x
 
 
 def encode(job: Job, images: list[Image.Image]) -> torch.Tensor:

@@ -204,6 +204,9 @@ def infotext_fields(job: Job, plan: SamplingPlan, extra: InfotextFields, seed: i
     fields = base_infotext_fields(job.params, plan, job.model, seed, subseed)
     version = fields.pop("Version")
     refiner = refiner_ops.infotext_fields(job.refiner)
+    extra_noise = getattr(job.params, "img2img_extra_noise", 0.0)
+    if extra_noise and (job.task == "img2img" or getattr(job.params, "enable_hr", False)):
+        refiner = {"Extra noise": extra_noise, **refiner}
     return {**fields, **extra.fields, **refiner, **job.hooks.infotext(), "Version": version, **extra.last}
 
 
