@@ -101,3 +101,27 @@ def test_bad_values_are_a_422_naming_the_value_and_nothing_is_queued(http, args,
     assert detail["loc"] == ["body", "script_args"]
     assert all(w in detail["msg"] for w in words), detail["msg"]
     assert job_count(http) == before
+
+
+def test_fill_values_per_axis_kind(tmp_path, tiny_checkpoints):
+    """What the UI's fill buttons write: every choice of a list axis, checkpoints for checkpoint axes
+    ("None" first for the refiner), the VAE folder's files; nothing for number and text axes."""
+    import importlib
+
+    from modules.plugins import api
+    from tests.plugin_helpers import BUNDLED, ext_app
+
+    (tmp_path / "models" / "VAE").mkdir(parents=True)
+    (tmp_path / "models" / "VAE" / "my-vae.safetensors").write_bytes(b"")
+    app = ext_app(tmp_path, dirs=(BUNDLED,))
+    plot = importlib.import_module("atelier_ext_xyz_grid.plot")  # loaded by the app's extension loader
+
+    def fill(axis: str, letter: str = "x", task: str = "txt2img") -> str | None:
+        return plot.fill_values(api.ScriptFill(task, f"{letter}_values", {f"{letter}_type": axis},
+                                               app.registries, ("base", "zref")))
+
+    assert "Euler a" in fill("Sampler") and "Karras" in fill("Schedule type", "y")
+    assert fill("Checkpoint name") == "base,zref" and fill("Refiner checkpoint", "z") == "None,base,zref"
+    assert fill("VAE") == "Automatic,None,my-vae.safetensors"
+    assert fill("Steps") is None and fill("Prompt S/R") is None and fill("Nothing") is None
+    assert fill("no such axis") is None

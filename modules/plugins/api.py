@@ -26,6 +26,7 @@ from modules.plugins.scripts import (
     AxisSpec,
     ScriptCheck,
     ScriptContext,
+    ScriptFill,
     ScriptSpec,
     extend_result,
     with_infotext_fields,
@@ -58,11 +59,12 @@ from modules.text.prompt_parser import ExtraNetworkTag
 #      extend_result; the grid builder (image_grid, annotate_grid, GridAnnotation, split_grid, combine_grid)
 # 1.5: unet_residuals (conditioning inside the UNet: ControlNet) with DenoiserContext, UNetCall, UNetResiduals
 #      and JobContext.state; register_root_api_routes with RootRoutesSpec; a list `args` in alwayson_scripts
-# 1.6: register_xyz_axes(settings) may take the settings; vae_names(settings)
+# 1.6: register_xyz_axes(settings) may take the settings; vae_names(settings); ScriptSpec.fill_buttons and
+#      .fill with ScriptFill (the UI's "fill values" buttons)
 API_VERSION = "1.6"
 
 __all__ = [
-    "API_VERSION", "AtelierError", "AxisSpec", "DenoiserContext", "GridAnnotation", "ScriptCheck", "ScriptContext", "ScriptSpec",
+    "API_VERSION", "AtelierError", "AxisSpec", "DenoiserContext", "GridAnnotation", "ScriptCheck", "ScriptContext", "ScriptFill", "ScriptSpec",
     "annotate_grid", "combine_grid", "extend_result", "image_grid", "split_grid", "with_infotext_fields", "DenoiserStep", "EmbeddingSpec", "ExtraNetworkItem", "ExtraNetworkSpec",
     "ExtraNetworkTag", "GenerationParams", "Img2ImgParams", "InvalidParams", "JobContext", "ModelPatch", "OptionSpec", "PostprocessContext", "PostprocessorSpec", "Result", "RootRoutesSpec", "SamplerSpec",
     "ScheduleContext", "SchedulerSpec", "StyleSpec", "Txt2ImgParams", "UISectionSpec", "UITabSpec",
