@@ -217,3 +217,11 @@ def test_api_incompatible_refiner_fails_clearly_and_the_base_keeps_working(http)
     assert answer.status_code == 422, answer.text
     assert "latent spaces differ" in answer.text and "Traceback" not in answer.text
     assert http.post("/sdapi/v1/txt2img", json=API).status_code == 200
+
+
+def test_infotext_refiner_keys_reach_the_ui_fields():
+    from modules.ui.bindings import field_defaults, values_from_infotext
+
+    text = "a fox\nSteps: 4, Sampler: Euler, Seed: 1, Size: 64x64, Refiner: other [0123456789], Refiner switch at: 0.6"
+    values = values_from_infotext(infotext.parse(text), field_defaults(Txt2ImgParams))
+    assert values["refiner_checkpoint"] == "other [0123456789]" and float(values["refiner_switch_at"]) == 0.6
