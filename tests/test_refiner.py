@@ -225,3 +225,16 @@ def test_infotext_refiner_keys_reach_the_ui_fields():
     text = "a fox\nSteps: 4, Sampler: Euler, Seed: 1, Size: 64x64, Refiner: other [0123456789], Refiner switch at: 0.6"
     values = values_from_infotext(infotext.parse(text), field_defaults(Txt2ImgParams))
     assert values["refiner_checkpoint"] == "other [0123456789]" and float(values["refiner_switch_at"]) == 0.6
+
+
+def test_per_model_helpers_never_outlive_their_model(engine):
+    """A released refiner's id() may be reused by the next model: its text encoder must not be."""
+    import weakref
+
+    class Model:
+        pass
+
+    gone, new = Model(), Model()
+    engine._per_model[id(new)] = {"model": weakref.ref(gone), "text": "the released model's"}
+    assert engine._cached(new, "text", lambda: "its own") == "its own"
+    assert engine._cached(new, "text", lambda: "built again") == "its own"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -190,7 +191,11 @@ class Engine:
 
     # -- per-model helpers, built once per loaded model ----------------------
     def _cached(self, model: LoadedModel, key: str, build):
-        slot = self._per_model.setdefault(id(model), {})
+        """Per-model helpers; a slot whose model is gone (a released refiner whose id() was reused) starts over."""
+        slot = self._per_model.get(id(model))
+        if slot is None or slot["model"]() is not model:
+            self._per_model = {k: v for k, v in self._per_model.items() if v["model"]() is not None}
+            slot = self._per_model[id(model)] = {"model": weakref.ref(model)}
         if key not in slot:
             slot[key] = build()
         return slot[key]
