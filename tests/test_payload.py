@@ -31,6 +31,8 @@ RANGES = {
     "mask_blur": st.integers(0, 64), "inpainting_fill": st.integers(0, 3), "inpainting_mask_invert": st.integers(0, 1),
     "inpaint_full_res_padding": st.integers(0, 256), "initial_noise_multiplier": st.floats(0, 10),
     "outpaint": st.none(), "image_cfg_scale": st.none() | st.floats(0, 100),
+    "refiner_switch_at": st.none() | st.floats(0, 1), "uni_pc_order": st.none() | st.integers(1, 3),
+    "img2img_extra_noise": st.floats(0, 1),
 }
 JSON_LEAF = st.none() | st.booleans() | st.integers(-2**53, 2**53) | st.floats(allow_nan=False, allow_infinity=False) | st.text()
 JSON = st.recursive(JSON_LEAF, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),

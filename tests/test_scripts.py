@@ -315,5 +315,5 @@ def test_axis_indexes_are_a1111_1_10s_per_tab(app):
     assert [names["img2img"][i] for i in (5, 6, 9, 10, 22, 23, 25)] == [
         "CFG Scale", "Image CFG Scale", "Sampler", "Checkpoint name", "Denoising", "Initial noise multiplier",
         "Cond. Image Mask Weight"]
-    assert names["txt2img"][38:] == ["Size"]  # Atelier's own axes follow A1111's list
+    assert names["txt2img"][38:] == ["Size", "Distilled CFG Scale"]  # Atelier's own axes follow A1111's list
     assert plot.resolve_axis("11", "txt2img", registry, "x").name == "Checkpoint name"

@@ -169,7 +169,7 @@ def test_xyz_named_args_keep_minus_one_and_dropdown_values(http):
     (xyz_args("Steps", "1, lots"), ["'lots'", "Steps"]),
     (xyz_args("Steps", "0-2"), ["Steps", "value 0"]),
     (xyz_args("Prompt S/R", "zebra, horse"), ["'zebra'"]),
-    (xyz_args("VAE", "None"), ["'VAE'", "not available"]),
+    (xyz_args("Token merging ratio", "0.5"), ["'Token merging ratio'", "not available"]),
     (xyz_args(99, "1"), ["index 99"]),
     (xyz_args("Styles", "No such style"), ["'No such style'"]),
     ([0] * 17, ["at most 16"]),

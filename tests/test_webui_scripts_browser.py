@@ -67,3 +67,22 @@ def test_img2img_offers_its_own_scripts(page):
     page.locator("#img2img-script-sd-upscale").wait_for(state="visible")
     assert page.locator("#img2img-script-sd-upscale-overlap").is_visible()
     assert not page.locator("#img2img-script-x-y-z-plot").is_visible()
+
+
+def test_fill_values_buttons_fill_an_axis_with_all_its_values(page):
+    """A1111's fill button: a dropdown-type axis's box gets every value (number axes: tests/test_xyz_axes_extra.py)."""
+    choose(page, "txt2img-script", "X/Y/Z plot")
+    page.locator("#txt2img-script-x-y-z-plot").wait_for(state="visible")
+    page.wait_for_function("document.querySelector('#txt2img-script-x-y-z-plot-x_values-fill')"
+                           "?.getAttribute('aria-label')?.startsWith('Fill')", timeout=10_000)
+    x_box = page.locator("#txt2img-script-x-y-z-plot-x_values textarea")
+    choose(page, "txt2img-script-x-y-z-plot-x_type", "Sampler")
+    page.click("#txt2img-script-x-y-z-plot-x_values-fill")
+    page.wait_for_function("document.querySelector('#txt2img-script-x-y-z-plot-x_values textarea')"
+                           ".value.includes('Euler a')", timeout=10_000)
+    samplers = [v.strip() for v in x_box.input_value().split(",")]
+    assert {"Euler", "Euler a", "DPM++ 2M", "UniPC"} <= set(samplers)
+    choose(page, "txt2img-script-x-y-z-plot-y_type", "Checkpoint name")
+    page.click("#txt2img-script-x-y-z-plot-y_values-fill")
+    page.wait_for_function("document.querySelector('#txt2img-script-x-y-z-plot-y_values textarea')"
+                           ".value === 'tiny'", timeout=10_000)

@@ -14,7 +14,7 @@ from typing import Any
 from modules.plugins import api
 
 from .axes import builtin_axes
-from .plot import TITLE, available_axes, check, run
+from .plot import TITLE, available_axes, check, fill_values, run
 
 
 def _axis_options(letter: str, default: str) -> tuple[api.OptionSpec, ...]:
@@ -46,9 +46,10 @@ def choices(tab: str, registries: Any) -> dict[str, list[str]]:
 @api.hookimpl
 def register_scripts() -> list[api.ScriptSpec]:
     return [api.ScriptSpec(TITLE, run, OPTIONS, check=check, choices=choices, aliases=("X/Y plot",),
-                           description="One image per combination of axis values, laid out in a grid.", order=10)]
+                           description="One image per combination of axis values, laid out in a grid.", order=10,
+                           fill_buttons=("x_values", "y_values", "z_values"), fill=fill_values)]
 
 
 @api.hookimpl
-def register_xyz_axes() -> list[api.AxisSpec]:
-    return builtin_axes()
+def register_xyz_axes(settings: Any) -> list[api.AxisSpec]:
+    return builtin_axes(settings)

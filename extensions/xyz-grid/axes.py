@@ -145,6 +145,57 @@ def check_rng(values: list[str], ctx: api.ScriptCheck) -> None:
             raise api.InvalidParams(f"RNG source {value!r}: use GPU, CPU or NV")
 
 
+NO_REFINER = ("none", "")
+REFINER_DEFAULT_SWITCH = 0.8  # A1111's slider default, for jobs that name no switch point
+VAE_SPECIAL = ("Automatic", "None")
+UNIPC_ORDERS = (1, 2, 3)
+
+
+def apply_refiner(params: Any, value: str, values: Any = None) -> Any:
+    """The cell's refiner ("None": none); a job without a switch point switches at A1111's 0.8."""
+    if value.strip().lower() in NO_REFINER:
+        return dataclasses.replace(params, refiner_checkpoint=None)
+    switch = params.refiner_switch_at if params.refiner_switch_at is not None else REFINER_DEFAULT_SWITCH
+    return dataclasses.replace(params, refiner_checkpoint=value, refiner_switch_at=switch)
+
+
+def check_refiners(values: list[str], ctx: api.ScriptCheck) -> None:
+    for value in values:
+        if value.strip().lower() not in NO_REFINER:
+            ctx.find_checkpoint(value)  # raises, naming the value
+
+
+def _refiner_label(value: Any) -> str:
+    return f"Refiner checkpoint: {Path(str(value)).stem}"
+
+
+def vae_axis(settings: Any) -> api.AxisSpec:
+    """A1111's VAE axis: each cell's `sd_vae` (Automatic, None or a VAE file), checked against the VAE folder."""
+    def known() -> list[str]:
+        return [*VAE_SPECIAL, *api.vae_names(settings)]
+
+    def check(values: list[str], ctx: api.ScriptCheck) -> None:
+        names = known()
+        allowed = {*names, *(Path(n).stem for n in names)}
+        for value in values:
+            if value not in allowed:
+                raise api.InvalidParams(f"Unknown VAE {value!r} on an X/Y/Z axis. Known: {', '.join(names)}")
+
+    return api.AxisSpec("VAE", set_field("sd_vae"), check=check, cost=0.7, choices=lambda r: known())
+
+
+def check_unipc_order(values: list[int], ctx: api.ScriptCheck) -> None:
+    for value in values:
+        if value not in UNIPC_ORDERS:
+            raise api.InvalidParams(f"UniPC Order {value}: Atelier's UniPC runs orders 1, 2 and 3")
+
+
+def check_extra_noise(values: list[float], ctx: api.ScriptCheck) -> None:
+    for value in values:
+        if not 0.0 <= value <= 1.0:
+            raise api.InvalidParams(f"Extra noise {value}: use a value between 0 and 1")
+
+
 def _unchanged(params: Any, value: Any, values: Any = None) -> Any:
     return params
 
@@ -161,7 +212,7 @@ def _joined(value: Any) -> str:
     return ", ".join(value)
 
 
-def builtin_axes() -> list[api.AxisSpec]:
+def builtin_axes(settings: Any = None) -> list[api.AxisSpec]:
     t2i, i2i = ("txt2img",), ("img2img",)
     field = set_field
     return [
@@ -201,4 +252,11 @@ def builtin_axes() -> list[api.AxisSpec]:
         api.AxisSpec("RNG source", lambda p, v, vs=None: dataclasses.replace(p, rng_source=v.lower()), check=check_rng,
                      choices=lambda r: ["GPU", "CPU", "NV"]),
         api.AxisSpec("Size", apply_size, check=lambda values, ctx: [parse_size(v) for v in values]),
+        api.AxisSpec("Extra noise", field("img2img_extra_noise"), kind="float", check=check_extra_noise),
+        vae_axis(settings),
+        api.AxisSpec("UniPC Order", field("uni_pc_order"), kind="int", cost=0.5, check=check_unipc_order),
+        api.AxisSpec("Refiner checkpoint", apply_refiner, cost=1.0, check=check_refiners, format=_refiner_label),
+        api.AxisSpec("Refiner switch at", field("refiner_switch_at"), kind="float"),
+        # Forge's axis for FLUX.1-dev's guidance embedding; other models ignore it (no-op, as in Forge)
+        api.AxisSpec("Distilled CFG Scale", field("distilled_cfg_scale"), kind="float", aliases=("Distilled CFG",)),
     ]

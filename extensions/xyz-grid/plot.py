@@ -68,6 +68,24 @@ def resolve_axis(choice: Any, tab: str, registry: Any, letter: str) -> api.AxisS
     return registry.get(name)
 
 
+def fill_values(fill: api.ScriptFill) -> str | None:
+    """A1111's fill button: every value of the axis chosen for this letter, as the values text."""
+    letter = fill.option[0]
+    try:
+        spec = resolve_axis(fill.args.get(f"{letter}_type", "Nothing"), fill.task, fill.registries.xyz_axes, letter)
+    except api.InvalidParams:
+        return None
+    if spec.kind == "checkpoint":
+        values = list(fill.checkpoints)
+    elif spec.name == "Refiner checkpoint":
+        values = ["None", *fill.checkpoints]
+    elif spec.choices is not None:
+        values = list(spec.choices(fill.registries))
+    else:
+        return None
+    return join_values(values) if values else None
+
+
 def parse_values(spec: api.AxisSpec, text: str, dropdown: list[str], raw: bool, where: str) -> list[Any]:
     if spec.kind == "nothing":
         return [None]

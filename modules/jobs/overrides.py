@@ -19,6 +19,7 @@ PARAM_OPTIONS = {
     "emphasis": "emphasis",
     "face_restoration_model": "face_restoration_model",
     "code_former_weight": "code_former_weight",
+    "img2img_extra_noise": "img2img_extra_noise",
 }
 RNG_LABELS = {"gpu": "GPU", "cpu": "CPU", "nv": "NV"}
 NOT_OVERRIDES = ("sd_model_checkpoint", "fp8_storage")  # handled by the submit service itself
@@ -46,6 +47,8 @@ def option_to_param(key: str, value: Any) -> Any:
     if key == "code_former_weight" and (isinstance(value, bool) or not isinstance(value, int | float)
                                         or not 0 <= value <= 1):
         raise InvalidParams(f"code_former_weight must be a number between 0 and 1, got {value!r}", field=key)
+    if key == "img2img_extra_noise" and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise InvalidParams(f"{key} must be a number, got {value!r}", field=key)
     return value
 
 

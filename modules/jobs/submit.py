@@ -74,6 +74,7 @@ class SubmitService:
             raise InvalidParams(str(err)) from None
         _validate(params, self.limits, names)
         _check_face_models(params, self.registries)
+        params = self._named_refiner(params)
         checkpoint, title = self._checkpoint(submission.checkpoint) if getattr(cls, "needs_checkpoint", True) \
             else ("", "")
         script = check_script(submission, params, self.registries, self._checkpoint_name, self.limits, options,
@@ -112,6 +113,16 @@ class SubmitService:
             raise InvalidParams(f"Unknown scheduler {scheduler!r}. "
                                 f"Known: Automatic, {', '.join(self.registries.schedulers.names())}",
                                 field="scheduler")
+
+    def _named_refiner(self, params: Any) -> Any:
+        """The params with their refiner as the checkpoint's name; an unknown refiner is refused here."""
+        if not getattr(params, "uses_refiner", False):
+            return params
+        try:
+            name = self.resolve_checkpoint(params.refiner_checkpoint.strip())[0]
+        except AtelierError as err:
+            raise InvalidParams(f"Refiner checkpoint: {err}", field="refiner_checkpoint") from None
+        return dataclasses.replace(params, refiner_checkpoint=name)
 
     def _checkpoint_name(self, name: str) -> str:
         try:

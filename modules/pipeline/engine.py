@@ -1,6 +1,8 @@
 """The generation engine: the one object every front end talks to. No UI code here."""
 from __future__ import annotations
 
+import re
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from modules.pipeline.img2img import IMG2IMG
 from modules.pipeline.job import Job, new_job
 from modules.pipeline.offload import Placement
 from modules.pipeline.params import GenerationParams, Img2ImgParams, Result, Txt2ImgParams
+from modules.pipeline.refiner import check_compatible
 from modules.pipeline.sampling import SamplerRegistries
 from modules.pipeline.tiling import circular_padding
 from modules.pipeline.txt2img import TXT2IMG
@@ -29,6 +32,8 @@ from modules.sampling.schedules import DiscreteSchedule
 from modules.settings import Settings
 
 HooksFactory = Callable[[str], StageHooks]  # task name -> one job's hooks
+_TITLE_HASH = re.compile(r"\s*\[[0-9a-fA-F]{8,64}\]$")  # A1111 titles: "name.safetensors [shorthash]"
+_CHECKPOINT_SUFFIX = re.compile(r"\.(safetensors|ckpt|gguf)$", re.IGNORECASE)
 
 
 def task_for(params: GenerationParams) -> Task:
@@ -60,6 +65,7 @@ class Engine:
             check_compiler(devices.device, settings.compile_backend)  # refuse at start, not at the first job
         self._tokenizer = None
         self._per_model: dict[int, dict] = {}
+        self.loaded_weights: str | None = None  # the `weights` of the last load (a VAE reload keeps it)
         # "Interrogate CLIP / DeepBooru" on this engine's device (fp32 on the CPU, as the models ship)
         self.interrogator = Interrogator(InterrogateFolders.under(settings.models_dir), devices.device,
                                          devices.dtype if devices.device.type == "cuda" else torch.float32)
@@ -93,15 +99,17 @@ class Engine:
         raise CheckpointError(f"Checkpoint not found: {name_or_path}. Put models in "
                               f"{self.settings.models_dir / 'Stable-diffusion'} or pass --ckpt FILE.")
 
-    def load_model(self, name_or_path: str | Path, weights: str | None = None) -> LoadedModel:
-        """Load a checkpoint; `weights` ("auto", "fp8", "fp8-sdxl") overrides --weights for this load."""
+    def load_model(self, name_or_path: str | Path, weights: str | None = None, vae: str | None = None) -> LoadedModel:
+        """Load a checkpoint unless it is loaded. `weights` ("auto", "fp8", "fp8-sdxl") overrides --weights
+        and `vae` the server's `sd_vae` for this load."""
         info = self.find_checkpoint(name_or_path)
         self._per_model.clear()
         self.placement.detach()
         model = self.models.load(info, device=self.placement.load_device(), dtype=self.devices.dtype,
-                                 vae_path=self.vae_for(info), force_v=self.settings.force_v_prediction,
+                                 vae_path=self.vae_for(info, vae), force_v=self.settings.force_v_prediction,
                                  vae_dtype=self.devices.vae_dtype, channels_last_vae=self.devices.channels_last,
                                  components=self.component_dirs(), weights=weights or self.settings.weights)
+        self.loaded_weights = weights or self.settings.weights
         apply_attention([model.unet, model.vae], self.devices.attention)
         # the UNet measured ~5% slower in NHWC; VAE weights read as NHWC are not copied again
         apply_memory_format([model.vae], self.devices.channels_last)
@@ -122,9 +130,10 @@ class Engine:
     def vaes(self) -> list[Path]:
         return find_vaes(self.settings.vae_dir)
 
-    def vae_for(self, info: CheckpointInfo) -> Path | None:
-        """--vae-path, else the `sd_vae` choice: Automatic (beside the checkpoint), None, or a name."""
-        choice = self.settings.sd_vae
+    def vae_for(self, info: CheckpointInfo, choice: str | None = None) -> Path | None:
+        """--vae-path, else the `sd_vae` choice (`choice`, default the server's): Automatic (beside the
+        checkpoint), None, or a name."""
+        choice = choice if choice is not None else self.settings.sd_vae
         if self.settings.vae_path:
             return self.settings.vae_path
         if choice == "Automatic":
@@ -135,6 +144,52 @@ class Engine:
             if choice in (path.name, path.stem, str(path.relative_to(self.settings.vae_dir))):
                 return path
         raise CheckpointError(f"VAE not found: {choice}. Put VAE files in {self.settings.vae_dir}.")
+
+    def refiner_model(self, params: GenerationParams, base: LoadedModel) -> LoadedModel | None:
+        """The refiner `params` ask for, loaded beside `base` (which stays loaded), or None (slot freed).
+
+        A missing file or one whose latents differ from `base`'s is a clear error."""
+        if not getattr(params, "uses_refiner", False):
+            self.models.drop_refiner()
+            return None
+        info = self._refiner_info(params.refiner_checkpoint)
+        if Path(info.path).resolve() == Path(base.info.path).resolve():
+            return base
+        if self.placement.enabled:
+            raise InvalidParams("the refiner cannot run with --medvram or --lowvram yet; "
+                                "start without them or leave the refiner off", field="refiner_checkpoint")
+        model = self.models.load_refiner(info, device=self.placement.load_device(), dtype=self.devices.dtype,
+                                         vae_path=self.vae_for(info), vae_dtype=self.devices.vae_dtype,
+                                         channels_last_vae=self.devices.channels_last,
+                                         components=self.component_dirs())
+        try:
+            check_compatible(base, model)
+        except InvalidParams:
+            self.models.drop_refiner()
+            raise
+        apply_attention([model.unet, model.vae], self.devices.attention)
+        return model
+
+    def _refiner_info(self, name: str) -> CheckpointInfo:
+        """A refiner by name, title ('name.safetensors [hash]') or file name; a clear error when missing."""
+        bare = _TITLE_HASH.sub("", name.strip())
+        for candidate in (bare, _CHECKPOINT_SUFFIX.sub("", bare)):
+            try:
+                return self.find_checkpoint(candidate)
+            except CheckpointError:
+                continue
+        raise InvalidParams(f"Refiner checkpoint not found: {name}. Put it in "
+                            f"{self.settings.models_dir / 'Stable-diffusion'} or choose another refiner.",
+                            field="refiner_checkpoint")
+
+    def use_vae(self, choice: str | None) -> None:
+        """Reload the current checkpoint when the job's VAE choice (None: the server's) is not the loaded one."""
+        model, loaded = self.models.current, self.models.vae_path
+        if model is None or loaded is False:  # nothing loaded, or a model built by hand (benchmarks, tests)
+            return
+        wanted = self.vae_for(model.info, choice)
+        if (Path(wanted).resolve() if wanted else None) != loaded:
+            self.load_model(model.info.path, weights=self.loaded_weights, vae=choice)
 
     def require_model(self) -> LoadedModel:
         model = self.models.current
@@ -151,7 +206,11 @@ class Engine:
 
     # -- per-model helpers, built once per loaded model ----------------------
     def _cached(self, model: LoadedModel, key: str, build):
-        slot = self._per_model.setdefault(id(model), {})
+        """Per-model helpers; a slot whose model is gone (a released refiner whose id() was reused) starts over."""
+        slot = self._per_model.get(id(model))
+        if slot is None or slot["model"]() is not model:
+            self._per_model = {k: v for k, v in self._per_model.items() if v["model"]() is not None}
+            slot = self._per_model[id(model)] = {"model": weakref.ref(model)}
         if key not in slot:
             slot[key] = build()
         return slot[key]
@@ -187,6 +246,7 @@ class Engine:
                 on_progress: ProgressCallback | None = None, hooks: StageHooks | None = None) -> Job:
         """A job on the loaded model after the hooks' `prepare`; params are not validated here."""
         task = task_for(params)
+        self.use_vae(getattr(params, "sd_vae", None))
         return new_job(self, task.name, params, hooks or self.job_hooks(task.name), control, on_progress)
 
     def run(self, job: Job) -> Result:

@@ -18,6 +18,7 @@ from modules.pipeline.conditioning import PromptConditioner
 from modules.pipeline.control import JobControl, ProgressCallback
 from modules.pipeline.hooks import StageHooks
 from modules.pipeline.params import GenerationParams
+from modules.pipeline.refiner import Refiner
 from modules.pipeline.sampling import SAMPLER_OPTION_FIELDS, SamplerRegistries, SamplingPlan, plan_sampling
 from modules.sampling import flow, rng
 from modules.sampling.schedules import DiscreteSchedule
@@ -40,6 +41,8 @@ class Engine(Protocol):
 
     def vae_tiling(self) -> Any: ...
 
+    def refiner_model(self, params: Any, base: Any) -> Any: ...
+
 
 @dataclass(frozen=True)
 class Job:
@@ -53,6 +56,7 @@ class Job:
     control: JobControl
     on_progress: ProgressCallback | None
     conditioner: PromptConditioner
+    refiner: Any = None  # a modules.pipeline.refiner.Refiner, or None
 
 
 @dataclass(frozen=True)
@@ -74,7 +78,22 @@ def new_job(engine: Engine, task: str, params: GenerationParams, hooks: StageHoo
     conditioner = PromptConditioner(engine.text_conditioner(model), params.clip_skip, params.emphasis,
                                     zero_empty_negative=model.spec.is_sdxl,  # not FLUX / SD3 (as diffusers)
                                     embeddings=hooks.embeddings(model, engine.tokenizer(), params))
-    return Job(engine, task, params, model, hooks, control or JobControl(), on_progress, conditioner)
+    return Job(engine, task, params, model, hooks, control or JobControl(), on_progress, conditioner,
+               _refiner(engine, params, model, hooks, conditioner))
+
+
+def _refiner(engine: Engine, params: GenerationParams, model: Any, hooks: StageHooks,
+             base_conditioner: PromptConditioner) -> Refiner | None:
+    """The job's refiner (loaded by the engine, checked against the base model), or None."""
+    refiner_model = engine.refiner_model(params, model)
+    if refiner_model is None:
+        return None
+    if refiner_model is model:
+        return Refiner(model, base_conditioner, float(params.refiner_switch_at))
+    conditioner = PromptConditioner(engine.text_conditioner(refiner_model), params.clip_skip, params.emphasis,
+                                    zero_empty_negative=refiner_model.spec.is_sdxl,
+                                    embeddings=hooks.embeddings(refiner_model, engine.tokenizer(), params))
+    return Refiner(refiner_model, conditioner, float(params.refiner_switch_at))
 
 
 def batches(job: Job) -> list[Batch]:
@@ -110,6 +129,9 @@ def schedule_context(job: Job) -> ScheduleContext:
 def make_plan(job: Job, sampler_name: str, scheduler: str, steps: int) -> SamplingPlan:
     """Sigmas and sampler options for one pass, the job's sampler overrides applied."""
     overrides = {k: getattr(job.params, k) for k in SAMPLER_OPTION_FIELDS}
+    order = getattr(job.params, "uni_pc_order", None)
+    if order is not None and job.engine.registries.samplers.get(sampler_name).name == "UniPC":
+        overrides["order"] = max(1, min(order, steps - 1))  # A1111: min(order, steps - 1)
     return plan_sampling(job.engine.registries, sampler_name, scheduler, steps, schedule_context(job), overrides)
 
 
@@ -131,10 +153,15 @@ def latent_shape(job: Job, height: int, width: int) -> tuple[int, int, int]:
 
 
 def add_noise(job: Job, latents: torch.Tensor, noise_: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Latents at noise level `sigma`: x0 + sigma * noise; flow models interpolate, (1 - sigma) x0 + sigma * noise."""
+    """Latents at noise level `sigma`: x0 + sigma * noise; flow models interpolate, (1 - sigma) x0 + sigma * noise.
+
+    A1111's "Extra noise" (img2img and hires) then adds `img2img_extra_noise` times the same noise."""
     if job.model.spec.prediction == "flow":
-        return latents * (1 - sigma) + noise_ * sigma
-    return latents + noise_ * sigma
+        x = latents * (1 - sigma) + noise_ * sigma
+    else:
+        x = latents + noise_ * sigma
+    extra = getattr(job.params, "img2img_extra_noise", 0.0)
+    return x + noise_ * extra if extra else x
 
 
 def encode(job: Job, images: list[Image.Image]) -> torch.Tensor:

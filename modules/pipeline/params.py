@@ -55,6 +55,11 @@ class GenerationParams:
     restore_faces: bool = False  # A1111's "Restore faces": after decoding, with face_restoration_model
     face_restoration_model: str = "CodeFormer"  # A1111 option; "CodeFormer", "GFPGAN" or "RestoreFormer"
     code_former_weight: float = 0.5  # A1111 option: CodeFormer's fidelity (0: strongest, 1: closest to input)
+    refiner_checkpoint: str | None = None  # A1111 1.10's refiner: a checkpoint name (None / "" / "None": none)
+    refiner_switch_at: float | None = None  # fraction of the steps run by the base model; None or 1.0: no refiner
+    sd_vae: str | None = None  # this job's VAE (A1111's sd_vae: Automatic, None or a file name); None: the server's
+    uni_pc_order: int | None = None  # UniPC's order (A1111's uni_pc_order option); None: the sampler's 3
+    img2img_extra_noise: float = 0.0  # A1111's "Extra noise" option: more of the same noise for img2img and hires
 
     def validate(self, limits: Limits = DEFAULT_LIMITS) -> None:
         """Raise InvalidParams naming the first bad field; sizes and counts within the server's `limits`."""
@@ -80,6 +85,21 @@ class GenerationParams:
         _check_number("code_former_weight", self.code_former_weight, 0.0, 1.0)
         if not isinstance(self.face_restoration_model, str):
             raise InvalidParams("face_restoration_model must be text", field="face_restoration_model")
+        if self.refiner_checkpoint is not None and not isinstance(self.refiner_checkpoint, str):
+            raise InvalidParams(f"refiner_checkpoint must be a checkpoint name, got {self.refiner_checkpoint!r}")
+        if self.refiner_switch_at is not None:
+            _check_number("refiner_switch_at", self.refiner_switch_at, 0.0, 1.0)
+        if self.sd_vae is not None and not isinstance(self.sd_vae, str):
+            raise InvalidParams(f"sd_vae must be a VAE name, Automatic or None, got {self.sd_vae!r}")
+        if self.uni_pc_order is not None:
+            _check_int("uni_pc_order", self.uni_pc_order, 1, 3)
+        _check_number("img2img_extra_noise", self.img2img_extra_noise, 0.0, 1.0)
+
+    @property
+    def uses_refiner(self) -> bool:
+        """A refiner is named and takes over before the last step (A1111: switch at below 1)."""
+        name = (self.refiner_checkpoint or "").strip()
+        return name not in ("", "None", "none") and self.refiner_switch_at is not None and self.refiner_switch_at < 1.0
 
     def to_dict(self) -> dict[str, Any]:
         """Fields by name (shallow: init images and masks stay PIL images)."""

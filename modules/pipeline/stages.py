@@ -18,6 +18,7 @@ from modules import infotext
 from modules.errors import InvalidParams
 from modules.faces.service import canonical_name
 from modules.pipeline import latents as latent_ops
+from modules.pipeline import refiner as refiner_ops
 from modules.pipeline.control import Progress
 from modules.pipeline.hooks import Denoiser, DenoiserContext, StepClock
 from modules.pipeline.job import Batch, Job, outdir
@@ -41,6 +42,9 @@ class Conditioning:
 
     conds: Sequence[Any]
     unconds: Sequence[Any]
+    prompts: Sequence[str] = ()  # what was encoded, so a refiner can encode it with its own text encoders
+    negatives: Sequence[str] = ()
+    hires_steps: int | None = None
 
 
 def condition(job: Job, prompts: Sequence[str], negatives: Sequence[str],
@@ -48,7 +52,7 @@ def condition(job: Job, prompts: Sequence[str], negatives: Sequence[str],
     """Prompts -> scheduled text conditioning (the hires pass's schedule with `hires_steps`)."""
     conds, unconds = job.conditioner.for_batch(list(prompts), list(negatives), job.params.steps,
                                                hires_steps=hires_steps)
-    return Conditioning(conds, unconds)
+    return Conditioning(conds, unconds, tuple(prompts), tuple(negatives), hires_steps)
 
 
 # -- sampling ------------------------------------------------------------------------
@@ -73,22 +77,43 @@ class SamplingInput:
 
 
 def build_denoiser(job: Job, s: SamplingInput, context: DenoiserContext) -> Denoiser:
-    """The model wrapper for the model's prediction type, CFG over it, then the wrappers."""
-    model = job.model
+    """The model wrapper for the model's prediction type, CFG over it, then the wrappers.
+
+    With a refiner in this pass, the guided denoiser switches to the refiner's at its step."""
+    guided = guided_denoiser(job, job.model, s.cond, s, context)
+    if job.refiner is not None and refiner_ops.runs_in(job.params, s.pass_name):
+        steps = len(s.plan.sigmas) - 1
+        at = refiner_ops.switch_step(job.refiner.switch_at, steps)
+        if at < steps:
+            guided = refiner_ops.SwitchDenoiser(guided, guided_denoiser(
+                job, job.refiner.model, refiner_conditioning(job, s.cond), s, context), at)
+    if s.blend is not None:
+        guided = s.blend(guided)
+    return job.hooks.wrap_denoiser(guided, context)
+
+
+def guided_denoiser(job: Job, model: Any, cond: Conditioning, s: SamplingInput,
+                    context: DenoiserContext) -> Denoiser:
+    """CFG over `model`'s wrapper for its prediction type (the job's model, or its refiner)."""
     time_ids = None
     if model.spec.is_sdxl:
         time_ids = torch.tensor([[s.height, s.width, 0, 0, s.height, s.width]], dtype=torch.float32)
     extra = {"guidance": job.params.distilled_cfg_scale} if model.spec.family is not None else {}
-    if model.spec.family is None:  # SD1/SD2/SDXL: conditioning hooks (ControlNet); flow models get none yet
-        extra["residuals"] = job.hooks.unet_residuals(context)
+    if model.spec.family is None and model.spec.arch == job.model.spec.arch:
+        extra["residuals"] = job.hooks.unet_residuals(context)  # SD1/SD2/SDXL: conditioning hooks (ControlNet)
     inner = denoiser_class(model.spec.prediction)(model.unet, job.engine.discrete_schedule(model).sigma_to_t,
                                                   time_ids=time_ids, **extra)
-    guided: Denoiser = CFGDenoiser(job.hooks.wrap_model(inner, context), s.cond.conds, s.cond.unconds,
-                                   job.params.cfg_scale, job.control.check, s.concat,
-                                   on_guided=job.hooks.on_guided)
-    if s.blend is not None:
-        guided = s.blend(guided)
-    return job.hooks.wrap_denoiser(guided, context)
+    return CFGDenoiser(job.hooks.wrap_model(inner, context), cond.conds, cond.unconds,
+                       job.params.cfg_scale, job.control.check, s.concat, on_guided=job.hooks.on_guided)
+
+
+def refiner_conditioning(job: Job, cond: Conditioning) -> Conditioning:
+    """The pass's prompts through the refiner's own text encoders (the same conditioning for the base model)."""
+    if job.refiner.model is job.model:
+        return cond
+    conds, unconds = job.refiner.conditioner.for_batch(list(cond.prompts), list(cond.negatives), job.params.steps,
+                                                       hires_steps=cond.hires_steps)
+    return Conditioning(conds, unconds, cond.prompts, cond.negatives, cond.hires_steps)
 
 
 def sample(job: Job, batch: Batch, s: SamplingInput) -> Sampled:
@@ -195,7 +220,11 @@ def save(job: Job, batch: Batch, images: Sequence[Image.Image], plan: SamplingPl
 def infotext_fields(job: Job, plan: SamplingPlan, extra: InfotextFields, seed: int, subseed: int) -> dict[str, Any]:
     fields = base_infotext_fields(job.params, plan, job.model, seed, subseed)
     version = fields.pop("Version")
-    return {**fields, **extra.fields, **job.hooks.infotext(), "Version": version, **extra.last}
+    refiner = refiner_ops.infotext_fields(job.refiner)
+    extra_noise = getattr(job.params, "img2img_extra_noise", 0.0)
+    if extra_noise and (job.task == "img2img" or getattr(job.params, "enable_hr", False)):
+        refiner = {"Extra noise": extra_noise, **refiner}
+    return {**fields, **extra.fields, **refiner, **job.hooks.infotext(), "Version": version, **extra.last}
 
 
 def base_infotext_fields(params: Any, plan: SamplingPlan, model: Any, seed: int, subseed: int) -> dict[str, Any]:

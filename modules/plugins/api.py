@@ -26,6 +26,7 @@ from modules.plugins.scripts import (
     AxisSpec,
     ScriptCheck,
     ScriptContext,
+    ScriptFill,
     ScriptSpec,
     extend_result,
     with_infotext_fields,
@@ -59,20 +60,30 @@ from modules.text.prompt_parser import ExtraNetworkTag
 # 1.5: unet_residuals (conditioning inside the UNet: ControlNet) with DenoiserContext, UNetCall, UNetResiduals
 #      and JobContext.state; register_root_api_routes with RootRoutesSpec; a list `args` in alwayson_scripts
 # 1.6: ScriptContext.interrogate(image, model) and ScriptCheck.check_interrogation(model) (CLIP / DeepDanbooru)
-API_VERSION = "1.6"
+# 1.7: register_xyz_axes(settings) may take the settings; vae_names(settings); ScriptSpec.fill_buttons and
+#      .fill with ScriptFill (the UI's "fill values" buttons)
+API_VERSION = "1.7"
 
 __all__ = [
-    "API_VERSION", "AtelierError", "AxisSpec", "DenoiserContext", "GridAnnotation", "ScriptCheck", "ScriptContext", "ScriptSpec",
+    "API_VERSION", "AtelierError", "AxisSpec", "DenoiserContext", "GridAnnotation", "ScriptCheck", "ScriptContext", "ScriptFill", "ScriptSpec",
     "annotate_grid", "combine_grid", "extend_result", "image_grid", "split_grid", "with_infotext_fields", "DenoiserStep", "EmbeddingSpec", "ExtraNetworkItem", "ExtraNetworkSpec",
     "ExtraNetworkTag", "GenerationParams", "Img2ImgParams", "InvalidParams", "JobContext", "ModelPatch", "OptionSpec", "PostprocessContext", "PostprocessorSpec", "Result", "RootRoutesSpec", "SamplerSpec",
     "ScheduleContext", "SchedulerSpec", "StyleSpec", "Txt2ImgParams", "UISectionSpec", "UITabSpec",
-    "UNetCall", "UNetResiduals", "UpscalerSpec", "get_logger", "hookimpl", "to_d",
+    "UNetCall", "UNetResiduals", "UpscalerSpec", "get_logger", "hookimpl", "to_d", "vae_names",
 ]
 
 
 def get_logger(extension_name: str) -> logging.Logger:
     """A logger under "atelier.ext.<name>", so users can filter one extension's messages."""
     return logging.getLogger(f"atelier.ext.{extension_name}")
+
+
+def vae_names(settings) -> list[str]:
+    """The VAE files a job's `sd_vae` may name (file names under the VAE folder), sorted; [] without settings."""
+    from modules.checkpoints.discover import find_vaes
+
+    folder = getattr(settings, "vae_dir", None)
+    return sorted(path.name for path in find_vaes(folder)) if folder is not None else []
 
 
 def to_d(x, sigma, denoised):

@@ -109,8 +109,8 @@ def register_scripts() -> list[ScriptSpec]:
 
 
 @hookspec
-def register_xyz_axes() -> list[AxisSpec]:
-    """Return axes that the X/Y/Z plot script can vary (LoRA weight, for example)."""
+def register_xyz_axes(settings: Any) -> list[AxisSpec]:
+    """Return axes that the X/Y/Z plot script can vary (LoRA weight, for example); `settings` is optional."""
 
 
 @hookspec

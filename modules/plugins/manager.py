@@ -86,6 +86,6 @@ def build_registries(plugins: PluginHost | pluggy.PluginManager, settings: Any =
                                   settings=settings),
         scripts=NamedRegistry("script", sorted(_registry(host, "script", "register_scripts", ScriptSpec),
                                                key=lambda s: s.order)),
-        xyz_axes=_registry(host, "X/Y/Z axis", "register_xyz_axes", AxisSpec),
+        xyz_axes=_registry(host, "X/Y/Z axis", "register_xyz_axes", AxisSpec, settings=settings),
         face_restorers=FaceRestorers(getattr(settings, "models_dir", None), getattr(settings, "device", "auto")),
     )

@@ -36,7 +36,9 @@ class ScriptSpec:
     "multiselect" for a list of values and "html" for an information line that takes no value).
     `choices(tab, registries)` may give dropdown choices that depend on the tab and the registries,
     by option name. `check(ctx)` raises InvalidParams naming a bad value before the job is queued;
-    `run(ctx)` returns the job's `Result`.
+    `run(ctx)` returns the job's `Result`. The UI draws a "fill values" button beside each text option
+    named in `fill_buttons`; `fill(ScriptFill)` returns the text it writes there (None: leave it).
+    Buttons carry no value, so positional `script_args` are unchanged.
     """
 
     name: str
@@ -48,6 +50,19 @@ class ScriptSpec:
     aliases: tuple[str, ...] = ()
     description: str = ""
     order: int = 100
+    fill_buttons: tuple[str, ...] = ()
+    fill: Callable[[Any], str | None] | None = None
+
+
+@dataclass(frozen=True)
+class ScriptFill:
+    """What a script's `fill` gets when a "fill values" button is pressed in the UI."""
+
+    task: str
+    option: str  # the text option whose button was pressed
+    args: Mapping[str, Any]  # the script's current control values by option name
+    registries: Any
+    checkpoints: tuple[str, ...] = ()  # the checkpoint names the server lists
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,8 @@ class Txt2ImgRequest(_Request):
     infotext: str | None = None
     distilled_cfg_scale: float = 3.5  # FLUX.1-dev's guidance embedding, as Forge takes it
     shift: float | None = None  # flow models' time shift (None: the model's)
+    refiner_checkpoint: str | None = None  # A1111 1.10: a checkpoint name or title
+    refiner_switch_at: float | None = None  # fraction of the steps before the refiner takes over
 
 
 class Img2ImgRequest(Txt2ImgRequest):

@@ -25,6 +25,7 @@ INFOTEXT_FIELDS: Mapping[str, str] = MappingProxyType({
     "Tiling": "tiling",
     "Distilled CFG Scale": "distilled_cfg_scale", "Shift": "shift",
     "Face restoration": "face_restoration_model",
+    "Refiner": "refiner_checkpoint", "Refiner switch at": "refiner_switch_at",
 })
 SAME_AS_FIRST_PASS = ("Use same sampler", "Use same scheduler", "Use same checkpoint")
 

@@ -172,6 +172,22 @@ def hires_accordion(tab: str, samplers: list[str], schedules: list[str], upscale
                                                   lines=1)
 
 
+NO_REFINER = "None"
+
+
+def refiner_accordion(tab: str, titles: list[str], fields: Fields) -> gr.Button:
+    """A1111 1.10's Refiner: a checkpoint ("None": off) with a refresh button, and the switch point."""
+    with gr.Accordion("Refiner", open=False, elem_id=f"{tab}-refiner"):
+        with gr.Row():
+            fields["refiner_checkpoint"] = gr.Dropdown(
+                [NO_REFINER, *titles], value=NO_REFINER, label="Checkpoint", elem_id=f"{tab}-refiner-checkpoint",
+                allow_custom_value=True, scale=3)
+            refresh = icon_button("\u21bb", f"{tab}-refiner-refresh")
+        fields["refiner_switch_at"] = gr.Slider(0.01, 1.0, value=0.8, step=0.01, label="Switch at",
+                                                elem_id=f"{tab}-refiner-switch-at")
+    return refresh
+
+
 def same_as_none(values: dict[str, Any]) -> dict[str, Any]:
     """'Use same ...' choices mean None (the first pass's value) in the params."""
     for name, same in (("hr_sampler_name", SAME), ("hr_scheduler", SAME_SCHEDULE)):

@@ -67,6 +67,7 @@ def build_generation_tab(ui: UIContext, name: str, kind: str, checkpoint: gr.Dro
             seed = ui_components.seed_row(name, fields)
             if kind == "txt2img":
                 ui_components.hires_accordion(name, samplers, schedules, registries.upscalers.names(), fields)
+            refiner_refresh = ui_components.refiner_accordion(name, ui.checkpoint_titles(), fields)
             sections = render_sections(ui.app, kind)
             scripts = render_scripts(ui.app, kind)
         with gr.Column(scale=1, elem_id=f"{name}-results", elem_classes=["atelier-results"]):
@@ -74,6 +75,9 @@ def build_generation_tab(ui: UIContext, name: str, kind: str, checkpoint: gr.Dro
             results = results_panel(name)
     panel = ui_components.ParamsPanel(fields, prompts, actions, seed, swap)
     tab = GenerationTab(name, fields, panel, results, sections, extra_inputs, handles, scripts)
+    refiner_refresh.click(lambda current: gr.update(choices=[ui_components.NO_REFINER, *ui.checkpoint_titles()],
+                                                    value=current), inputs=fields["refiner_checkpoint"],
+                          outputs=fields["refiner_checkpoint"], queue=False)
     _wire(ui, tab, kind, defaults, checkpoint, collect)
     return tab
 

@@ -57,6 +57,9 @@ TOOLTIPS: Mapping[str, str] = MappingProxyType({
     "-generate": "Generate (Ctrl+Enter)",
     "-tiling": "Produce an image that can be tiled.",
     "-styles": "Styles to apply to the prompt when the image is generated",
+    "-refiner-checkpoint": "Switch to another model in the middle of generation (None: no refiner)",
+    "-refiner-switch-at": "Fraction of sampling steps when the switch to refiner model should happen; "
+                          "1=never, 0.5=switch in the middle of generation",
 })
 
 # element id suffix -> (icon, aria-label and tooltip)
@@ -67,6 +70,8 @@ ICON_BUTTONS: Mapping[str, tuple[str, str]] = MappingProxyType({
     "-read-params": ("read", "Read generation parameters from prompt into user interface"),
     "-apply-styles": ("brush", "Apply the selected styles to the prompt"),
     "checkpoint-refresh": ("refresh", "Refresh the checkpoint list"),
+    "-refiner-refresh": ("refresh", "Refresh the refiner checkpoint list"),
+    "_values-fill": ("list", "Fill with all the values this axis can take"),
 })
 
 # 16x16 stroke icons (own drawings)
@@ -78,6 +83,8 @@ SVG_PATHS: Mapping[str, str] = MappingProxyType({
     "read": "<path d='M13 3L4 12M4 6v6h6'/>",
     "brush": "<path d='M10 2l4 4-6 6-4-4zM4 8l-2 6 6-2'/>",
     "refresh": "<path d='M13.5 8A5.5 5.5 0 1 1 12 4.2'/><path d='M13 1v3.5H9.5'/>",
+    "list": "<path d='M5 4h9M5 8h9M5 12h9'/><circle cx='2.5' cy='4' r='.6'/><circle cx='2.5' cy='8' r='.6'/>"
+            "<circle cx='2.5' cy='12' r='.6'/>",
 })
 
 

@@ -90,7 +90,23 @@ def apply_infotext(ui: UIContext, fields: Fields, defaults: dict, checkpoint: gr
     title = checkpoint_for(ui, infotext.parse(text))
     if title is not None:
         updates[checkpoint] = title
+    if "refiner_checkpoint" in fields:
+        updates.update(fields.updates(refiner_values(ui, values)))
     return updates
+
+
+def refiner_values(ui: UIContext, values: dict[str, Any]) -> dict[str, Any]:
+    """The refiner an infotext names, as the dropdown lists it; none named: no refiner (as A1111 pastes)."""
+    name = values.get("refiner_checkpoint")
+    if not name:
+        return {"refiner_checkpoint": ui_components.NO_REFINER}
+    info = ui.server.find_checkpoint(str(name))
+    chosen: dict[str, Any] = {"refiner_checkpoint": ui.server.title(info) if info is not None else name}
+    try:
+        chosen["refiner_switch_at"] = float(values.get("refiner_switch_at", 0.8))
+    except (TypeError, ValueError):
+        pass
+    return chosen
 
 
 def save_prompt_style(ui: UIContext, name: str, prompt: str, negative: str) -> tuple:

@@ -10,8 +10,9 @@ from typing import Any
 
 import gradio as gr
 
-from modules.plugins.scripts import ScriptSpec, option_choices
+from modules.plugins.scripts import ScriptFill, ScriptSpec, option_choices
 from modules.plugins.specs import OptionSpec
+from modules.ui.components import icon_button
 from modules.ui.sections import option_component
 
 NONE = "None"
@@ -54,12 +55,37 @@ def _control(spec: OptionSpec, choices: list[str] | None, elem_id: str) -> Any:
 
 def _render(app: Any, tab: str, spec: ScriptSpec) -> dict[str, Any]:
     choices = option_choices(spec, tab, app.registries)
-    controls = {}
+    controls, buttons = {}, {}
     for option in spec.options:
-        component = _control(option, choices.get(option.name), f"{tab}-script-{_slug(spec.name)}-{option.name}")
+        elem_id = f"{tab}-script-{_slug(spec.name)}-{option.name}"
+        if option.name in spec.fill_buttons and spec.fill is not None:
+            with gr.Row(equal_height=True):
+                component = _control(option, choices.get(option.name), elem_id)
+                buttons[option.name] = icon_button("\u2630", f"{elem_id}-fill")
+        else:
+            component = _control(option, choices.get(option.name), elem_id)
         if component is not None:
             controls[option.name] = component
+    for name, button in buttons.items():
+        _wire_fill(app, tab, spec, controls, name, button)
     return controls
+
+
+def _wire_fill(app: Any, tab: str, spec: ScriptSpec, controls: dict[str, Any], option: str, button: Any) -> None:
+    """The "fill values" button: the option's box gets what the script's `fill` returns for the current args."""
+    names = {component: name for name, component in controls.items()}
+
+    def fill(data: dict) -> Any:
+        args = {names[c]: value for c, value in data.items() if c in names}
+        checkpoints = tuple(info.name for info in app.engine.checkpoints())
+        try:
+            text = spec.fill(ScriptFill(tab, option, args, app.registries, checkpoints))
+        except Exception as err:  # a broken extension's button never breaks the page
+            app.plugins.record("register_scripts", spec.name, err)
+            return gr.skip()
+        return text if text is not None else gr.skip()
+
+    button.click(fill, inputs=set(controls.values()), outputs=controls[option], queue=False)
 
 
 def render_scripts(app: Any, tab: str) -> ScriptPanel:
