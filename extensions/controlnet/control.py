@@ -66,15 +66,25 @@ def plan_units(units: Sequence[Unit], library: ControlNetLibrary) -> list[Planne
     return planned
 
 
+KINDS = {"controlnet": "ControlNet", "t2i_adapter": "T2I-Adapter"}
+FLOW = ("flux", "sd3")  # architectures without a UNet: no control model runs on them yet
+
+
 def check_arch(planned: Sequence[Planned], library: ControlNetLibrary, arch: str) -> None:
-    """One clear message when a ControlNet was made for another architecture than the loaded checkpoint."""
+    """One clear message when a control model was made for another architecture than the loaded checkpoint."""
     for p in planned:
         cn = library.read(p.path)
-        if cn.arch != family(arch):
-            raise api.InvalidParams(
-                f"ControlNet {p.unit.model!r} (unit {p.index}) is a {FAMILIES[cn.arch]} ControlNet, but the loaded "
-                f"checkpoint is {FAMILIES.get(arch, arch)}: use a ControlNet made for {FAMILIES.get(arch, arch)}, "
-                f"or load a {FAMILIES[cn.arch]} checkpoint")
+        if cn.arch == family(arch):
+            continue
+        kind, theirs, ours = KINDS.get(cn.kind, cn.kind), FAMILIES[cn.arch], FAMILIES.get(arch, arch)
+        message = (f"{kind} {p.unit.model!r} (unit {p.index}) is a {theirs} {kind}, but the loaded checkpoint is "
+                   f"{ours}: ")
+        if arch.startswith(FLOW):
+            message += (f"ControlNets for {ours} are not supported yet; load a {theirs} checkpoint, or disable the "
+                        "ControlNet unit")
+        else:
+            message += f"use a {kind} made for {ours}, or load a {theirs} checkpoint"
+        raise api.InvalidParams(message)
 
 
 # ---------------------------------------------------------------- hints
@@ -139,6 +149,7 @@ def active(unit: Unit, step: int, steps: int) -> bool:
 
 
 def scales(unit: Unit, n: int) -> list[float]:
+    """Per-output weights: the unit's weight, decayed toward the shallow outputs unless Balanced."""
     if unit.control_mode == 0:
         return [unit.weight] * n
     return [unit.weight * 0.825 ** float(n - 1 - k) for k in range(n)]
@@ -152,6 +163,7 @@ class Residuals:
         self.planned, self.hints, self.library, self.context = planned, hints, library, context
         self.steps = len(context.sigmas) - 1
         self.calls: list[tuple[int, tuple[int, ...]]] = []  # (step, units used), for tests and benchmarks
+        self.features: dict[tuple[int, str, torch.dtype], list[torch.Tensor]] = {}  # T2I-Adapter outputs
 
     def __call__(self, call: api.UNetCall) -> api.UNetResiduals | None:
         step = self.context.step
@@ -164,20 +176,42 @@ class Residuals:
         models = self.library.models([p.path for p, _ in live], pooled, device, dtype)
         total = None
         for (p, hint), model in zip(live, models, strict=True):
-            rows = call.model_in.shape[0]
-            cond = hint.to(device=device, dtype=dtype).expand(rows, -1, -1, -1)
-            down, mid = model(call.model_in, call.timestep, encoder_hidden_states=call.cross_attn,
-                              controlnet_cond=cond, conditioning_scale=1.0, added_cond_kwargs=call.added_cond,
-                              return_dict=False)
-            outs = [*down, mid]
-            weights = scales(p.unit, len(outs))
-            mark = None
-            if p.unit.control_mode == 2:  # "ControlNet is more important": the prompt's rows only
-                mark = (~call.uncond).to(device=device, dtype=dtype)[:, None, None, None]
-            outs = [o * w if mark is None else o * w * mark for o, w in zip(outs, weights, strict=True)]
-            residual = api.UNetResiduals(down=tuple(outs[:-1]), mid=outs[-1])
+            if self.library.read(p.path).kind == "t2i_adapter":
+                residual = self._adapter(p, hint, model, call)
+            else:
+                residual = self._controlnet(p, hint, model, call)
             total = residual if total is None else total + residual
         return total
+
+    def _weighted(self, unit: Unit, outs: list[torch.Tensor], call: api.UNetCall) -> list[torch.Tensor]:
+        """The unit's weight (and control mode) applied to its outputs."""
+        weights = scales(unit, len(outs))
+        if unit.control_mode != 2:
+            return [o * w for o, w in zip(outs, weights, strict=True)]
+        # "ControlNet is more important": the prompt's rows only
+        mark = (~call.uncond).to(device=outs[0].device, dtype=outs[0].dtype)[:, None, None, None]
+        return [o * w * mark for o, w in zip(outs, weights, strict=True)]
+
+    def _controlnet(self, p: Planned, hint: torch.Tensor, model: torch.nn.Module,
+                    call: api.UNetCall) -> api.UNetResiduals:
+        rows, dtype, device = call.model_in.shape[0], call.model_in.dtype, call.model_in.device
+        cond = hint.to(device=device, dtype=dtype).expand(rows, -1, -1, -1)
+        down, mid = model(call.model_in, call.timestep, encoder_hidden_states=call.cross_attn,
+                          controlnet_cond=cond, conditioning_scale=1.0, added_cond_kwargs=call.added_cond,
+                          return_dict=False)
+        outs = self._weighted(p.unit, [*down, mid], call)
+        return api.UNetResiduals(down=tuple(outs[:-1]), mid=outs[-1])
+
+    def _adapter(self, p: Planned, hint: torch.Tensor, model: torch.nn.Module,
+                 call: api.UNetCall) -> api.UNetResiduals:
+        """T2I-Adapter features depend on the hint only: computed once per pass, added in the down blocks."""
+        dtype, device = call.model_in.dtype, call.model_in.device
+        key = (p.index, str(device), dtype)
+        if key not in self.features:
+            self.features[key] = list(model(hint.to(device=device, dtype=dtype)))
+        rows = call.model_in.shape[0]
+        feats = [f.expand(rows, -1, -1, -1) for f in self.features[key]]
+        return api.UNetResiduals(intrablock=tuple(self._weighted(p.unit, feats, call)))
 
 
 def prepare_hints(planned: Sequence[Planned], state: dict[str, Any], context: api.DenoiserContext,

@@ -20,9 +20,13 @@ import torch
 
 from modules.plugins import api
 
+from . import adapters
+
 StateDict = Mapping[str, torch.Tensor]
 SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
-FAMILIES = {"sd1": "SD1.5", "sd1-inpaint": "SD1.5", "sd2": "SD2.x", "sd2-v": "SD2.x", "sdxl": "SDXL"}
+FAMILIES = {"sd1": "SD1.5", "sd1-inpaint": "SD1.5", "sd2": "SD2.x", "sd2-v": "SD2.x", "sdxl": "SDXL",
+            "flux": "FLUX.1", "flux-dev": "FLUX.1-dev", "flux-schnell": "FLUX.1-schnell", "sd3": "SD3.5",
+            "sd35-medium": "SD3.5 Medium", "sd35-large": "SD3.5 Large"}
 _RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
            "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
 
@@ -188,19 +192,40 @@ def arch_of(sd: StateDict) -> str:
 # ---------------------------------------------------------------- detection table
 @dataclass(frozen=True)
 class Layout:
-    """One ControlNet file layout: `matches(keys)` and `to_diffusers(state dict)`."""
+    """One control-model file layout: `matches(keys)`, `to_diffusers(state dict)`, the model `kind`
+    ("controlnet" or "t2i_adapter") and `arch(diffusers-keyed state) -> family`."""
 
     name: str
     matches: Callable[[StateDict], bool]
     to_diffusers: Callable[[StateDict], dict[str, torch.Tensor]]
+    kind: str = "controlnet"
+    arch: Callable[[StateDict], str] = arch_of
+
+
+def not_supported(what: str) -> Callable[[StateDict], dict[str, torch.Tensor]]:
+    """A layout Atelier recognises but cannot run yet: reading it is one clear InvalidParams."""
+    def refuse(sd: StateDict) -> dict[str, torch.Tensor]:
+        raise api.InvalidParams(f"{what} is not supported yet: Atelier runs ControlNets for SD1.5, SD2.x and "
+                                "SDXL only")
+    return refuse
 
 
 LAYOUTS = (
+    # FLUX / SD3 ControlNets: recognised, refused until Atelier runs them (rows ready for their loaders).
+    Layout("flux-xlabs", lambda sd: "input_hint_block.0.weight" in sd and "double_blocks.0.img_attn.qkv.weight" in sd,
+           not_supported("an XLabs FLUX.1 ControlNet"), arch=lambda sd: "flux"),
+    Layout("flux-union", lambda sd: "controlnet_mode_embedder.weight" in sd and "controlnet_x_embedder.weight" in sd,
+           not_supported("an InstantX/Shakker FLUX.1 Union ControlNet"), arch=lambda sd: "flux"),
+    Layout("flux-instantx", lambda sd: "controlnet_x_embedder.weight" in sd and "controlnet_blocks.0.weight" in sd,
+           not_supported("an InstantX FLUX.1 ControlNet"), arch=lambda sd: "flux"),
+    Layout("sd3", lambda sd: "pos_embed_input.proj.weight" in sd and "controlnet_blocks.0.weight" in sd,
+           not_supported("an SD3 ControlNet"), arch=lambda sd: "sd3"),
     Layout("original", lambda sd: _original_prefix(sd) is not None,
            lambda sd: original_to_diffusers(sd, _original_prefix(sd) or "")),
     Layout("diffusers", lambda sd: "controlnet_cond_embedding.conv_in.weight" in sd and "conv_in.weight" in sd,
            dict),
-    # FLUX ControlNets (XLabs, InstantX, Union) go here once FLUX models load.
+    Layout("t2i-original", adapters.is_original, adapters.original_to_diffusers, "t2i_adapter", adapters.arch_of),
+    Layout("t2i-diffusers", adapters.is_diffusers, dict, "t2i_adapter", adapters.arch_of),
 )
 
 
@@ -213,6 +238,7 @@ class ControlNetFile:
     arch: str
     state: dict[str, torch.Tensor]
     config: dict[str, Any] | None = None
+    kind: str = "controlnet"  # or "t2i_adapter"
 
 
 def read_controlnet(path: Path) -> ControlNetFile:
@@ -230,7 +256,7 @@ def read_controlnet(path: Path) -> ControlNetFile:
     for layout in LAYOUTS:
         if layout.matches(sd):
             state = layout.to_diffusers(sd)
-            return ControlNetFile(path, layout.name, arch_of(state), state, config)
+            return ControlNetFile(path, layout.name, layout.arch(state), state, config, layout.kind)
     sample = ", ".join(sorted(sd)[:3])
     raise api.InvalidParams(f"{path.name} is not a ControlNet Atelier can load (known layouts: "
                             f"{', '.join(x.name for x in LAYOUTS)}; its keys start {sample})")
@@ -238,8 +264,11 @@ def read_controlnet(path: Path) -> ControlNetFile:
 
 def build_model(cn: ControlNetFile, pooled_dim: int | None, device: torch.device,
                 dtype: torch.dtype) -> torch.nn.Module:
-    """diffusers' ControlNetModel with the file's tensors (built on the meta device, then assigned)."""
+    """diffusers' ControlNetModel (or T2IAdapter) with the file's tensors (built on the meta device, then assigned)."""
     from diffusers import ControlNetModel
+
+    if cn.kind == "t2i_adapter":
+        return adapters.build_adapter(cn.state, cn.config, cn.path.name, device, dtype)
 
     config = cn.config if cn.config is not None else infer_config(cn.state, pooled_dim)
     with torch.device("meta"):
