@@ -15,6 +15,7 @@ from PIL import Image
 
 from modules import images as image_files
 from modules import infotext
+from modules.errors import InvalidParams
 from modules.pipeline import latents as latent_ops
 from modules.pipeline.control import Progress
 from modules.pipeline.hooks import Denoiser, DenoiserContext, StepClock
@@ -77,8 +78,12 @@ def build_denoiser(job: Job, s: SamplingInput, context: DenoiserContext) -> Deno
     if model.spec.is_sdxl:
         time_ids = torch.tensor([[s.height, s.width, 0, 0, s.height, s.width]], dtype=torch.float32)
     extra = {"guidance": job.params.distilled_cfg_scale} if model.spec.family is not None else {}
-    if model.spec.family is None:  # SD1/SD2/SDXL: conditioning hooks (ControlNet); flow models get none yet
-        extra["residuals"] = job.hooks.unet_residuals(context)
+    residuals = job.hooks.unet_residuals(context)  # conditioning hooks (ControlNet): UNet models only, yet
+    if model.spec.family is None:
+        extra["residuals"] = residuals
+    elif residuals is not None:
+        raise InvalidParams(f"an extension adds UNet residuals (ControlNet or the like), but {model.spec.arch} "
+                            "has no UNet: conditioning hooks work with SD1.5, SD2.x and SDXL checkpoints only")
     inner = denoiser_class(model.spec.prediction)(model.unet, job.engine.discrete_schedule(model).sigma_to_t,
                                                   time_ids=time_ids, **extra)
     guided: Denoiser = CFGDenoiser(job.hooks.wrap_model(inner, context), s.cond.conds, s.cond.unconds,

@@ -1,6 +1,7 @@
 """T2I-Adapters in the controlnet extension: TencentARC's original layout against the original network's
 maths, diffusers' layout against diffusers' StableDiffusionAdapterPipeline (SD1.5) and T2IAdapter
-(SDXL), units, mismatched architectures, and a unit through the A1111 API over HTTP."""
+(SDXL), units, mismatched architectures, a unit through the A1111 API over HTTP; FLUX/SD3 ControlNet
+files and units on FLUX checkpoints refused by name."""
 from __future__ import annotations
 
 import shutil
@@ -197,16 +198,20 @@ def test_sdxl_adapter_on_sd15_names_both_architectures(t2i_app):
 # ---------------------------------------------------------------- through the API
 @pytest.fixture(scope="module")
 def http(tmp_path_factory, tiny_checkpoints):
+    from tests.fixtures.make_tiny_mmdit import make_all_in_one
+
     tmp = tmp_path_factory.mktemp("t2i-api")
     for arch in ("sd1", "sdxl"):
         make_tiny_t2i_adapter(arch, tmp / "models" / "ControlNet" / f"t2iadapter_canny_{arch}.safetensors", seed=4)
-    server = start_server(tmp, {"tiny-sd1": tiny_checkpoints["sd1"]})
+    flux = make_all_in_one("flux-schnell", tmp / "src" / "tiny-flux.safetensors")
+    server = start_server(tmp, {"tiny-sd1": tiny_checkpoints["sd1"], "tiny-flux": flux})
     with httpx.Client(base_url=server.url, timeout=600) as client:
         yield client
     server.stop()
 
 
 def test_an_adapter_unit_through_the_api(http):
+    assert http.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny-sd1"}).status_code == 200
     names = http.get("/controlnet/model_list").json()["model_list"]
     sd1 = next(n for n in names if n.startswith("t2iadapter_canny_sd1 ["))
     assert http.get("/controlnet/control_types").json()["control_types"]["T2I-Adapter"]["model_list"][1:] == names
@@ -220,3 +225,28 @@ def test_an_adapter_unit_through_the_api(http):
     response = http.post("/sdapi/v1/txt2img", json={**SMALL, "alwayson_scripts": {"controlnet": {"args": [wrong]}}})
     assert response.status_code == 422
     assert "is a SDXL T2I-Adapter, but the loaded checkpoint is SD1.5" in response.text
+
+
+def test_a_unit_on_a_flux_checkpoint_is_a_422_naming_both(http):
+    unit = {"input_image": b64(hint_image()), "module": "none", "model": "t2iadapter_canny_sd1"}
+    payload = {**SMALL, "cfg_scale": 1, "alwayson_scripts": {"controlnet": {"args": [unit]}},
+               "override_settings": {"sd_model_checkpoint": "tiny-flux"}}
+    response = http.post("/sdapi/v1/txt2img", json=payload)
+    assert response.status_code == 422, response.text
+    assert "is a SD1.5 T2I-Adapter, but the loaded checkpoint is FLUX.1-schnell" in response.text
+    assert "not supported yet" in response.text
+    again = {**SMALL, "cfg_scale": 1, "override_settings": {"sd_model_checkpoint": "tiny-flux"}}
+    assert http.post("/sdapi/v1/txt2img", json=again).status_code == 200  # the checkpoint still works
+
+
+@pytest.mark.parametrize(("keys", "words"), [
+    (("input_hint_block.0.weight", "double_blocks.0.img_attn.qkv.weight"), "an XLabs FLUX.1 ControlNet"),
+    (("controlnet_x_embedder.weight", "controlnet_blocks.0.weight", "controlnet_mode_embedder.weight"),
+     "an InstantX/Shakker FLUX.1 Union ControlNet"),
+    (("controlnet_x_embedder.weight", "controlnet_blocks.0.weight"), "an InstantX FLUX.1 ControlNet"),
+    (("pos_embed_input.proj.weight", "controlnet_blocks.0.weight"), "an SD3 ControlNet"),
+])
+def test_flow_model_controlnets_are_recognised_and_refused(tmp_path, keys, words):
+    save_file({k: torch.zeros(2, 2) for k in keys}, str(tmp_path / "flow-cn.safetensors"))
+    with pytest.raises(api.InvalidParams, match=f"{words} is not supported yet"):
+        read_controlnet(tmp_path / "flow-cn.safetensors")
