@@ -20,7 +20,7 @@ from PIL import Image
 
 from modules.plugins import api
 
-from . import preprocessors
+from . import ip_adapter, preprocessors
 from .models import FAMILIES, ControlNetLibrary, family
 from .units import Unit
 
@@ -66,7 +66,7 @@ def plan_units(units: Sequence[Unit], library: ControlNetLibrary) -> list[Planne
     return planned
 
 
-KINDS = {"controlnet": "ControlNet", "t2i_adapter": "T2I-Adapter"}
+KINDS = {"controlnet": "ControlNet", "t2i_adapter": "T2I-Adapter", "ip_adapter": "IP-Adapter"}
 FLOW = ("flux", "sd3")  # architectures without a UNet: no control model runs on them yet
 
 
@@ -74,8 +74,8 @@ def check_arch(planned: Sequence[Planned], library: ControlNetLibrary, arch: str
     """One clear message when a control model was made for another architecture than the loaded checkpoint."""
     for p in planned:
         cn = library.read(p.path)
-        if cn.arch == family(arch):
-            continue
+        if cn.arch == family(arch) or (cn.arch == "" and not arch.startswith(FLOW)):
+            continue  # "": an IP-Adapter of no released width, checked against the text states at run time
         kind, theirs, ours = KINDS.get(cn.kind, cn.kind), FAMILIES[cn.arch], FAMILIES.get(arch, arch)
         message = (f"{kind} {p.unit.model!r} (unit {p.index}) is a {theirs} {kind}, but the loaded checkpoint is "
                    f"{ours}: ")
@@ -232,3 +232,69 @@ def prepare_hints(planned: Sequence[Planned], state: dict[str, Any], context: ap
             state.setdefault("preprocess_calls", []).append(p.index)
         hints.append(hint_tensor(fit(detected[p.index], context.width, context.height, p.unit.resize_mode)))
     return hints
+
+
+# ---------------------------------------------------------------- IP-Adapter
+def text_width(context: api.DenoiserContext) -> int | None:
+    """The width of the pass's text states (the UNet's cross-attention width)."""
+    try:
+        return int(context.conds[0][0][0][0][1].cross_attn.shape[-1])
+    except (IndexError, TypeError, AttributeError):
+        return None
+
+
+def check_ip_unit(p: Planned, sd: ip_adapter.StateDict, context: api.DenoiserContext) -> None:
+    """The unit's preprocessor picks the CLIP encoder; the adapter's width must be the checkpoint's."""
+    if p.pre.name not in ip_adapter.ENCODERS:
+        raise api.InvalidParams(f"IP-Adapter {p.unit.model!r} (unit {p.index}) needs an IP-Adapter preprocessor "
+                                f"({', '.join(ip_adapter.ENCODERS)}), not {p.pre.name!r}")
+    ours, width = text_width(context), ip_adapter.cross_width(sd)
+    if ours is not None and ours != width:
+        theirs = FAMILIES.get(ip_adapter.WIDTHS.get(width, ""), f"{width}-wide")
+        loaded = FAMILIES.get(context.arch, context.arch)
+        raise api.InvalidParams(f"IP-Adapter {p.unit.model!r} (unit {p.index}) is a {theirs} IP-Adapter, but the "
+                                f"loaded checkpoint is {loaded} ({ours}-wide text states): use an IP-Adapter made "
+                                f"for {loaded}, or load a {theirs} checkpoint")
+
+
+class IPAttention:
+    """The engine's `CrossAttentionCall -> tensor` for one pass: the sum over the active IP-Adapter units."""
+
+    def __init__(self, planned: Sequence[Planned], tokens: Sequence[ip_adapter.ImageTokens],
+                 library: ControlNetLibrary, context: api.DenoiserContext) -> None:
+        self.planned, self.tokens, self.library, self.context = planned, tokens, library, context
+        self.steps = len(context.sigmas) - 1
+
+    def __call__(self, call: api.CrossAttentionCall) -> torch.Tensor | None:
+        total = None
+        for p, tokens in zip(self.planned, self.tokens, strict=True):
+            if not active(p.unit, self.context.step, self.steps):
+                continue
+            out = ip_adapter.decoupled_attention(self.library.read(p.path).state, call, tokens, p.unit.weight,
+                                                 p.unit.model)
+            total = out if total is None else total + out
+        return total
+
+
+def ip_tokens(planned: Sequence[Planned], state: dict[str, Any], context: api.DenoiserContext,
+              library: ControlNetLibrary, encoders: dict[Path, Any], clip_vision: Path) -> list[ip_adapter.ImageTokens]:
+    """Each IP unit's image tokens, encoded once per job (`state`)."""
+    cached: dict[int, ip_adapter.ImageTokens] = state.setdefault("ip_tokens", {})
+    out = []
+    for p in planned:
+        sd = library.read(p.path).state
+        check_ip_unit(p, sd, context)
+        if p.index not in cached:
+            image = p.unit.image if p.unit.image is not None else (context.init_images or [None])[0]
+            if image is None:
+                raise api.InvalidParams(f"controlnet unit {p.index} (IP-Adapter) has no image: send `image` (base64)")
+            path = ip_adapter.find_encoder(p.pre.name, clip_vision)
+            if path not in encoders:
+                encoders.clear()
+                encoders[path] = ip_adapter.load_encoder(path, torch.device("cpu"), torch.float32)
+            encoder = encoders[path]
+            pixels = ip_adapter.image_processor(encoder)(image.convert("RGB"), return_tensors="pt").pixel_values
+            cached[p.index] = ip_adapter.image_tokens(sd, encoder, pixels)
+            state.setdefault("preprocess_calls", []).append(p.index)
+        out.append(cached[p.index])
+    return out

@@ -20,7 +20,7 @@ import torch
 
 from modules.plugins import api
 
-from . import adapters
+from . import adapters, ip_adapter
 
 StateDict = Mapping[str, torch.Tensor]
 SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
@@ -47,7 +47,11 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         data = data["state_dict"]
     if not isinstance(data, Mapping):
         raise api.InvalidParams(f"ControlNet file {path.name} holds no state dict")
-    return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    out = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    for group, inner in data.items():  # IP-Adapter .bin files: {"image_proj": {...}, "ip_adapter": {...}}
+        if isinstance(inner, Mapping):
+            out.update({f"{group}.{k}": v for k, v in inner.items() if isinstance(v, torch.Tensor)})
+    return out
 
 
 def folder_weights(folder: Path) -> Path | None:
@@ -226,6 +230,7 @@ LAYOUTS = (
            dict),
     Layout("t2i-original", adapters.is_original, adapters.original_to_diffusers, "t2i_adapter", adapters.arch_of),
     Layout("t2i-diffusers", adapters.is_diffusers, dict, "t2i_adapter", adapters.arch_of),
+    Layout("ip-adapter", ip_adapter.is_ip_adapter, dict, "ip_adapter", ip_adapter.arch_of),
 )
 
 
@@ -238,7 +243,7 @@ class ControlNetFile:
     arch: str
     state: dict[str, torch.Tensor]
     config: dict[str, Any] | None = None
-    kind: str = "controlnet"  # or "t2i_adapter"
+    kind: str = "controlnet"  # or "t2i_adapter", "ip_adapter" (whose tensors are used as they are)
 
 
 def read_controlnet(path: Path) -> ControlNetFile:

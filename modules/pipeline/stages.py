@@ -79,10 +79,11 @@ def build_denoiser(job: Job, s: SamplingInput, context: DenoiserContext) -> Deno
         time_ids = torch.tensor([[s.height, s.width, 0, 0, s.height, s.width]], dtype=torch.float32)
     extra = {"guidance": job.params.distilled_cfg_scale} if model.spec.family is not None else {}
     residuals = job.hooks.unet_residuals(context)  # conditioning hooks (ControlNet): UNet models only, yet
+    attention = job.hooks.unet_cross_attention(context)  # (IP-Adapter)
     if model.spec.family is None:
-        extra["residuals"] = residuals
-    elif residuals is not None:
-        raise InvalidParams(f"an extension adds UNet residuals (ControlNet or the like), but {model.spec.arch} "
+        extra.update(residuals=residuals, cross_attention=attention)
+    elif residuals is not None or attention is not None:
+        raise InvalidParams(f"an extension adds conditioning inside the UNet (ControlNet, IP-Adapter), but {model.spec.arch} "
                             "has no UNet: conditioning hooks work with SD1.5, SD2.x and SDXL checkpoints only")
     inner = denoiser_class(model.spec.prediction)(model.unet, job.engine.discrete_schedule(model).sigma_to_t,
                                                   time_ids=time_ids, **extra)

@@ -45,6 +45,7 @@ from modules.plugins.specs import (
     UITabSpec,
     UpscalerSpec,
 )
+from modules.sampling.attention import CrossAttentionCall
 from modules.sampling.denoisers import DenoiserStep, UNetCall, UNetResiduals
 from modules.text.prompt_parser import ExtraNetworkTag
 
@@ -58,10 +59,11 @@ from modules.text.prompt_parser import ExtraNetworkTag
 #      extend_result; the grid builder (image_grid, annotate_grid, GridAnnotation, split_grid, combine_grid)
 # 1.5: unet_residuals (conditioning inside the UNet: ControlNet) with DenoiserContext, UNetCall, UNetResiduals
 #      and JobContext.state; register_root_api_routes with RootRoutesSpec; a list `args` in alwayson_scripts
-API_VERSION = "1.5"
+# 1.6: unet_cross_attention with CrossAttentionCall (decoupled cross-attention: IP-Adapter)
+API_VERSION = "1.6"
 
 __all__ = [
-    "API_VERSION", "AtelierError", "AxisSpec", "DenoiserContext", "GridAnnotation", "ScriptCheck", "ScriptContext", "ScriptSpec",
+    "API_VERSION", "AtelierError", "AxisSpec", "CrossAttentionCall", "DenoiserContext", "GridAnnotation", "ScriptCheck", "ScriptContext", "ScriptSpec",
     "annotate_grid", "combine_grid", "extend_result", "image_grid", "split_grid", "with_infotext_fields", "DenoiserStep", "EmbeddingSpec", "ExtraNetworkItem", "ExtraNetworkSpec",
     "ExtraNetworkTag", "GenerationParams", "Img2ImgParams", "InvalidParams", "JobContext", "ModelPatch", "OptionSpec", "PostprocessContext", "PostprocessorSpec", "Result", "RootRoutesSpec", "SamplerSpec",
     "ScheduleContext", "SchedulerSpec", "StyleSpec", "Txt2ImgParams", "UISectionSpec", "UITabSpec",
