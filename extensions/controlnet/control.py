@@ -66,7 +66,7 @@ def plan_units(units: Sequence[Unit], library: ControlNetLibrary) -> list[Planne
     return planned
 
 
-KINDS = {"controlnet": "ControlNet", "t2i_adapter": "T2I-Adapter", "ip_adapter": "IP-Adapter"}
+KINDS = {"controlnet": "ControlNet", "controlnet_union": "ControlNet", "t2i_adapter": "T2I-Adapter", "ip_adapter": "IP-Adapter"}
 FLOW = ("flux", "sd3")  # architectures without a UNet: no control model runs on them yet
 
 
@@ -141,6 +141,28 @@ def hint_tensor(fitted: np.ndarray) -> torch.Tensor:
     return t
 
 
+# ---------------------------------------------------------------- union / ProMax control types
+UNION_TYPES = ("OpenPose", "Depth", "Soft Edge", "Canny", "Normal Map", "Segmentation", "Tile", "Inpaint")
+_UNION_BY_TAG = {"OpenPose": 0, "Depth": 1, "SoftEdge": 2, "Scribble": 2, "Canny": 3, "Lineart": 3,
+                 "NormalMap": 4, "Tile": 6, "Inpaint": 7}
+
+
+def union_type(p: Planned) -> int:
+    """The union ControlNet's control type index: the unit's `union_control_type` (name or number), or
+    the preprocessor's Control Type when that is "Unknown"."""
+    value = p.unit.union_control_type.strip()
+    names = [n.lower().replace(" ", "") for n in UNION_TYPES]
+    if value.isdigit() and int(value) < len(UNION_TYPES):
+        return int(value)
+    if value.lower().replace(" ", "") in names:
+        return names.index(value.lower().replace(" ", ""))
+    if value.lower() == "unknown" and p.pre.tag in _UNION_BY_TAG:
+        return _UNION_BY_TAG[p.pre.tag]
+    raise api.InvalidParams(f"controlnet unit {p.index} field 'union_control_type': {value!r} does not pick a control "
+                            f"type for the union ControlNet {p.unit.model!r}; use one of {list(UNION_TYPES)}"
+                            f"{' (or a preprocessor of one of those types)' if value.lower() == 'unknown' else ''}")
+
+
 # ---------------------------------------------------------------- the residual function
 def active(unit: Unit, step: int, steps: int) -> bool:
     """sd-webui-controlnet's guidance window: off when step/steps < start or > end."""
@@ -164,6 +186,7 @@ class Residuals:
         self.steps = len(context.sigmas) - 1
         self.calls: list[tuple[int, tuple[int, ...]]] = []  # (step, units used), for tests and benchmarks
         self.features: dict[tuple[int, str, torch.dtype], list[torch.Tensor]] = {}  # T2I-Adapter outputs
+        self.union = {p.index: union_type(p) for p in planned if library.read(p.path).kind == "controlnet_union"}
 
     def __call__(self, call: api.UNetCall) -> api.UNetResiduals | None:
         step = self.context.step
@@ -196,9 +219,17 @@ class Residuals:
                     call: api.UNetCall) -> api.UNetResiduals:
         rows, dtype, device = call.model_in.shape[0], call.model_in.dtype, call.model_in.device
         cond = hint.to(device=device, dtype=dtype).expand(rows, -1, -1, -1)
+        extra: dict[str, Any] = {"controlnet_cond": cond}
+        if p.index in self.union:  # union/ProMax: one condition and its control type
+            idx = self.union[p.index]
+            if idx >= model.config.num_control_type:
+                raise api.InvalidParams(f"union ControlNet {p.unit.model!r} knows {model.config.num_control_type} "
+                                        f"control types, not {UNION_TYPES[idx]!r} (ProMax adds Tile and Inpaint)")
+            types = torch.zeros(rows, model.config.num_control_type, device=device, dtype=dtype)
+            types[:, idx] = 1
+            extra = {"controlnet_cond": [cond], "control_type": types, "control_type_idx": [idx]}
         down, mid = model(call.model_in, call.timestep, encoder_hidden_states=call.cross_attn,
-                          controlnet_cond=cond, conditioning_scale=1.0, added_cond_kwargs=call.added_cond,
-                          return_dict=False)
+                          conditioning_scale=1.0, added_cond_kwargs=call.added_cond, return_dict=False, **extra)
         outs = self._weighted(p.unit, [*down, mid], call)
         return api.UNetResiduals(down=tuple(outs[:-1]), mid=outs[-1])
 

@@ -185,6 +185,14 @@ def infer_config(sd: StateDict, pooled_dim: int | None = None) -> dict[str, Any]
     return config
 
 
+def union_config(sd: StateDict) -> dict[str, Any]:
+    """The union/ProMax fields of a ControlNetUnionModel config (8 attention heads, as released)."""
+    types, channels = (int(n) for n in sd["task_embedding"].shape)
+    return {"num_control_type": types, "num_trans_channel": channels, "num_trans_head": 8,
+            "num_trans_layer": len(_indices(sd, "transformer_layes.")),
+            "num_proj_channel": int(sd["spatial_ch_projs.weight"].shape[0])}
+
+
 def arch_of(sd: StateDict) -> str:
     """"sdxl", "sd2" or "sd1" from a diffusers-keyed ControlNet's structure."""
     if "add_embedding.linear_1.weight" in sd:
@@ -226,6 +234,8 @@ LAYOUTS = (
            not_supported("an SD3 ControlNet"), arch=lambda sd: "sd3"),
     Layout("original", lambda sd: _original_prefix(sd) is not None,
            lambda sd: original_to_diffusers(sd, _original_prefix(sd) or "")),
+    Layout("union", lambda sd: "task_embedding" in sd and "controlnet_cond_embedding.conv_in.weight" in sd,
+           dict, "controlnet_union"),
     Layout("diffusers", lambda sd: "controlnet_cond_embedding.conv_in.weight" in sd and "conv_in.weight" in sd,
            dict),
     Layout("t2i-original", adapters.is_original, adapters.original_to_diffusers, "t2i_adapter", adapters.arch_of),
@@ -243,7 +253,7 @@ class ControlNetFile:
     arch: str
     state: dict[str, torch.Tensor]
     config: dict[str, Any] | None = None
-    kind: str = "controlnet"  # or "t2i_adapter", "ip_adapter" (whose tensors are used as they are)
+    kind: str = "controlnet"  # or "controlnet_union", "t2i_adapter", "ip_adapter" (whose tensors are used as they are)
 
 
 def read_controlnet(path: Path) -> ControlNetFile:
@@ -270,14 +280,15 @@ def read_controlnet(path: Path) -> ControlNetFile:
 def build_model(cn: ControlNetFile, pooled_dim: int | None, device: torch.device,
                 dtype: torch.dtype) -> torch.nn.Module:
     """diffusers' ControlNetModel (or T2IAdapter) with the file's tensors (built on the meta device, then assigned)."""
-    from diffusers import ControlNetModel
+    from diffusers import ControlNetModel, ControlNetUnionModel
 
     if cn.kind == "t2i_adapter":
         return adapters.build_adapter(cn.state, cn.config, cn.path.name, device, dtype)
-
     config = cn.config if cn.config is not None else infer_config(cn.state, pooled_dim)
+    if cn.kind == "controlnet_union" and cn.config is None:
+        config.update(union_config(cn.state))
     with torch.device("meta"):
-        model = ControlNetModel.from_config(config)
+        model = (ControlNetUnionModel if cn.kind == "controlnet_union" else ControlNetModel).from_config(config)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(cn.state))
     extra = sorted(set(cn.state) - set(expected))
