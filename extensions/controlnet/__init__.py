@@ -62,9 +62,16 @@ class ControlNetExtension:
         if not planned:
             return None
         hints = control.prepare_hints(planned, state, context, self.annotators, int(params.seed))
-        residuals = control.Residuals(planned, hints, self.library, context)
+        residuals = control.Residuals(planned, hints, self.library, context, state.get("base_unet"))
         state.setdefault("passes", []).append(residuals)
         return residuals
+
+    @api.hookimpl
+    def patch_model(self, patch, context):
+        """Control-LoRAs are built from the loaded UNet: keep a reference to it for the job."""
+        state = context.state.get(NAME)
+        if state and any(self.library.read(p.path).kind == "control_lora" for p in state["planned"]):
+            state["base_unet"] = patch.modules("unet")[""]
 
     @api.hookimpl
     def unet_cross_attention(self, context, params, job):

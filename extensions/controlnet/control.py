@@ -66,7 +66,8 @@ def plan_units(units: Sequence[Unit], library: ControlNetLibrary) -> list[Planne
     return planned
 
 
-KINDS = {"controlnet": "ControlNet", "controlnet_union": "ControlNet", "t2i_adapter": "T2I-Adapter", "ip_adapter": "IP-Adapter"}
+KINDS = {"controlnet": "ControlNet", "controlnet_union": "ControlNet", "control_lora": "Control-LoRA",
+         "t2i_adapter": "T2I-Adapter", "ip_adapter": "IP-Adapter"}
 FLOW = ("flux", "sd3")  # architectures without a UNet: no control model runs on them yet
 
 
@@ -181,8 +182,9 @@ class Residuals:
     """The engine's `UNetCall -> UNetResiduals` for one pass: the sum over the active units."""
 
     def __init__(self, planned: Sequence[Planned], hints: Sequence[torch.Tensor], library: ControlNetLibrary,
-                 context: api.DenoiserContext) -> None:
+                 context: api.DenoiserContext, base: torch.nn.Module | None = None) -> None:
         self.planned, self.hints, self.library, self.context = planned, hints, library, context
+        self.base = base  # the loaded UNet, for Control-LoRAs
         self.steps = len(context.sigmas) - 1
         self.calls: list[tuple[int, tuple[int, ...]]] = []  # (step, units used), for tests and benchmarks
         self.features: dict[tuple[int, str, torch.dtype], list[torch.Tensor]] = {}  # T2I-Adapter outputs
@@ -196,7 +198,7 @@ class Residuals:
             return None
         dtype, device = call.model_in.dtype, call.model_in.device
         pooled = None if call.added_cond is None else int(call.added_cond["text_embeds"].shape[-1])
-        models = self.library.models([p.path for p, _ in live], pooled, device, dtype)
+        models = self.library.models([p.path for p, _ in live], pooled, device, dtype, self.base)
         total = None
         for (p, hint), model in zip(live, models, strict=True):
             if self.library.read(p.path).kind == "t2i_adapter":

@@ -20,7 +20,7 @@ import torch
 
 from modules.plugins import api
 
-from . import adapters, ip_adapter
+from . import adapters, control_lora, ip_adapter
 
 StateDict = Mapping[str, torch.Tensor]
 SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
@@ -232,6 +232,7 @@ LAYOUTS = (
            not_supported("an InstantX FLUX.1 ControlNet"), arch=lambda sd: "flux"),
     Layout("sd3", lambda sd: "pos_embed_input.proj.weight" in sd and "controlnet_blocks.0.weight" in sd,
            not_supported("an SD3 ControlNet"), arch=lambda sd: "sd3"),
+    Layout("control-lora", control_lora.is_control_lora, dict, "control_lora", control_lora.arch_of),
     Layout("original", lambda sd: _original_prefix(sd) is not None,
            lambda sd: original_to_diffusers(sd, _original_prefix(sd) or "")),
     Layout("union", lambda sd: "task_embedding" in sd and "controlnet_cond_embedding.conv_in.weight" in sd,
@@ -253,7 +254,7 @@ class ControlNetFile:
     arch: str
     state: dict[str, torch.Tensor]
     config: dict[str, Any] | None = None
-    kind: str = "controlnet"  # or "controlnet_union", "t2i_adapter", "ip_adapter" (whose tensors are used as they are)
+    kind: str = "controlnet"  # or "controlnet_union", "control_lora", "t2i_adapter", "ip_adapter" (whose tensors are used as they are)
 
 
 def read_controlnet(path: Path) -> ControlNetFile:
@@ -278,12 +279,18 @@ def read_controlnet(path: Path) -> ControlNetFile:
 
 
 def build_model(cn: ControlNetFile, pooled_dim: int | None, device: torch.device,
-                dtype: torch.dtype) -> torch.nn.Module:
+                dtype: torch.dtype, base: torch.nn.Module | None = None) -> torch.nn.Module:
     """diffusers' ControlNetModel (or T2IAdapter) with the file's tensors (built on the meta device, then assigned)."""
     from diffusers import ControlNetModel, ControlNetUnionModel
 
     if cn.kind == "t2i_adapter":
         return adapters.build_adapter(cn.state, cn.config, cn.path.name, device, dtype)
+    if cn.kind == "control_lora":  # a ControlNet made from the loaded checkpoint's UNet
+        if base is None:
+            raise api.InvalidParams(f"Control-LoRA {cn.path.name} needs the loaded checkpoint's UNet")
+        state = control_lora.compose(cn.state, base.state_dict(), cn.path.name,
+                                     lambda names: original_to_diffusers(names, ""))
+        return build_model(ControlNetFile(cn.path, cn.layout, cn.arch, state), pooled_dim, device, dtype)
     config = cn.config if cn.config is not None else infer_config(cn.state, pooled_dim)
     if cn.kind == "controlnet_union" and cn.config is None:
         config.update(union_config(cn.state))
@@ -309,7 +316,7 @@ class ControlNetLibrary:
         self.roots = roots
         self._files: dict[str, Path] | None = None
         self._read: dict[Path, ControlNetFile] = {}
-        self._built: dict[tuple[Path, int | None, str, torch.dtype], torch.nn.Module] = {}
+        self._built: dict[tuple, torch.nn.Module] = {}
 
     def refresh(self) -> None:
         self._files = None
@@ -345,17 +352,22 @@ class ControlNetLibrary:
         return self._read[path]
 
     def models(self, paths: list[Path], pooled_dim: int | None, device: torch.device,
-               dtype: torch.dtype) -> list[torch.nn.Module]:
-        """The job's models, all kept (a job may use several ControlNets)."""
-        wanted = {(p, pooled_dim, str(device), dtype) for p in paths}
+               dtype: torch.dtype, base: torch.nn.Module | None = None) -> list[torch.nn.Module]:
+        """The job's models, all kept (a job may use several ControlNets); Control-LoRAs are built from
+        `base` (the loaded UNet) and kept per base."""
+        def key_of(path: Path) -> tuple:
+            own = id(base) if self.read(path).kind == "control_lora" else None
+            return (path, pooled_dim, str(device), dtype, own)
+
+        wanted = {key_of(p) for p in paths}
         for key in list(self._built):
             if key not in wanted:
                 del self._built[key]
         out = []
         for path in paths:
-            key = (path, pooled_dim, str(device), dtype)
+            key = key_of(path)
             if key not in self._built:
-                self._built[key] = build_model(self.read(path), pooled_dim, device, dtype)
+                self._built[key] = build_model(self.read(path), pooled_dim, device, dtype, base)
             out.append(self._built[key])
         return out
 
