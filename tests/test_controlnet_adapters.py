@@ -206,6 +206,7 @@ def http(tmp_path_factory, tiny_checkpoints):
     flux = make_all_in_one("flux-schnell", tmp / "src" / "tiny-flux.safetensors")
     server = start_server(tmp, {"tiny-sd1": tiny_checkpoints["sd1"], "tiny-flux": flux})
     with httpx.Client(base_url=server.url, timeout=600) as client:
+        client.server = server
         yield client
     server.stop()
 
@@ -214,7 +215,8 @@ def test_an_adapter_unit_through_the_api(http):
     assert http.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny-sd1"}).status_code == 200
     names = http.get("/controlnet/model_list").json()["model_list"]
     sd1 = next(n for n in names if n.startswith("t2iadapter_canny_sd1 ["))
-    assert http.get("/controlnet/control_types").json()["control_types"]["T2I-Adapter"]["model_list"][1:] == names
+    t2i = [n for n in names if n.startswith("t2iadapter")]
+    assert http.get("/controlnet/control_types").json()["control_types"]["T2I-Adapter"]["model_list"][1:] == t2i
     plain = http.post("/sdapi/v1/txt2img", json=SMALL)
     unit = {"input_image": b64(hint_image()), "module": "canny", "model": sd1, "weight": 1}
     with_adapter = http.post("/sdapi/v1/txt2img", json={**SMALL, "alwayson_scripts": {"controlnet": {"args": [unit]}}})
@@ -250,3 +252,26 @@ def test_flow_model_controlnets_are_recognised_and_refused(tmp_path, keys, words
     save_file({k: torch.zeros(2, 2) for k in keys}, str(tmp_path / "flow-cn.safetensors"))
     with pytest.raises(api.InvalidParams, match=f"{words} is not supported yet"):
         read_controlnet(tmp_path / "flow-cn.safetensors")
+
+
+def test_an_ip_adapter_unit_through_the_api_and_a_missing_encoder(http):
+    from tests.fixtures.make_tiny_ip_adapter import save_ip_adapter, tiny_clip_vision, tiny_ip_adapter
+
+    app = http.server.context.app
+    assert http.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny-sd1"}).status_code == 200
+    models = app.settings.models_dir
+    save_ip_adapter(tiny_ip_adapter(app.engine.require_model().unet, plus=False, seed=1),
+                    models / "ControlNet" / "ip-adapter_sd15.safetensors")
+    assert "IP-Adapter" in http.get("/controlnet/control_types").json()["control_types"]
+    names = http.get("/controlnet/model_list", params={"update": "true"}).json()["model_list"]
+    ip = next(n for n in names if n.startswith("ip-adapter_sd15 ["))
+    unit = {"input_image": b64(hint_image()), "module": "ip-adapter_clip_sd15", "model": ip, "weight": 0.8}
+    payload = {**SMALL, "alwayson_scripts": {"controlnet": {"args": [unit]}}}
+    missing = http.post("/sdapi/v1/txt2img", json=payload)
+    assert missing.status_code == 422
+    assert "needs the CLIP ViT-H image encoder in" in missing.text and "clip_vision" in missing.text
+    tiny_clip_vision(models / "clip_vision" / "clip_h", seed=2)
+    plain, with_ip = http.post("/sdapi/v1/txt2img", json=SMALL), http.post("/sdapi/v1/txt2img", json=payload)
+    assert plain.status_code == with_ip.status_code == 200, with_ip.text
+    a, b = (decode(r.json()["images"][0]).astype(float) for r in (plain, with_ip))
+    assert np.abs(a - b).mean() > 1.0
