@@ -297,14 +297,17 @@ class IPAttention:
                  library: ControlNetLibrary, context: api.DenoiserContext) -> None:
         self.planned, self.tokens, self.library, self.context = planned, tokens, library, context
         self.steps = len(context.sigmas) - 1
+        self.weights: dict[tuple[int, int, str, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, call: api.CrossAttentionCall) -> torch.Tensor | None:
         total = None
         for p, tokens in zip(self.planned, self.tokens, strict=True):
             if not active(p.unit, self.context.step, self.steps):
                 continue
-            out = ip_adapter.decoupled_attention(self.library.read(p.path).state, call, tokens, p.unit.weight,
-                                                 p.unit.model)
+            key = (p.index, call.index, str(call.query.device), call.query.dtype)
+            if key not in self.weights:  # moved to the device once per pass
+                self.weights[key] = ip_adapter.layer_weights(self.library.read(p.path).state, call, p.unit.model)
+            out = ip_adapter.decoupled_attention(self.weights[key], call, tokens, p.unit.weight)
             total = out if total is None else total + out
         return total
 

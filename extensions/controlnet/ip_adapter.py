@@ -166,19 +166,24 @@ def image_tokens(sd: StateDict, encoder: Any, pixels: torch.Tensor) -> ImageToke
         return ImageTokens(project_base(sd, embeds), project_base(sd, torch.zeros_like(embeds)))
 
 
-def decoupled_attention(sd: StateDict, call: api.CrossAttentionCall, tokens: ImageTokens, weight: float,
-                        name: str) -> torch.Tensor:
-    """`weight * attention(q, k_ip, v_ip)` for one cross-attention layer, [rows, tokens, heads * head_dim]."""
+def layer_weights(sd: StateDict, call: api.CrossAttentionCall, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's (to_k_ip, to_v_ip) weights on the query's device and dtype."""
     key = f"ip_adapter.{call.index}.to_k_ip.weight"
     if key not in sd:
         raise api.InvalidParams(f"IP-Adapter {name} has no weights for attention layer {call.index} ({call.name}): "
                                 "it was made for another UNet")
     q = call.query
+    return sd[key].to(q.device, q.dtype), sd[f"ip_adapter.{call.index}.to_v_ip.weight"].to(q.device, q.dtype)
+
+
+def decoupled_attention(weights: tuple[torch.Tensor, torch.Tensor], call: api.CrossAttentionCall,
+                        tokens: ImageTokens, weight: float) -> torch.Tensor:
+    """`weight * attention(q, k_ip, v_ip)` for one cross-attention layer, [rows, tokens, heads * head_dim]."""
+    q = call.query
     rows = q.shape[0]
     mark = call.uncond.to(q.device)[:, None, None]
     image = torch.where(mark, tokens.uncond.to(q.device, q.dtype), tokens.cond.to(q.device, q.dtype))
-    k = F.linear(image, sd[key].to(q.device, q.dtype))
-    v = F.linear(image, sd[f"ip_adapter.{call.index}.to_v_ip.weight"].to(q.device, q.dtype))
+    k, v = F.linear(image, weights[0]), F.linear(image, weights[1])
     k, v = (t.reshape(rows, -1, call.heads, q.shape[-1]).transpose(1, 2) for t in (k, v))
     out = F.scaled_dot_product_attention(q, k, v)
     return weight * out.transpose(1, 2).reshape(rows, -1, call.heads * q.shape[-1])
