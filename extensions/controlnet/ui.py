@@ -17,6 +17,7 @@ from PIL import Image
 from modules.plugins import api
 
 from . import preprocessors
+from .control import UNION_TYPES
 from .routes import CONTROL_TYPES, control_type, model_titles
 from .units import CONTROL_MODES, RESIZE_MODES
 
@@ -76,6 +77,8 @@ def _unit_tab(ext: Any, tab: str, n: int) -> dict[str, Any]:
                             elem_id=f"{prefix}-control-mode")
     resize_mode = gr.Radio(list(RESIZE_MODES), value=RESIZE_MODES[1], label="Resize Mode",
                            elem_id=f"{prefix}-resize-mode")
+    union_type = gr.Dropdown(["Unknown", *UNION_TYPES], value="Unknown", label="Union control type (union/ProMax "
+                             "models; Unknown: the preprocessor's)", elem_id=f"{prefix}-union-type")
 
     def pick_type(name: str):
         ext.library.refresh()
@@ -97,7 +100,8 @@ def _unit_tab(ext: Any, tab: str, n: int) -> dict[str, Any]:
     run_preview.click(lambda *v: _preview(ext, *v), [image, module, res, a, b, pixel_perfect], preview, queue=False)
     parts = {"enabled": enabled, "image": encoded, "module": module, "model": model, "weight": weight,
              "guidance_start": start, "guidance_end": end, "processor_res": res, "threshold_a": a, "threshold_b": b,
-             "pixel_perfect": pixel_perfect, "control_mode": control_mode, "resize_mode": resize_mode}
+             "pixel_perfect": pixel_perfect, "control_mode": control_mode, "resize_mode": resize_mode,
+             "union_control_type": union_type}
     return {f"u{n}_{name}": component for name, component in parts.items()}
 
 
