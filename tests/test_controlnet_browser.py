@@ -63,3 +63,19 @@ def test_upload_a_control_image_and_generate(page, server, tmp_path):
     assert 'ControlNet 0: "Module: canny, Model: tiny-sd15-canny [' in info, info
     controlled = np.asarray(gallery_image(page, server, "txt2img"), dtype=float)
     assert np.abs(controlled - plain).mean() > 1.0
+
+
+def test_send_dimensions_puts_the_control_image_size_in_width_and_height(page, server, tmp_path):
+    fill_txt2img(page, "a tower", seed=3, steps=2)
+    page.click("#txt2img-ext-controlnet")
+    Image.new("RGB", (96, 130), (200, 30, 30)).save(tmp_path / "tall.png")
+    upload = page.locator(f"{UNIT}-image input[type=file]")
+    upload.wait_for(state="attached")
+    upload.set_input_files(str(tmp_path / "tall.png"))
+    page.locator(f"{UNIT}-image img").first.wait_for(state="visible", timeout=30_000)
+    page.click(f"{UNIT}-send-size")
+    page.wait_for_function("document.querySelector('#txt2img-width input').value === '96' && "
+                           "document.querySelector('#txt2img-height input').value === '128'", timeout=30_000)
+    page.locator(f"{UNIT}-enabled input").uncheck()  # no model picked: generate without the unit
+    page.click("#txt2img-generate")
+    assert "Size: 96x128" in wait_result(page)  # the job got the sent size, not only the boxes

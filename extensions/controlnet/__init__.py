@@ -2,7 +2,7 @@
 
 Hooks: `prepare_params` (the job's units from `extension_args["controlnet"]`, checked, written to
 infotext), `unet_residuals` (per sampling pass: hints preprocessed once per job, the residual
-function summing the units), `register_root_api_routes` (/controlnet/*, as sd-webui-controlnet
+function summing the ControlNet and T2I-Adapter units), `unet_cross_attention` (IP-Adapter units), `register_root_api_routes` (/controlnet/*, as sd-webui-controlnet
 serves them; also under /ext/controlnet/) and `register_ui_sections`. Each app gets its own
 `ControlNetExtension` from `create_plugin`. See docs/controlnet.md.
 """
@@ -37,6 +37,8 @@ class ControlNetExtension:
         self.annotators = models_dir / "annotators"
         self.unit_count = int(getattr(settings, "controlnet_unit_count", 3))
         self.hashes: dict = {}  # (path, mtime) -> short sha256, for model titles
+        self.clip_vision = models_dir / "clip_vision"
+        self.encoders: dict = {}  # the last CLIP vision encoder loaded, by path
 
     @api.hookimpl
     def prepare_params(self, params, context):
@@ -55,12 +57,33 @@ class ControlNetExtension:
         state = job.state.get(NAME)
         if not state or not state["planned"]:
             return None
-        planned = state["planned"]
-        control.check_arch(planned, self.library, context.arch)
+        planned = [p for p in state["planned"] if self.library.read(p.path).kind != "ip_adapter"]
+        control.check_arch(state["planned"], self.library, context.arch)
+        if not planned:
+            return None
         hints = control.prepare_hints(planned, state, context, self.annotators, int(params.seed))
-        residuals = control.Residuals(planned, hints, self.library, context)
+        residuals = control.Residuals(planned, hints, self.library, context, state.get("base_unet"))
         state.setdefault("passes", []).append(residuals)
         return residuals
+
+    @api.hookimpl
+    def patch_model(self, patch, context):
+        """Control-LoRAs are built from the loaded UNet: keep a reference to it for the job."""
+        state = context.state.get(NAME)
+        if state and any(self.library.read(p.path).kind == "control_lora" for p in state["planned"]):
+            state["base_unet"] = patch.modules("unet")[""]
+
+    @api.hookimpl
+    def unet_cross_attention(self, context, params, job):
+        state = job.state.get(NAME)
+        planned = [p for p in (state or {}).get("planned", ()) if self.library.read(p.path).kind == "ip_adapter"]
+        if not planned:
+            return None
+        control.check_arch(planned, self.library, context.arch)
+        tokens = control.ip_tokens(planned, state, context, self.library, self.encoders, self.clip_vision)
+        attention = control.IPAttention(planned, tokens, self.library, context)
+        state.setdefault("ip_passes", []).append(attention)
+        return attention
 
     @api.hookimpl
     def register_root_api_routes(self):

@@ -20,7 +20,7 @@ from PIL import Image
 
 from modules.plugins import api
 
-from . import preprocessors
+from . import ip_adapter, preprocessors
 from .models import FAMILIES, ControlNetLibrary, family
 from .units import Unit
 
@@ -66,15 +66,26 @@ def plan_units(units: Sequence[Unit], library: ControlNetLibrary) -> list[Planne
     return planned
 
 
+KINDS = {"controlnet": "ControlNet", "controlnet_union": "ControlNet", "control_lora": "Control-LoRA",
+         "t2i_adapter": "T2I-Adapter", "ip_adapter": "IP-Adapter"}
+FLOW = ("flux", "sd3")  # architectures without a UNet: no control model runs on them yet
+
+
 def check_arch(planned: Sequence[Planned], library: ControlNetLibrary, arch: str) -> None:
-    """One clear message when a ControlNet was made for another architecture than the loaded checkpoint."""
+    """One clear message when a control model was made for another architecture than the loaded checkpoint."""
     for p in planned:
         cn = library.read(p.path)
-        if cn.arch != family(arch):
-            raise api.InvalidParams(
-                f"ControlNet {p.unit.model!r} (unit {p.index}) is a {FAMILIES[cn.arch]} ControlNet, but the loaded "
-                f"checkpoint is {FAMILIES.get(arch, arch)}: use a ControlNet made for {FAMILIES.get(arch, arch)}, "
-                f"or load a {FAMILIES[cn.arch]} checkpoint")
+        if cn.arch == family(arch) or (cn.arch == "" and not arch.startswith(FLOW)):
+            continue  # "": an IP-Adapter of no released width, checked against the text states at run time
+        kind, theirs, ours = KINDS.get(cn.kind, cn.kind), FAMILIES[cn.arch], FAMILIES.get(arch, arch)
+        message = (f"{kind} {p.unit.model!r} (unit {p.index}) is a {theirs} {kind}, but the loaded checkpoint is "
+                   f"{ours}: ")
+        if arch.startswith(FLOW):
+            message += (f"ControlNets for {ours} are not supported yet; load a {theirs} checkpoint, or disable the "
+                        "ControlNet unit")
+        else:
+            message += f"use a {kind} made for {ours}, or load a {theirs} checkpoint"
+        raise api.InvalidParams(message)
 
 
 # ---------------------------------------------------------------- hints
@@ -131,6 +142,28 @@ def hint_tensor(fitted: np.ndarray) -> torch.Tensor:
     return t
 
 
+# ---------------------------------------------------------------- union / ProMax control types
+UNION_TYPES = ("OpenPose", "Depth", "Soft Edge", "Canny", "Normal Map", "Segmentation", "Tile", "Inpaint")
+_UNION_BY_TAG = {"OpenPose": 0, "Depth": 1, "SoftEdge": 2, "Scribble": 2, "Canny": 3, "Lineart": 3,
+                 "NormalMap": 4, "Tile": 6, "Inpaint": 7}
+
+
+def union_type(p: Planned) -> int:
+    """The union ControlNet's control type index: the unit's `union_control_type` (name or number), or
+    the preprocessor's Control Type when that is "Unknown"."""
+    value = p.unit.union_control_type.strip()
+    names = [n.lower().replace(" ", "") for n in UNION_TYPES]
+    if value.isdigit() and int(value) < len(UNION_TYPES):
+        return int(value)
+    if value.lower().replace(" ", "") in names:
+        return names.index(value.lower().replace(" ", ""))
+    if value.lower() == "unknown" and p.pre.tag in _UNION_BY_TAG:
+        return _UNION_BY_TAG[p.pre.tag]
+    raise api.InvalidParams(f"controlnet unit {p.index} field 'union_control_type': {value!r} does not pick a control "
+                            f"type for the union ControlNet {p.unit.model!r}; use one of {list(UNION_TYPES)}"
+                            f"{' (or a preprocessor of one of those types)' if value.lower() == 'unknown' else ''}")
+
+
 # ---------------------------------------------------------------- the residual function
 def active(unit: Unit, step: int, steps: int) -> bool:
     """sd-webui-controlnet's guidance window: off when step/steps < start or > end."""
@@ -139,6 +172,7 @@ def active(unit: Unit, step: int, steps: int) -> bool:
 
 
 def scales(unit: Unit, n: int) -> list[float]:
+    """Per-output weights: the unit's weight, decayed toward the shallow outputs unless Balanced."""
     if unit.control_mode == 0:
         return [unit.weight] * n
     return [unit.weight * 0.825 ** float(n - 1 - k) for k in range(n)]
@@ -148,10 +182,13 @@ class Residuals:
     """The engine's `UNetCall -> UNetResiduals` for one pass: the sum over the active units."""
 
     def __init__(self, planned: Sequence[Planned], hints: Sequence[torch.Tensor], library: ControlNetLibrary,
-                 context: api.DenoiserContext) -> None:
+                 context: api.DenoiserContext, base: torch.nn.Module | None = None) -> None:
         self.planned, self.hints, self.library, self.context = planned, hints, library, context
+        self.base = base  # the loaded UNet, for Control-LoRAs
         self.steps = len(context.sigmas) - 1
         self.calls: list[tuple[int, tuple[int, ...]]] = []  # (step, units used), for tests and benchmarks
+        self.features: dict[tuple[int, str, torch.dtype], list[torch.Tensor]] = {}  # T2I-Adapter outputs
+        self.union = {p.index: union_type(p) for p in planned if library.read(p.path).kind == "controlnet_union"}
 
     def __call__(self, call: api.UNetCall) -> api.UNetResiduals | None:
         step = self.context.step
@@ -161,23 +198,53 @@ class Residuals:
             return None
         dtype, device = call.model_in.dtype, call.model_in.device
         pooled = None if call.added_cond is None else int(call.added_cond["text_embeds"].shape[-1])
-        models = self.library.models([p.path for p, _ in live], pooled, device, dtype)
+        models = self.library.models([p.path for p, _ in live], pooled, device, dtype, self.base)
         total = None
         for (p, hint), model in zip(live, models, strict=True):
-            rows = call.model_in.shape[0]
-            cond = hint.to(device=device, dtype=dtype).expand(rows, -1, -1, -1)
-            down, mid = model(call.model_in, call.timestep, encoder_hidden_states=call.cross_attn,
-                              controlnet_cond=cond, conditioning_scale=1.0, added_cond_kwargs=call.added_cond,
-                              return_dict=False)
-            outs = [*down, mid]
-            weights = scales(p.unit, len(outs))
-            mark = None
-            if p.unit.control_mode == 2:  # "ControlNet is more important": the prompt's rows only
-                mark = (~call.uncond).to(device=device, dtype=dtype)[:, None, None, None]
-            outs = [o * w if mark is None else o * w * mark for o, w in zip(outs, weights, strict=True)]
-            residual = api.UNetResiduals(down=tuple(outs[:-1]), mid=outs[-1])
+            if self.library.read(p.path).kind == "t2i_adapter":
+                residual = self._adapter(p, hint, model, call)
+            else:
+                residual = self._controlnet(p, hint, model, call)
             total = residual if total is None else total + residual
         return total
+
+    def _weighted(self, unit: Unit, outs: list[torch.Tensor], call: api.UNetCall) -> list[torch.Tensor]:
+        """The unit's weight (and control mode) applied to its outputs."""
+        weights = scales(unit, len(outs))
+        if unit.control_mode != 2:
+            return [o * w for o, w in zip(outs, weights, strict=True)]
+        # "ControlNet is more important": the prompt's rows only
+        mark = (~call.uncond).to(device=outs[0].device, dtype=outs[0].dtype)[:, None, None, None]
+        return [o * w * mark for o, w in zip(outs, weights, strict=True)]
+
+    def _controlnet(self, p: Planned, hint: torch.Tensor, model: torch.nn.Module,
+                    call: api.UNetCall) -> api.UNetResiduals:
+        rows, dtype, device = call.model_in.shape[0], call.model_in.dtype, call.model_in.device
+        cond = hint.to(device=device, dtype=dtype).expand(rows, -1, -1, -1)
+        extra: dict[str, Any] = {"controlnet_cond": cond}
+        if p.index in self.union:  # union/ProMax: one condition and its control type
+            idx = self.union[p.index]
+            if idx >= model.config.num_control_type:
+                raise api.InvalidParams(f"union ControlNet {p.unit.model!r} knows {model.config.num_control_type} "
+                                        f"control types, not {UNION_TYPES[idx]!r} (ProMax adds Tile and Inpaint)")
+            types = torch.zeros(rows, model.config.num_control_type, device=device, dtype=dtype)
+            types[:, idx] = 1
+            extra = {"controlnet_cond": [cond], "control_type": types, "control_type_idx": [idx]}
+        down, mid = model(call.model_in, call.timestep, encoder_hidden_states=call.cross_attn,
+                          conditioning_scale=1.0, added_cond_kwargs=call.added_cond, return_dict=False, **extra)
+        outs = self._weighted(p.unit, [*down, mid], call)
+        return api.UNetResiduals(down=tuple(outs[:-1]), mid=outs[-1])
+
+    def _adapter(self, p: Planned, hint: torch.Tensor, model: torch.nn.Module,
+                 call: api.UNetCall) -> api.UNetResiduals:
+        """T2I-Adapter features depend on the hint only: computed once per pass, added in the down blocks."""
+        dtype, device = call.model_in.dtype, call.model_in.device
+        key = (p.index, str(device), dtype)
+        if key not in self.features:
+            self.features[key] = list(model(hint.to(device=device, dtype=dtype)))
+        rows = call.model_in.shape[0]
+        feats = [f.expand(rows, -1, -1, -1) for f in self.features[key]]
+        return api.UNetResiduals(intrablock=tuple(self._weighted(p.unit, feats, call)))
 
 
 def prepare_hints(planned: Sequence[Planned], state: dict[str, Any], context: api.DenoiserContext,
@@ -198,3 +265,72 @@ def prepare_hints(planned: Sequence[Planned], state: dict[str, Any], context: ap
             state.setdefault("preprocess_calls", []).append(p.index)
         hints.append(hint_tensor(fit(detected[p.index], context.width, context.height, p.unit.resize_mode)))
     return hints
+
+
+# ---------------------------------------------------------------- IP-Adapter
+def text_width(context: api.DenoiserContext) -> int | None:
+    """The width of the pass's text states (the UNet's cross-attention width)."""
+    try:
+        return int(context.conds[0][0][0][0][1].cross_attn.shape[-1])
+    except (IndexError, TypeError, AttributeError):
+        return None
+
+
+def check_ip_unit(p: Planned, sd: ip_adapter.StateDict, context: api.DenoiserContext) -> None:
+    """The unit's preprocessor picks the CLIP encoder; the adapter's width must be the checkpoint's."""
+    if p.pre.name not in ip_adapter.ENCODERS:
+        raise api.InvalidParams(f"IP-Adapter {p.unit.model!r} (unit {p.index}) needs an IP-Adapter preprocessor "
+                                f"({', '.join(ip_adapter.ENCODERS)}), not {p.pre.name!r}")
+    ours, width = text_width(context), ip_adapter.cross_width(sd)
+    if ours is not None and ours != width:
+        theirs = FAMILIES.get(ip_adapter.WIDTHS.get(width, ""), f"{width}-wide")
+        loaded = FAMILIES.get(context.arch, context.arch)
+        raise api.InvalidParams(f"IP-Adapter {p.unit.model!r} (unit {p.index}) is a {theirs} IP-Adapter, but the "
+                                f"loaded checkpoint is {loaded} ({ours}-wide text states): use an IP-Adapter made "
+                                f"for {loaded}, or load a {theirs} checkpoint")
+
+
+class IPAttention:
+    """The engine's `CrossAttentionCall -> tensor` for one pass: the sum over the active IP-Adapter units."""
+
+    def __init__(self, planned: Sequence[Planned], tokens: Sequence[ip_adapter.ImageTokens],
+                 library: ControlNetLibrary, context: api.DenoiserContext) -> None:
+        self.planned, self.tokens, self.library, self.context = planned, tokens, library, context
+        self.steps = len(context.sigmas) - 1
+        self.weights: dict[tuple[int, int, str, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, call: api.CrossAttentionCall) -> torch.Tensor | None:
+        total = None
+        for p, tokens in zip(self.planned, self.tokens, strict=True):
+            if not active(p.unit, self.context.step, self.steps):
+                continue
+            key = (p.index, call.index, str(call.query.device), call.query.dtype)
+            if key not in self.weights:  # moved to the device once per pass
+                self.weights[key] = ip_adapter.layer_weights(self.library.read(p.path).state, call, p.unit.model)
+            out = ip_adapter.decoupled_attention(self.weights[key], call, tokens, p.unit.weight)
+            total = out if total is None else total + out
+        return total
+
+
+def ip_tokens(planned: Sequence[Planned], state: dict[str, Any], context: api.DenoiserContext,
+              library: ControlNetLibrary, encoders: dict[Path, Any], clip_vision: Path) -> list[ip_adapter.ImageTokens]:
+    """Each IP unit's image tokens, encoded once per job (`state`)."""
+    cached: dict[int, ip_adapter.ImageTokens] = state.setdefault("ip_tokens", {})
+    out = []
+    for p in planned:
+        sd = library.read(p.path).state
+        check_ip_unit(p, sd, context)
+        if p.index not in cached:
+            image = p.unit.image if p.unit.image is not None else (context.init_images or [None])[0]
+            if image is None:
+                raise api.InvalidParams(f"controlnet unit {p.index} (IP-Adapter) has no image: send `image` (base64)")
+            path = ip_adapter.find_encoder(p.pre.name, clip_vision)
+            if path not in encoders:
+                encoders.clear()
+                encoders[path] = ip_adapter.load_encoder(path, torch.device("cpu"), torch.float32)
+            encoder = encoders[path]
+            pixels = ip_adapter.image_processor(encoder)(image.convert("RGB"), return_tensors="pt").pixel_values
+            cached[p.index] = ip_adapter.image_tokens(sd, encoder, pixels)
+            state.setdefault("preprocess_calls", []).append(p.index)
+        out.append(cached[p.index])
+    return out

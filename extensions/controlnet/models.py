@@ -20,9 +20,13 @@ import torch
 
 from modules.plugins import api
 
+from . import adapters, control_lora, ip_adapter
+
 StateDict = Mapping[str, torch.Tensor]
 SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
-FAMILIES = {"sd1": "SD1.5", "sd1-inpaint": "SD1.5", "sd2": "SD2.x", "sd2-v": "SD2.x", "sdxl": "SDXL"}
+FAMILIES = {"sd1": "SD1.5", "sd1-inpaint": "SD1.5", "sd2": "SD2.x", "sd2-v": "SD2.x", "sdxl": "SDXL",
+            "flux": "FLUX.1", "flux-dev": "FLUX.1-dev", "flux-schnell": "FLUX.1-schnell", "sd3": "SD3.5",
+            "sd35-medium": "SD3.5 Medium", "sd35-large": "SD3.5 Large"}
 _RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
            "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
 
@@ -43,7 +47,11 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         data = data["state_dict"]
     if not isinstance(data, Mapping):
         raise api.InvalidParams(f"ControlNet file {path.name} holds no state dict")
-    return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    out = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    for group, inner in data.items():  # IP-Adapter .bin files: {"image_proj": {...}, "ip_adapter": {...}}
+        if isinstance(inner, Mapping):
+            out.update({f"{group}.{k}": v for k, v in inner.items() if isinstance(v, torch.Tensor)})
+    return out
 
 
 def folder_weights(folder: Path) -> Path | None:
@@ -177,6 +185,14 @@ def infer_config(sd: StateDict, pooled_dim: int | None = None) -> dict[str, Any]
     return config
 
 
+def union_config(sd: StateDict) -> dict[str, Any]:
+    """The union/ProMax fields of a ControlNetUnionModel config (8 attention heads, as released)."""
+    types, channels = (int(n) for n in sd["task_embedding"].shape)
+    return {"num_control_type": types, "num_trans_channel": channels, "num_trans_head": 8,
+            "num_trans_layer": len(_indices(sd, "transformer_layes.")),
+            "num_proj_channel": int(sd["spatial_ch_projs.weight"].shape[0])}
+
+
 def arch_of(sd: StateDict) -> str:
     """"sdxl", "sd2" or "sd1" from a diffusers-keyed ControlNet's structure."""
     if "add_embedding.linear_1.weight" in sd:
@@ -188,19 +204,44 @@ def arch_of(sd: StateDict) -> str:
 # ---------------------------------------------------------------- detection table
 @dataclass(frozen=True)
 class Layout:
-    """One ControlNet file layout: `matches(keys)` and `to_diffusers(state dict)`."""
+    """One control-model file layout: `matches(keys)`, `to_diffusers(state dict)`, the model `kind`
+    ("controlnet" or "t2i_adapter") and `arch(diffusers-keyed state) -> family`."""
 
     name: str
     matches: Callable[[StateDict], bool]
     to_diffusers: Callable[[StateDict], dict[str, torch.Tensor]]
+    kind: str = "controlnet"
+    arch: Callable[[StateDict], str] = arch_of
+
+
+def not_supported(what: str) -> Callable[[StateDict], dict[str, torch.Tensor]]:
+    """A layout Atelier recognises but cannot run yet: reading it is one clear InvalidParams."""
+    def refuse(sd: StateDict) -> dict[str, torch.Tensor]:
+        raise api.InvalidParams(f"{what} is not supported yet: Atelier runs ControlNets for SD1.5, SD2.x and "
+                                "SDXL only")
+    return refuse
 
 
 LAYOUTS = (
+    # FLUX / SD3 ControlNets: recognised, refused until Atelier runs them (rows ready for their loaders).
+    Layout("flux-xlabs", lambda sd: "input_hint_block.0.weight" in sd and "double_blocks.0.img_attn.qkv.weight" in sd,
+           not_supported("an XLabs FLUX.1 ControlNet"), arch=lambda sd: "flux"),
+    Layout("flux-union", lambda sd: "controlnet_mode_embedder.weight" in sd and "controlnet_x_embedder.weight" in sd,
+           not_supported("an InstantX/Shakker FLUX.1 Union ControlNet"), arch=lambda sd: "flux"),
+    Layout("flux-instantx", lambda sd: "controlnet_x_embedder.weight" in sd and "controlnet_blocks.0.weight" in sd,
+           not_supported("an InstantX FLUX.1 ControlNet"), arch=lambda sd: "flux"),
+    Layout("sd3", lambda sd: "pos_embed_input.proj.weight" in sd and "controlnet_blocks.0.weight" in sd,
+           not_supported("an SD3 ControlNet"), arch=lambda sd: "sd3"),
+    Layout("control-lora", control_lora.is_control_lora, dict, "control_lora", control_lora.arch_of),
     Layout("original", lambda sd: _original_prefix(sd) is not None,
            lambda sd: original_to_diffusers(sd, _original_prefix(sd) or "")),
+    Layout("union", lambda sd: "task_embedding" in sd and "controlnet_cond_embedding.conv_in.weight" in sd,
+           dict, "controlnet_union"),
     Layout("diffusers", lambda sd: "controlnet_cond_embedding.conv_in.weight" in sd and "conv_in.weight" in sd,
            dict),
-    # FLUX ControlNets (XLabs, InstantX, Union) go here once FLUX models load.
+    Layout("t2i-original", adapters.is_original, adapters.original_to_diffusers, "t2i_adapter", adapters.arch_of),
+    Layout("t2i-diffusers", adapters.is_diffusers, dict, "t2i_adapter", adapters.arch_of),
+    Layout("ip-adapter", ip_adapter.is_ip_adapter, dict, "ip_adapter", ip_adapter.arch_of),
 )
 
 
@@ -213,6 +254,7 @@ class ControlNetFile:
     arch: str
     state: dict[str, torch.Tensor]
     config: dict[str, Any] | None = None
+    kind: str = "controlnet"  # or "controlnet_union", "control_lora", "t2i_adapter", "ip_adapter" (whose tensors are used as they are)
 
 
 def read_controlnet(path: Path) -> ControlNetFile:
@@ -230,20 +272,30 @@ def read_controlnet(path: Path) -> ControlNetFile:
     for layout in LAYOUTS:
         if layout.matches(sd):
             state = layout.to_diffusers(sd)
-            return ControlNetFile(path, layout.name, arch_of(state), state, config)
+            return ControlNetFile(path, layout.name, layout.arch(state), state, config, layout.kind)
     sample = ", ".join(sorted(sd)[:3])
     raise api.InvalidParams(f"{path.name} is not a ControlNet Atelier can load (known layouts: "
                             f"{', '.join(x.name for x in LAYOUTS)}; its keys start {sample})")
 
 
 def build_model(cn: ControlNetFile, pooled_dim: int | None, device: torch.device,
-                dtype: torch.dtype) -> torch.nn.Module:
-    """diffusers' ControlNetModel with the file's tensors (built on the meta device, then assigned)."""
-    from diffusers import ControlNetModel
+                dtype: torch.dtype, base: torch.nn.Module | None = None) -> torch.nn.Module:
+    """diffusers' ControlNetModel (or T2IAdapter) with the file's tensors (built on the meta device, then assigned)."""
+    from diffusers import ControlNetModel, ControlNetUnionModel
 
+    if cn.kind == "t2i_adapter":
+        return adapters.build_adapter(cn.state, cn.config, cn.path.name, device, dtype)
+    if cn.kind == "control_lora":  # a ControlNet made from the loaded checkpoint's UNet
+        if base is None:
+            raise api.InvalidParams(f"Control-LoRA {cn.path.name} needs the loaded checkpoint's UNet")
+        state = control_lora.compose(cn.state, base.state_dict(), cn.path.name,
+                                     lambda names: original_to_diffusers(names, ""))
+        return build_model(ControlNetFile(cn.path, cn.layout, cn.arch, state), pooled_dim, device, dtype)
     config = cn.config if cn.config is not None else infer_config(cn.state, pooled_dim)
+    if cn.kind == "controlnet_union" and cn.config is None:
+        config.update(union_config(cn.state))
     with torch.device("meta"):
-        model = ControlNetModel.from_config(config)
+        model = (ControlNetUnionModel if cn.kind == "controlnet_union" else ControlNetModel).from_config(config)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(cn.state))
     extra = sorted(set(cn.state) - set(expected))
@@ -264,7 +316,7 @@ class ControlNetLibrary:
         self.roots = roots
         self._files: dict[str, Path] | None = None
         self._read: dict[Path, ControlNetFile] = {}
-        self._built: dict[tuple[Path, int | None, str, torch.dtype], torch.nn.Module] = {}
+        self._built: dict[tuple, torch.nn.Module] = {}
 
     def refresh(self) -> None:
         self._files = None
@@ -300,17 +352,22 @@ class ControlNetLibrary:
         return self._read[path]
 
     def models(self, paths: list[Path], pooled_dim: int | None, device: torch.device,
-               dtype: torch.dtype) -> list[torch.nn.Module]:
-        """The job's models, all kept (a job may use several ControlNets)."""
-        wanted = {(p, pooled_dim, str(device), dtype) for p in paths}
+               dtype: torch.dtype, base: torch.nn.Module | None = None) -> list[torch.nn.Module]:
+        """The job's models, all kept (a job may use several ControlNets); Control-LoRAs are built from
+        `base` (the loaded UNet) and kept per base."""
+        def key_of(path: Path) -> tuple:
+            own = id(base) if self.read(path).kind == "control_lora" else None
+            return (path, pooled_dim, str(device), dtype, own)
+
+        wanted = {key_of(p) for p in paths}
         for key in list(self._built):
             if key not in wanted:
                 del self._built[key]
         out = []
         for path in paths:
-            key = (path, pooled_dim, str(device), dtype)
+            key = key_of(path)
             if key not in self._built:
-                self._built[key] = build_model(self.read(path), pooled_dim, device, dtype)
+                self._built[key] = build_model(self.read(path), pooled_dim, device, dtype, base)
             out.append(self._built[key])
         return out
 

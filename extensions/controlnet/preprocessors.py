@@ -209,6 +209,8 @@ PREPROCESSORS: tuple[Preprocessor, ...] = (
     _no_weights("t2ia_color_grid", "T2I-Adapter", lambda img, res, a, b, seed: color_grid(img),
                 aliases=("color",)),
     _no_weights("inpaint_only", "Inpaint", lambda img, res, a, b, seed: img, resolution=None, uses_mask=True),
+    *(_no_weights(name, "IP-Adapter", lambda img, res, a, b, seed: img, resolution=None)
+      for name in ("ip-adapter_clip_sd15", "ip-adapter_clip_sdxl", "ip-adapter_clip_sdxl_plus_vith")),
     _weights("depth_anything_v2", "Depth", "depth_anything_v2_vits.safetensors"),
     _weights("depth_midas", "Depth", "dpt_hybrid-midas-501f0c75.pt"),
     _weights("dw_openpose_full", "OpenPose", "dw-ll_ucoco_384.onnx"),

@@ -18,9 +18,10 @@ from .units import decode_image
 
 API_VERSION = 2  # sd-webui-controlnet's external_code.get_api_version()
 CONTROL_TYPES = ("All", "Canny", "Depth", "NormalMap", "OpenPose", "Lineart", "SoftEdge", "Scribble", "Inpaint",
-                 "Shuffle", "Tile", "T2I-Adapter")
+                 "Shuffle", "Tile", "T2I-Adapter", "IP-Adapter")
 _MODEL_WORDS = {"Scribble": ("scribble", "sketch"), "Lineart": ("lineart",), "SoftEdge": ("softedge", "hed"),
-                "NormalMap": ("normal",), "OpenPose": ("openpose", "pose"), "T2I-Adapter": ("t2i", "adapter")}
+                "NormalMap": ("normal",), "OpenPose": ("openpose", "pose"), "T2I-Adapter": ("t2i",),
+                "IP-Adapter": ("ip-adapter", "ip_adapter")}
 
 
 def short_hash(path: Path, cache: dict[tuple[Path, float], str]) -> str:

@@ -1,5 +1,6 @@
 """The ControlNet accordion in txt2img and img2img: a tab per unit with image upload, Control Type
-filter, preprocessor and model (with refresh), the unit's sliders and a preprocessor preview.
+filter, preprocessor and model (with refresh), the unit's sliders, a preprocessor preview and
+"Send dimensions" (the control image's size into the tab's width and height, in the browser).
 
 Values reach the job as `extension_args["controlnet"]` with flat keys `u<N>_<field>`
 (`units.parse_units` groups them); the uploaded image travels as base64 (a hidden textbox filled
@@ -17,6 +18,7 @@ from PIL import Image
 from modules.plugins import api
 
 from . import preprocessors
+from .control import UNION_TYPES
 from .routes import CONTROL_TYPES, control_type, model_titles
 from .units import CONTROL_MODES, RESIZE_MODES
 
@@ -29,6 +31,20 @@ def to_base64(image: Any) -> str:
     buffer = io.BytesIO()
     image.convert("RGB").save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+# "Send dimensions": the control image's size (rounded to multiples of 8) into the tab's width and height.
+SEND_SIZE_JS = """() => {
+  const img = document.querySelector('#PREFIX-image img');
+  if (!img || !img.naturalWidth) return;
+  const round8 = (v) => Math.max(64, Math.round(v / 8) * 8);
+  const put = (id, v) => document.querySelectorAll(`#${id} input`).forEach((input) => {
+    input.value = v;
+    input.dispatchEvent(new Event('input', {bubbles: true}));
+  });
+  put('TAB-width', round8(img.naturalWidth));
+  put('TAB-height', round8(img.naturalHeight));
+}"""
 
 
 def _preview(ext: Any, image: Any, module: str, res: float, a: float, b: float, pixel_perfect: bool) -> Any:
@@ -64,6 +80,7 @@ def _unit_tab(ext: Any, tab: str, n: int) -> dict[str, Any]:
         model = gr.Dropdown(models, value="None", label="Model", elem_id=f"{prefix}-model")
         refresh = gr.Button("🔄", size="sm", scale=0, elem_id=f"{prefix}-refresh")
         run_preview = gr.Button("💥 Preview", size="sm", scale=0, elem_id=f"{prefix}-run-preview")
+        send_size = gr.Button("📐 Send dimensions", size="sm", scale=0, elem_id=f"{prefix}-send-size")
     weight = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Control Weight", elem_id=f"{prefix}-weight")
     with gr.Row():
         start = gr.Slider(0.0, 1.0, value=0.0, step=0.01, label="Starting Control Step", elem_id=f"{prefix}-start")
@@ -76,6 +93,8 @@ def _unit_tab(ext: Any, tab: str, n: int) -> dict[str, Any]:
                             elem_id=f"{prefix}-control-mode")
     resize_mode = gr.Radio(list(RESIZE_MODES), value=RESIZE_MODES[1], label="Resize Mode",
                            elem_id=f"{prefix}-resize-mode")
+    union_type = gr.Dropdown(["Unknown", *UNION_TYPES], value="Unknown", label="Union control type (union/ProMax "
+                             "models; Unknown: the preprocessor's)", elem_id=f"{prefix}-union-type")
 
     def pick_type(name: str):
         ext.library.refresh()
@@ -95,9 +114,11 @@ def _unit_tab(ext: Any, tab: str, n: int) -> dict[str, Any]:
     kind.change(pick_type, kind, [module, model], queue=False)
     refresh.click(rescan, model, model, queue=False)
     run_preview.click(lambda *v: _preview(ext, *v), [image, module, res, a, b, pixel_perfect], preview, queue=False)
+    send_size.click(None, js=SEND_SIZE_JS.replace("PREFIX", prefix).replace("TAB", tab))
     parts = {"enabled": enabled, "image": encoded, "module": module, "model": model, "weight": weight,
              "guidance_start": start, "guidance_end": end, "processor_res": res, "threshold_a": a, "threshold_b": b,
-             "pixel_perfect": pixel_perfect, "control_mode": control_mode, "resize_mode": resize_mode}
+             "pixel_perfect": pixel_perfect, "control_mode": control_mode, "resize_mode": resize_mode,
+             "union_control_type": union_type}
     return {f"u{n}_{name}": component for name, component in parts.items()}
 
 

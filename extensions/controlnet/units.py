@@ -50,6 +50,7 @@ class Unit:
     guidance_end: float = 1.0
     pixel_perfect: bool = False
     control_mode: int = 0
+    union_control_type: str = "Unknown"  # union/ProMax ControlNets: the control type (by the module when Unknown)
 
     @property
     def active(self) -> bool:

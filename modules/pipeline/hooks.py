@@ -10,7 +10,8 @@ Three kinds of seam:
   (`(x, sigma, cross_attn, pooled=None, concat=None) -> denoised`), `wrap_denoiser` wraps
   the guided denoiser a sampler calls (`(x, sigma) -> denoised` with `set_step`);
   `unet_residuals` returns the pass's conditioning function (`UNetCall -> UNetResiduals`:
-  where ControlNet adds its per-step residuals inside the UNet); all get a `DenoiserContext`;
+  where ControlNet adds its per-step residuals inside the UNet), `unet_cross_attention` the
+  pass's cross-attention patch (IP-Adapter); all get a `DenoiserContext`;
 - stage hooks: `before_stage(name, job)` and `after_stage(name, job, value) -> value` around
   each stage (`STAGES`), which may replace the stage's output.
 """
@@ -23,6 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from modules.sampling.attention import CrossAttentionFn
 from modules.sampling.denoisers import GuidanceHook, ResidualFn
 
 INPUTS, CONDITIONING, SAMPLING, UPSCALE = "inputs", "conditioning", "sampling", "upscale"
@@ -118,6 +120,8 @@ class StageHooks(Protocol):
 
     def unet_residuals(self, context: DenoiserContext) -> ResidualFn | None: ...
 
+    def unet_cross_attention(self, context: DenoiserContext) -> CrossAttentionFn | None: ...
+
     def before_stage(self, name: str, job: Any) -> None: ...
 
     def after_stage(self, name: str, job: Any, value: Any) -> Any: ...
@@ -141,6 +145,9 @@ class PassThroughStages:
         return denoiser
 
     def unet_residuals(self, context: DenoiserContext) -> ResidualFn | None:
+        return None
+
+    def unet_cross_attention(self, context: DenoiserContext) -> CrossAttentionFn | None:
         return None
 
     def before_stage(self, name: str, job: Any) -> None:

@@ -99,8 +99,14 @@ def guided_denoiser(job: Job, model: Any, cond: Conditioning, s: SamplingInput,
     if model.spec.is_sdxl:
         time_ids = torch.tensor([[s.height, s.width, 0, 0, s.height, s.width]], dtype=torch.float32)
     extra = {"guidance": job.params.distilled_cfg_scale} if model.spec.family is not None else {}
-    if model.spec.family is None and model.spec.arch == job.model.spec.arch:
-        extra["residuals"] = job.hooks.unet_residuals(context)  # SD1/SD2/SDXL: conditioning hooks (ControlNet)
+    residuals = job.hooks.unet_residuals(context)  # conditioning hooks (ControlNet): UNet models only, yet
+    attention = job.hooks.unet_cross_attention(context)  # (IP-Adapter)
+    if model.spec.family is None:
+        if model.spec.arch == job.model.spec.arch:  # a refiner of another architecture runs without them
+            extra.update(residuals=residuals, cross_attention=attention)
+    elif residuals is not None or attention is not None:
+        raise InvalidParams(f"an extension adds conditioning inside the UNet (ControlNet, IP-Adapter), but {model.spec.arch} "
+                            "has no UNet: conditioning hooks work with SD1.5, SD2.x and SDXL checkpoints only")
     inner = denoiser_class(model.spec.prediction)(model.unet, job.engine.discrete_schedule(model).sigma_to_t,
                                                   time_ids=time_ids, **extra)
     return CFGDenoiser(job.hooks.wrap_model(inner, context), cond.conds, cond.unconds,

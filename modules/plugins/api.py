@@ -46,6 +46,7 @@ from modules.plugins.specs import (
     UITabSpec,
     UpscalerSpec,
 )
+from modules.sampling.attention import CrossAttentionCall
 from modules.sampling.denoisers import DenoiserStep, UNetCall, UNetResiduals
 from modules.text.prompt_parser import ExtraNetworkTag
 
@@ -62,10 +63,11 @@ from modules.text.prompt_parser import ExtraNetworkTag
 # 1.6: ScriptContext.interrogate(image, model) and ScriptCheck.check_interrogation(model) (CLIP / DeepDanbooru)
 # 1.7: register_xyz_axes(settings) may take the settings; vae_names(settings); ScriptSpec.fill_buttons and
 #      .fill with ScriptFill (the UI's "fill values" buttons)
-API_VERSION = "1.7"
+# 1.8: unet_cross_attention with CrossAttentionCall (decoupled cross-attention: IP-Adapter)
+API_VERSION = "1.8"
 
 __all__ = [
-    "API_VERSION", "AtelierError", "AxisSpec", "DenoiserContext", "GridAnnotation", "ScriptCheck", "ScriptContext", "ScriptFill", "ScriptSpec",
+    "API_VERSION", "AtelierError", "AxisSpec", "CrossAttentionCall", "DenoiserContext", "GridAnnotation", "ScriptCheck", "ScriptContext", "ScriptFill", "ScriptSpec",
     "annotate_grid", "combine_grid", "extend_result", "image_grid", "split_grid", "with_infotext_fields", "DenoiserStep", "EmbeddingSpec", "ExtraNetworkItem", "ExtraNetworkSpec",
     "ExtraNetworkTag", "GenerationParams", "Img2ImgParams", "InvalidParams", "JobContext", "ModelPatch", "OptionSpec", "PostprocessContext", "PostprocessorSpec", "Result", "RootRoutesSpec", "SamplerSpec",
     "ScheduleContext", "SchedulerSpec", "StyleSpec", "Txt2ImgParams", "UISectionSpec", "UITabSpec",

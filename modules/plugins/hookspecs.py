@@ -121,3 +121,8 @@ def unet_residuals(context: Any, params: Any, job: Any) -> Any:
 @hookspec
 def register_root_api_routes() -> list[Any]:
     """Return RootRoutesSpec(prefix, router)s served at a top-level prefix, for another project's URLs."""
+
+
+@hookspec
+def unet_cross_attention(context: Any, params: Any, job: Any) -> Any:
+    """Return a function `CrossAttentionCall -> tensor` whose result is added to every cross-attention output of a pass."""

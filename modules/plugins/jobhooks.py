@@ -24,6 +24,7 @@ from modules.plugins.networks import build_patch, job_embeddings, ti_hashes
 from modules.plugins.patch import ModelPatch
 from modules.plugins.specs import OptionSpec, PostprocessorSpec
 from modules.sampling import rng
+from modules.sampling.attention import CrossAttentionCall, CrossAttentionFn
 from modules.sampling.denoisers import DenoiserStep, GuidanceHook, ResidualFn, UNetCall, UNetResiduals
 
 log = logging.getLogger("atelier.plugins")
@@ -185,6 +186,33 @@ def residual_functions(host: PluginHost, denoiser: Any, params: Any, context: Jo
     return residuals
 
 
+def cross_attention_functions(host: PluginHost, denoiser: Any, params: Any,
+                               context: JobContext) -> CrossAttentionFn | None:
+    """The pass's `unet_cross_attention` functions summed into one; None when no extension adds any."""
+    asked, found = _asked(params), []
+    for impl in host.implementations("unet_cross_attention"):
+        ok, value = host.call_one("unet_cross_attention", impl,
+                                  {"context": denoiser, "params": params, "job": context},
+                                  strict=asked(impl.plugin_name))
+        if not ok:
+            context.warn(f"Extension {impl.plugin_name!r} failed in unet_cross_attention and was skipped: "
+                         f"{value.message}")
+        elif value is not None:
+            found.append(value)
+    if not found:
+        return None
+
+    def attention(call: CrossAttentionCall) -> torch.Tensor | None:
+        total = None
+        for fn in found:
+            value = fn(call)
+            if value is not None:
+                total = value if total is None else total + value
+        return total
+
+    return attention
+
+
 def image_saved(host: PluginHost, path: Any, params: Any, infotext: str, context: JobContext) -> None:
     outcome = host.call("on_image_saved", strict=_asked(params), path=path, params=params, infotext=infotext)
     for warning in outcome.warnings():
@@ -281,6 +309,10 @@ class JobHooks(PassThroughStages):
     def unet_residuals(self, context: Any) -> ResidualFn | None:
         """The `unet_residuals` hooks' functions for one sampling pass, summed (None without any)."""
         return residual_functions(self.host, context, context.params, self.context)
+
+    def unet_cross_attention(self, context: Any) -> CrossAttentionFn | None:
+        """The `unet_cross_attention` hooks' functions for one sampling pass, summed (None without any)."""
+        return cross_attention_functions(self.host, context, context.params, self.context)
 
     def postprocess(self, image: Any, params: Any, index: int, seed: int, subseed: int) -> Any:
         return postprocess(self.host, image, params, self.context, index, seed, subseed)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from modules.errors import CheckpointError
+from modules.sampling.attention import CrossAttentionFn, attention_layers, cross_attention_patched
 from modules.sampling.flow import FlowDenoiser
 
 
@@ -91,17 +92,21 @@ class ModelDenoiser:
 
     `sigma_to_t` maps sigmas to the UNet's (fractional) timesteps; `time_ids` is SDXL's
     size conditioning. `residuals` (conditioning hooks: ControlNet and the like) returns
-    what to add inside the UNet at each call. Subclasses for other predictions override `to_denoised`.
+    what to add inside the UNet at each call; `cross_attention` (IP-Adapter and the like) adds
+    to the cross-attention layers' outputs. Subclasses for other predictions override `to_denoised`.
     """
 
     prediction = "eps"
 
     def __init__(self, unet: torch.nn.Module, sigma_to_t: Callable[[torch.Tensor], torch.Tensor],
-                 time_ids: torch.Tensor | None = None, residuals: ResidualFn | None = None) -> None:
+                 time_ids: torch.Tensor | None = None, residuals: ResidualFn | None = None,
+                 cross_attention: CrossAttentionFn | None = None) -> None:
         self.unet = unet
         self.sigma_to_t = sigma_to_t
         self.time_ids = time_ids
         self.residuals = residuals
+        self.cross_attention = cross_attention
+        self._layers = attention_layers(unet) if cross_attention is not None else []
         self.dtype = next(unet.parameters()).dtype
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cross_attn: torch.Tensor,
@@ -116,12 +121,16 @@ class ModelDenoiser:
         t = self.sigma_to_t(sigma.reshape(-1))
         added = self._added_cond(pooled, model_in)
         extra = {}
+        rows = torch.zeros(x.shape[0], dtype=torch.bool) if uncond is None else uncond
         if self.residuals is not None:
-            rows = torch.zeros(x.shape[0], dtype=torch.bool) if uncond is None else uncond
             call = UNetCall(x, sigma.reshape(-1), latent_in.to(self.dtype), t.to(x.device),
                             cross_attn.to(self.dtype), added, rows)
             extra = _residual_kwargs(self.residuals(call))
-        out = self._unet(model_in, t, cross_attn, added, extra)
+        if self.cross_attention is None:
+            out = self._unet(model_in, t, cross_attn, added, extra)
+        else:
+            with cross_attention_patched(self._layers, self.cross_attention, rows):
+                out = self._unet(model_in, t, cross_attn, added, extra)
         return self.to_denoised(x, out, sigma_)
 
     def to_denoised(self, x: torch.Tensor, out: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -130,8 +139,8 @@ class ModelDenoiser:
 
     @property
     def takes_uncond(self) -> bool:
-        """CFGDenoiser passes `uncond=` row flags when a residual function may want them."""
-        return self.residuals is not None
+        """CFGDenoiser passes `uncond=` row flags when a residual or attention function may want them."""
+        return self.residuals is not None or self.cross_attention is not None
 
     def _added_cond(self, pooled: torch.Tensor | None, model_in: torch.Tensor) -> dict[str, torch.Tensor] | None:
         if pooled is None:
