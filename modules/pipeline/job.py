@@ -104,7 +104,8 @@ def schedule_context(job: Job) -> ScheduleContext:
     p = job.params
     return ScheduleContext(sigma_min=p.sigma_min or float(table.sigma_min),
                            sigma_max=p.sigma_max or float(table.sigma_max),
-                           model_sigmas=table.sigmas, rho=p.rho, arch=job.model.spec.arch, device=job.model.device)
+                           model_sigmas=table.sigmas, rho=p.rho, arch=job.model.spec.arch, device=job.model.device,
+                           flow=shift is not None)
 
 
 def make_plan(job: Job, sampler_name: str, scheduler: str, steps: int) -> SamplingPlan:
