@@ -52,6 +52,8 @@ class GenerationParams:
     outdir: Path | None = None  # None: Settings.outputs_dir / "<task>-images"
     styles: tuple[str, ...] = ()  # prompt style names, applied in order before the job runs
     extension_args: dict[str, dict[str, Any]] = field(default_factory=dict)  # option values by extension name
+    # fields the caller left unset (the API's omitted ones): a FLUX.1 / SD3.5 model gives them its family's defaults
+    model_defaults: tuple[str, ...] = ()
 
     def validate(self, limits: Limits = DEFAULT_LIMITS) -> None:
         """Raise InvalidParams naming the first bad field; sizes and counts within the server's `limits`."""

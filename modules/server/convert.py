@@ -139,10 +139,23 @@ def submission(ctx: ServerContext, kind: str, req: Txt2ImgRequest, source: str =
     job_kind = "img2img" if kind == "inpaint" else kind
     overrides = dict(req.override_settings or {})
     values = _param_values(req, field_names(params_class(job_kind)), lambda name: _loaded_extension(ctx, name))
+    values["model_defaults"] = omitted_model_defaults(req)
     return Submission(job_kind, values, images,
                       checkpoint=overrides.get("sd_model_checkpoint"), overrides=overrides,
                       request=_request_record(req), source=source,
                       script={"name": req.script_name, "args": req.script_args} if req.script_name else None)
+
+
+FAMILY_DEFAULT_FIELDS = ("steps", "cfg_scale", "distilled_cfg_scale", "sampler_name", "scheduler")
+
+
+def omitted_model_defaults(req: Txt2ImgRequest) -> tuple[str, ...]:
+    """The generation fields a request leaves out. On SD models they keep A1111's defaults (steps 50, CFG 7, ...);
+    on FLUX.1 / SD3.5 they take the family's (FLUX.1-dev: 20 steps, CFG 1, Distilled CFG 3.5, Euler, Simple)."""
+    sent = set(req.model_fields_set)
+    if "sampler_index" in sent:
+        sent.add("sampler_name")
+    return tuple(name for name in FAMILY_DEFAULT_FIELDS if name not in sent)
 
 
 def submit(ctx: ServerContext, caller: Caller, kind: str, req: Txt2ImgRequest, source: str = "api") -> Job:
