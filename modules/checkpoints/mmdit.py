@@ -206,16 +206,28 @@ def family_for(arch: str, path: Path | None = None) -> Family:
     return variant(fam, Path(path).name, safetensors_metadata(Path(path)))
 
 
-def safetensors_metadata(path: Path) -> dict[str, str]:
-    """A safetensors file's `__metadata__` (empty for other files or an unreadable header)."""
+def _safetensors_header(path: Path) -> dict:
+    """A safetensors file's header ({} for other files or an unreadable header)."""
     if path.suffix.lower() != ".safetensors" or not path.is_file():
         return {}
     try:
         with open(path, "rb") as f:
             (length,) = struct.unpack("<Q", f.read(8))
-            if length > 100 * 1024 * 1024:
-                return {}
-            meta = json.loads(f.read(length)).get("__metadata__") or {}
-    except (OSError, struct.error, ValueError, AttributeError):
+            header = json.loads(f.read(length)) if length <= 100 * 1024 * 1024 else {}
+    except (OSError, struct.error, ValueError):
         return {}
+    return header if isinstance(header, dict) else {}
+
+
+def safetensors_metadata(path: Path) -> dict[str, str]:
+    """A safetensors file's `__metadata__` (empty for other files or an unreadable header)."""
+    meta = _safetensors_header(Path(path)).get("__metadata__") or {}
     return meta if isinstance(meta, dict) else {}
+
+
+def is_flow_file(path: Path) -> bool:
+    """Whether a checkpoint file (header only) or diffusers folder holds a FLUX.1 / SD3.5 transformer."""
+    path = Path(path)
+    if path.is_dir():
+        return (path / "transformer" / "config.json").is_file()
+    return transformer_prefix(dict.fromkeys(_safetensors_header(path))) is not None
