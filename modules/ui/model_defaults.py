@@ -15,6 +15,8 @@ from modules.ui.context import UIContext
 from modules.ui.native_size import TABS, native_size
 
 FIELDS = ("steps", "cfg_scale", "distilled_cfg_scale", "sampler_name", "scheduler")
+# After each update the page says so (body[data-model-defaults="applied"]), for scripts and browser tests.
+DEFAULTS_DONE = "() => { document.body.dataset.modelDefaults = 'applied'; }"
 
 
 def model_defaults(ui: UIContext, title: str | None) -> dict[str, object]:
@@ -62,4 +64,5 @@ def wire_model_defaults(ui: UIContext, blocks: gr.Blocks, checkpoint: gr.Dropdow
     for event in (blocks.load, checkpoint.change):
         event(lambda title: model_defaults(ui, title), inputs=checkpoint, outputs=loaded, show_progress="hidden",
               concurrency_limit=1, concurrency_id="native-size"
-              ).then(apply, inputs=[loaded, *inputs], outputs=outputs, show_progress="hidden", queue=False)
+              ).then(apply, inputs=[loaded, *inputs], outputs=outputs, show_progress="hidden", queue=False
+                     ).then(None, js=DEFAULTS_DONE)
