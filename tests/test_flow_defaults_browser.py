@@ -6,7 +6,7 @@ import pytest
 
 from modules.pipeline.params import Txt2ImgParams
 from tests.fixtures.make_tiny_mmdit import make_all_in_one
-from tests.test_webui_browser_a1111 import choose_checkpoint, wait_number
+from tests.test_webui_browser_a1111 import choose_checkpoint
 from tests.ui_helpers import external_request_guard, launch_browser, require_browser, start_ui_server
 
 pytestmark = pytest.mark.slow
