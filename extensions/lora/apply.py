@@ -11,7 +11,14 @@ import torch
 from modules.plugins import api
 
 from . import weights
-from .keys import module_index, split_key
+from .keys import (
+    lora_architecture,
+    model_architecture,
+    module_index,
+    original_index,
+    resolve_target,
+    split_key,
+)
 from .library import LoraFileError, LoraLibrary
 
 
@@ -60,20 +67,37 @@ class Outcome:
     unsupported: set[str] | None = None
 
 
+def _add_fused(patch: api.ModelPatch, target: str, parts: dict[str, torch.Tensor],
+               params: Mapping[str, torch.Tensor], multiplier: float) -> None:
+    """One layer on an original-layout fused weight (FLUX `qkv`, `linear1`): its delta's rows, split."""
+    first = patch.weight(target, next(iter(parts)))
+    rows = sum(len(index) for index in parts.values())
+    update = weights.delta(params, torch.Size((rows, *first.shape[1:])))
+    if multiplier != 0:
+        for module, index in parts.items():
+            patch.add(target, module, update[index] * multiplier)
+
+
 def add_lora(patch: api.ModelPatch, index: dict[str, dict[str, str]], tensors: Mapping[str, Any],
              request: LoraRequest) -> Outcome:
     """Queue every layer's `multiplier * delta`; layers that do not fit are counted, never fatal."""
     layers, _ = group_layers(tensors)
     outcome = Outcome(total=len(layers), unsupported=set())
-    for (target, flat), params in layers.items():
+    fused = original_index(patch)
+    for (label, flat), params in layers.items():
+        target = resolve_target(label, patch)
         module = index.get(target, {}).get(flat)
-        if module is None:
+        if module is None and not (target == "unet" and flat in fused):
             outcome.missing += 1
             continue
         multiplier = request.unet if target == "unet" else request.te
-        weight = patch.weight(target, module)
         try:
-            update = weights.delta(params, weight.shape)
+            if module is None:
+                _add_fused(patch, target, fused[flat], params, multiplier)
+            else:
+                update = weights.delta(params, patch.weight(target, module).shape)
+                if multiplier != 0:
+                    patch.add(target, module, update * multiplier)
         except weights.UnsupportedModule as err:
             outcome.unsupported.add(str(err))
             continue
@@ -81,8 +105,6 @@ def add_lora(patch: api.ModelPatch, index: dict[str, dict[str, str]], tensors: M
             outcome.misfit += 1
             continue
         outcome.applied += 1
-        if multiplier != 0:
-            patch.add(target, module, update * multiplier)
     return outcome
 
 
@@ -116,6 +138,11 @@ def apply_tags(patch: api.ModelPatch, tags: list[api.ExtraNetworkTag], library: 
             tensors = library.tensors(lora)
         except LoraFileError as err:
             raise api.InvalidParams(f"LoRA {request.name!r} cannot be used: {err}") from None
+        made_for, (group, model_name) = lora_architecture(tensors), model_architecture(patch)
+        if made_for is not None and made_for != group:
+            context.warn(f"LoRA {request.name!r} is made for {made_for} and the loaded model is {model_name}; "
+                         f"ignored. Use it with a {made_for} checkpoint.")
+            continue
         index = index if index is not None else module_index(patch)
         outcome = add_lora(patch, index, tensors, request)
         _report(request.name, outcome, context)

@@ -5,6 +5,9 @@ Files name layers in several ways:
   where the flat name is a module path with "." replaced by "_", in diffusers naming
   (`down_blocks_0_attentions_0_...`, kohya's SD1/SD2 trainers) or in the original ldm naming
   (`input_blocks_4_1_...`, SDXL and ldm-trained files);
+- FLUX.1 / SD3.5 (see flow.py): kohya `lora_unet_double_blocks_0_img_attn_qkv` (original module names) or
+  `lora_transformer_` + diffusers names, `lora_te1_` CLIP-L, `lora_te2_` CLIP-G, `lora_te3_` T5; dotted
+  `transformer.` (diffusers names), `diffusion_model.` (BFL / ComfyUI, original names), `text_encoder_3.` (T5);
 - diffusers / PEFT: dotted paths under `unet.`, `text_encoder.`, `text_encoder_2.`, with
   `.lora_A.weight` / `.lora_B.weight`, `.lora.down.weight` / `.lora.up.weight`, or the old
   attention-processor names (`attn1.processor.to_q_lora.down.weight`).
@@ -17,8 +20,11 @@ from typing import Any
 
 import torch
 
-KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "te0", "lora_te1_": "te0", "lora_te2_": "te1"}
-DOTTED_PREFIXES = {"unet.": "unet", "text_encoder.": "te0", "text_encoder_2.": "te1"}
+KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_transformer_": "unet", "lora_te_": "te0", "lora_te1_": "te0",
+                  "lora_te2_": "te1", "lora_te3_": "t5"}
+DOTTED_PREFIXES = {"unet.": "unet", "transformer.": "unet", "diffusion_model.": "unet",
+                   "model.diffusion_model.": "unet", "text_encoder.": "te0", "text_encoder_2.": "te1",
+                   "text_encoder_3.": "t5"}
 # dotted parameter suffixes -> our names
 DOTTED_PARAMS = {".lora_A.weight": "lora_down.weight", ".lora_B.weight": "lora_up.weight",
                  ".lora.down.weight": "lora_down.weight", ".lora.up.weight": "lora_up.weight",
@@ -79,7 +85,7 @@ def module_index(patch: Any) -> dict[str, dict[str, str]]:
             if not isinstance(getattr(module, "weight", None), torch.Tensor) or not name:
                 continue
             names[_flat(name)] = name
-            if target == "unet":
+            if target == "unet" and "layers_per_block" in (config or {}):  # a UNet (not FLUX / SD3)
                 ldm = ldm_unet_name(name, config)
                 if ldm:
                     names.setdefault(_flat(ldm), name)
@@ -115,3 +121,56 @@ def split_key(key: str) -> tuple[str, str, str] | None:
     if module and param.startswith(("hada_", "lokr_")):  # dotted LyCORIS: <module>.hada_w1_a
         return target, _flat(module), param
     return None
+
+
+def resolve_target(label: str, patch: Any) -> str | None:
+    """A file's target label -> the patch target.
+
+    SD: `te0` / `te1` by position. FLUX.1 / SD3.5 (whose encoders include T5): by encoder, `te0` CLIP-L,
+    `te1` CLIP-G (FLUX has none: diffusers' `text_encoder_2` is its T5), `t5` T5-XXL.
+    """
+    if label == "unet":
+        return label
+    flavours = patch.text_encoder_flavours()
+    if "t5xxl" not in flavours:
+        return label if label in patch.targets else None
+    wanted = {"te0": ("clip_l",), "te1": ("clip_g", "t5xxl"), "t5": ("t5xxl",)}.get(label, ())
+    for flavour in wanted:
+        if flavour in flavours:
+            return f"te{flavours.index(flavour)}"
+    return None
+
+
+def original_index(patch: Any) -> dict[str, dict[str, torch.Tensor]]:
+    """FLUX.1 / SD3.5: flat original-layout names (`double_blocks_0_img_attn_qkv`) -> {module: rows}."""
+    return {_flat(name): parts for name, parts in patch.original_layout("unet").items()}
+
+
+_UNETS = "SD 1.x / 2.x / SDXL"
+_LORA_ARCHES = (("FLUX.1", ("double_blocks", "single_blocks", "single_transformer_blocks")),
+                ("SD3 / SD3.5", ("joint_blocks", "context_block")),
+                (_UNETS, ("down_blocks", "up_blocks", "mid_block", "input_blocks", "output_blocks", "middle_block",
+                          "lora_te_", "lora_te2_text_model")))
+_MODEL_NAMES = {"sd1": "SD 1.x", "sd1-inpaint": "SD 1.x inpainting", "sd2": "SD 2.x", "sd2-v": "SD 2.x-v",
+                "sdxl": "SDXL"}
+
+
+def lora_architecture(tensors: Any) -> str | None:
+    """The model group a LoRA file was trained for (FLUX.1, SD3, the SD UNets), from its key names; None: unknown.
+
+    Diffusers-named transformer files that touch only the double-stream blocks name no group (FLUX and SD3 share
+    `transformer_blocks.N.attn.add_q_proj`), and then nothing is refused.
+    """
+    keys = list(tensors)
+    for label, words in _LORA_ARCHES:
+        if any(word in key for key in keys for word in words):
+            return label
+    return None
+
+
+def model_architecture(patch: Any) -> tuple[str, str]:
+    """The loaded model's group (as `lora_architecture` names it) and its own name."""
+    family = getattr(patch.model.spec, "family", None)
+    if family is not None:
+        return ("SD3 / SD3.5" if family.transformer == "sd3" else "FLUX.1"), family.label
+    return _UNETS, _MODEL_NAMES.get(patch.arch, patch.arch)

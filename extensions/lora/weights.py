@@ -4,6 +4,8 @@ Every delta is `scale * update` with `scale = alpha / rank` (1 without alpha), a
 LyCORIS train them; the tag's multiplier is applied by the caller.
 - LoRA:  update = up @ down (flattened over in-channels x kernel), reshaped to the weight;
          with `lora_mid` (CP): update[i, j, k, l] = sum_nm mid[n, m, k, l] up[i, n] down[m, j]; rank = down.shape[0]
+- split LoRA (kohya's FLUX `split_qkv`): `lora_down.N.weight` / `lora_up.N.weight` per part of a fused weight;
+         update = the parts' up_N @ down_N stacked along the rows; rank = down_0.shape[0]
 - LoHa:  update = (w1_a @ w1_b) * (w2_a @ w2_b) (Hadamard product); rank = w1_b.shape[0]
 - LoKr:  update = kron(w1, w2), each factor whole or a product a @ b; rank = w1_b or w2_b rows (no alpha scaling
          when neither factor is decomposed)
@@ -33,6 +35,8 @@ def kind_of(params: Mapping[str, torch.Tensor]) -> str:
             raise UnsupportedModule(name)
     if all(k in params for k in LORA):
         return "lora"
+    if "lora_down.0.weight" in params and "lora_up.0.weight" in params:
+        return "split"
     if all(k in params for k in LOHA):
         return "loha"
     has_1 = "lokr_w1" in params or ("lokr_w1_a" in params and "lokr_w1_b" in params)
@@ -60,6 +64,14 @@ def _lora(p: Mapping[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
     return update.reshape(shape) * _scale(p, rank)
 
 
+def _split(p: Mapping[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
+    parts, n = [], 0
+    while f"lora_down.{n}.weight" in p:
+        parts.append(p[f"lora_up.{n}.weight"].float().flatten(1) @ p[f"lora_down.{n}.weight"].float().flatten(1))
+        n += 1
+    return torch.cat(parts).reshape(shape) * _scale(p, p["lora_down.0.weight"].shape[0])
+
+
 def _loha(p: Mapping[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
     w1 = p["hada_w1_a"].float() @ p["hada_w1_b"].float()
     w2 = p["hada_w2_a"].float() @ p["hada_w2_b"].float()
@@ -84,7 +96,7 @@ def _lokr(p: Mapping[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
 def delta(params: Mapping[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
     """The float32 weight delta of one layer (before the multiplier); raises ValueError on a misfit."""
     kind = kind_of(params)
-    build = {"lora": _lora, "loha": _loha, "lokr": _lokr}[kind]
+    build = {"lora": _lora, "split": _split, "loha": _loha, "lokr": _lokr}[kind]
     try:
         update = build(params, torch.Size(shape))
     except RuntimeError as err:  # shapes that cannot multiply or reshape

@@ -44,6 +44,8 @@ class Family:
     dynamic_shift: tuple[float, float] | None = None
     distilled_cfg: float | None = None
     prediction: str = "flow"
+    sampler: str = "Euler"  # the UI's default sampler and schedule for this family (Forge's presets)
+    scheduler: str = "Simple"
 
     @property
     def uses_negative(self) -> bool:
@@ -64,8 +66,34 @@ SD35_MEDIUM = Family("sd35-medium", "SD3.5 Medium", "sd3", SD3_LATENT, ("clip_l"
 SD35_LARGE = Family("sd35-large", "SD3.5 Large", "sd3", SD3_LATENT, ("clip_l", "clip_g", "t5xxl"), (256, 512),
                     steps=28, cfg_scale=3.5, size=1024, vae_hint="the SD3 VAE", shift=3.0)
 
-FAMILIES = {f.name: f for f in (FLUX_DEV, FLUX_SCHNELL, SD35_MEDIUM, SD35_LARGE)}
+SD35_LARGE_TURBO = Family("sd35-large-turbo", "SD3.5 Large Turbo", "sd3", SD3_LATENT, ("clip_l", "clip_g", "t5xxl"),
+                          (256, 512), steps=4, cfg_scale=1.0, size=1024, vae_hint="the SD3 VAE", shift=3.0)
+
+FAMILIES = {f.name: f for f in (FLUX_DEV, FLUX_SCHNELL, SD35_MEDIUM, SD35_LARGE, SD35_LARGE_TURBO)}
 
 
 def family(name: str) -> Family | None:
     return FAMILIES.get(name)
+
+
+def is_turbo(name: str, metadata: dict[str, str] | None = None) -> bool:
+    """SD3.5 Large Turbo has Large's architecture: told apart by the file's modelspec metadata
+    (`modelspec.title` / `modelspec.architecture` naming "turbo"), else by "turbo" in the file or folder name."""
+    fields = (metadata or {}).get("modelspec.title", ""), (metadata or {}).get("modelspec.architecture", "")
+    return any("turbo" in str(v).lower() for v in fields) or "turbo" in name.lower()
+
+
+def variant(fam: Family, name: str, metadata: dict[str, str] | None = None) -> Family:
+    """The family a file belongs to, given the one its keys show (SD3.5 Large -> Large Turbo by name / metadata)."""
+    return SD35_LARGE_TURBO if fam is SD35_LARGE and is_turbo(name, metadata) else fam
+
+
+def defaults(fam: Family | None) -> dict[str, object]:
+    """The generation defaults a UI applies for a family (None: SD's, left to the UI's built values)."""
+    if fam is None:
+        return {}
+    out: dict[str, object] = {"steps": fam.steps, "cfg_scale": fam.cfg_scale, "sampler_name": fam.sampler,
+                              "scheduler": fam.scheduler}
+    if fam.distilled_cfg is not None:
+        out["distilled_cfg_scale"] = fam.distilled_cfg
+    return out

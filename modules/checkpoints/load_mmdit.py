@@ -141,7 +141,7 @@ def load_flow_parts(path: Path, sd: StateDict, *, device: torch.device, dtype: t
                     vae_dtype: torch.dtype, vae_path: Path | None, dirs: ComponentDirs) -> FlowParts:
     """Build a flow-matching model from `sd` (read from `path`) plus the component files it needs."""
     arch = next(a for a in FLOW_ARCHES if a.matches(sd)).arch
-    fam = family_for(arch)
+    fam = family_for(arch, path)
     sources: dict[str, dict | Path] = {}
     missing = []
     for name in fam.text_encoders:
@@ -262,7 +262,7 @@ def flow_folder_family(folder: Path) -> Family | None:
     if name == "FluxTransformer2DModel":
         return family_for("flux-dev" if cfg.get("guidance_embeds") else "flux-schnell")
     if name == "SD3Transformer2DModel":
-        return family_for("sd35-medium" if cfg.get("dual_attention_layers") else "sd35-large")
+        return family_for("sd35-medium" if cfg.get("dual_attention_layers") else "sd35-large", folder)
     raise CheckpointError(f"diffusers folder {folder} has an unsupported transformer {name!r}")
 
 

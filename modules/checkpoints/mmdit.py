@@ -7,14 +7,17 @@ split evenly between height and width, even sizes - (16, 56, 56) for the real 12
 """
 from __future__ import annotations
 
+import json
 import math
+import struct
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from modules.checkpoints.convert import VAE_PARTS, _assign, _only_meta_free, build_vae, vae_source
-from modules.checkpoints.families import FAMILIES, Family
+from modules.checkpoints.families import FAMILIES, Family, variant
 from modules.checkpoints.flow_arch import FLOW_ARCHES, FlowArch, transformer_prefix  # noqa: F401 (re-exported)
 from modules.checkpoints.keys import has_prefix
 from modules.checkpoints.mmdit_keys import flux_to_diffusers, sd3_to_diffusers
@@ -195,5 +198,36 @@ def build_vae16(source: StateDict, fam: Family, *, device: torch.device, dtype: 
     return build_vae(dict(source), config, device=device, dtype=dtype), config
 
 
-def family_for(arch: str) -> Family:
-    return FAMILIES[arch]
+def family_for(arch: str, path: Path | None = None) -> Family:
+    """The family of a detected arch; with the file / folder `path`, SD3.5 Large Turbo is told from Large."""
+    fam = FAMILIES[arch]
+    if path is None:
+        return fam
+    return variant(fam, Path(path).name, safetensors_metadata(Path(path)))
+
+
+def _safetensors_header(path: Path) -> dict:
+    """A safetensors file's header ({} for other files or an unreadable header)."""
+    if path.suffix.lower() != ".safetensors" or not path.is_file():
+        return {}
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length)) if length <= 100 * 1024 * 1024 else {}
+    except (OSError, struct.error, ValueError):
+        return {}
+    return header if isinstance(header, dict) else {}
+
+
+def safetensors_metadata(path: Path) -> dict[str, str]:
+    """A safetensors file's `__metadata__` (empty for other files or an unreadable header)."""
+    meta = _safetensors_header(Path(path)).get("__metadata__") or {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def is_flow_file(path: Path) -> bool:
+    """Whether a checkpoint file (header only) or diffusers folder holds a FLUX.1 / SD3.5 transformer."""
+    path = Path(path)
+    if path.is_dir():
+        return (path / "transformer" / "config.json").is_file()
+    return transformer_prefix(dict.fromkeys(_safetensors_header(path))) is not None

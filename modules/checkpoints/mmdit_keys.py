@@ -145,3 +145,44 @@ def sd3_to_diffusers(sd: StateDict, depth: int) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"SD3 transformer tensor {key!r} is not part of the SD3 / SD3.5 layout")
         out.update(mapped)
     return out
+
+
+def _original_names(transformer: str, config: Mapping) -> list[str]:
+    """Every weighted module of the original layout (BFL / Stability names); some may be absent from a model."""
+    if transformer == "flux":
+        double = [k for k in _FLUX_DOUBLE if not k.endswith(".scale")] + list(_QKV)
+        single = ["linear1"] + [k for k in _FLUX_SINGLE if not k.endswith(".scale")]
+        return (list(_FLUX_TOP) + ["final_layer.adaLN_modulation.1"]
+                + [f"double_blocks.{i}.{k}" for i in range(int(config["num_layers"])) for k in double]
+                + [f"single_blocks.{i}.{k}" for i in range(int(config["num_single_layers"])) for k in single])
+    block = [k for k in _SD3_BLOCK if not k.endswith(".weight")] + list(_SD3_QKV) + ["context_block.adaLN_modulation.1"]
+    return (list(_SD3_TOP) + ["final_layer.adaLN_modulation.1"]
+            + [f"joint_blocks.{i}.{k}" for i in range(int(config["num_layers"])) for k in block])
+
+
+def _convert_rows(transformer: str, config: Mapping, name: str, rows: int) -> dict[str, torch.Tensor]:
+    """Where the rows of an original weight go: {diffusers module: original row index of each of its rows}."""
+    sd = {f"{name}.weight": torch.arange(rows)}
+    if transformer == "flux":
+        out = flux_to_diffusers(sd, int(config["num_attention_heads"]) * int(config["attention_head_dim"]))
+    else:
+        out = sd3_to_diffusers(sd, int(config["num_layers"]))
+    return {key.removesuffix(".weight"): index for key, index in out.items()}
+
+
+def original_layout(transformer: str, config: Mapping,
+                    rows_of: Callable[[str], int | None]) -> dict[str, dict[str, torch.Tensor]]:
+    """Original-layout module -> {diffusers module: row indices into the original weight}, for this model.
+
+    Fused weights (FLUX `qkv`, `linear1`; SD3 `qkv`) map onto several diffusers modules, swapped
+    modulations onto one with its halves exchanged. `rows_of(diffusers module)` gives a weight's row count
+    (None when the model lacks it: SD3.5's `attn2` outside dual blocks, the last context block's MLP).
+    Derived from the converters above, so loading and LoRA naming cannot disagree.
+    """
+    hidden = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+    layout: dict[str, dict[str, torch.Tensor]] = {}
+    for name in _original_names(transformer, config):
+        sizes = [rows_of(m) for m in _convert_rows(transformer, config, name, 4 * hidden)]
+        if sizes and all(sizes):
+            layout[name] = _convert_rows(transformer, config, name, sum(sizes))
+    return layout

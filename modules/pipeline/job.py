@@ -6,13 +6,14 @@ with their own typed inputs and return new values.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from PIL import Image
 
+from modules.checkpoints import families
 from modules.pipeline import latents as latent_ops
 from modules.pipeline.conditioning import PromptConditioner
 from modules.pipeline.control import JobControl, ProgressCallback
@@ -75,6 +76,7 @@ def new_job(engine: Engine, task: str, params: GenerationParams, hooks: StageHoo
     """Run the hooks' `prepare` (random seeds resolved there) and bind the job to the loaded model."""
     params = hooks.prepare(params)
     model = engine.require_model()
+    params = with_family_defaults(params, model.spec.family)
     conditioner = PromptConditioner(engine.text_conditioner(model), params.clip_skip, params.emphasis,
                                     zero_empty_negative=model.spec.is_sdxl,  # not FLUX / SD3 (as diffusers)
                                     embeddings=hooks.embeddings(model, engine.tokenizer(), params))
@@ -94,6 +96,13 @@ def _refiner(engine: Engine, params: GenerationParams, model: Any, hooks: StageH
                                     zero_empty_negative=refiner_model.spec.is_sdxl,
                                     embeddings=hooks.embeddings(refiner_model, engine.tokenizer(), params))
     return Refiner(refiner_model, conditioner, float(params.refiner_switch_at))
+
+
+def with_family_defaults(params: GenerationParams, family: Any) -> GenerationParams:
+    """The params with `params.model_defaults` fields set to a flow family's defaults (Forge's presets)."""
+    wanted = families.defaults(family)
+    changes = {name: wanted[name] for name in params.model_defaults if name in wanted}
+    return replace(params, **changes) if changes else params
 
 
 def batches(job: Job) -> list[Batch]:
@@ -123,7 +132,8 @@ def schedule_context(job: Job) -> ScheduleContext:
     p = job.params
     return ScheduleContext(sigma_min=p.sigma_min or float(table.sigma_min),
                            sigma_max=p.sigma_max or float(table.sigma_max),
-                           model_sigmas=table.sigmas, rho=p.rho, arch=job.model.spec.arch, device=job.model.device)
+                           model_sigmas=table.sigmas, rho=p.rho, arch=job.model.spec.arch, device=job.model.device,
+                           flow=shift is not None)
 
 
 def make_plan(job: Job, sampler_name: str, scheduler: str, steps: int) -> SamplingPlan:

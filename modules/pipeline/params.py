@@ -60,6 +60,8 @@ class GenerationParams:
     sd_vae: str | None = None  # this job's VAE (A1111's sd_vae: Automatic, None or a file name); None: the server's
     uni_pc_order: int | None = None  # UniPC's order (A1111's uni_pc_order option); None: the sampler's 3
     img2img_extra_noise: float = 0.0  # A1111's "Extra noise" option: more of the same noise for img2img and hires
+    # fields the caller left unset (the API's omitted ones): a FLUX.1 / SD3.5 model gives them its family's defaults
+    model_defaults: tuple[str, ...] = ()
 
     def validate(self, limits: Limits = DEFAULT_LIMITS) -> None:
         """Raise InvalidParams naming the first bad field; sizes and counts within the server's `limits`."""

@@ -67,6 +67,8 @@ def plan_sampling(registries: SamplerRegistries, sampler_name: str, scheduler_na
     options = sampler_options(sampler, overrides)
     if "model_sigmas" in inspect.signature(sampler.function).parameters:  # e.g. TCD's timestep mapping
         options["model_sigmas"] = context.model_sigmas
+    if "flow" in inspect.signature(sampler.function).parameters:  # rectified-flow noise for FLUX.1 / SD3.5
+        options["flow"] = context.flow
     return SamplingPlan(sampler, scheduler, sigmas.to(context.device, torch.float32), options)
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from modules.checkpoints.mmdit_keys import original_layout
 from modules.checkpoints.packed import packed_weight
 
 Delta = torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
@@ -38,6 +39,7 @@ class ModelPatch:
         self._modules: dict[str, dict[str, nn.Module]] = {}
         self._deltas: dict[tuple[str, str], list[Delta]] = {}
         self._saved: dict[tuple[str, str], torch.Tensor | None] = {}  # None: a packed weight's delta
+        self._layout: dict[str, dict[str, torch.Tensor]] | None = None
         self.apply_seconds = 0.0
         self.restore_seconds = 0.0
 
@@ -54,6 +56,25 @@ class ModelPatch:
         if target not in self._modules:
             self._modules[target] = dict(self._targets[target].named_modules())
         return self._modules[target]
+
+    def original_layout(self, target: str) -> dict[str, dict[str, torch.Tensor]]:
+        """FLUX.1 / SD3.5 transformer: original-layout module -> {module: row indices of the original weight}.
+
+        For LoRA files named after the original (BFL / Stability) modules, whose fused weights
+        (`qkv`, `linear1`) are split here; empty for other targets and models.
+        """
+        family = getattr(self.model.spec, "family", None)
+        if target != "unet" or family is None:
+            return {}
+        if self._layout is None:
+            modules = self.modules("unet")
+
+            def rows_of(name: str) -> int | None:
+                weight = getattr(modules.get(name), "weight", None)
+                return int(weight.shape[0]) if isinstance(weight, torch.Tensor) else None
+
+            self._layout = original_layout(family.transformer, self.config("unet"), rows_of)
+        return self._layout
 
     def text_encoder_flavours(self) -> list[str]:
         return [spec.flavour for spec in self.model.spec.text_encoders]

@@ -72,6 +72,45 @@ def get_ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> 
     return math.sqrt(max(sigma_to**2 - sigma_up**2, 0.0)), sigma_up
 
 
+def get_ancestral_step_rf(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tuple[float, float, float]:
+    """The ancestral split for rectified flow, x = (1 - sigma) x0 + sigma noise (ComfyUI's form for CONST models).
+
+    The deterministic move goes to sigma_down = sigma_to (1 + (sigma_to / sigma_from - 1) eta); then
+    x <- (alpha_to / alpha_down) x + sigma_up noise with alpha = 1 - sigma and
+    sigma_up^2 = sigma_to^2 - (sigma_down alpha_to / alpha_down)^2, so x0's weight is alpha_to and the noise's
+    variance sigma_to^2 again. Returns (sigma_down, sigma_up, alpha_to / alpha_down).
+    """
+    if eta < 0:
+        raise InvalidParams(f"eta must be >= 0, got {eta}.")
+    if not eta or sigma_to == 0:
+        return sigma_to, 0.0, 1.0
+    sigma_down = sigma_to * (1 + (sigma_to / sigma_from - 1) * eta)
+    scale = (1 - sigma_to) / (1 - sigma_down)
+    return sigma_down, math.sqrt(max(sigma_to**2 - (sigma_down * scale) ** 2, 0.0)), scale
+
+
+def ancestral_step(sigma_from: float, sigma_to: float, eta: float, flow: bool) -> tuple[float, float, float]:
+    """(sigma_down, sigma_up, scale of x before the noise): rectified-flow or k-diffusion's (scale 1) split."""
+    if flow:
+        return get_ancestral_step_rf(sigma_from, sigma_to, eta)
+    return (*get_ancestral_step(sigma_from, sigma_to, eta), 1.0)
+
+
+def half_log_snr(sigma: float, flow: bool) -> float:
+    """lambda = log(alpha / sigma): alpha = 1 (k-diffusion's VE form) or 1 - sigma (rectified flow)."""
+    return math.log((1 - sigma if flow else 1.0) / sigma)
+
+
+def sigma_of(lam: float, flow: bool) -> float:
+    """The sigma whose half log-SNR is `lam` (inverse of `half_log_snr`)."""
+    return 1 / (1 + math.exp(lam)) if flow else math.exp(-lam)
+
+
+def flow_safe_sigmas(sig: list[float], flow: bool) -> list[float]:
+    """A flow schedule starting at sigma 1 (infinite -lambda) starts at 1 - 1e-4 instead, as ComfyUI does."""
+    return [min(sig[0], 1 - 1e-4), *sig[1:]] if flow and sig[0] >= 1 else sig
+
+
 def report(callback: Callback | None, x, i: int, sigma: float, sigma_hat: float, denoised) -> None:
     if callback is not None:
         callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma_hat, "denoised": denoised})
@@ -115,18 +154,20 @@ def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None,
 
 @torch.no_grad()
 def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None,
-                           noise_sampler=None, eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
-    """Ancestral Euler (k-diffusion): an Euler step down to sigma_down, then fresh noise sigma_up."""
+                           noise_sampler=None, eta: float = 1.0, s_noise: float = 1.0, flow: bool = False) -> torch.Tensor:
+    """Ancestral Euler (k-diffusion): an Euler step down to sigma_down, then fresh noise sigma_up.
+
+    `flow`: rectified-flow models (FLUX.1, SD3.5) split the step with `get_ancestral_step_rf`."""
     sig = sigma_list(sigmas)
     noise_sampler = noise_sampler or default_noise_sampler(x)
     for i in range(len(sig) - 1):
         sigma, sigma_next = sig[i], sig[i + 1]
         denoised = denoise(model, x, sigma, extra_args)
         report(callback, x, i, sigma, sigma, denoised)
-        sigma_down, sigma_up = get_ancestral_step(sigma, sigma_next, eta)
+        sigma_down, sigma_up, scale = ancestral_step(sigma, sigma_next, eta, flow)
         x = x + to_d(x, sigma, denoised) * (sigma_down - sigma)
         if sigma_up > 0:
-            x = x + noise_sampler(sigma, sigma_next) * s_noise * sigma_up
+            x = scale * x + noise_sampler(sigma, sigma_next) * s_noise * sigma_up
     return x
 
 
@@ -177,7 +218,7 @@ def sample_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=None,
 
 @torch.no_grad()
 def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None,
-                           noise_sampler=None, eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
+                           noise_sampler=None, eta: float = 1.0, s_noise: float = 1.0, flow: bool = False) -> torch.Tensor:
     """Ancestral DPM-Solver-2: a midpoint step down to sigma_down, then fresh noise sigma_up."""
     sig = sigma_list(sigmas)
     noise_sampler = noise_sampler or default_noise_sampler(x)
@@ -185,7 +226,7 @@ def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
         sigma, sigma_next = sig[i], sig[i + 1]
         denoised = denoise(model, x, sigma, extra_args)
         report(callback, x, i, sigma, sigma, denoised)
-        sigma_down, sigma_up = get_ancestral_step(sigma, sigma_next, eta)
+        sigma_down, sigma_up, scale = ancestral_step(sigma, sigma_next, eta, flow)
         d = to_d(x, sigma, denoised)
         if sigma_down == 0:
             x = x + d * (sigma_down - sigma)
@@ -195,7 +236,7 @@ def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
             d_2 = to_d(x_2, sigma_mid, denoise(model, x_2, sigma_mid, extra_args))
             x = x + d_2 * (sigma_down - sigma)
         if sigma_up > 0:
-            x = x + noise_sampler(sigma, sigma_next) * s_noise * sigma_up
+            x = scale * x + noise_sampler(sigma, sigma_next) * s_noise * sigma_up
     return x
 
 

@@ -27,6 +27,7 @@ class ScheduleContext:
     rho: float | None = None  # overrides the schedule's default rho when set
     arch: str = "sd1"  # "sd1", "sd1-inpaint", "sd2", "sd2-v" or "sdxl" (Align Your Steps tables differ)
     device: torch.device | str = "cpu"
+    flow: bool = False  # a rectified-flow model (FLUX.1, SD3.5): samplers with a `flow` parameter get it
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from typing import Any
 from PIL import Image
 
 from modules import infotext
+from modules.checkpoints.mmdit import is_flow_file
 from modules.errors import AtelierError, InvalidParams
 from modules.jobs.model import Caller, Job
 from modules.jobs.payload import JobPayload, field_names, params_class
@@ -137,10 +138,31 @@ def submission(ctx: ServerContext, kind: str, req: Txt2ImgRequest, source: str =
     job_kind = "img2img" if kind == "inpaint" else kind
     overrides = dict(req.override_settings or {})
     values = _param_values(req, field_names(params_class(job_kind)), lambda name: _loaded_extension(ctx, name))
+    if _targets_flow_model(ctx, overrides.get("sd_model_checkpoint")):
+        values["model_defaults"] = omitted_model_defaults(req)
     return Submission(job_kind, values, images,
                       checkpoint=overrides.get("sd_model_checkpoint"), overrides=overrides,
                       request=_request_record(req), source=source,
                       script={"name": req.script_name, "args": req.script_args} if req.script_name else None)
+
+
+FAMILY_DEFAULT_FIELDS = ("steps", "cfg_scale", "distilled_cfg_scale", "sampler_name", "scheduler")
+
+
+def omitted_model_defaults(req: Txt2ImgRequest) -> tuple[str, ...]:
+    """The generation fields a request leaves out. On SD models they keep A1111's defaults (steps 50, CFG 7, ...);
+    on FLUX.1 / SD3.5 they take the family's (FLUX.1-dev: 20 steps, CFG 1, Distilled CFG 3.5, Euler, Simple)."""
+    sent = set(req.model_fields_set)
+    if "sampler_index" in sent:
+        sent.add("sampler_name")
+    return tuple(name for name in FAMILY_DEFAULT_FIELDS if name not in sent)
+
+
+def _targets_flow_model(ctx: ServerContext, checkpoint: str | None) -> bool:
+    """Whether the request's checkpoint (its override, else the current one) is FLUX.1 / SD3.5 (file header only)."""
+    name = checkpoint or ctx.options.get("sd_model_checkpoint")
+    info = ctx.find_checkpoint(str(name)) if name else None
+    return info is not None and is_flow_file(info.path)
 
 
 def submit(ctx: ServerContext, caller: Caller, kind: str, req: Txt2ImgRequest, source: str = "api") -> Job:

@@ -18,6 +18,7 @@ def create_ui(ui: UIContext) -> gr.Blocks:
     from modules.ui.extras_tab import build_extras_tab
     from modules.ui.history import build_history_tab
     from modules.ui.img2img import build_img2img_tab
+    from modules.ui.model_defaults import wire_model_defaults
     from modules.ui.native_size import wire_native_size
     from modules.ui.pnginfo import build_pnginfo_tab
     from modules.ui.sendto import wire_send_to
@@ -39,6 +40,7 @@ def create_ui(ui: UIContext) -> gr.Blocks:
         wire_send_to(ui, tabs, checkpoint)
         blocks.load(lambda: on_page_load(ui), outputs=[checkpoint, *default_widgets(ui)], queue=False)
         wire_native_size(ui, blocks, checkpoint)
+        wire_model_defaults(ui, blocks, checkpoint)
         blocks.load(lambda: ui_config_html(ui.server.options), outputs=ui_config, queue=False)
     return blocks
 
