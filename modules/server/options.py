@@ -11,11 +11,14 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from modules.errors import InvalidParams
 from modules.jobs.overrides import PARAM_OPTIONS, RNG_LABELS, option_to_param, options_from_settings
+from modules.pipeline.memory_policy import OPTION_KEYS as MEMORY_OPTIONS
+from modules.pipeline.memory_policy import policy_from_options, policy_from_settings, policy_options
 from modules.plugins.grids import GRID_OPTION_DEFAULTS, grid_options
 from modules.settings import Settings
 
@@ -44,8 +47,10 @@ class Options:
             "show_progress_every_n_steps": settings.preview_every,
             "live_previews_enable": True,
             **GRID_OPTION_DEFAULTS,
+            **policy_options(policy_from_settings(settings)),
         }
         self._values.update(self._load())
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []  # called with the changes after each update
 
     def _load(self) -> dict[str, Any]:
         """The saved values; a corrupt file is moved aside (reported in `load_error`), never fatal."""
@@ -84,6 +89,8 @@ class Options:
                 option_to_param(key, value)
             elif key in READ_ONLY and value != self.get(key):
                 raise InvalidParams(f"{key} cannot be changed while the server runs (it is {self.get(key)!r})")
+        if any(key in MEMORY_OPTIONS for key in changes):
+            policy_from_options({**self.all(), **changes})
         if any(key in GRID_OPTION_DEFAULTS for key in changes):
             try:
                 grid_options({**self.all(), **changes})
@@ -100,3 +107,5 @@ class Options:
             tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
             tmp.write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")
             os.replace(tmp, self.path)
+        for listener in list(self.listeners):
+            listener(changes)

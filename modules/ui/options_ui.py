@@ -12,15 +12,18 @@ from typing import Any
 import gradio as gr
 
 from modules.errors import AtelierError
+from modules.pipeline.memory_policy import MODES, T5_CHOICES
 from modules.server.options import READ_ONLY, RNG_LABELS
 from modules.settings import EMPHASIS_MODES
 from modules.ui.components import AUTOMATIC
 from modules.ui.context import UIContext
 
 DEFAULT_QUICKSETTINGS = ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers")
+MEMORY_CHOICES = {"memory_policy": MODES, "memory_t5_after_encoding": T5_CHOICES}
+MEMORY_NUMBERS = ("memory_gpu_weights", "memory_keep_free")
 INT_OPTIONS = ("show_progress_every_n_steps", "CLIP_stop_at_last_layers", "eta_noise_seed_delta")
 SECTIONS = ("Stable Diffusion", "Sampler parameters", "Live previews", "User interface", "Saving images",
-            "Other")
+            "Memory", "Other")
 RESTART_FLAGS = {"sd_vae": "--vae", "samples_format": "(PNG with infotext)", "outdir_txt2img_samples":
                  "--outputs-dir", "outdir_img2img_samples": "--outputs-dir"}
 
@@ -49,6 +52,11 @@ def known_options() -> dict[str, OptionInfo]:
         ("samples_format", "Saving images", "File format for images"),
         ("outdir_txt2img_samples", "Saving images", "Output directory for txt2img images"),
         ("outdir_img2img_samples", "Saving images", "Output directory for img2img images"),
+        ("memory_policy", "Memory", "Memory policy (none: all weights on the GPU; normal: keep what fits, move "
+                                   "the rest; low: only the running model, streamed by blocks past the budget)"),
+        ("memory_gpu_weights", "Memory", "GPU weights in GiB (-1: free memory minus the free-memory target)"),
+        ("memory_keep_free", "Memory", "Free-memory target in GiB (left for activations)"),
+        ("memory_t5_after_encoding", "Memory", "T5 after encoding (keep: as the policy says; cpu: back to the CPU)"),
     )
     return {key: OptionInfo(key, section, label) for key, section, label in rows}
 
@@ -93,6 +101,10 @@ def option_widget(ui: UIContext, key: str, elem_id: str, compact: bool = False) 
         return choice(list(RNG_LABELS.values()), value=value or "GPU", **common)
     if key == "emphasis":
         return choice(list(EMPHASIS_MODES), value=value or "Original", **common)
+    if key in MEMORY_CHOICES:
+        return choice(list(MEMORY_CHOICES[key]), value=value, **common)
+    if key in MEMORY_NUMBERS:
+        return gr.Number(value, **common)
     if key == "atelier_default_sampler":
         return gr.Dropdown(registries.samplers.names(), value=value, **common)
     if key == "atelier_default_scheduler":
@@ -115,6 +127,8 @@ def _generic(value: Any, common: dict) -> gr.components.Component:
 
 
 def coerce_option(key: str, value: Any) -> Any:
+    if key in MEMORY_NUMBERS and value is not None:
+        return float(value)
     if key in INT_OPTIONS and value is not None:
         return int(value)
     if key == "keyedit_precision_attention" and value is not None:
