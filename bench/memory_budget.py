@@ -100,6 +100,7 @@ def simulate(modules: dict, fmt: str, gpu_gib: int, mode: str, keep_free: float)
         placement.detach()
         return none_row(totals, free, keep_free)
     for _job in range(2):
+        job_start = tally.arrived
         for name in ("t5xxl", "clip_l", "transformer"):
             run_component(placement, name)
         before = tally.arrived
@@ -108,7 +109,8 @@ def simulate(modules: dict, fmt: str, gpu_gib: int, mode: str, keep_free: float)
         sampling = {name: comp.resident_bytes for name, comp in placement.components.items()}
         streamed = sum(1 for u in placement.components["transformer"].units if not u.on_device)
         run_component(placement, "vae")
-    row = {"budget": placement.budget, "totals": totals, "on_gpu_while_sampling": sampling,
+        per_job = tally.arrived - job_start - 2 * per_step  # loads outside the two steps
+    row = {"moved_per_job": per_job, "budget": placement.budget, "totals": totals, "on_gpu_while_sampling": sampling,
            "moved_per_step": per_step, "peak_weights_on_gpu": placement.peak_bytes, "streamed_blocks": streamed}
     placement.detach()
     return row
@@ -118,7 +120,7 @@ def none_row(totals: dict[str, int], free: int, keep_free: float) -> dict:
     total = sum(totals.values())
     fits = total + keep_free * GIB <= free
     return {"budget": None, "totals": totals, "on_gpu_while_sampling": totals if fits else None,
-            "moved_per_step": 0, "peak_weights_on_gpu": total, "streamed_blocks": 0, "fits": fits}
+            "moved_per_step": 0, "moved_per_job": 0, "peak_weights_on_gpu": total, "streamed_blocks": 0, "fits": fits}
 
 
 def gib(n: float | None) -> str:
@@ -157,6 +159,25 @@ def table(rows: list[dict], base: float) -> str:
     return "\n".join(lines)
 
 
+def summary(rows: list[dict], base: float) -> str:
+    """One line per GPU and format: `none` fits or not; `normal` in detail; `low`'s peak weights."""
+    by = {(r["gpu"], r["format"], r["mode"]): r for r in rows}
+    lines = ["| GPU | weights | none | normal: while sampling | streamed blocks / moved per step | "
+             "moved per job, normal / low | normal / low peak weights on GPU | host peak RSS (offloading) |",
+             "|" + "---|" * 8]
+    for gpu in GPUS:
+        for fmt in FORMATS:
+            none, normal, low = (by[(gpu, fmt, m)] for m in ("none", "normal", "low"))
+            stream = (f"{normal['streamed_blocks']} / {gib(normal['moved_per_step'])} GiB"
+                      if normal["streamed_blocks"] else "0")
+            rss = host_rss(normal, "normal", base)
+            lines.append(f"| {gpu} GiB | {fmt} | {'fits' if none['fits'] else 'no'} | {describe(normal, 'normal')} "
+                         f"| {stream} | {gib(normal['moved_per_job'])} / {gib(low['moved_per_job'])} GiB "
+                         f"| {gib(normal['peak_weights_on_gpu'])} / {gib(low['peak_weights_on_gpu'])} GiB "
+                         f"| {rss:.1f} GiB{'' if rss <= HOST_GIB else ' (over 24)'} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--keep-free", type=float, default=2.0, help="GiB left free for activations")
@@ -174,6 +195,8 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append({"gpu": gpu, "format": fmt, "mode": mode, **row})
     print(f"base host RSS (process + CUDA libraries): {base:.1f} GiB; keep free: {args.keep_free} GiB")
     print(table(rows, base))
+    print()
+    print(summary(rows, base))
     if args.json:
         out = {"parameters": params, "keep_free_gib": args.keep_free, "base_rss_gib": base, "rows": [
             {**r, "budget": None if r["budget"] is None or r["budget"] == float("inf") else int(r["budget"])}

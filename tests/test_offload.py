@@ -256,6 +256,36 @@ def test_normal_evicts_the_least_recently_used_component_to_make_room(flux_engin
     assert recorder.peak <= budget
 
 
+@pytest.mark.parametrize("short", [0, 100_000])
+def test_normal_streams_a_text_encoder_beside_the_transformer(flux_engine, short):
+    """T5 does not fit beside the transformer: it streams through the room left, and the transformer stays
+    (short=0) or gives back only its last blocks, as few as make room for T5's largest block."""
+    model = flux_engine.require_model()
+    probe = attach(model, MemoryPolicy("normal"), Recorder())
+    transformer, t5 = probe.components["transformer"], probe.components["t5xxl"]
+    largest = max(u.nbytes for u in t5.units)
+    budget = transformer.nbytes + largest + 25_000 - short
+    assert budget - transformer.nbytes < t5.nbytes  # T5 cannot be whole beside the transformer
+    probe.detach()
+    recorder = Recorder()
+    placement = attach(model, MemoryPolicy("normal", gpu_weights=budget / GIB), recorder)
+    try:
+        flux_job(flux_engine)
+        recorder.moves.clear()
+        flux_job(flux_engine)
+    finally:
+        placement.detach()
+    out = {n for n, d in recorder.moves if d == "cpu" and component_of(n) == "transformer"}
+    assert ("t5xxl", "cuda") in {(component_of(n), d) for n, d in recorder.moves}
+    if short:
+        assert 0 < len(out) < len(transformer.units)
+        last = [u.name for u in transformer.units][-len(out):]
+        assert out == set(last)
+    else:
+        assert out == set()
+    assert recorder.peak <= budget
+
+
 @pytest.mark.parametrize("mode", ["normal", "low"])
 def test_a_budget_below_the_transformer_streams_its_tail_in_call_order(flux_engine, mode):
     model = flux_engine.require_model()

@@ -148,6 +148,7 @@ class Placement:
         self.components: dict[str, Component] = {}
         self.budget: float = math.inf
         self.active: Component | None = None
+        self.denoiser = "unet"  # the component that runs every step (the UNet or the transformer)
         self.streaming: Unit | None = None
         self.peak_bytes = 0
         self._clock = 0
@@ -169,6 +170,7 @@ class Placement:
         if not self.enabled:
             return
         names = names or [f"text_encoder_{i}" if i else "text_encoder" for i in range(len(text_encoders))]
+        self.denoiser = unet_name
         parts = [*zip(names, text_encoders, strict=True), (unet_name, unet), ("vae", vae)]
         for name, module in parts:
             entries = [c for c in module.children() if any(True for _ in c.parameters())] if module is vae else [module]
@@ -237,14 +239,46 @@ class Placement:
             return
         if self.streaming is not None and self.streaming.component is not comp:
             self._move(self.streaming, False)
+        for other in self._to_evict(comp):
+            self.evict(other)
+        self._shrink_denoiser(comp)
+        self._plan(comp, self._room(comp))
+        self.active = comp
+
+    def _room(self, comp: Component) -> float:
+        return self.budget - (self.resident_bytes() - comp.resident_bytes)
+
+    def _to_evict(self, comp: Component) -> list[Component]:
+        """low: every other component. normal: the least recently used first, only until `comp` fits,
+        never the denoiser (see `_shrink_denoiser`)."""
         others = sorted((c for c in self.components.values() if c is not comp and c.resident_bytes),
                         key=lambda c: c.last_used)
-        for other in others:  # normal: least recently used first, only as needed; low: all of them
-            if self.policy.mode == "normal" and self.resident_bytes() - comp.resident_bytes + comp.nbytes <= self.budget:
+        if self.policy.mode == "low":
+            return others
+        chosen: list[Component] = []
+        room = self._room(comp)
+        for other in others:
+            if comp.nbytes <= room:
                 break
-            self.evict(other)
-        self._plan(comp, self.budget - (self.resident_bytes() - comp.resident_bytes))
-        self.active = comp
+            if other.name != self.denoiser or comp.name == self.denoiser:
+                chosen.append(other)
+                room += other.resident_bytes
+        return chosen
+
+    def _shrink_denoiser(self, comp: Component) -> None:
+        """normal: a component that runs once per job (a text encoder, the VAE) streams through the room
+        beside the UNet / transformer; only when that room is smaller than its largest block do the
+        denoiser's last resident blocks go back, and only as many as it takes. Each byte moved out comes
+        back once, as each byte streamed moves once: the fewest bytes move either way."""
+        denoiser = self.components.get(self.denoiser)
+        if self.policy.mode != "normal" or denoiser is None or denoiser is comp:
+            return
+        largest = max(u.nbytes for u in comp.units)
+        for unit in reversed(denoiser.units):
+            if self._room(comp) >= largest:
+                return
+            self._move(unit, False)
+
 
     def _plan(self, comp: Component, available: float) -> None:
         """Keep the longest prefix of units that fits with room left for the largest streamed one."""
