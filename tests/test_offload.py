@@ -423,3 +423,17 @@ def test_engine_switches_policy_without_reloading(tmp_path: Path, tiny_sd1):
     assert engine.require_model() is model
     engine.set_memory_policy(MemoryPolicy("none"))
     assert engine.memory_report()["components"] == {} and run_job(engine).images[0].tobytes() == expected.tobytes()
+
+
+def test_a_lora_delta_on_packed_weights_moves_with_its_layer():
+    """A block streamed to the GPU during a LoRA job takes its packed weight's delta along."""
+    from modules.checkpoints.packed import PackedTensor, pack_weights, packed_weight
+
+    layer = torch.nn.Linear(8, 4)
+    stored = layer.weight.detach().to(torch.float8_e4m3fn)
+    pack_weights(layer, {"weight": PackedTensor(stored, "F8_E4M3", (4, 8))}, torch.float32)
+    packed_weight(layer).delta = torch.ones(4, 8)
+    layer.to("meta")
+    assert packed_weight(layer).delta.device.type == "meta"
+    packed_weight(layer).delta = None
+    assert packed_weight(layer).delta is None
