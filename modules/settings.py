@@ -148,6 +148,17 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     add_performance_arguments(parser)
 
 
+def gib(text: str) -> float:
+    """A GiB amount for --gpu-weights / --keep-free: a number, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of GiB") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: give 0 or more GiB")
+    return value
+
+
 def add_performance_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("performance and memory")
     group.add_argument("--vae-tiling", action="store_true",
@@ -167,9 +178,9 @@ def add_performance_arguments(parser: argparse.ArgumentParser) -> None:
     vram.add_argument("--offload", choices=("none", "model", "sequential"),
                       help="diffusers' names: model = --memory-policy low with no budget limit (one component at "
                            "a time), sequential = low with --gpu-weights 0 (one block at a time)")
-    group.add_argument("--gpu-weights", type=float, help="GiB of weights kept on the GPU (Forge's GPU Weights); "
+    group.add_argument("--gpu-weights", type=gib, help="GiB of weights kept on the GPU (Forge's GPU Weights); "
                                                          "default: free memory minus --keep-free")
-    group.add_argument("--keep-free", type=float, default=2.0,
+    group.add_argument("--keep-free", type=gib, default=2.0,
                        help="GiB of GPU memory left free for activations when --gpu-weights is not given")
     group.add_argument("--t5-after-encoding", choices=("keep", "cpu"), default="keep",
                        help="FLUX.1 / SD3.5: keep T5 as the policy says, or send it to the CPU after each encoding")

@@ -111,6 +111,9 @@ def test_flags_map_onto_policies():
     assert policy("--medvram", "--gpu-weights", "3.5") == ("low", 3.5)
     settings = parse_settings(["--memory-policy", "normal", "--keep-free", "1.5", "--t5-after-encoding", "cpu"])
     assert policy_from_settings(settings) == MemoryPolicy("normal", None, 1.5, "cpu")
+    for bad in (["--gpu-weights", "-1"], ["--keep-free", "nan"], ["--gpu-weights", "lots"]):
+        with pytest.raises(SystemExit):
+            parse_settings(bad)
     for clash in (["--medvram", "--lowvram"], ["--medvram", "--memory-policy", "low"], ["--offload", "model",
                                                                                           "--lowvram"]):
         with pytest.raises(SystemExit):
