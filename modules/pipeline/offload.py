@@ -4,8 +4,8 @@ the rest moves per component or per block when it runs.
 A model is a set of named components (each text encoder, the UNet or transformer, the VAE). Each is
 split into units, moved as one piece: the items of its ModuleLists (UNet down / up blocks, FLUX
 double and single blocks, SD3 joint blocks, T5 and CLIP layers, VAE up / down blocks) and the
-other leaves that hold weights (embedders, norms, output layers). A tied weight (T5's shared
-embedding) belongs to the first unit that holds it.
+other leaves that hold weights (embedders, norms, output layers). Modules whose weights share
+storage (T5's `shared` and `encoder.embed_tokens`) form one unit.
 
 Placement is driven by forward pre-hooks, so the run loop needs no calls of its own: whatever runs
 a component (text encoding, sampling, decode, encode) brings it to the device first, and each unit
@@ -35,10 +35,12 @@ def move_module(module: nn.Module, device: torch.device) -> None:
 
 
 def cuda_free_memory(device: torch.device) -> int | None:
-    """Free bytes on a CUDA device (None elsewhere: the budget is then gpu_weights or unlimited)."""
+    """Free bytes on a CUDA device, counting what torch's caching allocator holds but does not use
+    (None elsewhere: the budget is then gpu_weights or unlimited)."""
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
-    return int(torch.cuda.mem_get_info(device)[0])
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return int(torch.cuda.mem_get_info(device)[0] + cached)
 
 
 def _own_tensors(module: nn.Module) -> list[torch.Tensor]:
@@ -177,8 +179,8 @@ class Placement:
             comp = build_component(name, module, entries)
             self.components[name] = comp
             for unit in comp.units:
-                for module in unit.modules:
-                    self.mover(module, self.offload)
+                for part in unit.modules:
+                    self.mover(part, self.offload)
             self._hook_component(comp)
         free = self.free_memory(self.compute)
         self.budget = self.policy.budget(free)
