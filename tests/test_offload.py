@@ -440,3 +440,16 @@ def test_a_lora_delta_on_packed_weights_moves_with_its_layer():
     assert packed_weight(layer).delta.device.type == "meta"
     packed_weight(layer).delta = None
     assert packed_weight(layer).delta is None
+
+
+def test_sd3_joint_blocks_are_units():
+    from diffusers import SD3Transformer2DModel
+
+    model = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=16, num_layers=3, attention_head_dim=8,
+                                  num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
+                                  pooled_projection_dim=32, out_channels=16, pos_embed_max_size=16,
+                                  dual_attention_layers=(0,))
+    comp = build_component("transformer", model, [model])
+    blocks = [u for u in comp.units if ".transformer_blocks." in u.name]
+    assert [u.modules[0] for u in blocks] == list(model.transformer_blocks)
+    assert comp.nbytes == sum(module_bytes(model).values())
