@@ -54,6 +54,11 @@ class Settings:
     upscaler_tile: int = 0  # model upscalers: input pixels per tile side; 0 = automatic from free memory
     upscaler_tile_overlap: int = 0  # pixels shared by neighbouring tiles; 0 = automatic
     vram: str = "normal"  # "normal", "medvram" (one model on the GPU at a time) or "lowvram" (one block)
+    memory_policy: str | None = None  # "none", "normal" or "low" (modules/pipeline/memory_policy.py); None: vram
+    offload: str | None = None  # diffusers' names: "none", "model" or "sequential" (mapped onto memory_policy)
+    gpu_weights: float | None = None  # GiB of weights kept on the device; None: free memory minus keep_free
+    keep_free: float = 2.0  # GiB of device memory left free for activations
+    t5_after_encoding: str = "keep"  # "keep" (as the policy says) or "cpu" (back to the CPU after encoding)
     max_size: int = 4096
     max_batch_size: int = DEFAULT_LIMITS.max_batch_size
     max_n_iter: int = DEFAULT_LIMITS.max_n_iter
@@ -151,6 +156,17 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     add_performance_arguments(parser)
 
 
+def gib(text: str) -> float:
+    """A GiB amount for --gpu-weights / --keep-free: a number, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of GiB") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: give 0 or more GiB")
+    return value
+
+
 def add_performance_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("performance and memory")
     group.add_argument("--vae-tiling", action="store_true",
@@ -171,6 +187,18 @@ def add_performance_arguments(parser: argparse.ArgumentParser) -> None:
                       help="keep only the model in use (text encoder, UNet or VAE) on the GPU")
     vram.add_argument("--lowvram", dest="vram", action="store_const", const="lowvram",
                       help="keep only the block in use on the GPU (slowest, least VRAM)")
+    vram.add_argument("--memory-policy", choices=("none", "normal", "low"),
+                      help="none: all weights on the GPU; normal: components on the CPU, whole on the GPU while the "
+                           "budget holds them; low: only the running component, streamed block by block past the budget")
+    vram.add_argument("--offload", choices=("none", "model", "sequential"),
+                      help="diffusers' names: model = --memory-policy low with no budget limit (one component at "
+                           "a time), sequential = low with --gpu-weights 0 (one block at a time)")
+    group.add_argument("--gpu-weights", type=gib, help="GiB of weights kept on the GPU (Forge's GPU Weights); "
+                                                         "default: free memory minus --keep-free")
+    group.add_argument("--keep-free", type=gib, default=2.0,
+                       help="GiB of GPU memory left free for activations when --gpu-weights is not given")
+    group.add_argument("--t5-after-encoding", choices=("keep", "cpu"), default="keep",
+                       help="FLUX.1 / SD3.5: keep T5 as the policy says, or send it to the CPU after each encoding")
     add_extension_arguments(parser)
 
 
@@ -219,6 +247,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         compile=getattr(args, "compile", False),
         compile_mode=getattr(args, "compile_mode", "default"),
         compile_backend=getattr(args, "compile_backend", "inductor"),
+        memory_policy=getattr(args, "memory_policy", None),
+        offload=getattr(args, "offload", None),
+        gpu_weights=getattr(args, "gpu_weights", None),
+        keep_free=getattr(args, "keep_free", 2.0),
+        t5_after_encoding=getattr(args, "t5_after_encoding", "keep"),
         styles_file=args.styles_file or data_dir / "styles.csv",
         extensions_dirs=(*base.extensions_dirs, *args.extensions_dir),
         disable_all_extensions=args.disable_all_extensions,

@@ -119,7 +119,8 @@ class RestorePacked(nn.Module):
         self.format, self.shape, self.dtype = packed.format, packed.shape, dtype
         self.qtype: QuantType | None = None if packed.format in FP8_DTYPES else quant_type(packed.format)
         self.register_buffer("scale", packed.scale, persistent=False)
-        self.delta: torch.Tensor | None = None  # a LoRA's summed delta while a job is patched
+        # a LoRA's summed delta while a job is patched; a buffer, so it moves with the layer (memory policies)
+        self.register_buffer("delta", None, persistent=False)
 
     def forward(self, storage: torch.Tensor) -> torch.Tensor:
         if self.qtype is not None:

@@ -141,6 +141,13 @@ class LocalExecutor:
     def loaded_model(self) -> str | None:
         return self._loaded
 
+    def set_memory_policy(self, policy) -> None:
+        """Re-place the loaded model under `policy` on the worker (after the job it may be running)."""
+        self._worker.submit(self.engine.set_memory_policy, policy).result()
+
+    def memory_report(self) -> dict[str, Any]:
+        return self.engine.memory_report()
+
     def close(self) -> None:
         with self._lock:
             for control in self._controls.values():

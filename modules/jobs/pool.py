@@ -268,6 +268,18 @@ class PoolExecutor:
     def loaded_model(self) -> str | None:
         return next((s.model for s in self._live() if s.model), None)
 
+    def set_memory_policy(self, policy) -> None:
+        for slot in self._live():
+            setter = getattr(slot.worker, "set_memory_policy", None)
+            if setter is not None:
+                setter(policy)
+
+    def memory_report(self) -> dict[str, Any]:
+        """The first worker's policy report, with every worker's under `workers`."""
+        reports = {s.name: s.worker.memory_report() for s in self._live() if hasattr(s.worker, "memory_report")}
+        first = next(iter(reports.values()), {})
+        return {**first, "workers": reports}
+
     def close(self) -> None:
         with self._lock:
             self._closed = True

@@ -21,6 +21,7 @@ from modules.pipeline.generation import Task, run_task
 from modules.pipeline.hooks import NoHooks, StageHooks
 from modules.pipeline.img2img import IMG2IMG
 from modules.pipeline.job import Job, new_job
+from modules.pipeline.memory_policy import MemoryPolicy, policy_from_settings
 from modules.pipeline.offload import Placement
 from modules.pipeline.params import GenerationParams, Img2ImgParams, Result, Txt2ImgParams
 from modules.pipeline.refiner import check_compatible
@@ -60,7 +61,8 @@ class Engine:
         self.hooks_for = hooks_for
         self.demo_checkpoint = demo_checkpoint
         self.models = ModelManager(settings.hash_cache)
-        self.placement = Placement(settings.vram, devices.device)  # --medvram / --lowvram
+        self.manage_on_cpu = False  # apply a managing policy on the CPU too (tests and overhead benchmarks)
+        self.placement = Placement(policy_from_settings(settings), devices.device)  # --memory-policy, --medvram, ...
         if settings.compile:
             check_compiler(devices.device, settings.compile_backend)  # refuse at start, not at the first job
         self._tokenizer = None
@@ -116,10 +118,35 @@ class Engine:
         if self.settings.compile:
             compile_model(model, self.devices.device, self.settings.data_dir / "cache" / "inductor",
                           self.settings.compile_mode, self.settings.compile_backend)
-        if self.placement.enabled:  # built on the CPU; each part comes to the GPU when it runs
-            model.device = self.devices.device
-            self.placement.attach(model.unet, model.vae, model.text_encoders)
+        self._place(model)
         return model
+
+    def _place(self, model: LoadedModel) -> None:
+        """Under a managing policy the model lives on the CPU and each part comes to the device when it runs."""
+        if self.placement.enabled:
+            model.device = self.devices.device
+            names = [spec.flavour for spec in model.spec.text_encoders]
+            if len(names) != len(model.text_encoders) or len(set(names)) != len(names):
+                names = None
+            self.placement.attach(model.unet, model.vae, model.text_encoders, names,
+                                  "transformer" if model.spec.family is not None else "unet")
+        else:
+            for module in (model.unet, model.vae, *model.text_encoders):
+                module.to(self.devices.device)
+
+    def set_memory_policy(self, policy: MemoryPolicy) -> None:
+        """Switch the memory policy; the loaded model is re-placed at once (no reload)."""
+        if policy == self.placement.policy:
+            return
+        self.placement.detach()
+        self.placement = Placement(policy, self.devices.device, always=self.manage_on_cpu)
+        model = self.models.current
+        if model is not None:
+            self._place(model)
+
+    def memory_report(self) -> dict:
+        """The memory policy, its budget and the resident components (for /sdapi/v1/memory)."""
+        return self.placement.report()
 
     def component_dirs(self) -> ComponentDirs:
         """Where FLUX.1 / SD3.5 transformer files find the text encoders and VAE they lack."""
@@ -156,8 +183,9 @@ class Engine:
         if Path(info.path).resolve() == Path(base.info.path).resolve():
             return base
         if self.placement.enabled:
-            raise InvalidParams("the refiner cannot run with --medvram or --lowvram yet; "
-                                "start without them or leave the refiner off", field="refiner_checkpoint")
+            raise InvalidParams(f"the refiner cannot run with the {self.placement.policy.mode!r} memory policy yet "
+                                "(--memory-policy, --medvram, --lowvram, --offload); use the 'none' policy or leave "
+                                "the refiner off", field="refiner_checkpoint")
         model = self.models.load_refiner(info, device=self.placement.load_device(), dtype=self.devices.dtype,
                                          vae_path=self.vae_for(info), vae_dtype=self.devices.vae_dtype,
                                          channels_last_vae=self.devices.channels_last,

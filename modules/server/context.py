@@ -78,6 +78,9 @@ class ServerContext:
         """Recover and start the queue; choose the default checkpoint and start loading it on the worker
         in the background, so the page is served at once and the first image does not wait for the load."""
         self.jobs.start()
+        from modules.server.memory import start_memory_policy
+
+        start_memory_policy(self)
         current = self.options.get("sd_model_checkpoint")
         if current is None or self.find_checkpoint(current) is None:
             self.options.update({"sd_model_checkpoint": self._default_title()})

@@ -11,6 +11,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ from modules.jobs.overrides import (
     option_to_param,
     options_from_settings,
 )
+from modules.pipeline.memory_policy import OPTION_KEYS as MEMORY_OPTIONS
+from modules.pipeline.memory_policy import policy_from_options, policy_from_settings, policy_options
 from modules.plugins.grids import GRID_OPTION_DEFAULTS, grid_options
 from modules.settings import Settings
 
@@ -54,8 +57,10 @@ class Options:
             **GRID_OPTION_DEFAULTS,
             **InterrogateOptions().to_json(),
             "fp8_storage": fp8_storage_option(settings),
+            **policy_options(policy_from_settings(settings)),
         }
         self._values.update(self._load())
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []  # called with the changes after each update
 
     def _load(self) -> dict[str, Any]:
         """The saved values; a corrupt file is moved aside (reported in `load_error`), never fatal."""
@@ -98,6 +103,8 @@ class Options:
             InterrogateOptions.from_options({**self.all(), **changes})
         if "fp8_storage" in changes:
             job_weights({}, changes)
+        if any(key in MEMORY_OPTIONS for key in changes):
+            policy_from_options({**self.all(), **changes})
         if any(key in GRID_OPTION_DEFAULTS for key in changes):
             try:
                 grid_options({**self.all(), **changes})
@@ -114,3 +121,5 @@ class Options:
             tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
             tmp.write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")
             os.replace(tmp, self.path)
+        for listener in list(self.listeners):
+            listener(changes)

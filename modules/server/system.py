@@ -33,7 +33,8 @@ def cmd_flags(ctx: ServerContext) -> dict[str, Any]:
     return {**flags, **{k: _plain(v) for k, v in server.items()}}
 
 
-def memory() -> dict[str, Any]:
+def memory(ctx: ServerContext | None = None) -> dict[str, Any]:
+    """A1111's `ram` and `cuda` dicts; with a context also `policy`: the memory policy, budget and residents."""
     page = os.sysconf("SC_PAGE_SIZE")
     total, free = os.sysconf("SC_PHYS_PAGES") * page, os.sysconf("SC_AVPHYS_PAGES") * page
     result: dict[str, Any] = {"ram": {"free": free, "used": total - free, "total": total}}
@@ -46,6 +47,10 @@ def memory() -> dict[str, Any]:
                                      "peak": torch.cuda.max_memory_allocated()}}
     else:
         result["cuda"] = {"error": "CUDA is not available"}
+    if ctx is not None:
+        from modules.server.memory import memory_report
+
+        result["policy"] = memory_report(ctx)
     return result
 
 
@@ -114,7 +119,7 @@ def add_list_routes(router: APIRouter, ctx: ServerContext, admin: Any = None) ->
 
     @router.get("/memory")
     def get_memory() -> dict[str, Any]:
-        return memory()
+        return memory(ctx)
 
 
 def _empty_list() -> list:

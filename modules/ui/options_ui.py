@@ -14,6 +14,7 @@ import gradio as gr
 from modules.errors import AtelierError
 from modules.faces.service import KNOWN as _FACE_MODELS
 from modules.jobs.overrides import FP8_STORAGE
+from modules.pipeline.memory_policy import MODES, T5_CHOICES
 from modules.server.options import READ_ONLY, RNG_LABELS
 from modules.settings import EMPHASIS_MODES
 from modules.ui.components import AUTOMATIC
@@ -21,11 +22,13 @@ from modules.ui.context import UIContext
 
 FACE_RESTORERS = list(_FACE_MODELS)
 DEFAULT_QUICKSETTINGS = ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers")
+MEMORY_CHOICES = {"memory_policy": MODES, "memory_t5_after_encoding": T5_CHOICES}
+MEMORY_NUMBERS = ("memory_gpu_weights", "memory_keep_free")
 INT_OPTIONS = ("show_progress_every_n_steps", "CLIP_stop_at_last_layers", "eta_noise_seed_delta",
                "interrogate_clip_num_beams", "interrogate_clip_min_length", "interrogate_clip_max_length",
                "interrogate_clip_dict_limit")
 SECTIONS = ("Stable Diffusion", "Sampler parameters", "Live previews", "User interface", "Saving images",
-            "Interrogate", "Face restoration", "Other")
+            "Interrogate", "Face restoration", "Memory", "Other")
 INTERROGATE_LABELS = (  # A1111's Settings > Interrogate
     ("interrogate_keep_models_in_memory", "Keep models in VRAM"),
     ("interrogate_return_ranks", "Include ranks of model tags matches in results"),
@@ -72,6 +75,11 @@ def known_options() -> dict[str, OptionInfo]:
         ("outdir_img2img_samples", "Saving images", "Output directory for img2img images"),
         ("face_restoration_model", "Face restoration", "Face restoration model"),
         ("code_former_weight", "Face restoration", "CodeFormer weight (0 = maximum effect, 1 = minimum effect)"),
+        ("memory_policy", "Memory", "Memory policy (none: all weights on the GPU; normal: keep what fits, move "
+                                   "the rest; low: only the running model, streamed by blocks past the budget)"),
+        ("memory_gpu_weights", "Memory", "GPU weights in GiB (-1: free memory minus the free-memory target)"),
+        ("memory_keep_free", "Memory", "Free-memory target in GiB (left for activations)"),
+        ("memory_t5_after_encoding", "Memory", "T5 after encoding (keep: as the policy says; cpu: back to the CPU)"),
     )
     rows += tuple((key, "Interrogate", label) for key, label in INTERROGATE_LABELS)
     return {key: OptionInfo(key, section, label) for key, section, label in rows}
@@ -128,6 +136,10 @@ def option_widget(ui: UIContext, key: str, elem_id: str, compact: bool = False) 
         return choice(list(EMPHASIS_MODES), value=value or "Original", **common)
     if key == "fp8_storage":
         return choice(list(FP8_STORAGE), value=value or "Disable", **common)
+    if key in MEMORY_CHOICES:
+        return choice(list(MEMORY_CHOICES[key]), value=value, **common)
+    if key in MEMORY_NUMBERS:
+        return gr.Number(value, **common)
     if key == "atelier_default_sampler":
         return gr.Dropdown(registries.samplers.names(), value=value, **common)
     if key == "atelier_default_scheduler":
@@ -150,6 +162,8 @@ def _generic(value: Any, common: dict) -> gr.components.Component:
 
 
 def coerce_option(key: str, value: Any) -> Any:
+    if key in MEMORY_NUMBERS and value is not None:
+        return float(value)
     if key in INT_OPTIONS and value is not None:
         return int(value)
     if key == "keyedit_precision_attention" and value is not None:
