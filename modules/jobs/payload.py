@@ -162,13 +162,15 @@ class JobPayload:
     warnings: tuple[str, ...] = ()
     source: str = "api"  # "api", "jobs-api", "ui" or "cli"
     script: Mapping[str, Any] | None = None  # {"name": script title, "args": {option: value}}; None: no script
+    components: Mapping[str, Any] | None = None  # {"sd_vae", "forge_additional_modules"}; None: the worker's
 
     def to_json(self) -> dict[str, Any]:
         return {"version": PAYLOAD_VERSION, "kind": self.kind, "checkpoint": self.checkpoint,
                 "params": encode_params(self.params), "inputs": _json_value("inputs", self.inputs),
                 "request": _json_value("request", self.request), "warnings": list(self.warnings),
                 "source": self.source,
-                **({"script": _json_value("script", self.script)} if self.script else {})}
+                **({"script": _json_value("script", self.script)} if self.script else {}),
+                **({"components": _json_value("components", self.components)} if self.components else {})}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any], kind: str | None = None) -> JobPayload:
@@ -182,4 +184,5 @@ class JobPayload:
         return cls(kind=kind, params=decode_params(kind, params), checkpoint=data.get("checkpoint") or "",
                    inputs=dict(data.get("inputs") or {}), request=dict(data.get("request") or {}),
                    warnings=tuple(data.get("warnings") or ()), source=data.get("source", "api"),
-                   script=dict(data["script"]) if data.get("script") else None)
+                   script=dict(data["script"]) if data.get("script") else None,
+                   components=dict(data["components"]) if data.get("components") else None)

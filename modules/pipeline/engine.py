@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from modules.checkpoints.components import ComponentChoice, find_sd_vae, is_flow_file, pick_modules
 from modules.checkpoints.discover import find_checkpoints, find_vaes, vae_beside_checkpoint
 from modules.checkpoints.load_mmdit import ComponentDirs, chosen_encoders
 from modules.checkpoints.manager import ModelManager
@@ -84,14 +85,19 @@ class Engine:
         raise CheckpointError(f"Checkpoint not found: {name_or_path}. Put models in "
                               f"{self.settings.models_dir / 'Stable-diffusion'} or pass --ckpt FILE.")
 
-    def load_model(self, name_or_path: str | Path) -> LoadedModel:
+    def load_model(self, name_or_path: str | Path, choice: ComponentChoice | None = None) -> LoadedModel:
+        """Load a checkpoint with the VAE / text encoder `choice` (None: the start-up flags')."""
         info = self.find_checkpoint(name_or_path)
+        choice = choice if choice is not None else self.default_choice()
+        picked = pick_modules(choice.modules, (self.settings.vae_dir,), self.settings.text_encoder_dirs)
+        vae_path = self.vae_for(info, choice, picked.vae)
+        components = self.component_dirs(picked.encoders)
         self._per_model.clear()
         self.placement.detach()
         model = self.models.load(info, device=self.placement.load_device(), dtype=self.devices.dtype,
-                                 vae_path=self.vae_for(info), force_v=self.settings.force_v_prediction,
+                                 vae_path=vae_path, force_v=self.settings.force_v_prediction,
                                  vae_dtype=self.devices.vae_dtype, channels_last_vae=self.devices.channels_last,
-                                 components=self.component_dirs())
+                                 components=components)
         apply_attention([model.unet, model.vae], self.devices.attention)
         # the UNet measured ~5% slower in NHWC; VAE weights read as NHWC are not copied again
         apply_memory_format([model.vae], self.devices.channels_last)
@@ -100,28 +106,34 @@ class Engine:
             self.placement.attach(model.unet, model.vae, model.text_encoders)
         return model
 
-    def component_dirs(self) -> ComponentDirs:
-        """Where FLUX.1 / SD3.5 transformer files find the text encoders and VAE they lack."""
+    def default_choice(self) -> ComponentChoice:
+        return ComponentChoice(sd_vae=self.settings.sd_vae)
+
+    def component_dirs(self, picked: dict[str, Path] | None = None) -> ComponentDirs:
+        """Where FLUX.1 / SD3.5 transformer files find the text encoders and VAE they lack; `picked`
+        (the picker's text encoders by kind) wins over --text-encoder, which wins over names."""
         dirs = tuple(self.settings.text_encoder_dirs)
-        return ComponentDirs(text_encoders=dirs, vaes=(self.settings.vae_dir,),
-                             chosen=chosen_encoders(self.settings.text_encoders, dirs))
+        chosen = {**chosen_encoders(self.settings.text_encoders, dirs), **(picked or {})}
+        return ComponentDirs(text_encoders=dirs, vaes=(self.settings.vae_dir,), chosen=chosen)
 
     def vaes(self) -> list[Path]:
         return find_vaes(self.settings.vae_dir)
 
-    def vae_for(self, info: CheckpointInfo) -> Path | None:
-        """--vae-path, else the `sd_vae` choice: Automatic (beside the checkpoint), None, or a name."""
-        choice = self.settings.sd_vae
+    def vae_for(self, info: CheckpointInfo, choice: ComponentChoice | None = None,
+                picked: Path | None = None) -> Path | None:
+        """The picker's VAE, else --vae-path, else (SD1/SD2/SDXL only) the `sd_vae` choice: Automatic
+        (NAME.vae.safetensors beside the checkpoint), None (the checkpoint's own), or a file in models/VAE.
+        FLUX.1 / SD3.5 take their VAE from the file, the picker or models/VAE by name."""
+        if picked is not None:
+            return picked
         if self.settings.vae_path:
             return self.settings.vae_path
-        if choice == "Automatic":
-            return vae_beside_checkpoint(info.path) if info.format != "diffusers" else None
-        if choice == "None":
+        choice = choice if choice is not None else self.default_choice()
+        if is_flow_file(info.path):
             return None
-        for path in self.vaes():
-            if choice in (path.name, path.stem, str(path.relative_to(self.settings.vae_dir))):
-                return path
-        raise CheckpointError(f"VAE not found: {choice}. Put VAE files in {self.settings.vae_dir}.")
+        if choice.sd_vae == "Automatic":
+            return vae_beside_checkpoint(info.path) if info.format != "diffusers" else None
+        return find_sd_vae(choice.sd_vae, self.settings.vae_dir)
 
     def require_model(self) -> LoadedModel:
         model = self.models.current

@@ -14,8 +14,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from modules.errors import InvalidParams
-from modules.jobs.overrides import PARAM_OPTIONS, RNG_LABELS, option_to_param, options_from_settings
+from modules.checkpoints.components import ComponentChoice, find_sd_vae, pick_modules
+from modules.errors import CheckpointError, InvalidParams
+from modules.jobs.overrides import (
+    COMPONENT_OPTIONS,
+    PARAM_OPTIONS,
+    RNG_LABELS,
+    option_to_param,
+    options_from_settings,
+)
 from modules.plugins.grids import GRID_OPTION_DEFAULTS, grid_options
 from modules.settings import Settings
 
@@ -23,7 +30,7 @@ __all__ = ["Options", "RNG_LABELS"]
 
 log = logging.getLogger(__name__)
 
-READ_ONLY = ("sd_vae", "outdir_txt2img_samples", "outdir_img2img_samples", "samples_format")
+READ_ONLY = ("outdir_txt2img_samples", "outdir_img2img_samples", "samples_format")
 
 
 class Options:
@@ -33,10 +40,12 @@ class Options:
         self.path = Path(path)
         self.legacy_path = legacy_path  # read when `path` does not exist yet (older data folders)
         self.load_error: str | None = None
+        self._settings = settings
         self._lock = threading.Lock()
         self._values: dict[str, Any] = {
             "sd_model_checkpoint": None,
             "sd_vae": settings.sd_vae,
+            "forge_additional_modules": [],
             **options_from_settings(settings),
             "samples_format": "png",
             "outdir_txt2img_samples": str(settings.outputs_dir / "txt2img-images"),
@@ -84,6 +93,8 @@ class Options:
                 option_to_param(key, value)
             elif key in READ_ONLY and value != self.get(key):
                 raise InvalidParams(f"{key} cannot be changed while the server runs (it is {self.get(key)!r})")
+        if any(key in COMPONENT_OPTIONS for key in changes):
+            check_components(self._settings, {**self.all(), **changes})
         if any(key in GRID_OPTION_DEFAULTS for key in changes):
             try:
                 grid_options({**self.all(), **changes})
@@ -100,3 +111,16 @@ class Options:
             tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
             tmp.write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")
             os.replace(tmp, self.path)
+
+
+def check_components(settings: Settings, values: dict[str, Any]) -> None:
+    """`sd_vae` names Automatic, None or a file in models/VAE, and every `forge_additional_modules` entry
+    a file in models/VAE or models/text_encoder; raises InvalidParams naming the option."""
+    key = "sd_vae"
+    try:
+        choice = ComponentChoice.from_options(values)
+        find_sd_vae(choice.sd_vae, settings.vae_dir)
+        key = "forge_additional_modules"
+        pick_modules(choice.modules, (settings.vae_dir,), settings.text_encoder_dirs)
+    except CheckpointError as err:
+        raise InvalidParams(str(err), field=key) from None
