@@ -18,7 +18,7 @@ def build_checkpoint_row(ui: UIContext) -> gr.Dropdown:
                                allow_custom_value=True)  # titles gain a hash once a model was hashed
         refresh = gr.Button("\u21bb", size="sm", scale=0, min_width=36, elem_id="checkpoint-refresh",
                             elem_classes=["atelier-icon-button"])
-        build_quicksettings(ui)
+        ui.quicksettings = build_quicksettings(ui, dropdown, refresh)
     status = gr.Markdown(_status(ui, ui.current_checkpoint() if titles else None), elem_id="checkpoint-status",
                          elem_classes=["atelier-collapse-empty"])
 

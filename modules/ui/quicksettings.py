@@ -6,10 +6,13 @@ from typing import Any
 
 import gradio as gr
 
+from modules.errors import AtelierError
+from modules.jobs.overrides import COMPONENT_OPTIONS
 from modules.server.options import READ_ONLY
 from modules.ui.context import UIContext
 from modules.ui.options_ui import (
     DEFAULT_QUICKSETTINGS,
+    component_widget,
     info_of,
     may_change,
     option_keys,
@@ -27,11 +30,17 @@ def quicksettings_keys(ui: UIContext) -> list[str]:
     return [key for key in wanted if key in known]
 
 
-def build_quicksettings(ui: UIContext) -> dict[str, gr.components.Component]:
+def build_quicksettings(ui: UIContext, checkpoint: gr.Dropdown | None = None,
+                       refresh: gr.Button | None = None) -> dict[str, gr.components.Component]:
+    """The top-bar widgets by option key. The VAE / text encoder ones load `checkpoint` (the shown one)
+    with the new choice at once; `refresh` re-reads their file lists."""
     widgets = {}
     for key in quicksettings_keys(ui):
         widget = widgets[key] = option_widget(ui, key, f"quicksettings-{key}", compact=True)
         if key in READ_ONLY:
+            continue
+        if key in COMPONENT_OPTIONS:
+            _wire_component(ui, key, widget, checkpoint, refresh)
             continue
 
         def apply(value: Any, request: gr.Request, key: str = key) -> None:
@@ -46,3 +55,52 @@ def build_quicksettings(ui: UIContext) -> dict[str, gr.components.Component]:
 
         widget.input(apply, inputs=widget, show_progress="hidden", trigger_mode="always_last")
     return widgets
+
+
+def _same(a: Any, b: Any) -> bool:
+    norm = (lambda v: [str(x) for x in v or []]) if isinstance(a, list | tuple) or isinstance(b, list | tuple) \
+        else (lambda v: v or "Automatic")
+    return norm(a) == norm(b)
+
+
+def _wire_component(ui: UIContext, key: str, widget: gr.Dropdown, checkpoint: gr.Dropdown | None,
+                    refresh: gr.Button | None) -> None:
+    """Save the choice (new jobs use it), then load the shown checkpoint with it so that a missing
+    part is reported now; the choice is kept either way (a picker is filled one file at a time)."""
+    label = info_of(key).label
+
+    def apply(value: Any, title: str | None, request: gr.Request) -> None:
+        if _same(value, ui.server.options.get(key)):
+            return
+        if not may_change(ui, request):
+            gr.Warning("Only admin users (--admin-users) may change the settings.")
+            return
+        message = save_options(ui, {key: value})
+        if message.startswith("**Not saved"):
+            gr.Warning(message.replace("**", ""))
+            return
+        info = ui.server.find_checkpoint(title or ui.server.options.get("sd_model_checkpoint") or "")
+        if info is None:
+            gr.Info(f"{label} saved; new jobs use it")
+            return
+        try:
+            ui.server.executor.load_model(info.name, ui.server.components())
+        except AtelierError as err:
+            gr.Warning(f"{label} saved, but {info.name} could not be loaded with it: {err}", duration=None)
+            return
+        gr.Info(f"{label}: loaded {info.name} with {_shown(value)}")
+
+    inputs = [widget, checkpoint] if checkpoint is not None else [widget, gr.State(None)]
+    widget.change(apply, inputs=inputs, show_progress="minimal", trigger_mode="always_last", concurrency_limit=1)
+    if refresh is not None:
+        def relist(current: Any) -> dict:
+            fresh = component_widget(ui, key, current, {})
+            return gr.update(choices=fresh.choices, value=current)
+
+        refresh.click(relist, inputs=widget, outputs=widget, queue=False)
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        return ", ".join(map(str, value)) or "the checkpoint's own parts"
+    return str(value)
