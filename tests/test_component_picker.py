@@ -110,6 +110,9 @@ def test_picker_option_applies_to_later_jobs(server) -> None:
     assert httpx.get(f"{url}/sdapi/v1/options").json()["forge_additional_modules"] == PICK
     job = _post(server, FLUX_BODY)
     assert job.status_code == 200 and _info(job)["Module 3"] == "t5xxl_b_fp16"
+    sd1 = _post(server, {**FLUX_BODY, "override_settings": {"sd_model_checkpoint": "tiny"}})
+    assert sd1.status_code == 200, sd1.text  # the picked FLUX VAE (16 channels) does not apply to SD1
+    assert "VAE" not in _info(sd1) and "Module 1" not in _info(sd1)
     httpx.post(f"{url}/sdapi/v1/options", json={"sd_model_checkpoint": "tiny", "forge_additional_modules": []},
                timeout=300).raise_for_status()
 

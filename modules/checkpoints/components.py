@@ -135,3 +135,17 @@ def is_flow_file(path: Path) -> bool:
         return is_flow_checkpoint(_header_shapes(path))
     except CheckpointError:
         return False
+
+
+def vae_latent_channels(path: Path) -> int | None:
+    """A VAE file's latent channels (4: SD1/SD2/SDXL, 16: FLUX.1 / SD3.5) from its header; None if unknown."""
+    from modules.checkpoints.load_mmdit import _header_shapes
+
+    if Path(path).suffix.lower() not in COMPONENT_SUFFIXES:
+        return None
+    try:
+        shapes = _header_shapes(Path(path))
+    except CheckpointError:
+        return None
+    conv_in = next((v for k, v in shapes.items() if k.endswith("decoder.conv_in.weight")), None)
+    return int(conv_in.shape[1]) if conv_in is not None and conv_in.dim() == 4 else None

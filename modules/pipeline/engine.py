@@ -4,7 +4,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from modules.checkpoints.components import ComponentChoice, find_sd_vae, is_flow_file, pick_modules
+from modules.checkpoints.components import (
+    ComponentChoice,
+    find_sd_vae,
+    is_flow_file,
+    pick_modules,
+    vae_latent_channels,
+)
 from modules.checkpoints.discover import find_checkpoints, find_vaes, vae_beside_checkpoint
 from modules.checkpoints.load_mmdit import ComponentDirs, chosen_encoders
 from modules.checkpoints.manager import ModelManager
@@ -121,15 +127,17 @@ class Engine:
 
     def vae_for(self, info: CheckpointInfo, choice: ComponentChoice | None = None,
                 picked: Path | None = None) -> Path | None:
-        """The picker's VAE, else --vae-path, else (SD1/SD2/SDXL only) the `sd_vae` choice: Automatic
-        (NAME.vae.safetensors beside the checkpoint), None (the checkpoint's own), or a file in models/VAE.
-        FLUX.1 / SD3.5 take their VAE from the file, the picker or models/VAE by name."""
-        if picked is not None:
+        """The picker's VAE when it fits the model (16 latent channels for FLUX.1 / SD3.5, 4 for SD), else
+        --vae-path, else (SD1/SD2/SDXL only) the `sd_vae` choice: Automatic (NAME.vae.safetensors beside the
+        checkpoint), None (the checkpoint's own), or a file in models/VAE. FLUX.1 / SD3.5 otherwise take
+        their VAE from the file or from models/VAE by name."""
+        flow = is_flow_file(info.path)
+        if picked is not None and vae_latent_channels(picked) in (None, 16 if flow else 4):
             return picked
         if self.settings.vae_path:
             return self.settings.vae_path
         choice = choice if choice is not None else self.default_choice()
-        if is_flow_file(info.path):
+        if flow:
             return None
         if choice.sd_vae == "Automatic":
             return vae_beside_checkpoint(info.path) if info.format != "diffusers" else None

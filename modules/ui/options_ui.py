@@ -162,4 +162,4 @@ def component_widget(ui: UIContext, key: str, value: Any, common: dict) -> gr.Dr
         return gr.Dropdown(choices, value=value if value in choices else "Automatic", **common)
     value = [str(v) for v in value or []]
     return gr.Dropdown(list(dict.fromkeys([*module_choices(ui), *value])), value=value, multiselect=True,
-                       **common)
+                       min_width=320, scale=2, **common)

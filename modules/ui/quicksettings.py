@@ -30,17 +30,12 @@ def quicksettings_keys(ui: UIContext) -> list[str]:
     return [key for key in wanted if key in known]
 
 
-def build_quicksettings(ui: UIContext, checkpoint: gr.Dropdown | None = None,
-                       refresh: gr.Button | None = None) -> dict[str, gr.components.Component]:
-    """The top-bar widgets by option key. The VAE / text encoder ones load `checkpoint` (the shown one)
-    with the new choice at once; `refresh` re-reads their file lists."""
+def build_quicksettings(ui: UIContext) -> dict[str, gr.components.Component]:
+    """The top-bar widgets by option key; the VAE / text encoder ones are wired by `wire_components`."""
     widgets = {}
     for key in quicksettings_keys(ui):
         widget = widgets[key] = option_widget(ui, key, f"quicksettings-{key}", compact=True)
-        if key in READ_ONLY:
-            continue
-        if key in COMPONENT_OPTIONS:
-            _wire_component(ui, key, widget, checkpoint, refresh)
+        if key in READ_ONLY or key in COMPONENT_OPTIONS:
             continue
 
         def apply(value: Any, request: gr.Request, key: str = key) -> None:
@@ -63,41 +58,45 @@ def _same(a: Any, b: Any) -> bool:
     return norm(a) == norm(b)
 
 
-def _wire_component(ui: UIContext, key: str, widget: gr.Dropdown, checkpoint: gr.Dropdown | None,
-                    refresh: gr.Button | None) -> None:
-    """Save the choice (new jobs use it), then load the shown checkpoint with it so that a missing
-    part is reported now; the choice is kept either way (a picker is filled one file at a time)."""
+def wire_components(ui: UIContext, checkpoint: gr.Dropdown, refresh: gr.Button, status: gr.Markdown) -> None:
+    """SD VAE and the VAE / Text Encoder picker: save the choice (new jobs use it), then load the shown
+    checkpoint with it so that a missing part is reported now, in `status`; the choice is kept either way
+    (a picker is filled one file at a time). `refresh` re-reads their file lists."""
+    for key in COMPONENT_OPTIONS:
+        if key in ui.quicksettings:
+            _wire_component(ui, key, ui.quicksettings[key], checkpoint, refresh, status)
+
+
+def _wire_component(ui: UIContext, key: str, widget: gr.Dropdown, checkpoint: gr.Dropdown, refresh: gr.Button,
+                    status: gr.Markdown) -> None:
     label = info_of(key).label
 
-    def apply(value: Any, title: str | None, request: gr.Request) -> None:
+    def apply(value: Any, title: str | None, request: gr.Request) -> Any:
         if _same(value, ui.server.options.get(key)):
-            return
+            return gr.update()
         if not may_change(ui, request):
-            gr.Warning("Only admin users (--admin-users) may change the settings.")
-            return
+            return "⚠ Only admin users (--admin-users) may change the settings."
         message = save_options(ui, {key: value})
         if message.startswith("**Not saved"):
-            gr.Warning(message.replace("**", ""))
-            return
+            return f"⚠ {message}"
         info = ui.server.find_checkpoint(title or ui.server.options.get("sd_model_checkpoint") or "")
         if info is None:
-            gr.Info(f"{label} saved; new jobs use it")
-            return
+            return f"{label} saved; new jobs use it."
         try:
             ui.server.executor.load_model(info.name, ui.server.components())
         except AtelierError as err:
-            gr.Warning(f"{label} saved, but {info.name} could not be loaded with it: {err}", duration=None)
-            return
-        gr.Info(f"{label}: loaded {info.name} with {_shown(value)}")
+            return f"❌ **{label} saved, but {info.name} could not be loaded with it:** {err}"
+        ui.server.options.update({"sd_model_checkpoint": ui.server.title(info)})
+        return f"✅ Loaded {info.name} with {label}: {_shown(value)}"
 
-    inputs = [widget, checkpoint] if checkpoint is not None else [widget, gr.State(None)]
-    widget.change(apply, inputs=inputs, show_progress="minimal", trigger_mode="always_last", concurrency_limit=1)
-    if refresh is not None:
-        def relist(current: Any) -> dict:
-            fresh = component_widget(ui, key, current, {})
-            return gr.update(choices=fresh.choices, value=current)
+    widget.change(apply, inputs=[widget, checkpoint], outputs=status, show_progress="minimal",
+                  trigger_mode="always_last", concurrency_limit=1)
 
-        refresh.click(relist, inputs=widget, outputs=widget, queue=False)
+    def relist(current: Any) -> dict:
+        fresh = component_widget(ui, key, current, {})
+        return gr.update(choices=fresh.choices, value=current)
+
+    refresh.click(relist, inputs=widget, outputs=widget, queue=False)
 
 
 def _shown(value: Any) -> str:
