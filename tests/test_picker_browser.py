@@ -105,8 +105,9 @@ def test_pick_modules_generate_flux_and_paste_restores(page, server, tmp_path):
     wait_option(server, "forge_additional_modules", PICK)
     assert picker_values(page) == PICK
 
-    from modules import images
     from PIL import Image
+
+    from modules import images
 
     server.context.options.update({"forge_additional_modules": []})
     page.reload()
