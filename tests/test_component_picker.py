@@ -150,3 +150,13 @@ def test_sd_vae_swaps_the_sd_vae_and_automatic_restores_it(server, tiny_checkpoi
     assert bad.status_code == 422 and "VAE not found: missing.safetensors" in bad.text
     bad_job = _post(server, {**body, "override_settings": {"sd_vae": "missing.safetensors"}})
     assert bad_job.status_code == 422 and bad_job.json()["detail"][0]["loc"][-1] == "sd_vae"
+
+
+def test_a_saved_choice_whose_file_is_gone_falls_back(tmp_path: Path) -> None:
+    from modules.server.options import Options
+    from modules.settings import Settings
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"sd_vae": "gone.safetensors", "forge_additional_modules": ["ae.safetensors"]}))
+    options = Options(Settings(models_dir=tmp_path / "models", data_dir=tmp_path), config)
+    assert options.get("sd_vae") == "Automatic" and options.get("forge_additional_modules") == []

@@ -55,6 +55,7 @@ class Options:
             **GRID_OPTION_DEFAULTS,
         }
         self._values.update(self._load())
+        self._drop_missing_components(settings)
 
     def _load(self) -> dict[str, Any]:
         """The saved values; a corrupt file is moved aside (reported in `load_error`), never fatal."""
@@ -78,6 +79,15 @@ class Options:
             log.warning("%s", self.load_error)
             return {}
         return {k: v for k, v in data.items() if k not in READ_ONLY}
+
+    def _drop_missing_components(self, settings: Settings) -> None:
+        """A saved VAE / text encoder choice whose file is gone falls back to the defaults (logged), so that
+        a deleted file does not refuse every job."""
+        try:
+            check_components(settings, self._values)
+        except InvalidParams as err:
+            log.warning("%s; using sd_vae %s and no VAE / text encoder picks", err, settings.sd_vae)
+            self._values.update({"sd_vae": settings.sd_vae, "forge_additional_modules": []})
 
     def all(self) -> dict[str, Any]:
         with self._lock:
