@@ -12,7 +12,7 @@ import pytest
 
 from tests import test_webui_browser as base
 from tests.test_component_picker import PICK, write_components, write_sd_vae
-from tests.test_webui_browser import fill_txt2img, gallery_image, wait_result, wait_text
+from tests.test_webui_browser import fill_txt2img, gallery_image, infotext_of, wait_result, wait_text
 from tests.ui_helpers import external_request_guard, require_browser, screenshot_dir, start_ui_server
 
 pytestmark = pytest.mark.slow
@@ -75,7 +75,10 @@ def picker_values(page) -> list[str]:
 
 def generate(page, server, prompt: str = "a fox") -> tuple[str, np.ndarray]:
     fill_txt2img(page, prompt, seed=5, steps=2)
+    before = infotext_of(page)
     page.click("#txt2img-generate")
+    page.wait_for_function("old => { const t = (document.querySelector('#txt2img-infotext pre')?.innerText || '')"
+                           ".trim(); return t && t !== old; }", arg=before, timeout=180_000)  # not the last job's
     info = wait_result(page, timeout=180)
     return info, np.asarray(gallery_image(page, server, "txt2img"), dtype=np.int16)
 
@@ -128,7 +131,7 @@ def test_sd_vae_swaps_the_image_and_automatic_restores_it(page, server):
     assert "VAE:" not in own_info
     choose(page, "#quicksettings-sd_vae", "sd_other.safetensors")
     wait_option(server, "sd_vae", "sd_other.safetensors")
-    info, swapped = generate(page, server, "a cat ")
+    info, swapped = generate(page, server, "a cat")
     assert "VAE: sd_other.safetensors" in info and np.abs(swapped - own).max() > 0
     choose(page, "#quicksettings-sd_vae", "Automatic")
     wait_option(server, "sd_vae", "Automatic")
