@@ -9,11 +9,12 @@ from __future__ import annotations
 import io
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
+from modules.checkpoints.components import ComponentChoice
 from modules.errors import CheckpointError
 from modules.jobs import runners
 from modules.jobs.model import JobResult, JobSpec
@@ -36,7 +37,7 @@ class Executor(Protocol):
 
     def skip(self, job_id: str) -> None: ...
 
-    def load_model(self, name: str) -> str: ...
+    def load_model(self, name: str, components: Mapping[str, Any] | None = None) -> str: ...
 
     def unload_model(self) -> None: ...
 
@@ -67,6 +68,7 @@ class LocalExecutor:
         self._loaded: str | None = None
         self._weights: str | None = None  # the running job's weights mode (fp8_storage); None: --weights
         self._loaded_weights: str | None = None
+        self._choice = engine.default_choice() if hasattr(engine, "default_choice") else ComponentChoice()
         self.loads = 0  # checkpoints loaded so far (model-affinity routing keeps this low)
 
     # -- jobs -----------------------------------------------------------------
@@ -99,9 +101,9 @@ class LocalExecutor:
         payload = JobPayload.from_json(spec.params, kind=spec.kind)
         needs_model = getattr(type(payload.params), "needs_checkpoint", True)
         self._weights = payload.weights or None  # this job's fp8_storage choice, for script cells too
-        model = self._ensure_model(payload.checkpoint) if needs_model else ""
+        model = self._ensure_model(payload.checkpoint, payload.components) if needs_model else ""
         result = runners.run(self.engine, payload, control, lambda p: on_event(_event(p)), self.outdir,
-                             self._ensure_model)
+                             lambda name, components=None: self._ensure_model(name, components or payload.components))
         paths = [str(p) for p in result.paths]
         if not paths:  # not saved to the gallery: keep the job's images under the data folder
             paths = [str(p) for p in runners.save_job_images(result, self.job_images_dir / spec.id)]
@@ -111,25 +113,26 @@ class LocalExecutor:
                          warnings=list(result.warnings), model=model)
 
     # -- models ---------------------------------------------------------------
-    def _ensure_model(self, name: str | None) -> str:
-        """Runs on the worker: load `name` unless it is the loaded model; returns its name."""
+    def _ensure_model(self, name: str | None, components: Mapping[str, Any] | None = None) -> str:
+        """Runs on the worker: load `name` with the VAE / text encoder choice `components` (None: the
+        worker's current choice) unless that is what is loaded; returns its name."""
         if not name:
             raise CheckpointError("No checkpoint is available. Put a model in models/Stable-diffusion "
                                   "or start with --ckpt FILE.")
         info = self.engine.find_checkpoint(name)
+        choice = self._choice if components is None else ComponentChoice.from_options(components)
         current = self.engine.models.current
         weights = self._weights or self.engine.settings.weights
         if current is None or Path(current.info.path).resolve() != Path(info.path).resolve() \
-                or weights != self._loaded_weights:
+                or choice != self._choice or weights != self._loaded_weights:
             log.info("loading checkpoint %s", info.name)
-            self.engine.load_model(info.path, weights=weights)
+            self.engine.load_model(info.path, choice, weights=weights)
             self.loads += 1
-        self._loaded_weights = weights
-        self._loaded = info.name
+        self._loaded, self._choice, self._loaded_weights = info.name, choice, weights
         return info.name
 
-    def load_model(self, name: str) -> str:
-        return self._worker.submit(self._ensure_model, name).result()
+    def load_model(self, name: str, components: Mapping[str, Any] | None = None) -> str:
+        return self._worker.submit(self._ensure_model, name, components).result()
 
     def unload_model(self) -> None:
         def unload() -> None:

@@ -24,6 +24,7 @@ PARAM_OPTIONS = {
 RNG_LABELS = {"gpu": "GPU", "cpu": "CPU", "nv": "NV"}
 NOT_OVERRIDES = ("sd_model_checkpoint", "fp8_storage")  # handled by the submit service itself
 FP8_STORAGE = {"Disable": "auto", "Enable": "fp8", "Enable for SDXL": "fp8-sdxl"}  # A1111's "FP8 weight"
+COMPONENT_OPTIONS = ("sd_vae", "forge_additional_modules")  # the job's VAE / text encoders (submit service)
 
 
 def options_from_settings(settings: Any) -> dict[str, Any]:
@@ -65,7 +66,7 @@ def overridden(overrides: Mapping[str, Any], names: frozenset[str]) -> tuple[dic
         field = PARAM_OPTIONS.get(key)
         if field in names:
             changes[field] = option_to_param(key, value)
-        elif key not in NOT_OVERRIDES:
+        elif key not in NOT_OVERRIDES and key not in COMPONENT_OPTIONS:
             ignored.append(key)
     warnings = [f"override_settings ignored (not a per-job setting here): {', '.join(ignored)}"] if ignored else []
     return changes, warnings
@@ -86,3 +87,9 @@ def job_weights(options: Mapping[str, Any], overrides: Mapping[str, Any]) -> str
     if value not in FP8_STORAGE:
         raise InvalidParams(f"fp8_storage must be one of {', '.join(FP8_STORAGE)}, got {value!r}", field="fp8_storage")
     return FP8_STORAGE[value]
+
+
+def job_components(options: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """The job's `sd_vae` and `forge_additional_modules`: the caller's options, then `override_settings`."""
+    return {key: overrides.get(key, options.get(key)) for key in COMPONENT_OPTIONS
+            if key in overrides or key in options}

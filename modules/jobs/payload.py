@@ -163,6 +163,7 @@ class JobPayload:
     source: str = "api"  # "api", "jobs-api", "ui" or "cli"
     script: Mapping[str, Any] | None = None  # {"name": script title, "args": {option: value}}; None: no script
     weights: str = ""  # "fp8" / "fp8-sdxl" / "auto" from the fp8_storage option; "": the server's --weights
+    components: Mapping[str, Any] | None = None  # {"sd_vae", "forge_additional_modules"}; None: the worker's
 
     def to_json(self) -> dict[str, Any]:
         return {"version": PAYLOAD_VERSION, "kind": self.kind, "checkpoint": self.checkpoint,
@@ -170,7 +171,8 @@ class JobPayload:
                 "request": _json_value("request", self.request), "warnings": list(self.warnings),
                 "source": self.source,
                 **({"script": _json_value("script", self.script)} if self.script else {}),
-                **({"weights": self.weights} if self.weights else {})}
+                **({"weights": self.weights} if self.weights else {}),
+                **({"components": _json_value("components", self.components)} if self.components else {})}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any], kind: str | None = None) -> JobPayload:
@@ -185,4 +187,5 @@ class JobPayload:
                    inputs=dict(data.get("inputs") or {}), request=dict(data.get("request") or {}),
                    warnings=tuple(data.get("warnings") or ()), source=data.get("source", "api"),
                    script=dict(data["script"]) if data.get("script") else None,
-                   weights=str(data.get("weights") or ""))
+                   weights=str(data.get("weights") or ""),
+                   components=dict(data["components"]) if data.get("components") else None)

@@ -20,7 +20,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -241,8 +241,8 @@ class PoolExecutor:
         with self._lock:
             return [s for s in self._slots if s.state != LOST]
 
-    def load_model(self, name: str) -> str:
-        """Load `name` on every idle worker (held meanwhile, so no job lands there mid-load); busy
+    def load_model(self, name: str, components: Mapping[str, Any] | None = None) -> str:
+        """Load `name` (with the VAE / text encoder choice `components`) on every idle worker (held meanwhile, so no job lands there mid-load); busy
         workers load it when a job asks for it."""
         loaded = name
         for slot in self._live():
@@ -251,7 +251,7 @@ class PoolExecutor:
                     continue
                 slot.state = BUSY
             try:
-                loaded = slot.worker.load_model(name)
+                loaded = slot.worker.load_model(name, components)
                 slot.model = loaded
             except WorkerLost as err:
                 self._lose(slot, err)

@@ -56,6 +56,7 @@ class SubmitService:
     resolve_checkpoint: Callable[[str | None], tuple[str, str]]  # name (None: current) -> (name, title)
     inputs_dir: Path
     interrogation: Callable[[str], None] | None = None  # model name -> raises when it is not installed
+    check_components: Callable[[Mapping[str, Any]], None] | None = None  # raises AtelierError for a bad choice
 
     def prepare(self, submission: Submission, caller: Caller | None = None) -> JobPayload:
         """The validated payload, input images still in memory; raises InvalidParams naming the field.
@@ -79,13 +80,14 @@ class SubmitService:
             else ("", "")
         script = check_script(submission, params, self.registries, self._checkpoint_name, self.limits, options,
                               self.interrogation)
+        components = self._components(options, submission.overrides) if checkpoint else None
         request = submission.request
         if request is None:
             request = {**encode_params(params), "override_settings": {"sd_model_checkpoint": title}}
         return JobPayload(submission.kind, dataclasses.replace(params, init_images=(), mask=None)
                           if images else params, checkpoint, images, dict(request),
                           (*submission.warnings, *warnings), submission.source, script,
-                          job_overrides.job_weights(options, submission.overrides))
+                          job_overrides.job_weights(options, submission.overrides), components)
 
     def submit(self, caller: Caller, submission: Submission) -> Job:
         """Validate, store the input images beside the job and queue it for `caller`."""
@@ -123,6 +125,16 @@ class SubmitService:
         except AtelierError as err:
             raise InvalidParams(f"Refiner checkpoint: {err}", field="refiner_checkpoint") from None
         return dataclasses.replace(params, refiner_checkpoint=name)
+
+    def _components(self, options: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any] | None:
+        components = job_overrides.job_components(options, overrides)
+        if components and self.check_components is not None:
+            try:
+                self.check_components(components)
+            except AtelierError as err:
+                key = next((k for k in job_overrides.COMPONENT_OPTIONS if k in overrides), "sd_vae")
+                raise InvalidParams(str(err), field=key) from None
+        return components or None
 
     def _checkpoint_name(self, name: str) -> str:
         try:

@@ -4,10 +4,18 @@ from __future__ import annotations
 import re
 import weakref
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from modules.checkpoints.components import (
+    ComponentChoice,
+    find_sd_vae,
+    is_flow_file,
+    pick_modules,
+    vae_latent_channels,
+)
 from modules.checkpoints.discover import find_checkpoints, find_vaes, vae_beside_checkpoint
 from modules.checkpoints.load_mmdit import ComponentDirs, chosen_encoders
 from modules.checkpoints.manager import ModelManager
@@ -68,6 +76,7 @@ class Engine:
         self._tokenizer = None
         self._per_model: dict[int, dict] = {}
         self.loaded_weights: str | None = None  # the `weights` of the last load (a VAE reload keeps it)
+        self.requested_choice = self.loaded_choice = self.default_choice()  # VAE / text encoders asked, loaded
         # "Interrogate CLIP / DeepBooru" on this engine's device (fp32 on the CPU, as the models ship)
         self.interrogator = Interrogator(InterrogateFolders.under(settings.models_dir), devices.device,
                                          devices.dtype if devices.device.type == "cuda" else torch.float32)
@@ -101,17 +110,25 @@ class Engine:
         raise CheckpointError(f"Checkpoint not found: {name_or_path}. Put models in "
                               f"{self.settings.models_dir / 'Stable-diffusion'} or pass --ckpt FILE.")
 
-    def load_model(self, name_or_path: str | Path, weights: str | None = None, vae: str | None = None) -> LoadedModel:
-        """Load a checkpoint unless it is loaded. `weights` ("auto", "fp8", "fp8-sdxl") overrides --weights
-        and `vae` the server's `sd_vae` for this load."""
+    def load_model(self, name_or_path: str | Path, choice: ComponentChoice | None = None,
+                   weights: str | None = None) -> LoadedModel:
+        """Load a checkpoint with the VAE / text encoder `choice` (None: the start-up flags'); `weights`
+        ("auto", "fp8", "fp8-sdxl") overrides --weights for this load."""
+        self.requested_choice = choice if choice is not None else self.default_choice()
+        return self._load(name_or_path, self.requested_choice, weights)
+
+    def _load(self, name_or_path: str | Path, choice: ComponentChoice, weights: str | None) -> LoadedModel:
         info = self.find_checkpoint(name_or_path)
+        picked = pick_modules(choice.modules, (self.settings.vae_dir,), self.settings.text_encoder_dirs)
+        vae_path = self.vae_for(info, choice, picked.vae)
+        components = self.component_dirs(picked.encoders)
         self._per_model.clear()
         self.placement.detach()
         model = self.models.load(info, device=self.placement.load_device(), dtype=self.devices.dtype,
-                                 vae_path=self.vae_for(info, vae), force_v=self.settings.force_v_prediction,
+                                 vae_path=vae_path, force_v=self.settings.force_v_prediction,
                                  vae_dtype=self.devices.vae_dtype, channels_last_vae=self.devices.channels_last,
-                                 components=self.component_dirs(), weights=weights or self.settings.weights)
-        self.loaded_weights = weights or self.settings.weights
+                                 components=components, weights=weights or self.settings.weights)
+        self.loaded_weights, self.loaded_choice = weights or self.settings.weights, choice
         apply_attention([model.unet, model.vae], self.devices.attention)
         # the UNet measured ~5% slower in NHWC; VAE weights read as NHWC are not copied again
         apply_memory_format([model.vae], self.devices.channels_last)
@@ -148,29 +165,36 @@ class Engine:
         """The memory policy, its budget and the resident components (for /sdapi/v1/memory)."""
         return self.placement.report()
 
-    def component_dirs(self) -> ComponentDirs:
-        """Where FLUX.1 / SD3.5 transformer files find the text encoders and VAE they lack."""
+    def default_choice(self) -> ComponentChoice:
+        return ComponentChoice(sd_vae=self.settings.sd_vae)
+
+    def component_dirs(self, picked: dict[str, Path] | None = None) -> ComponentDirs:
+        """Where FLUX.1 / SD3.5 transformer files find the text encoders and VAE they lack; `picked`
+        (the picker's text encoders by kind) wins over --text-encoder, which wins over names."""
         dirs = tuple(self.settings.text_encoder_dirs)
-        return ComponentDirs(text_encoders=dirs, vaes=(self.settings.vae_dir,),
-                             chosen=chosen_encoders(self.settings.text_encoders, dirs))
+        chosen = {**chosen_encoders(self.settings.text_encoders, dirs), **(picked or {})}
+        return ComponentDirs(text_encoders=dirs, vaes=(self.settings.vae_dir,), chosen=chosen)
 
     def vaes(self) -> list[Path]:
         return find_vaes(self.settings.vae_dir)
 
-    def vae_for(self, info: CheckpointInfo, choice: str | None = None) -> Path | None:
-        """--vae-path, else the `sd_vae` choice (`choice`, default the server's): Automatic (beside the
-        checkpoint), None, or a name."""
-        choice = choice if choice is not None else self.settings.sd_vae
+    def vae_for(self, info: CheckpointInfo, choice: ComponentChoice | None = None,
+                picked: Path | None = None) -> Path | None:
+        """The picker's VAE when it fits the model (16 latent channels for FLUX.1 / SD3.5, 4 for SD), else
+        --vae-path, else (SD1/SD2/SDXL only) the `sd_vae` choice: Automatic (NAME.vae.safetensors beside the
+        checkpoint), None (the checkpoint's own), or a file in models/VAE. FLUX.1 / SD3.5 otherwise take
+        their VAE from the file or from models/VAE by name."""
+        flow = is_flow_file(info.path)
+        if picked is not None and vae_latent_channels(picked) in (None, 16 if flow else 4):
+            return picked
         if self.settings.vae_path:
             return self.settings.vae_path
-        if choice == "Automatic":
-            return vae_beside_checkpoint(info.path) if info.format != "diffusers" else None
-        if choice == "None":
+        choice = choice if choice is not None else self.default_choice()
+        if flow:
             return None
-        for path in self.vaes():
-            if choice in (path.name, path.stem, str(path.relative_to(self.settings.vae_dir))):
-                return path
-        raise CheckpointError(f"VAE not found: {choice}. Put VAE files in {self.settings.vae_dir}.")
+        if choice.sd_vae == "Automatic":
+            return vae_beside_checkpoint(info.path) if info.format != "diffusers" else None
+        return find_sd_vae(choice.sd_vae, self.settings.vae_dir)
 
     def refiner_model(self, params: GenerationParams, base: LoadedModel) -> LoadedModel | None:
         """The refiner `params` ask for, loaded beside `base` (which stays loaded), or None (slot freed).
@@ -210,14 +234,15 @@ class Engine:
                             f"{self.settings.models_dir / 'Stable-diffusion'} or choose another refiner.",
                             field="refiner_checkpoint")
 
-    def use_vae(self, choice: str | None) -> None:
-        """Reload the current checkpoint when the job's VAE choice (None: the server's) is not the loaded one."""
+    def use_vae(self, sd_vae: str | None) -> None:
+        """Reload the current checkpoint when a job's `sd_vae` (an X/Y/Z cell's; None: the requested choice's)
+        differs from the loaded one. The checkpoint's requested choice stays what the next job gets back."""
         model, loaded = self.models.current, self.models.vae_path
         if model is None or loaded is False:  # nothing loaded, or a model built by hand (benchmarks, tests)
             return
-        wanted = self.vae_for(model.info, choice)
-        if (Path(wanted).resolve() if wanted else None) != loaded:
-            self.load_model(model.info.path, weights=self.loaded_weights, vae=choice)
+        wanted = self.requested_choice if sd_vae is None else replace(self.requested_choice, sd_vae=sd_vae)
+        if wanted != self.loaded_choice:
+            self._load(model.info.path, wanted, self.loaded_weights)
 
     def require_model(self) -> LoadedModel:
         model = self.models.current

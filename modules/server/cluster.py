@@ -101,8 +101,8 @@ class AtelierWorker:
     def skip(self, job_id: str) -> None:
         self.executor.skip(job_id)
 
-    def load_model(self, name: str) -> str:
-        return self.executor.load_model(name)
+    def load_model(self, name: str, components: dict | None = None) -> str:
+        return self.executor.load_model(name, components)
 
     def unload_model(self) -> None:
         self.executor.unload_model()
@@ -189,8 +189,8 @@ class RayWorker:
     def skip(self, job_id: str) -> None:
         self.actor.skip.remote(job_id)
 
-    def load_model(self, name: str) -> str:
-        return self._call("load_model", name)
+    def load_model(self, name: str, components: dict | None = None) -> str:
+        return self._call("load_model", name, components)
 
     def unload_model(self) -> None:
         self._call("unload_model")

@@ -17,10 +17,11 @@ from modules.errors import AtelierError, CheckpointError
 from modules.jobs.executor import Executor
 from modules.jobs.manager import JobManager
 from modules.jobs.model import Caller
+from modules.jobs.overrides import COMPONENT_OPTIONS
 from modules.jobs.store import JobStore
 from modules.jobs.submit import SubmitService
 from modules.server.config import ServerConfig
-from modules.server.options import Options
+from modules.server.options import Options, check_components
 from modules.server.user_options import UserOptions
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,8 @@ class ServerContext:
         """The one way jobs are queued, for the UI and both APIs alike."""
         return SubmitService(self.jobs, self.app.settings.limits, self.app.registries, self.options_for,
                              self.checkpoint_for_job, self.data_dir / "job-inputs",
-                             interrogation=self.app.engine.interrogator.check)
+                             interrogation=self.app.engine.interrogator.check,
+                             check_components=lambda values: check_components(self.app.settings, values))
 
     @cached_property
     def user_options(self) -> UserOptions:
@@ -59,6 +61,11 @@ class ServerContext:
         if caller is None or not self.config.credentials:
             return values
         return {**values, **self.user_options.get(caller.owner)}
+
+    def components(self, values: dict | None = None) -> dict:
+        """The server's VAE / text encoder choice (`sd_vae`, `forge_additional_modules`), with `values` on top."""
+        merged = {**self.options.all(), **(values or {})}
+        return {key: merged.get(key) for key in COMPONENT_OPTIONS}
 
     def is_admin(self, caller: Caller) -> bool:
         """May change server-wide state (options, models, extensions): anyone without auth, else admins."""
@@ -90,7 +97,7 @@ class ServerContext:
 
     def _preload(self, title: str) -> None:
         try:
-            self.executor.load_model(self.require_checkpoint(title).name)
+            self.executor.load_model(self.require_checkpoint(title).name, self.components())
         except AtelierError as err:  # the first job reports it again, in its own words
             log.warning("default checkpoint not loaded: %s", " ".join(str(err).split()))
         except RuntimeError as err:  # the worker was shut down while the load was queued

@@ -15,9 +15,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from modules.errors import InvalidParams
+from modules.checkpoints.components import ComponentChoice, find_sd_vae, pick_modules
+from modules.errors import CheckpointError, InvalidParams
 from modules.interrogate.options import InterrogateOptions
 from modules.jobs.overrides import (
+    COMPONENT_OPTIONS,
     PARAM_OPTIONS,
     RNG_LABELS,
     fp8_storage_option,
@@ -34,7 +36,7 @@ __all__ = ["Options", "RNG_LABELS"]
 
 log = logging.getLogger(__name__)
 
-READ_ONLY = ("sd_vae", "outdir_txt2img_samples", "outdir_img2img_samples", "samples_format")
+READ_ONLY = ("outdir_txt2img_samples", "outdir_img2img_samples", "samples_format")
 
 
 class Options:
@@ -44,10 +46,12 @@ class Options:
         self.path = Path(path)
         self.legacy_path = legacy_path  # read when `path` does not exist yet (older data folders)
         self.load_error: str | None = None
+        self._settings = settings
         self._lock = threading.Lock()
         self._values: dict[str, Any] = {
             "sd_model_checkpoint": None,
             "sd_vae": settings.sd_vae,
+            "forge_additional_modules": [],
             **options_from_settings(settings),
             "samples_format": "png",
             "outdir_txt2img_samples": str(settings.outputs_dir / "txt2img-images"),
@@ -61,6 +65,7 @@ class Options:
         }
         self._values.update(self._load())
         self.listeners: list[Callable[[dict[str, Any]], None]] = []  # called with the changes after each update
+        self._drop_missing_components(settings)
 
     def _load(self) -> dict[str, Any]:
         """The saved values; a corrupt file is moved aside (reported in `load_error`), never fatal."""
@@ -85,6 +90,15 @@ class Options:
             return {}
         return {k: v for k, v in data.items() if k not in READ_ONLY}
 
+    def _drop_missing_components(self, settings: Settings) -> None:
+        """A saved VAE / text encoder choice whose file is gone falls back to the defaults (logged), so that
+        a deleted file does not refuse every job."""
+        try:
+            check_components(settings, self._values)
+        except InvalidParams as err:
+            log.warning("%s; using sd_vae %s and no VAE / text encoder picks", err, settings.sd_vae)
+            self._values.update({"sd_vae": settings.sd_vae, "forge_additional_modules": []})
+
     def all(self) -> dict[str, Any]:
         with self._lock:
             return dict(self._values)
@@ -105,6 +119,8 @@ class Options:
             job_weights({}, changes)
         if any(key in MEMORY_OPTIONS for key in changes):
             policy_from_options({**self.all(), **changes})
+        if any(key in COMPONENT_OPTIONS for key in changes):
+            check_components(self._settings, {**self.all(), **changes})
         if any(key in GRID_OPTION_DEFAULTS for key in changes):
             try:
                 grid_options({**self.all(), **changes})
@@ -123,3 +139,16 @@ class Options:
             os.replace(tmp, self.path)
         for listener in list(self.listeners):
             listener(changes)
+
+
+def check_components(settings: Settings, values: dict[str, Any]) -> None:
+    """`sd_vae` names Automatic, None or a file in models/VAE, and every `forge_additional_modules` entry
+    a file in models/VAE or models/text_encoder; raises InvalidParams naming the option."""
+    key = "sd_vae"
+    try:
+        choice = ComponentChoice.from_options(values)
+        find_sd_vae(choice.sd_vae, settings.vae_dir)
+        key = "forge_additional_modules"
+        pick_modules(choice.modules, (settings.vae_dir,), settings.text_encoder_dirs)
+    except CheckpointError as err:
+        raise InvalidParams(str(err), field=key) from None

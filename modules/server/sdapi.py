@@ -13,7 +13,7 @@ from modules import images as image_files
 from modules import infotext
 from modules.errors import AtelierError
 from modules.jobs.model import FAILED, RUNNING, Caller, Job
-from modules.jobs.overrides import PARAM_OPTIONS
+from modules.jobs.overrides import COMPONENT_OPTIONS, PARAM_OPTIONS
 from modules.jobs.payload import JobPayload
 from modules.server import convert, scripts_api, system
 from modules.server.context import ServerContext
@@ -162,13 +162,16 @@ def set_options_and_model(ctx: ServerContext, changes: dict[str, Any]) -> None:
     changes = dict(changes)
     wanted = changes.pop("sd_model_checkpoint", None)
     ctx.options.validate(changes)
+    where = ("sd_model_checkpoint",)
+    if wanted is None and any(key in COMPONENT_OPTIONS for key in changes):  # a new VAE / text encoder choice
+        wanted, where = ctx.options.get("sd_model_checkpoint"), (next(k for k in COMPONENT_OPTIONS if k in changes),)
     if wanted is not None:
         info = ctx.find_checkpoint(str(wanted))
         if info is None:
             raise convert.RequestError(("sd_model_checkpoint",), f"Checkpoint not found: {wanted}")
         try:
-            ctx.executor.load_model(info.name)
+            ctx.executor.load_model(info.name, ctx.components(changes))
         except AtelierError as err:
-            raise convert.RequestError(("sd_model_checkpoint",), str(err)) from None
+            raise convert.RequestError(where, str(err)) from None
         changes["sd_model_checkpoint"] = ctx.title(info)
     ctx.options.update(changes)

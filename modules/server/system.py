@@ -8,6 +8,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
+from modules.checkpoints.components import component_files
 from modules.server.context import ServerContext
 from modules.server.networks import add_network_routes
 
@@ -81,6 +82,13 @@ def add_list_routes(router: APIRouter, ctx: ServerContext, admin: Any = None) ->
     @router.get("/sd-vae")
     def sd_vae() -> list[dict[str, Any]]:
         return [{"model_name": p.name, "filename": str(p)} for p in ctx.app.engine.vaes()]
+
+    @router.get("/sd-modules")
+    def sd_modules() -> list[dict[str, Any]]:
+        """Forge's list for its VAE / Text Encoder picker: files in models/VAE and models/text_encoder."""
+        settings = ctx.app.settings
+        return [{"model_name": f.name, "filename": str(f)}
+                for _, f in component_files([settings.vae_dir, *settings.text_encoder_dirs])]
 
     @router.get("/upscalers")
     def upscalers() -> list[dict[str, Any]]:

@@ -7,7 +7,7 @@ from modules.demo import DEMO_CHECKPOINT, DEMO_RESOLUTION
 from modules.errors import AtelierError
 from modules.server.sdapi import set_options_and_model
 from modules.ui.context import UIContext
-from modules.ui.quicksettings import build_quicksettings
+from modules.ui.quicksettings import build_quicksettings, wire_components
 
 
 def build_checkpoint_row(ui: UIContext) -> gr.Dropdown:
@@ -18,9 +18,10 @@ def build_checkpoint_row(ui: UIContext) -> gr.Dropdown:
                                allow_custom_value=True)  # titles gain a hash once a model was hashed
         refresh = gr.Button("\u21bb", size="sm", scale=0, min_width=36, elem_id="checkpoint-refresh",
                             elem_classes=["atelier-icon-button"])
-        build_quicksettings(ui)
+        ui.quicksettings = build_quicksettings(ui)
     status = gr.Markdown(_status(ui, ui.current_checkpoint() if titles else None), elem_id="checkpoint-status",
                          elem_classes=["atelier-collapse-empty"])
+    wire_components(ui, dropdown, refresh, status)
 
     def refresh_list(current: str | None):
         titles = ui.checkpoint_titles()

@@ -17,6 +17,7 @@ class UIContext:
     server: ServerContext
     hub: EventHub | None = None  # the server's job events (app.state.hub); the UI follows jobs through it
     tabs: dict[str, Any] = field(default_factory=dict)  # tab name -> its handle, filled by create_ui
+    quicksettings: dict[str, Any] = field(default_factory=dict)  # option key -> its top-bar widget
 
     @property
     def app(self):

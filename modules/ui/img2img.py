@@ -11,11 +11,12 @@ from modules.pipeline.params import INPAINTING_FILLS, RESIZE_MODES
 from modules.ui.bindings import Fields
 from modules.ui.context import UIContext
 from modules.ui.generation import GenerationTab, build_generation_tab
+from modules.ui.img2img_batch import build_batch_inputs, wire_batch
 from modules.ui.interrogate import interrogate_buttons, wire_interrogate
 from modules.ui.safe_image import SafeImage
 
 MODES = (("img2img", "img2img"), ("sketch", "Sketch"), ("inpaint", "Inpaint"), ("inpaint_sketch", "Inpaint sketch"),
-         ("inpaint_upload", "Inpaint upload"), ("outpaint", "Outpaint"))
+         ("inpaint_upload", "Inpaint upload"), ("outpaint", "Outpaint"), ("batch", "Batch"))
 SKETCH_COLORS = ["#000000", "#ffffff", "#e03c31", "#f2a900", "#2fa84f", "#2d6cdf", "#7d3c98"]
 INPAINT_AREAS = ("Whole picture", "Only masked")
 MASK_MODES = ("Inpaint masked", "Inpaint not masked")
@@ -27,7 +28,8 @@ def build_img2img_tab(ui: UIContext, checkpoint: gr.Dropdown) -> GenerationTab:
     with gr.Tab("img2img", id="img2img", elem_id="tab-img2img"):
         tab = build_generation_tab(ui, "img2img", "img2img", checkpoint, _image_inputs)
         wire_interrogate(ui, tab)
-        return tab
+    wire_batch(ui, tab, checkpoint)
+    return tab
 
 
 def _image_inputs(fields: Fields) -> tuple[set, Any, dict]:
@@ -76,6 +78,8 @@ def _mode_inputs(key: str, handles: dict[str, Any]) -> None:
                                                elem_id="inpaint-upload-image")
             handles["upload_mask"] = SafeImage(label="Mask (white: repaint)", type="pil", image_mode="L",
                                               height=300, elem_id="inpaint-upload-mask")
+    elif key == "batch":
+        build_batch_inputs(handles)
     else:
         handles["outpaint_image"] = SafeImage(label="Image", type="pil", image_mode="RGBA", height=300,
                                              elem_id="outpaint-image")
@@ -175,6 +179,8 @@ def sketch_inputs(value: dict | None, with_mask: bool) -> tuple[Image.Image | No
 def collect_inputs(mode: str, data: dict, handles: dict[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """The active mode's images (and outpaint sizes) as params fields; raises InvalidParams when missing."""
     extra: dict[str, Any] = {}
+    if mode == "batch":
+        raise InvalidParams("Batch: press \"Generate batch\" in the Batch tab (one job per image of the folder).")
     if mode == "inpaint":
         image, mask = editor_mask(data.get(handles["editor"]))
         if image is not None and mask is None:

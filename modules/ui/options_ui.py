@@ -21,7 +21,7 @@ from modules.ui.components import AUTOMATIC
 from modules.ui.context import UIContext
 
 FACE_RESTORERS = list(_FACE_MODELS)
-DEFAULT_QUICKSETTINGS = ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers")
+DEFAULT_QUICKSETTINGS = ("sd_model_checkpoint", "sd_vae", "forge_additional_modules", "CLIP_stop_at_last_layers")
 MEMORY_CHOICES = {"memory_policy": MODES, "memory_t5_after_encoding": T5_CHOICES}
 MEMORY_NUMBERS = ("memory_gpu_weights", "memory_keep_free")
 INT_OPTIONS = ("show_progress_every_n_steps", "CLIP_stop_at_last_layers", "eta_noise_seed_delta",
@@ -43,7 +43,7 @@ INTERROGATE_LABELS = (  # A1111's Settings > Interrogate
     ("deepbooru_escape", "deepbooru: escape (\\) brackets"),
     ("deepbooru_filter_tags", "deepbooru: filter out those tags (comma-separated)"),
 )
-RESTART_FLAGS = {"sd_vae": "--vae", "samples_format": "(PNG with infotext)", "outdir_txt2img_samples":
+RESTART_FLAGS = {"samples_format": "(PNG with infotext)", "outdir_txt2img_samples":
                  "--outputs-dir", "outdir_img2img_samples": "--outputs-dir"}
 
 
@@ -57,6 +57,7 @@ class OptionInfo:
 def known_options() -> dict[str, OptionInfo]:
     rows = (
         ("sd_vae", "Stable Diffusion", "SD VAE"),
+        ("forge_additional_modules", "Stable Diffusion", "VAE / Text Encoder"),
         ("CLIP_stop_at_last_layers", "Stable Diffusion", "Clip skip"),
         ("emphasis", "Stable Diffusion", "Emphasis mode"),
         ("randn_source", "Stable Diffusion", "Random number generator source"),
@@ -107,13 +108,12 @@ def option_widget(ui: UIContext, key: str, elem_id: str, compact: bool = False) 
     """The widget of one option, with its current value (`compact`: the top bar's, radios as dropdowns)."""
     label, value, registries = info_of(key).label, option_value(ui, key), ui.app.registries
     if key in READ_ONLY:
-        choices = ["Automatic", "None", *(p.name for p in ui.app.engine.vaes())] if key == "sd_vae" else None
         flag = RESTART_FLAGS.get(key, "a flag")
         note = f"{label} ({flag})" if compact else f"{label} (set at start-up with {flag})"
-        if choices:
-            return gr.Dropdown(choices, value=value, label=note, interactive=False, elem_id=elem_id)
         return gr.Textbox(str(value), label=note, interactive=False, elem_id=elem_id)
     common = {"label": label, "elem_id": elem_id}
+    if key in ("sd_vae", "forge_additional_modules"):
+        return component_widget(ui, key, value, common)
     if key == "CLIP_stop_at_last_layers":
         return gr.Slider(1, 12, value=value or 1, step=1, **common)
     if key == "show_progress_every_n_steps":
@@ -188,3 +188,27 @@ def save_options(ui: UIContext, values: dict[str, Any]) -> str:
 def may_change(ui: UIContext, request: Any) -> bool:
     server = ui.server
     return not (server.config.credentials and server.config.admin_users and not ui.caller(request).admin)
+
+
+def sd_vae_choices(ui: UIContext) -> list[str]:
+    vae_dir = ui.app.settings.vae_dir
+    return ["Automatic", "None", *(p.relative_to(vae_dir).as_posix() for p in ui.app.engine.vaes())]
+
+
+def module_choices(ui: UIContext) -> list[str]:
+    """Forge's picker: files in models/VAE, then in models/text_encoder (by name; paths never leave the server)."""
+    from modules.checkpoints.components import component_files
+
+    settings = ui.app.settings
+    names = [f.relative_to(d).as_posix() for d, f in component_files([settings.vae_dir, *settings.text_encoder_dirs])]
+    return list(dict.fromkeys(names))
+
+
+def component_widget(ui: UIContext, key: str, value: Any, common: dict) -> gr.Dropdown:
+    """SD VAE (one of Automatic, None, a file) or the VAE / Text Encoder picker (several files)."""
+    if key == "sd_vae":
+        choices = sd_vae_choices(ui)
+        return gr.Dropdown(choices, value=value if value in choices else "Automatic", **common)
+    value = [str(v) for v in value or []]
+    return gr.Dropdown(list(dict.fromkeys([*module_choices(ui), *value])), value=value, multiselect=True,
+                       min_width=320, scale=2, **common)

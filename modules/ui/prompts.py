@@ -1,6 +1,7 @@
 """Prompt-area events: token counters, "read parameters" (↙), apply and save styles."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -46,7 +47,7 @@ def wire_prompt_area(ui: UIContext, tab: str, prompts, fields: Fields, defaults:
         return apply_infotext(ui, fields, defaults, checkpoint, text)
 
     prompts.read_params.click(read_parameters, inputs=prompts.prompt,
-                              outputs=[*fields.values(), checkpoint], queue=False)
+                              outputs=[*fields.values(), checkpoint, *component_widgets(ui)], queue=False)
 
     def apply_styles(prompt: str, negative: str, chosen: list[str]) -> tuple:
         try:
@@ -87,11 +88,40 @@ def apply_infotext(ui: UIContext, fields: Fields, defaults: dict, checkpoint: gr
         return {}
     values = infotext_values(text, defaults)
     updates = fields.updates(values)
-    title = checkpoint_for(ui, infotext.parse(text))
+    parsed = infotext.parse(text)
+    title = checkpoint_for(ui, parsed)
     if title is not None:
         updates[checkpoint] = title
     if "refiner_checkpoint" in fields:
         updates.update(fields.updates(refiner_values(ui, values)))
+    updates.update(component_updates(ui, parsed))
+    return updates
+
+
+def component_widgets(ui: UIContext) -> list:
+    """The top bar's SD VAE and VAE / Text Encoder widgets (those the quicksettings list shows)."""
+    return [ui.quicksettings[key] for key in ("sd_vae", "forge_additional_modules") if key in ui.quicksettings]
+
+
+def component_updates(ui: UIContext, parsed: dict[str, Any]) -> dict:
+    """Forge's `Module N` lines restore the VAE / Text Encoder picker; else A1111's `VAE` restores SD VAE.
+    Files that are not here are left out, with a warning."""
+    from modules.ui.options_ui import module_choices, sd_vae_choices
+
+    numbered = {int(k[7:]): str(v) for k, v in parsed.items() if str(k).startswith("Module ") and k[7:].isdigit()}
+    wanted = [numbered[n] for n in sorted(numbered)]
+    widget, updates = ui.quicksettings.get("forge_additional_modules"), {}
+    if wanted and widget is not None:
+        files = module_choices(ui)
+        found = [next((f for f in files if Path(f).stem == name or f == name), None) for name in wanted]
+        missing = [name for name, f in zip(wanted, found, strict=True) if f is None]
+        if missing:
+            gr.Warning(f"Not in models/VAE or models/text_encoder: {', '.join(missing)}")
+        updates[widget] = [f for f in found if f is not None]
+    elif parsed.get("VAE") and "sd_vae" in ui.quicksettings:
+        name = str(parsed["VAE"])
+        if name in sd_vae_choices(ui):
+            updates[ui.quicksettings["sd_vae"]] = name
     return updates
 
 

@@ -9,7 +9,7 @@ from modules.ui.bindings import field_defaults
 from modules.ui.context import UIContext
 from modules.ui.generation import GenerationTab
 from modules.ui.jobs import params_class
-from modules.ui.prompts import apply_infotext
+from modules.ui.prompts import apply_infotext, component_widgets
 from modules.ui.results import selected
 
 
@@ -44,8 +44,8 @@ def _to_tab(ui: UIContext, target: GenerationTab, tabs: gr.Tabs, checkpoint: gr.
     return updates
 
 
-def _outputs(target: GenerationTab, tabs: gr.Tabs, checkpoint: gr.Dropdown, with_images: bool) -> list:
-    outputs = [*target.fields.values(), tabs, checkpoint]
+def _outputs(ui: UIContext, target: GenerationTab, tabs: gr.Tabs, checkpoint: gr.Dropdown, with_images: bool) -> list:
+    outputs = [*target.fields.values(), tabs, checkpoint, *component_widgets(ui)]
     if with_images:
         handles = target.handles
         outputs += [handles["modes"], handles["mode"], handles["image"], handles["editor"]]
@@ -62,7 +62,7 @@ def wire_send_to(ui: UIContext, tabs: gr.Tabs, checkpoint: gr.Dropdown) -> None:
                 path, text = selected(state)
                 return _to_tab(ui, img2img, tabs, checkpoint, mode, text, _open(path))
 
-            results.send[mode].click(send, inputs=results.state, outputs=_outputs(img2img, tabs, checkpoint, True))
+            results.send[mode].click(send, inputs=results.state, outputs=_outputs(ui, img2img, tabs, checkpoint, True))
 
         def to_pnginfo(state: dict) -> dict:
             path, _ = selected(state)  # the file itself: decoded pixels would be re-encoded without infotext
@@ -80,13 +80,13 @@ def wire_send_to(ui: UIContext, tabs: gr.Tabs, checkpoint: gr.Dropdown) -> None:
         return _to_tab(ui, txt2img, tabs, checkpoint, None, text, None)
 
     pnginfo.send["txt2img"].click(png_to_txt2img, inputs=pnginfo.text,
-                                  outputs=_outputs(txt2img, tabs, checkpoint, False))
+                                  outputs=_outputs(ui, txt2img, tabs, checkpoint, False))
     for mode in ("img2img", "inpaint"):
         def png_to_img2img(text: str, image, mode: str = mode) -> dict:
             return _to_tab(ui, img2img, tabs, checkpoint, mode, text, image)
 
         pnginfo.send[mode].click(png_to_img2img, inputs=[pnginfo.text, pnginfo.image],
-                                 outputs=_outputs(img2img, tabs, checkpoint, True))
+                                 outputs=_outputs(ui, img2img, tabs, checkpoint, True))
     _wire_history(ui, tabs, checkpoint)
 
 
@@ -102,5 +102,5 @@ def _wire_history(ui: UIContext, tabs: gr.Tabs, checkpoint: gr.Dropdown) -> None
         path, text = selected(state)
         return _to_tab(ui, img2img, tabs, checkpoint, "img2img", text, _open(path))
 
-    history.send["txt2img"].click(to_txt2img, inputs=history.state, outputs=_outputs(txt2img, tabs, checkpoint, False))
-    history.send["img2img"].click(to_img2img, inputs=history.state, outputs=_outputs(img2img, tabs, checkpoint, True))
+    history.send["txt2img"].click(to_txt2img, inputs=history.state, outputs=_outputs(ui, txt2img, tabs, checkpoint, False))
+    history.send["img2img"].click(to_img2img, inputs=history.state, outputs=_outputs(ui, img2img, tabs, checkpoint, True))
