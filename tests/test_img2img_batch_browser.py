@@ -10,7 +10,13 @@ from PIL import Image
 
 from tests import test_webui_browser as base
 from tests.test_webui_browser import set_number
-from tests.ui_helpers import external_request_guard, require_browser, screenshot_dir, start_ui_server
+from tests.ui_helpers import (
+    external_request_guard,
+    open_img2img_mode,
+    require_browser,
+    screenshot_dir,
+    start_ui_server,
+)
 
 pytestmark = pytest.mark.slow
 browser = base.browser  # the same fixture, bound to this module's server
@@ -42,11 +48,7 @@ def test_batch_from_folders_writes_one_result_per_image(browser, server, tmp_pat
     page.wait_for_selector("#txt2img-generate", timeout=60_000)
     page.wait_for_function("document.body.dataset.nativeSize === 'applied'", timeout=120_000)
     page.get_by_role("tab", name="img2img", exact=True).click()
-    batch_tab = page.get_by_role("tab", name="Batch", exact=True)
-    if not batch_tab.is_visible():  # the modes that do not fit sit in Gradio's overflow menu
-        page.locator("#img2img-modes .overflow-menu button").first.click()
-        batch_tab = page.locator("#img2img-modes .overflow-dropdown button", has_text="Batch")
-    batch_tab.click()
+    open_img2img_mode(page, "Batch")
     for elem, value in (("img2img-batch-input", src), ("img2img-batch-output", out), ("img2img-batch-mask", masks)):
         page.locator(f"#{elem} textarea, #{elem} input").first.fill(str(value))
     for elem, value in (("img2img-width", 64), ("img2img-height", 64), ("img2img-steps", 2)):

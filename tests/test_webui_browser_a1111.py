@@ -16,7 +16,13 @@ from PIL import Image
 from modules.demo import DEMO_CHECKPOINT
 from tests import test_webui_browser as base
 from tests.test_webui_browser import gallery_image, message_of, set_number, wait_result, wait_running
-from tests.ui_helpers import external_request_guard, require_browser, screenshot_dir, start_ui_server
+from tests.ui_helpers import (
+    external_request_guard,
+    open_img2img_mode,
+    require_browser,
+    screenshot_dir,
+    start_ui_server,
+)
 
 pytestmark = pytest.mark.slow
 browser = base.browser  # the same fixture, bound to this module's server
@@ -212,7 +218,7 @@ def test_keyboard_skip_and_interrupt(page):
 def test_outpaint_keeps_the_original_pixels(page, server, tmp_path):
     original = base.stripes(tmp_path / "stripes.png")
     page.get_by_role("tab", name="img2img", exact=True).click()
-    page.get_by_role("tab", name="Outpaint", exact=True).click()
+    open_img2img_mode(page, "Outpaint")
     page.locator("#outpaint-image input[type=file]").set_input_files(str(tmp_path / "stripes.png"))
     page.locator("#outpaint-image img").first.wait_for()
     for elem, value in (("outpaint-left", 16), ("outpaint-right", 0), ("img2img-width", 64),

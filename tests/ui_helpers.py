@@ -78,3 +78,12 @@ def external_request_guard(page, seen: list[str], base: str) -> None:
             seen.append(url)
 
     page.on("request", check)
+
+
+def open_img2img_mode(page, name: str) -> None:
+    """Click an img2img mode tab; the modes that do not fit the column sit in Gradio's overflow menu."""
+    tab = page.get_by_role("tab", name=name, exact=True)
+    if not tab.is_visible():
+        page.locator("#img2img-modes .overflow-menu button").first.click()
+        tab = page.locator("#img2img-modes .overflow-dropdown button", has_text=name)
+    tab.click()

@@ -15,8 +15,12 @@ from modules.ui.context import UIContext
 
 log = logging.getLogger(__name__)
 TABS = ("txt2img", "img2img")
-# After each update the page says so (body[data-native-size="applied"]), for scripts and browser tests.
-NATIVE_SIZE_DONE = "() => { document.body.dataset.nativeSize = 'applied'; }"
+# The page says whether an update is in flight (body[data-native-size] "pending" or "applied"), for scripts
+# and browser tests: the page load and the checkpoint change it causes can overlap, so updates are counted.
+NATIVE_SIZE_START = ("() => { const d = document.body.dataset; d.nativeSizePending = String((+d.nativeSizePending || 0)"
+                     " + 1); d.nativeSize = 'pending'; }")
+NATIVE_SIZE_DONE = ("() => { const d = document.body.dataset; const n = Math.max(0, (+d.nativeSizePending || 1) - 1);"
+                    " d.nativeSizePending = String(n); if (n === 0) d.nativeSize = 'applied'; }")
 
 
 def native_size(ui: UIContext, title: str | None) -> int | None:
@@ -65,7 +69,8 @@ def wire_native_size(ui: UIContext, blocks: gr.Blocks, checkpoint: gr.Dropdown) 
         return size_updates(size, per_tab)
 
     for event in (blocks.load, checkpoint.change):
-        event(load_model, inputs=checkpoint, outputs=loaded, show_progress="hidden", concurrency_limit=1,
-              concurrency_id="native-size").then(apply, inputs=[loaded, *inputs], outputs=outputs,
+        event(None, js=NATIVE_SIZE_START, queue=False).then(
+            load_model, inputs=checkpoint, outputs=loaded, show_progress="hidden", concurrency_limit=1,
+            concurrency_id="native-size").then(apply, inputs=[loaded, *inputs], outputs=outputs,
                                                  show_progress="hidden", queue=False
                                                  ).then(None, js=NATIVE_SIZE_DONE)
