@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from transformers import CLIPTokenizer
+if TYPE_CHECKING:  # transformers takes about a second to import: only when a tokenizer is loaded
+    from transformers import CLIPTokenizer
 
 TOKENIZER_DIR = Path(__file__).resolve().parent / "tokenizer"
 COMMA = ",</w>"
@@ -27,6 +29,8 @@ class SpecialTokens:
 
 def load_tokenizer(path: Path | str = TOKENIZER_DIR) -> CLIPTokenizer:
     """Load the bundled CLIP tokenizer, offline."""
+    from transformers import CLIPTokenizer
+
     path = Path(path)
     if not (path / "vocab.json").is_file() or not (path / "merges.txt").is_file():
         raise FileNotFoundError(f"CLIP tokenizer files are missing in {path}; run tools/make_tokenizer.py")
