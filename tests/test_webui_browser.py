@@ -81,10 +81,21 @@ def set_number_settled(page, elem_id: str, value, tries: int = 5) -> None:
     raise AssertionError(f"{elem_id} keeps {box.input_value()!r}, not {value!r}")
 
 
+def settle_native_size(page) -> None:
+    """Wait until no native-size update is in flight, twice a second apart: a checkpoint switch (the
+    user's, or the one the page load causes) starts another update, which could overwrite typed sizes."""
+    for _ in range(2):
+        page.wait_for_function("document.body.dataset.nativeSize === 'applied'", timeout=120_000)
+        time.sleep(1.0)
+    page.wait_for_function("document.body.dataset.nativeSize === 'applied'", timeout=120_000)
+
+
 def fill_txt2img(page, prompt: str, seed: int, steps: int, size: int = 64) -> None:
     page.fill("#txt2img-prompt textarea", prompt)
-    for elem, value in (("txt2img-width", size), ("txt2img-height", size), ("txt2img-steps", steps)):
-        set_number(page, elem, value)
+    settle_native_size(page)
+    for elem in ("txt2img-width", "txt2img-height"):
+        set_number_settled(page, elem, size)
+    set_number(page, "txt2img-steps", steps)
     page.locator("#txt2img-seed input").fill(str(seed))
     page.locator("#txt2img-seed input").press("Tab")
 
