@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 diffusers = pytest.importorskip("diffusers")
 
 from extensions.controlnet import control, preprocessors  # noqa: E402
+from extensions.controlnet.annotators import Annotators  # noqa: E402
 from extensions.controlnet.models import ControlNetLibrary, read_controlnet  # noqa: E402
 from extensions.controlnet.units import Unit  # noqa: E402
 from modules.pipeline.params import Img2ImgParams, Txt2ImgParams  # noqa: E402
@@ -291,15 +292,15 @@ def test_canny_finds_the_square_outline_only():
 
 
 def test_algorithmic_preprocessors_run_and_weight_based_ones_name_their_file(tmp_path):
-    image = hint_image()
+    image, folder = hint_image(), Annotators(tmp_path)
     for pre in preprocessors.PREPROCESSORS:
         if pre.run is None:
             with pytest.raises(api.InvalidParams, match=pre.annotator):
-                preprocessors.run(pre, image, None, 64, -1, -1, 0, tmp_path)
+                preprocessors.run(pre, image, None, 64, -1, -1, 0, folder)
             continue
-        out = preprocessors.run(pre, image, None, 64, -1, -1, 0, tmp_path)
+        out = preprocessors.run(pre, image, None, 64, -1, -1, 0, folder)
         assert out.dtype == np.uint8 and out.ndim == 3 and out.shape[2] in (3, 4), pre.name
-    gray = np.asarray(preprocessors.run(preprocessors.find("invert"), image, None, 64, -1, -1, 0, tmp_path))
+    gray = np.asarray(preprocessors.run(preprocessors.find("invert"), image, None, 64, -1, -1, 0, folder))
     assert gray[0, 0].tolist() == [0, 0, 0]
     assert preprocessors.find("invert (from white bg & black line)").name == "invert"
     shuffled = [preprocessors.shuffle(np.asarray(image), s) for s in (1, 1, 2)]

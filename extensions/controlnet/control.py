@@ -21,6 +21,7 @@ from PIL import Image
 from modules.plugins import api
 
 from . import ip_adapter, preprocessors
+from .annotators import Annotators
 from .models import FAMILIES, ControlNetLibrary, family
 from .units import Unit
 
@@ -97,7 +98,7 @@ def pixel_perfect_resolution(image: Image.Image, width: int, height: int, resize
 
 
 def detect(p: Planned, image: Image.Image, mask: Image.Image | None, width: int, height: int, seed: int,
-           annotators: Path) -> np.ndarray:
+           annotators: Annotators) -> np.ndarray:
     """The unit's detected map (runs the preprocessor; callers cache it per job)."""
     unit = p.unit
     resolution = unit.processor_res
@@ -248,7 +249,7 @@ class Residuals:
 
 
 def prepare_hints(planned: Sequence[Planned], state: dict[str, Any], context: api.DenoiserContext,
-                  annotators: Path, seed: int) -> list[torch.Tensor]:
+                  annotators: Annotators, seed: int) -> list[torch.Tensor]:
     """Each unit's hint at the pass's size; the detected maps are computed once per job (`state`)."""
     detected: dict[int, np.ndarray] = state.setdefault("detected", {})
     hints = []

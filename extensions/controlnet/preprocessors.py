@@ -11,14 +11,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from modules.plugins import api
+from .annotators import Annotators, Builder
 
 
 @dataclass(frozen=True)
@@ -45,6 +44,7 @@ class Preprocessor:
     aliases: tuple[str, ...] = ()
     annotator: str = ""  # the weights file a weight-based preprocessor needs in models/annotators
     uses_mask: bool = False
+    build: Builder | None = None  # weight-based: builds the runner from the annotator file
 
 
 # ---------------------------------------------------------------- helpers
@@ -181,8 +181,8 @@ def _no_weights(name: str, tag: str, run: Callable[..., np.ndarray], **extra) ->
     return Preprocessor(name, run, tag, **extra)
 
 
-def _weights(name: str, tag: str, annotator: str) -> Preprocessor:
-    return Preprocessor(name, None, tag, annotator=annotator)
+def _weights(name: str, tag: str, annotator: str, build: Builder | None = None, **extra) -> Preprocessor:
+    return Preprocessor(name, None, tag, annotator=annotator, build=build, **extra)
 
 
 PREPROCESSORS: tuple[Preprocessor, ...] = (
@@ -234,13 +234,9 @@ def _slider_value(value: float, slider: Slider | None) -> float:
 
 
 def run(pre: Preprocessor, image: Image.Image, mask: Image.Image | None, resolution: int, a: float, b: float,
-        seed: int, annotators: Path) -> np.ndarray:
+        seed: int, annotators: Annotators) -> np.ndarray:
     """The detected map (uint8 HxWx3, or HxWx4 for inpaint_only with its mask in the alpha channel)."""
-    if pre.run is None:
-        path = annotators / pre.annotator
-        raise api.InvalidParams(f"Preprocessor {pre.name!r} needs the weights file {path}; download "
-                                f"{pre.annotator} into {annotators}, or pick an algorithmic preprocessor "
-                                "(canny, scribble_xdog, tile_resample, ...)")
+    runner = pre.run or annotators.runner(pre.name, pre.annotator, pre.build)
     rgb = np.asarray(image.convert("RGB"))
     if pre.uses_mask:
         alpha = np.zeros(rgb.shape[:2], np.uint8) if mask is None else \
@@ -248,4 +244,4 @@ def run(pre: Preprocessor, image: Image.Image, mask: Image.Image | None, resolut
         return np.concatenate([rgb, alpha[..., None]], axis=2)
     if pre.resolution is not None:
         rgb = resize_short_side(rgb, int(_slider_value(resolution, pre.resolution)))
-    return pre.run(rgb, resolution, _slider_value(a, pre.a), _slider_value(b, pre.b), seed)
+    return runner(rgb, resolution, _slider_value(a, pre.a), _slider_value(b, pre.b), seed)

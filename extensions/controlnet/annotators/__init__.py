@@ -1,0 +1,75 @@
+"""Weight-based preprocessors ("annotators"): their files live in models/annotators.
+
+Each annotator module offers `build(path) -> runner`, where the runner maps
+`(rgb uint8 HxWx3, resolution, a, b, seed) -> uint8 HxWx3`. `Annotators` finds the file,
+builds the runner once and keeps the last few built, so a job or a preview does not
+reread weights. Files are read as safetensors or with `torch.load(weights_only=True)`.
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from modules.plugins import api
+
+Runner = Callable[..., np.ndarray]
+Builder = Callable[[Path], Runner]
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of an annotator file; a pickle that needs code is refused with the file named."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    try:
+        data = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, not a torch file, or a pickle asking to run code
+        raise api.InvalidParams(f"Annotator file {path} could not be read as weights ({type(err).__name__}); "
+                                "download it again from the annotator's release page") from None
+    for key in ("state_dict", "model", "params"):
+        if isinstance(data, Mapping) and isinstance(data.get(key), Mapping):
+            data = data[key]
+    if not isinstance(data, Mapping):
+        raise api.InvalidParams(f"Annotator file {path} holds no state dict")
+    return {k.removeprefix("module."): v for k, v in data.items() if isinstance(v, torch.Tensor)}
+
+
+class Annotators:
+    """The annotator folder of one app, with the runners built from it (the last `keep`)."""
+
+    def __init__(self, folder: Path, keep: int = 2) -> None:
+        self.dir = folder
+        self.keep = keep
+        self._built: OrderedDict[tuple[str, float], Runner] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def runner(self, name: str, file: str, build: Builder | None) -> Runner:
+        path = self.dir / file
+        if build is None or not path.is_file():
+            raise api.InvalidParams(f"Preprocessor {name!r} needs the weights file {path}; download {file} "
+                                    f"into {self.dir}, or pick an algorithmic preprocessor "
+                                    "(canny, scribble_xdog, tile_resample, ...)")
+        key = (str(path), path.stat().st_mtime)
+        with self._lock:
+            if key not in self._built:
+                self._built[key] = _build(name, path, build)
+                while len(self._built) > self.keep:
+                    self._built.popitem(last=False)
+            self._built.move_to_end(key)
+            return self._built[key]
+
+
+def _build(name: str, path: Path, build: Builder) -> Runner:
+    try:
+        return build(path)
+    except api.InvalidParams:
+        raise
+    except (KeyError, RuntimeError, ValueError) as err:  # missing keys, wrong shapes
+        raise api.InvalidParams(f"Annotator file {path} does not fit preprocessor {name!r} "
+                                f"({type(err).__name__}: {str(err)[:200]}); check that it is {path.name} "
+                                "from the annotator's release") from None
