@@ -194,8 +194,8 @@ def group_people(limbs: list[np.ndarray | None], candidate: np.ndarray) -> np.nd
     return subset[keep]
 
 
-def detect_people(net: BodyNet, rgb: np.ndarray) -> list[Person]:
-    paf, heat = body_maps(net, rgb[..., ::-1])  # the network was trained on BGR
+def people_from_maps(paf: np.ndarray, heat: np.ndarray) -> list[Person]:
+    """Everyone whose joints and limbs the PAFs (HxWx38) and heatmaps (HxWx19) show."""
     peaks = find_peaks(heat)
     candidate = np.concatenate(peaks, axis=0)
     people = []
@@ -206,6 +206,10 @@ def detect_people(net: BodyNet, rgb: np.ndarray) -> list[Person]:
                 body[i] = (*candidate[idx, :2], 1.0)
         people.append(Person(body))
     return people
+
+
+def detect_people(net: BodyNet, rgb: np.ndarray) -> list[Person]:
+    return people_from_maps(*body_maps(net, rgb[..., ::-1]))  # the network was trained on BGR
 
 
 def build(path: Path):
