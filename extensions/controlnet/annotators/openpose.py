@@ -9,7 +9,6 @@ over the PAF is high, and limbs sharing a joint are grouped into people.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -125,18 +124,21 @@ def find_peaks(heat: np.ndarray) -> list[np.ndarray]:
     return found
 
 
-def _limb_score(a: np.ndarray, b: np.ndarray, paf: np.ndarray, channels: tuple[int, int]) -> float | None:
-    """The PAF's mean alignment along a -> b with a distance prior, or None when the limb fails the tests."""
-    vec = b[:2] - a[:2]
-    norm = max(0.001, math.sqrt(vec[0] ** 2 + vec[1] ** 2))
-    vec = vec / norm
-    xs = np.round(np.linspace(a[0], b[0], MIDPOINTS)).astype(int)
-    ys = np.round(np.linspace(a[1], b[1], MIDPOINTS)).astype(int)
-    along = paf[ys, xs, channels[0]] * vec[0] + paf[ys, xs, channels[1]] * vec[1]
-    score = along.mean() + min(0.5 * paf.shape[0] / norm - 1, 0)
-    if np.count_nonzero(along > PAF_THRESHOLD) > 0.8 * len(along) and score > 0:
-        return float(score)
-    return None
+def _limb_scores(cand_a: np.ndarray, cand_b: np.ndarray, paf: np.ndarray, channels: tuple[int, int]) -> np.ndarray:
+    """(na, nb): the PAF's mean alignment along each a -> b with a distance prior; NaN where a test fails."""
+    a, b = cand_a[:, None, :2], cand_b[None, :, :2]
+    vec = b - a
+    norm = np.maximum(0.001, np.sqrt((vec**2).sum(-1)))
+    unit = vec / norm[..., None]
+    # MIDPOINTS samples from a to b, as np.linspace computes them (the last one exactly b)
+    steps = np.arange(MIDPOINTS) * ((b - a) / (MIDPOINTS - 1))[..., None]
+    line = a[..., None] + steps
+    line[..., -1] = np.broadcast_to(b, line.shape[:-1])
+    xs, ys = np.round(line[:, :, 0]).astype(int), np.round(line[:, :, 1]).astype(int)
+    along = paf[ys, xs, channels[0]] * unit[..., :1] + paf[ys, xs, channels[1]] * unit[..., 1:]
+    score = along.mean(-1) + np.minimum(0.5 * paf.shape[0] / norm - 1, 0)
+    ok = (np.count_nonzero(along > PAF_THRESHOLD, axis=-1) > 0.8 * MIDPOINTS) & (score > 0)
+    return np.where(ok, score, np.nan)
 
 
 def connect_limbs(peaks: list[np.ndarray], paf: np.ndarray) -> list[np.ndarray | None]:
@@ -147,14 +149,13 @@ def connect_limbs(peaks: list[np.ndarray], paf: np.ndarray) -> list[np.ndarray |
         if not len(cand_a) or not len(cand_b):
             limbs.append(None)
             continue
-        scored = [(i, j, s) for i, a in enumerate(cand_a) for j, b in enumerate(cand_b)
-                  if (s := _limb_score(a, b, paf, channels)) is not None]
-        scored.sort(key=lambda c: c[2], reverse=True)
+        scores = _limb_scores(cand_a, cand_b, paf, channels).ravel()
+        order = [k for k in np.argsort(-scores, kind="stable") if not np.isnan(scores[k])]
         used_a, used_b, rows = set(), set(), []
-        for i, j, s in scored:
+        for i, j in (divmod(int(k), len(cand_b)) for k in order):
             if i in used_a or j in used_b:
                 continue
-            rows.append((cand_a[i][3], cand_b[j][3], s))
+            rows.append((cand_a[i][3], cand_b[j][3], scores[i * len(cand_b) + j]))
             used_a.add(i)
             used_b.add(j)
             if len(rows) >= min(len(cand_a), len(cand_b)):
