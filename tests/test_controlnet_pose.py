@@ -24,6 +24,8 @@ from torch import nn
 from extensions.controlnet.annotators import Annotators, dwpose, openpose, posedraw
 from modules.plugins import api
 from tests.api_server import start_server
+from tests.fixtures.make_tiny_checkpoint import make_tiny_checkpoint
+from tests.fixtures.make_tiny_controlnet import make_tiny_controlnet
 
 # ------------------------------------------------------------------ OpenPose body model (published layout)
 PAFS, HEATS = 38, 19
@@ -376,7 +378,10 @@ def decode(data: str) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def http(tmp_path_factory):
-    srv = start_server(tmp_path_factory.mktemp("pose-api"))
+    tmp = tmp_path_factory.mktemp("pose-api")
+    checkpoint = make_tiny_checkpoint("sd1", tmp / "src" / "tiny-sd1.safetensors")
+    make_tiny_controlnet("sd1", tmp / "models" / "ControlNet" / "cn-pose.safetensors", seed=3)
+    srv = start_server(tmp, {"tiny-sd1": checkpoint})
     with httpx.Client(base_url=srv.url, timeout=600) as client:
         client.folder = srv.context.app.settings.models_dir / "annotators"
         yield client
@@ -414,3 +419,20 @@ def test_detect_route_runs_dwpose(http, dw_folder):
     assert tuple(canvas[int(y), int(x)]) == COLORS[0]
     nose = reply.json()["poses"][0]["people"][0]["pose_keypoints_2d"][:3]
     assert nose == pytest.approx([x / 128, y / 128, 1.0], abs=1e-4)
+
+
+@pytest.mark.slow  # loads a tiny checkpoint and runs two jobs
+def test_a_job_with_a_dwpose_unit(http, dw_folder):
+    folder, _ = dw_folder
+    http.folder.mkdir(parents=True, exist_ok=True)
+    for name in ("yolox_l.onnx", "dw-ll_ucoco_384.onnx"):
+        (http.folder / name).write_bytes((folder / name).read_bytes())
+    job = {"prompt": "a dancer", "steps": 2, "width": 64, "height": 64, "seed": 3, "sampler_name": "Euler"}
+    unit = {"enabled": True, "input_image": b64(np.zeros((128, 128, 3), np.uint8)), "module": "dw_openpose_full",
+            "model": "cn-pose", "processor_res": 128}
+    plain = http.post("/sdapi/v1/txt2img", json=job)
+    posed = http.post("/sdapi/v1/txt2img", json={**job, "alwayson_scripts": {"controlnet": {"args": [unit]}}})
+    assert plain.status_code == posed.status_code == 200, posed.text
+    a, b = (decode(r.json()["images"][0]).astype(float) for r in (plain, posed))
+    assert np.abs(a - b).mean() > 0.5
+    assert "Module: dw_openpose_full" in posed.json()["info"]
