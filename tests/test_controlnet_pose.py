@@ -100,6 +100,13 @@ def test_body_network_matches_the_published_architecture(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_heatmap_smoothing_matches_scipy():
+    ndimage = pytest.importorskip("scipy.ndimage")
+    maps = np.random.default_rng(0).random((30, 41, 3)).astype(np.float32)
+    want = np.stack([ndimage.gaussian_filter(maps[..., c], sigma=3) for c in range(3)], axis=-1)
+    np.testing.assert_allclose(openpose.gaussian(maps, 3.0), want, rtol=1e-4, atol=1e-5)
+
+
 # ------------------------------------------------------------------ keypoints from planted maps
 # a standing person in OpenPose's 18-point order, points at least 9 px apart
 PERSON = [(64, 20), (64, 36), (48, 36), (40, 56), (36, 76), (80, 36), (88, 56), (92, 76), (54, 76), (52, 96),
