@@ -45,8 +45,9 @@ class BodyNet:
             self.stages += 1
         names = [n for block in VGG for n in block]
         names += [n for s in range(1, self.stages + 1) for b in (1, 2) for n in stage_layers(s, b)]
-        for name in names:  # a KeyError names the first missing layer
-            self.w[f"{name}.weight"], self.w[f"{name}.bias"]  # noqa: B018
+        missing = [f"{n}.{p}" for n in names for p in ("weight", "bias") if f"{n}.{p}" not in self.w]
+        if missing:
+            raise KeyError(f"no {missing[0]} ({len(missing)} tensors missing)")
         pafs = self.w[f"{stage_layers(self.stages, 1)[-1]}.weight"].shape[0]
         heats = self.w[f"{stage_layers(self.stages, 2)[-1]}.weight"].shape[0]
         if pafs != 2 * len(BODY_LIMBS) or heats != BODY_POINTS + 1:
