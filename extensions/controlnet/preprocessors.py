@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .annotators import Annotators, Builder
+from .annotators.dwpose import build as build_dwpose
+from .annotators.openpose import build as build_openpose
 
 
 @dataclass(frozen=True)
@@ -213,8 +215,8 @@ PREPROCESSORS: tuple[Preprocessor, ...] = (
       for name in ("ip-adapter_clip_sd15", "ip-adapter_clip_sdxl", "ip-adapter_clip_sdxl_plus_vith")),
     _weights("depth_anything_v2", "Depth", "depth_anything_v2_vits.safetensors"),
     _weights("depth_midas", "Depth", "dpt_hybrid-midas-501f0c75.pt"),
-    _weights("dw_openpose_full", "OpenPose", "dw-ll_ucoco_384.onnx"),
-    _weights("openpose", "OpenPose", "body_pose_model.pth"),
+    _weights("dw_openpose_full", "OpenPose", "dw-ll_ucoco_384.onnx", build=build_dwpose),
+    _weights("openpose", "OpenPose", "body_pose_model.pth", build=build_openpose),
     _weights("lineart_realistic", "Lineart", "sk_model.pth"),
     _weights("softedge_hed", "SoftEdge", "ControlNetHED.pth"),
     _weights("softedge_pidinet", "SoftEdge", "table5_pidinet.pth"),
