@@ -192,6 +192,44 @@ class RefLineGenerator(nn.Module):
         return self.model4(self.model3(self.model2(self.model1(self.model0(x)))))
 
 
+class RefUNetBlock(nn.Module):
+    """pix2pix's U-Net skip block with parameter-free instance norms (biased convs)."""
+
+    def __init__(self, outer: int, inner: int, input_nc: int | None = None, sub: nn.Module | None = None,
+                 outermost: bool = False) -> None:
+        super().__init__()
+        self.outermost = outermost
+        down = nn.Conv2d(input_nc or outer, inner, 4, 2, 1)
+        if outermost:
+            layers = [down, sub, nn.ReLU(), nn.ConvTranspose2d(inner * 2, outer, 4, 2, 1), nn.Tanh()]
+        elif sub is None:
+            layers = [nn.LeakyReLU(0.2), down, nn.ReLU(), nn.ConvTranspose2d(inner, outer, 4, 2, 1),
+                      nn.InstanceNorm2d(outer)]
+        else:
+            layers = [nn.LeakyReLU(0.2), down, nn.InstanceNorm2d(inner), sub, nn.ReLU(),
+                      nn.ConvTranspose2d(inner * 2, outer, 4, 2, 1), nn.InstanceNorm2d(outer)]
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x) if self.outermost else torch.cat([x, self.model(x)], 1)
+
+
+class RefUNet(nn.Module):
+    """UnetGenerator(3, 1, num_downs=8, ngf) as lineart_anime builds it, narrow."""
+
+    def __init__(self, ngf: int = 2, num_downs: int = 8) -> None:
+        super().__init__()
+        block = RefUNetBlock(ngf * 8, ngf * 8)
+        for _ in range(num_downs - 5):
+            block = RefUNetBlock(ngf * 8, ngf * 8, sub=block)
+        for outer, inner in ((ngf * 4, ngf * 8), (ngf * 2, ngf * 4), (ngf, ngf * 2)):
+            block = RefUNetBlock(outer, inner, sub=block)
+        self.model = RefUNetBlock(1, ngf, input_nc=3, sub=block, outermost=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
 # ---------------------------------------------------------------- published pre- and post-processing
 def padded(rgb: np.ndarray) -> np.ndarray:
     h, w = rgb.shape[:2]
@@ -226,6 +264,18 @@ def pidinet_reference(model: RefPiDiNet, rgb: np.ndarray, safe: bool) -> np.ndar
 def lineart_reference(model: RefLineGenerator, rgb: np.ndarray) -> np.ndarray:
     line = model(torch.from_numpy(padded(rgb)).float().permute(2, 0, 1)[None] / 255.0)[0, 0].numpy()
     return 255 - as_uint8(line, *rgb.shape[:2])
+
+
+@torch.no_grad()
+def anime_reference(model: RefUNet, rgb: np.ndarray) -> np.ndarray:
+    big = padded(rgb)
+    h, w = big.shape[:2]
+    size = (256 * int(np.ceil(h / 256)), 256 * int(np.ceil(w / 256)))
+    x = torch.from_numpy(big).float().permute(2, 0, 1)[None]
+    x = F.interpolate(x, size=size, mode="bicubic", align_corners=False).round().clamp(0, 255)  # cv2 cubic, uint8
+    line = model(x / 127.5 - 1.0)[:, :1] * 127.5 + 127.5
+    line = F.interpolate(line, size=(h, w), mode="bicubic", align_corners=False)[0, 0].numpy()
+    return (255 - line.clip(0, 255).astype(np.uint8))[: rgb.shape[0], : rgb.shape[1]]
 
 
 # ---------------------------------------------------------------- helpers
@@ -308,6 +358,12 @@ def test_lineart_realistic_and_coarse_match_the_generator(tmp_path):
     close(realistic, lineart_reference(fine, rgb))
     close(run("lineart_coarse", tmp_path, rgb), lineart_reference(coarse, rgb))
     assert preprocessors.find("lineart").name == "lineart_realistic"
+
+
+def test_lineart_anime_matches_the_unet(tmp_path):
+    model, rgb = seeded(RefUNet, 4, gain=1.5), scene()
+    make(model, tmp_path / "netG.pth")
+    close(run("lineart_anime", tmp_path, rgb), anime_reference(model, rgb))
 
 
 class RunsCode:

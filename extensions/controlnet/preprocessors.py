@@ -217,6 +217,7 @@ PREPROCESSORS: tuple[Preprocessor, ...] = (
     _weights("openpose", "OpenPose", "body_pose_model.pth"),
     _weights("lineart_realistic", "Lineart", "sk_model.pth", lineart.build, aliases=("lineart_realistic", "lineart")),
     _weights("lineart_coarse", "Lineart", "sk_model2.pth", lineart.build),
+    _weights("lineart_anime", "Lineart", "netG.pth", lineart.build_anime),
     _weights("softedge_hed", "SoftEdge", "ControlNetHED.pth|ControlNetHED_Apache2.pth", hed.build, aliases=("softedge_hed", "hed")),
     _weights("softedge_hedsafe", "SoftEdge", "ControlNetHED.pth|ControlNetHED_Apache2.pth", hed.build_safe,
              aliases=("softedge_hedsafe", "hed_safe", "softedge_hed_safe")),

@@ -6,6 +6,8 @@ Keys `model0.1` (7x7 conv after a reflection pad of 3), `model1.0` and `model1.3
 `model3.0` and `model3.3` (stride-2 transposed convs) and `model4.1` (7x7 conv, sigmoid). Every conv
 but the last is followed by an instance norm (no parameters) and a ReLU. Input is RGB in 0..1; the
 drawing (black lines on white) is inverted to white lines on black, as sd-webui-controlnet does.
+
+lineart_anime (netG.pth) is a pix2pix U-Net generator (8 levels, instance norms); see `UNetLevel`.
 """
 from __future__ import annotations
 
@@ -62,4 +64,69 @@ def build(path: Path) -> Runner:
     def run(img: np.ndarray, res: int, a: float, b: float, seed: int) -> np.ndarray:
         padded, crop = pad64(img[..., :3])
         return crop(255 - to_uint8(net.drawing(padded)))
+    return run
+
+
+# ---------------------------------------------------------------- lineart_anime (netG.pth)
+ANIME = "U-Net generator (lineart_anime, netG.pth)"
+
+
+class UNetLevel:
+    """One level of the pix2pix U-Net: `model.model` (outermost: `.0` down, `.1` inner, `.3` up); below it
+    `...model.1` down, `...model.3` inner and `...model.5` up, or, innermost, `.1` down and `.3` up.
+    Instance norms have no parameters; convs are 4x4, stride 2, padding 1."""
+
+    def __init__(self, sd: dict[str, torch.Tensor], prefix: str, outermost: bool = False) -> None:
+        self.outermost = outermost
+        inner = f"{prefix}.1" if outermost else f"{prefix}.3"
+        has_inner = outermost or f"{inner}.model.1.weight" in sd
+        self.down = _conv(sd, f"{prefix}.0" if outermost else f"{prefix}.1", ANIME)
+        self.up = _conv(sd, f"{prefix}.5" if has_inner and not outermost else f"{prefix}.3", ANIME)
+        self.inner = UNetLevel(sd, f"{inner}.model") if has_inner else None
+
+    @property
+    def depth(self) -> int:
+        return 1 + (self.inner.depth if self.inner else 0)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.outermost:
+            h = self.inner(F.conv2d(x, *self.down, stride=2, padding=1))
+            return torch.tanh(F.conv_transpose2d(F.relu(h), *self.up, stride=2, padding=1))
+        h = F.conv2d(F.leaky_relu(x, 0.2), *self.down, stride=2, padding=1)
+        if self.inner is not None:
+            h = self.inner(F.instance_norm(h))
+        up = F.instance_norm(F.conv_transpose2d(F.relu(h), *self.up, stride=2, padding=1))
+        return torch.cat([x, up], 1)
+
+
+def _bicubic(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(x, size=size, mode="bicubic", align_corners=False)
+
+
+class AnimeLines:
+    """lineart_anime: the image is scaled (bicubic) to multiples of 256 (or of 2^depth if deeper), fed
+    as -1..1, and the drawing scaled back."""
+
+    def __init__(self, sd: dict[str, torch.Tensor]) -> None:
+        self.net = UNetLevel(sd, "model.model", outermost=True)
+        self.unit = max(256, 2 ** self.net.depth)
+
+    @torch.inference_mode()
+    def drawing(self, rgb: np.ndarray) -> np.ndarray:
+        """The line drawing (float32 HxW, 0..255, 255 = paper) of uint8 HxWx3."""
+        h, w = rgb.shape[:2]
+        size = (-(-h // self.unit) * self.unit, -(-w // self.unit) * self.unit)
+        x = _bicubic(image_tensor(rgb), size).round().clamp(0, 255)  # the resized image is uint8 again
+        line = self.net(x / 127.5 - 1.0)[:, :1] * 127.5 + 127.5
+        return _bicubic(line, (h, w))[0, 0].numpy()
+
+
+def build_anime(path: Path) -> Runner:
+    net = AnimeLines(read_tensors(path))
+    net.drawing(np.zeros((64, 64, 3), np.uint8))  # shape mismatches surface now, naming the file
+
+    def run(img: np.ndarray, res: int, a: float, b: float, seed: int) -> np.ndarray:
+        padded, crop = pad64(img[..., :3])
+        gray = 255 - net.drawing(padded).clip(0, 255).astype(np.uint8)
+        return crop(np.repeat(gray[..., None], 3, axis=2))
     return run
