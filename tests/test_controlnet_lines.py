@@ -330,10 +330,12 @@ def close(ours: np.ndarray, ref: np.ndarray) -> None:
 
 
 # ---------------------------------------------------------------- tests
-@pytest.mark.parametrize("file", ["ControlNetHED.pth", "ControlNetHED_Apache2.pth"])
-def test_softedge_hed_matches_the_reference_and_safe_quantises(tmp_path, file):
+@pytest.mark.parametrize(("file", "dtype"), [("ControlNetHED.pth", torch.float16),  # a half-precision file
+                                             ("ControlNetHED_Apache2.pth", torch.float32)])
+def test_softedge_hed_matches_the_reference_and_safe_quantises(tmp_path, file, dtype):
     model, rgb = hed_model(), scene(64, 96)  # padded to 64x128 and cropped back
-    make(model, tmp_path / file)
+    make(model.to(dtype), tmp_path / file)
+    model.float()
     close(run("softedge_hed", tmp_path, rgb), hed_reference(model, rgb, safe=False))
     safe = run("softedge_hedsafe", tmp_path, rgb)
     close(safe, hed_reference(model, rgb, safe=True))
