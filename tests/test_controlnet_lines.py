@@ -315,9 +315,10 @@ def hed_model(seed: int = 0) -> RefHED:
 
 
 def run(name: str, folder, rgb: np.ndarray) -> np.ndarray:
+    """Preprocessor `name` at the image's own size, from a folder path or a shared `Annotators`."""
     pre = preprocessors.find(name)
-    image = Image.fromarray(rgb)
-    return preprocessors.run(pre, image, None, min(rgb.shape[:2]), -1, -1, 0, Annotators(folder))
+    annotators = folder if isinstance(folder, Annotators) else Annotators(folder)
+    return preprocessors.run(pre, Image.fromarray(rgb), None, min(rgb.shape[:2]), -1, -1, 0, annotators)
 
 
 def close(ours: np.ndarray, ref: np.ndarray) -> None:
@@ -336,8 +337,9 @@ def test_softedge_hed_matches_the_reference_and_safe_quantises(tmp_path, file, d
     model, rgb = hed_model(), scene(64, 96)  # padded to 64x128 and cropped back
     make(model.to(dtype), tmp_path / file)
     model.float()
-    close(run("softedge_hed", tmp_path, rgb), hed_reference(model, rgb, safe=False))
-    safe = run("softedge_hedsafe", tmp_path, rgb)
+    folder = Annotators(tmp_path)  # one folder: the safe variant must not reuse the plain runner
+    close(run("softedge_hed", folder, rgb), hed_reference(model, rgb, safe=False))
+    safe = run("softedge_hedsafe", folder, rgb)
     close(safe, hed_reference(model, rgb, safe=True))
     assert set(np.unique(safe)) <= {0, 127, 255} and len(np.unique(safe)) > 1
     assert preprocessors.find("hed_safe").name == preprocessors.find("softedge_hed_safe").name == "softedge_hedsafe"
@@ -346,8 +348,9 @@ def test_softedge_hed_matches_the_reference_and_safe_quantises(tmp_path, file, d
 def test_softedge_pidinet_matches_the_pixel_difference_reference(tmp_path):
     model, rgb = seeded(RefPiDiNet, 1, gain=1.2), scene()
     make(model, tmp_path / "table5_pidinet.pth", wrap=True)
-    close(run("softedge_pidinet", tmp_path, rgb), pidinet_reference(model, rgb, safe=False))
-    safe = run("softedge_pidisafe", tmp_path, rgb)
+    folder = Annotators(tmp_path)
+    close(run("softedge_pidinet", folder, rgb), pidinet_reference(model, rgb, safe=False))
+    safe = run("softedge_pidisafe", folder, rgb)
     close(safe, pidinet_reference(model, rgb, safe=True))
     assert set(np.unique(safe)) <= {0, 127, 255} and len(np.unique(safe)) > 1
 
