@@ -382,26 +382,31 @@ class RunsCode:
 
 
 def test_bad_files_name_the_file_and_keep_the_last_good_runner(tmp_path):
-    rgb = scene()
+    rgb, folder = scene(), Annotators(tmp_path)  # one folder throughout: the HED runner stays loaded
     with pytest.raises(api.InvalidParams, match=r"sk_model2\.pth"):
-        run("lineart_coarse", tmp_path, rgb)
+        run("lineart_coarse", folder, rgb)
     with pytest.raises(api.InvalidParams, match=r"ControlNetHED\.pth or ControlNetHED_Apache2\.pth"):
-        run("softedge_hed", tmp_path, rgb)
+        run("softedge_hed", folder, rgb)
     make(hed_model(), tmp_path / "ControlNetHED.pth")
-    good = run("softedge_hed", tmp_path, rgb)
+    good = run("softedge_hed", folder, rgb)
     make(hed_model(), tmp_path / "table5_pidinet.pth")  # HED weights under PiDiNet's name
     with pytest.raises(api.InvalidParams, match=r"table5_pidinet\.pth.*softedge_pidinet"):
-        run("softedge_pidinet", tmp_path, rgb)
+        run("softedge_pidinet", folder, rgb)
+    broken = seeded(RefLineGenerator, 5).state_dict()
+    broken["model1.3.weight"] = broken["model1.3.weight"][:, :3]  # right keys, a width that does not chain
+    torch.save(broken, tmp_path / "sk_model2.pth")
+    with pytest.raises(api.InvalidParams, match=r"sk_model2\.pth does not fit preprocessor 'lineart_coarse'"):
+        run("lineart_coarse", folder, rgb)
     whole = (tmp_path / "ControlNetHED.pth").read_bytes()
     (tmp_path / "sk_model.pth").write_bytes(whole[: len(whole) // 2])
     with pytest.raises(api.InvalidParams, match=r"sk_model\.pth could not be read"):
-        run("lineart_realistic", tmp_path, rgb)
+        run("lineart_realistic", folder, rgb)
     marker = tmp_path / "pwned"
     torch.save({"model0.1.weight": torch.zeros(1), "payload": RunsCode(marker)}, tmp_path / "sk_model2.pth")
     with pytest.raises(api.InvalidParams, match=r"sk_model2\.pth could not be read"):
-        run("lineart_coarse", tmp_path, rgb)
+        run("lineart_coarse", folder, rgb)
     assert not marker.exists()
-    assert np.array_equal(run("softedge_hed", tmp_path, rgb), good)
+    assert np.array_equal(run("softedge_hed", folder, rgb), good)
 
 
 def test_detect_over_http_runs_softedge_hed(tmp_path):
