@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .annotators import Annotators, Builder
+from .annotators import Annotators, Builder, hed, lineart, pidinet
 from .annotators.dwpose import build as build_dwpose
 from .annotators.openpose import build as build_openpose
 
@@ -217,9 +217,16 @@ PREPROCESSORS: tuple[Preprocessor, ...] = (
     _weights("depth_midas", "Depth", "dpt_hybrid-midas-501f0c75.pt"),
     _weights("dw_openpose_full", "OpenPose", "dw-ll_ucoco_384.onnx", build=build_dwpose),
     _weights("openpose", "OpenPose", "body_pose_model.pth", build=build_openpose),
-    _weights("lineart_realistic", "Lineart", "sk_model.pth"),
-    _weights("softedge_hed", "SoftEdge", "ControlNetHED.pth"),
-    _weights("softedge_pidinet", "SoftEdge", "table5_pidinet.pth"),
+    _weights("lineart_realistic", "Lineart", "sk_model.pth", lineart.build, aliases=("lineart_realistic", "lineart")),
+    _weights("lineart_coarse", "Lineart", "sk_model2.pth", lineart.build),
+    _weights("lineart_anime", "Lineart", "netG.pth", lineart.build_anime),
+    _weights("softedge_hed", "SoftEdge", "ControlNetHED.pth|ControlNetHED_Apache2.pth", hed.build, aliases=("softedge_hed", "hed")),
+    _weights("softedge_hedsafe", "SoftEdge", "ControlNetHED.pth|ControlNetHED_Apache2.pth", hed.build_safe,
+             aliases=("softedge_hedsafe", "hed_safe", "softedge_hed_safe")),
+    _weights("softedge_pidinet", "SoftEdge", "table5_pidinet.pth", pidinet.build,
+             aliases=("softedge_pidinet", "pidinet")),
+    _weights("softedge_pidisafe", "SoftEdge", "table5_pidinet.pth", pidinet.build_safe,
+             aliases=("softedge_pidisafe", "pidinet_safe", "softedge_pidinet_safe")),
     _weights("normal_bae", "NormalMap", "scannet.pt"),
 )
 
