@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .annotators import Annotators, Builder
+from .annotators import Annotators, Builder, depth_anything, midas
 
 
 @dataclass(frozen=True)
@@ -211,8 +211,10 @@ PREPROCESSORS: tuple[Preprocessor, ...] = (
     _no_weights("inpaint_only", "Inpaint", lambda img, res, a, b, seed: img, resolution=None, uses_mask=True),
     *(_no_weights(name, "IP-Adapter", lambda img, res, a, b, seed: img, resolution=None)
       for name in ("ip-adapter_clip_sd15", "ip-adapter_clip_sdxl", "ip-adapter_clip_sdxl_plus_vith")),
-    _weights("depth_anything_v2", "Depth", "depth_anything_v2_vits.safetensors"),
-    _weights("depth_midas", "Depth", "dpt_hybrid-midas-501f0c75.pt"),
+    _weights("depth_anything_v2", "Depth", "depth_anything_v2_vits.safetensors", build=depth_anything.build),
+    _weights("depth_midas", "Depth", "dpt_hybrid-midas-501f0c75.pt", build=midas.build_depth),
+    _weights("normal_midas", "NormalMap", "dpt_hybrid-midas-501f0c75.pt", build=midas.build_normal,
+             a=Slider("Normal Background Threshold", 0.4, 0.0, 1.0, 0.01)),
     _weights("dw_openpose_full", "OpenPose", "dw-ll_ucoco_384.onnx"),
     _weights("openpose", "OpenPose", "body_pose_model.pth"),
     _weights("lineart_realistic", "Lineart", "sk_model.pth"),

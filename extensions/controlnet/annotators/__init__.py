@@ -45,7 +45,7 @@ class Annotators:
     def __init__(self, folder: Path, keep: int = 2) -> None:
         self.dir = folder
         self.keep = keep
-        self._built: OrderedDict[tuple[str, float], Runner] = OrderedDict()
+        self._built: OrderedDict[tuple[str, str, float], Runner] = OrderedDict()
         self._lock = threading.Lock()
 
     def runner(self, name: str, file: str, build: Builder | None) -> Runner:
@@ -54,7 +54,7 @@ class Annotators:
             raise api.InvalidParams(f"Preprocessor {name!r} needs the weights file {path}; download {file} "
                                     f"into {self.dir}, or pick an algorithmic preprocessor "
                                     "(canny, scribble_xdog, tile_resample, ...)")
-        key = (str(path), path.stat().st_mtime)
+        key = (name, str(path), path.stat().st_mtime)  # by name too: two preprocessors may share a file
         with self._lock:
             if key not in self._built:
                 self._built[key] = _build(name, path, build)
