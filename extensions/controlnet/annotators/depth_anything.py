@@ -5,7 +5,8 @@ DPT keys, as `depth_anything_v2_vits.pth` or its safetensors copy) or a transfor
 `model.safetensors` (`backbone.*`, `neck.*`, `head.*`). The config is read from the tensor shapes;
 nothing is downloaded. As sd-webui-controlnet does, the image is resized (bicubic) so its short side is
 518 and both sides are multiples of 14, the inverse depth is brought back to the input size (bilinear)
-and min-max scaled to 0..255.
+and min-max scaled to 0..255. (sd-webui-controlnet hands the network BGR by an extra colour swap; the
+network is trained on RGB, which it gets here.)
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def predict(model, img: np.ndarray) -> torch.Tensor:
     x = normalized_rgb(img)
     x = F.interpolate(x, size=net_size(h, w, INPUT_SIZE, 14), mode="bicubic", align_corners=False)
     depth = model(pixel_values=x).predicted_depth[:, None]
-    return F.interpolate(depth, size=(h, w), mode="bilinear", align_corners=True)[0, 0]
+    return F.interpolate(depth, size=(h, w), mode="bilinear", align_corners=False)[0, 0]
 
 
 def net_size(h: int, w: int, size: int, multiple: int) -> tuple[int, int]:

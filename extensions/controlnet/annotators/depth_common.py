@@ -15,14 +15,15 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The file's tensors; a truncated or foreign file is an InvalidParams naming it."""
+    """The file's tensors in float32 (fp16 copies exist); a truncated or foreign file is an InvalidParams naming it."""
     try:
-        return read_tensors(path)
+        tensors = read_tensors(path)
     except api.InvalidParams:
         raise
     except Exception as err:  # safetensors' own error for a truncated or damaged header
         raise api.InvalidParams(f"Annotator file {path} could not be read ({type(err).__name__}: {str(err)[:120]}); "
                                 "download it again") from None
+    return {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
 
 
 def normalized_rgb(img: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
