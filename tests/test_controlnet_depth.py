@@ -144,8 +144,6 @@ def tiny_midas():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
         model.head.head[4].bias.fill_(1.0)  # keep the final ReLU's output above zero
-    embeddings = model.dpt.embeddings  # MiDaS runs at any size: transformers' own switch for it
-    embeddings.forward = lambda pixel_values: type(embeddings).forward(embeddings, pixel_values, True)
     return model
 
 
@@ -201,7 +199,17 @@ def reference_midas_depth(model, img: np.ndarray) -> np.ndarray:
     h, w = img.shape[:2]
     padded = np.pad(img, [[0, (64 - h % 64) % 64], [0, (64 - w % 64) % 64], [0, 0]], mode="edge")
     x = torch.tensor(padded, dtype=torch.float32).permute(2, 0, 1)[None] / 127.5 - 1.0
-    return model(pixel_values=x).predicted_depth[0].numpy()
+    # DPTForDepthEstimation's hybrid forward, step by step: its own forward takes only the square
+    # image_size, while MiDaS runs at any size (position embeddings resized, the token grid given)
+    embeddings = model.dpt.embeddings(x, interpolate_pos_encoding=True)
+    tokens, per_block = embeddings.last_hidden_states, []
+    for block in model.dpt.encoder.layer:
+        tokens = block(tokens)
+        per_block.append(tokens)
+    features = list(embeddings.intermediate_activations)
+    features += [per_block[i] for i in model.config.backbone_out_indices[2:]]
+    features = model.neck(features, x.shape[2] // 16, x.shape[3] // 16)
+    return model.head(features)[0].numpy()
 
 
 def reference_midas_maps(model, img: np.ndarray, bg_th: float) -> tuple[np.ndarray, np.ndarray]:
@@ -272,6 +280,13 @@ def test_depth_midas_and_normal_midas_match_transformers(tmp_path, midas):
     _, want_other = reference_midas_maps(midas, np.asarray(image), bg_th=0.0)
     assert_close_maps(detect("normal_midas", tmp_path, image, a=0.0), want_other)
     assert want_depth.std() > 10 and not np.array_equal(want_normal, want_other)
+
+
+def test_depth_midas_takes_a_transformers_state_dict_too(tmp_path, midas):
+    torch.save(midas.state_dict(), tmp_path / MIDAS_FILE)  # Intel/dpt-hybrid-midas's keys, under MiDaS's name
+    image = picture()
+    want_depth, _ = reference_midas_maps(midas, np.asarray(image), bg_th=0.4)
+    assert_close_maps(detect("depth_midas", tmp_path, image), want_depth)
 
 
 def test_normal_midas_is_listed_with_its_slider():

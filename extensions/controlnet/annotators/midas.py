@@ -89,13 +89,22 @@ def load_model(path: Path):
         model = DPTForDepthEstimation(config_from_shapes(tensors))
     tensors = _attention_names(tensors, model.state_dict().keys())
     model.load_state_dict(tensors, strict=True, assign=True)
-    any_size(model.dpt.embeddings)
+    any_size(model)
     return model.eval()
 
 
-def any_size(embeddings) -> None:
-    """Let the hybrid embeddings take any input size (position embeddings resized), as MiDaS does."""
+def any_size(model) -> None:
+    """Let the hybrid DPT take any size, as MiDaS does: transformers' hybrid path checks the input against
+    `image_size` and reshapes the neck's tokens as a square grid; resize the position embeddings
+    and give the neck the grid (the ResNet's first stage is at 1/4 of the input, the tokens at 1/16)."""
+    embeddings, neck = model.dpt.embeddings, model.neck
     embeddings.forward = functools.partial(type(embeddings).forward, embeddings, interpolate_pos_encoding=True)
+
+    def neck_forward(hidden_states, patch_height=None, patch_width=None):
+        h, w = hidden_states[0].shape[-2:]
+        return type(neck).forward(neck, hidden_states, h // 4, w // 4)
+
+    neck.forward = neck_forward
 
 
 # ---------------------------------------------------------------- config from shapes
