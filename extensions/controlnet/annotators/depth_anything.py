@@ -42,7 +42,7 @@ def load_model(path: Path):
     tensors = to_transformers_keys(load_weights(path), path)
     with torch.device("meta"):
         model = DepthAnythingForDepthEstimation(config_from_shapes(tensors, path))
-    tensors = _attention_names(tensors, model.state_dict().keys())
+    tensors = attention_names(tensors, model.state_dict().keys())
     model.load_state_dict(tensors, strict=True, assign=True)
     return model.eval()
 
@@ -161,7 +161,7 @@ _ATTENTION = {"attention.attention.query.": "attention.q_proj.", "attention.atte
               "attention.attention.value.": "attention.v_proj.", "attention.output.dense.": "attention.o_proj."}
 
 
-def _attention_names(sd: dict[str, torch.Tensor], wanted) -> dict[str, torch.Tensor]:
+def attention_names(sd: dict[str, torch.Tensor], wanted) -> dict[str, torch.Tensor]:
     """Rename attention weights to the names this transformers version uses (query/key/value or q/k/v_proj)."""
     wanted = set(wanted)
     out = {}

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from modules.plugins import api
 
 from . import Runner
-from .depth_anything import HEAD_DIM, _attention_names
+from .depth_anything import HEAD_DIM, attention_names
 from .depth_common import gray_to_rgb, load_weights
 
 PAD = 64
@@ -87,7 +87,7 @@ def load_model(path: Path):
     tensors = to_transformers_keys(load_weights(path), path)
     with torch.device("meta"):
         model = DPTForDepthEstimation(config_from_shapes(tensors))
-    tensors = _attention_names(tensors, model.state_dict().keys())
+    tensors = attention_names(tensors, model.state_dict().keys())
     model.load_state_dict(tensors, strict=True, assign=True)
     any_size(model)
     return model.eval()
