@@ -345,7 +345,7 @@ def b64(image: Image.Image) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def test_detect_route_runs_depth_anything_v2(tmp_path, depth_anything):
+def test_detect_route_runs_depth_anything_v2_and_normal_midas(tmp_path, depth_anything, midas):
     server = start_server(tmp_path)
     try:
         folder = server.context.app.settings.models_dir / "annotators"
@@ -354,12 +354,20 @@ def test_detect_route_runs_depth_anything_v2(tmp_path, depth_anything):
         image = picture()
         body = {"controlnet_module": "depth_anything_v2", "controlnet_input_images": [b64(image)],
                 "controlnet_processor_res": 64}
+        normal = {**body, "controlnet_module": "normal_midas", "controlnet_threshold_a": 0.2}
         with httpx.Client(base_url=server.url, timeout=300) as http:
-            midas_missing = http.post("/controlnet/detect", json={**body, "controlnet_module": "depth_midas"})
+            midas_missing = http.post("/controlnet/detect", json=normal)
             response = http.post("/controlnet/detect", json=body)
+            torch.save(midas_original(midas.state_dict()), folder / MIDAS_FILE)
+            normal_response = http.post("/controlnet/detect", json=normal)
         assert midas_missing.status_code == 422 and MIDAS_FILE in str(midas_missing.json()["detail"])
-        assert response.status_code == 200, response.text
-        got = np.asarray(Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0]))).convert("RGB"))
-        assert_close_maps(got, reference_depth_anything(depth_anything, np.asarray(image)))
+        assert response.status_code == 200 and normal_response.status_code == 200, response.text
+        assert_close_maps(decode(response.json()["images"][0]), reference_depth_anything(depth_anything, np.asarray(image)))
+        _, want_normal = reference_midas_maps(midas, np.asarray(image), bg_th=0.2)
+        assert_close_maps(decode(normal_response.json()["images"][0]), want_normal)
     finally:
         server.stop()
+
+
+def decode(data: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB"))
