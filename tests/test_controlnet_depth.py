@@ -350,17 +350,20 @@ def test_detect_route_runs_depth_anything_v2_and_normal_midas(tmp_path, depth_an
     try:
         folder = server.context.app.settings.models_dir / "annotators"
         folder.mkdir(parents=True, exist_ok=True)
-        save_file(depth_anything_original(depth_anything.state_dict()), str(folder / DA_FILE))
+        (folder / DA_FILE).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": ")  # a cut-off download
         image = picture()
         body = {"controlnet_module": "depth_anything_v2", "controlnet_input_images": [b64(image)],
                 "controlnet_processor_res": 64}
         normal = {**body, "controlnet_module": "normal_midas", "controlnet_threshold_a": 0.2}
         with httpx.Client(base_url=server.url, timeout=300) as http:
             midas_missing = http.post("/controlnet/detect", json=normal)
+            corrupt = http.post("/controlnet/detect", json=body)
+            save_file(depth_anything_original(depth_anything.state_dict()), str(folder / DA_FILE))
             response = http.post("/controlnet/detect", json=body)
             torch.save(midas_original(midas.state_dict()), folder / MIDAS_FILE)
             normal_response = http.post("/controlnet/detect", json=normal)
         assert midas_missing.status_code == 422 and MIDAS_FILE in str(midas_missing.json()["detail"])
+        assert corrupt.status_code == 422 and DA_FILE in str(corrupt.json()["detail"]), corrupt.text
         assert response.status_code == 200 and normal_response.status_code == 200, response.text
         assert_close_maps(decode(response.json()["images"][0]), reference_depth_anything(depth_anything, np.asarray(image)))
         _, want_normal = reference_midas_maps(midas, np.asarray(image), bg_th=0.2)
