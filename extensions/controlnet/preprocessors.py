@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .annotators import Annotators, Builder, hed, lineart, pidinet
+from .annotators import Annotators, Builder, depth_anything, hed, lineart, midas, pidinet
 from .annotators.dwpose import build as build_dwpose
 from .annotators.openpose import build as build_openpose
 
@@ -187,6 +187,8 @@ def _weights(name: str, tag: str, annotator: str, build: Builder | None = None, 
     return Preprocessor(name, None, tag, annotator=annotator, build=build, **extra)
 
 
+# Depth Anything V2 small, base or large (sd-webui-controlnet ships the large one); the size comes from the shapes
+DEPTH_ANYTHING_FILES = "|".join(f"depth_anything_v2_vit{size}.safetensors" for size in "sbl")
 PREPROCESSORS: tuple[Preprocessor, ...] = (
     _no_weights("none", "All", lambda img, res, a, b, seed: img[..., :3], resolution=None),
     _no_weights("canny", "Canny", lambda img, res, a, b, seed: canny(img, a, b),
@@ -213,8 +215,10 @@ PREPROCESSORS: tuple[Preprocessor, ...] = (
     _no_weights("inpaint_only", "Inpaint", lambda img, res, a, b, seed: img, resolution=None, uses_mask=True),
     *(_no_weights(name, "IP-Adapter", lambda img, res, a, b, seed: img, resolution=None)
       for name in ("ip-adapter_clip_sd15", "ip-adapter_clip_sdxl", "ip-adapter_clip_sdxl_plus_vith")),
-    _weights("depth_anything_v2", "Depth", "depth_anything_v2_vits.safetensors"),
-    _weights("depth_midas", "Depth", "dpt_hybrid-midas-501f0c75.pt"),
+    _weights("depth_anything_v2", "Depth", DEPTH_ANYTHING_FILES, build=depth_anything.build),
+    _weights("depth_midas", "Depth", "dpt_hybrid-midas-501f0c75.pt", build=midas.build_depth),
+    _weights("normal_midas", "NormalMap", "dpt_hybrid-midas-501f0c75.pt", build=midas.build_normal,
+             a=Slider("Normal Background Threshold", 0.4, 0.0, 1.0, 0.01)),
     _weights("dw_openpose_full", "OpenPose", "dw-ll_ucoco_384.onnx", build=build_dwpose),
     _weights("openpose", "OpenPose", "body_pose_model.pth", build=build_openpose),
     _weights("lineart_realistic", "Lineart", "sk_model.pth", lineart.build, aliases=("lineart_realistic", "lineart")),
