@@ -127,6 +127,14 @@ def test_a_transformer_gguf_given_as_t5_is_named_and_the_old_model_stays(flux_t5
                "transformer), not a T5 encoder (architecture 't5encoder'" in message
         assert engine.require_model() is loaded  # refused from the headers, before the old model was released
     (te / "t5-v1_1-xxl-a-Q8_0.gguf").unlink()
+    misplaced = shutil.copy(te / T5_GGUF, root / "models" / "unet" / "t5-encoder-in-unet-Q8_0.gguf")
+    try:
+        with pytest.raises(CheckpointError, match="t5-encoder-in-unet-Q8_0.gguf is a T5 text encoder .*"
+                                                  "put it in models/text_encoder"):
+            engine.load_model("t5-encoder-in-unet-Q8_0")
+    finally:
+        Path(misplaced).unlink()
+    assert engine.require_model() is loaded
     assert np.array_equal(_image(engine, "flux1-schnell-tiny", (T5_GGUF,)), before)
 
 
