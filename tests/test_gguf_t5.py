@@ -52,9 +52,10 @@ def test_t5_gguf_encodes_as_transformers_on_its_dequantized_weights(tmp_path) ->
         plain = source(input_ids=ids).last_hidden_state
     # Both run fp32 on the same restored weights (Atelier's torch dequantizer is bit-exact with gguf's), so
     # only summation order may differ: 1e-5 of outputs of size ~1 (T5's final RMS norm) is far below the
-    # Q8_0 rounding itself, which moves the output by ~1e-2 (checked below, so the test sees quantization).
+    # Q8_0 rounding itself, which moves the output by up to 0.035 here (checked below: the test sees it).
+    # Measured: bit-identical.
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    assert (got - plain).abs().max() > 1e-4
+    assert (got - plain).abs().max() > 1e-3
 
 
 def test_t5_gguf_of_a_whole_t5_drops_the_decoder(tmp_path) -> None:
