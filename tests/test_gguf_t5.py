@@ -157,3 +157,38 @@ def test_api_lists_t5_ggufs_and_refuses_a_misfiled_one(flux_t5, tmp_path) -> Non
         assert httpx.post(f"{srv.url}/sdapi/v1/txt2img", json=body, timeout=300).status_code == 200
     finally:
         srv.stop()
+
+
+def test_lora_on_a_t5_gguf_changes_the_image_and_reverts_exactly(flux_t5) -> None:
+    from tests.fixtures import make_tiny_lora as mk
+
+    engine = make_engine(flux_t5)
+    before = _image(engine, "flux1-schnell-tiny")
+    t5 = next(m for m in engine.require_model().text_encoders if isinstance(m, T5EncoderModel))
+    layers = mk.select(mk.module_layers(t5, "lora_te3_"), ["SelfAttention_q", "SelfAttention_v"])
+    mk.write(mk.lora_tensors(layers, seed=3), flux_t5 / "models" / "Lora" / "t5q.safetensors")
+    q = t5.encoder.block[0].layer[0].SelfAttention.q
+    storage = q.parametrizations.weight.original.clone()
+    with_lora = engine.txt2img(Txt2ImgParams(**{**PARAMS, "prompt": "a red fox <lora:t5q:4>"}))
+    after = np.asarray(engine.txt2img(Txt2ImgParams(**PARAMS)).images[0])
+    assert "Lora hashes" in with_lora.infotexts[0] and not np.array_equal(np.asarray(with_lora.images[0]), before)
+    assert np.array_equal(after, before)
+    assert torch.equal(q.parametrizations.weight.original, storage)  # the Q8_0 blocks were never written
+
+
+def test_a_t5_gguf_too_narrow_for_the_transformer_is_named(flux_t5, tmp_path) -> None:
+    """SD3.5's tiny transformer needs a 64-wide T5; the FLUX fixture's GGUF is 32 wide: refused from headers."""
+    split = make_split_files("sd35-large", tmp_path / "split")
+    models = tmp_path / "models"
+    (models / "text_encoder").mkdir(parents=True)
+    (models / "VAE").mkdir()
+    (models / "unet").mkdir()
+    for part in ("clip_l", "clip_g"):
+        shutil.copy(split[part], models / "text_encoder" / f"{part}.safetensors")
+    shutil.copy(flux_t5 / "models" / "text_encoder" / T5_GGUF, models / "text_encoder" / T5_GGUF)
+    shutil.copy(split["vae"], models / "VAE" / "sd3_vae.safetensors")
+    shutil.copy(split["transformer"], models / "unet" / "sd3.5_large_tiny.safetensors")
+    engine = make_engine(tmp_path)
+    with pytest.raises(CheckpointError, match=f"The T5 text encoder {T5_GGUF} is 32 wide, but this SD3.5 Large "
+                                              "transformer needs a 64-wide T5"):
+        engine.load_model("sd3.5_large_tiny")
