@@ -117,6 +117,7 @@ def infer_config(sd: StateDict) -> dict[str, Any]:
         config["num_mode"] = int(sd["controlnet_mode_embedder.weight"].shape[0])
     if "input_hint_block.conv_in.weight" in sd:
         config["conditioning_embedding_channels"] = int(sd["input_hint_block.conv_out.weight"].shape[0])
+        config["patch_size"] = 2  # diffusers packs the hint block's features in 2x2 patches by this field
     return config
 
 
