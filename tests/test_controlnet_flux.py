@@ -218,6 +218,39 @@ def test_two_units_and_the_guidance_window(flux_app, plain):
     assert (both - alone).abs().max() > 1e-5
 
 
+# ---------------------------------------------------------------- the hook on FLUX.1 (plugin API 1.9)
+class BlockProbe:
+    """A plugin adding `value` to the image tokens after every double block (`counts` tensors)."""
+
+    def __init__(self, value: float, counts: int = 2) -> None:
+        self.value, self.counts = value, counts
+
+    @api.hookimpl
+    def unet_residuals(self, context, params, job):
+        assert context.encode is not None and context.arch == "flux-dev"
+
+        def residuals(call):
+            rows, tokens = call.model_in.shape[:2]
+            return api.UNetResiduals(blocks=tuple(torch.full((rows, tokens, 32), self.value)
+                                                  for _ in range(self.counts)))
+        return residuals
+
+
+def test_hook_unet_residuals_on_flux_blocks(flux_app, plain):
+    for probe, changes in ((BlockProbe(0.0), False), (BlockProbe(0.2), True), (BlockProbe(0.2, 1), None)):
+        flux_app.plugins.manager.register(probe, name="block-probe")
+        try:
+            if changes is None:
+                with pytest.raises(api.AtelierError, match=r"returned 1 tensors in UNetResiduals.blocks; this FLUX.1 "
+                                                           r"transformer has 2"):
+                    run(flux_app, params())
+                continue
+            got = run(flux_app, params())[0]
+        finally:
+            flux_app.plugins.manager.unregister(probe)
+        assert torch.equal(got, plain[0]) != changes
+
+
 # ---------------------------------------------------------------- mismatches
 def test_an_sd15_controlnet_on_flux_names_both(flux_app):
     with pytest.raises(api.InvalidParams, match="is a SD1.5 ControlNet, but the loaded checkpoint is FLUX.1-dev: "
