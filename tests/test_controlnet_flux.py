@@ -180,7 +180,6 @@ def test_blocks_spread_as_diffusers_or_repeat_as_xlabs():
 
 # ---------------------------------------------------------------- numerics
 @pytest.mark.parametrize(("name", "unit", "kw"), [
-    ("flux-instantx", {"weight": 1.0}, {"controlnet_conditioning_scale": 1.0}),
     ("flux-instantx", {"weight": 0.6}, {"controlnet_conditioning_scale": 0.6}),
     ("flux-union", {"union_control_type": "Depth"}, {"control_mode": 2}),
     ("flux-xlabs", {"weight": 0.8}, {"controlnet_conditioning_scale": 0.8}),
