@@ -20,6 +20,7 @@ from PIL import Image
 from .annotators import Annotators, Builder, hed, lineart, pidinet
 from .annotators.dwpose import build as build_dwpose
 from .annotators.openpose import build as build_openpose
+from .annotators.openpose_parts import build_face, build_faceonly, build_full, build_hand
 
 
 @dataclass(frozen=True)
@@ -228,6 +229,10 @@ PREPROCESSORS: tuple[Preprocessor, ...] = (
     _weights("softedge_pidisafe", "SoftEdge", "table5_pidinet.pth", pidinet.build_safe,
              aliases=("softedge_pidisafe", "pidinet_safe", "softedge_pidinet_safe")),
     _weights("normal_bae", "NormalMap", "scannet.pt"),
+    _weights("openpose_hand", "OpenPose", "body_pose_model.pth", build_hand),
+    _weights("openpose_face", "OpenPose", "body_pose_model.pth", build_face),
+    _weights("openpose_faceonly", "OpenPose", "body_pose_model.pth", build_faceonly),
+    _weights("openpose_full", "OpenPose", "body_pose_model.pth", build_full),
 )
 
 
