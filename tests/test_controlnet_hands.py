@@ -65,7 +65,7 @@ class ReferenceCPM(nn.Module):
         return out
 
 
-def write_cpm(path: Path, maps: int, w: int = 4, seed: int = 0) -> ReferenceCPM:
+def write_cpm(path: Path, maps: int, w: int = 2, seed: int = 0) -> ReferenceCPM:
     torch.manual_seed(seed)
     ref = ReferenceCPM(w, maps).eval()
     # the released files drop the block name: "conv1_1.weight", "Mconv7_stage6.bias", ...
@@ -158,27 +158,44 @@ def test_hands_and_face_are_drawn_in_the_extensions_colours():
 
 
 # ------------------------------------------------------------------ the crops run through the networks
-def test_a_person_gets_hands_and_a_face(tmp_path):
-    hand = openpose_parts.CpmNet(_tensors(tmp_path, "hand.pth", 22), 22)
-    face = openpose_parts.CpmNet(_tensors(tmp_path, "face.pth", 71), 71)
-    person = posedraw.Person(body_with({0: (60, 30), 14: (66, 26), 5: (80, 40), 6: (84, 70), 7: (86, 96)}))
-    image = np.random.default_rng(0).integers(0, 255, (128, 128, 3), dtype=np.uint8)
-    openpose_parts.add_hands(person, image, hand)
-    openpose_parts.add_face(person, image, face)
+def spot_finder(maps: int, gain: float = 4.0) -> dict[str, torch.Tensor]:
+    """Released-layout tensors (width 1) whose every heatmap is `gain` x the blue brightness above
+    mid-grey, max-pooled: each point lands on the crop's bright spot."""
+    tensors = {}
+    for layers in cpm_layers(1, maps).values():
+        for layer in layers:
+            if len(layer) == 1:
+                continue
+            name, cin, cout, k = layer
+            weight = torch.zeros(cout, cin, k, k)
+            source = maps if name.startswith("Mconv1_") else 0  # stage inputs are [maps, features]
+            weight[0, source, k // 2, k // 2] = 1.0
+            if cout == maps:
+                weight[:, 0, k // 2, k // 2] = gain
+            tensors[f"{name}.weight"], tensors[f"{name}.bias"] = weight, torch.zeros(cout)
+    return tensors
+
+
+def bright(h: int, w: int, x: float, y: float) -> np.ndarray:
+    return np.repeat((255 * spot(max(h, w), x, y, sigma=3.0)[:h, :w]).round().astype(np.uint8)[..., None], 3, 2)
+
+
+@pytest.mark.parametrize("where", [(70, 100), (90, 118)])
+def test_hand_points_land_on_a_bright_spot_in_the_hand_box(where):
+    net = openpose_parts.CpmNet(spot_finder(22), 22)
+    person = posedraw.Person(body_with({5: (80, 20), 6: (80, 60), 7: (80, 90)}))  # left arm down: box (53, 72, 54)
+    openpose_parts.add_hands(person, bright(160, 160, *where), net)
     left, right = person.hands
-    x, y, size, _ = openpose_parts.hand_boxes(person.body, 128, 128)[0]
-    seen = left[left[:, 2] > 0]
-    assert right[:, 2].sum() == 0 and len(seen)
-    assert (seen[:, 0] >= x).all() and (seen[:, 0] < x + size).all() and (seen[:, 1] >= y).all()
-    fx, fy, fsize = openpose_parts.face_box(person.body, 128, 128)
-    assert person.face.shape == (70, 3)
-    seen = person.face[person.face[:, 2] > 0]
-    assert (seen[:, 0] >= fx).all() and (seen[:, 0] < fx + fsize).all()
+    assert left[:, 2].tolist() == [1.0] * 21 and right[:, 2].sum() == 0
+    np.testing.assert_allclose(left[:, :2], np.broadcast_to(where, (21, 2)), atol=2)
 
 
-def _tensors(folder: Path, name: str, maps: int) -> dict[str, torch.Tensor]:
-    write_cpm(folder / name, maps, seed=1)
-    return torch.load(folder / name, weights_only=True)
+def test_face_points_land_on_a_bright_spot_in_the_face_box():
+    net = openpose_parts.CpmNet(spot_finder(71), 71)
+    person = posedraw.Person(body_with({0: (60, 50), 14: (70, 44)}))  # a box of 60 from (30, 20)
+    openpose_parts.add_face(person, bright(128, 128, 48, 62), net)
+    assert person.face.shape == (70, 3) and person.face[:, 2].tolist() == [1.0] * 70
+    np.testing.assert_allclose(person.face[:, :2], np.broadcast_to((48, 62), (70, 2)), atol=2)
 
 
 # ------------------------------------------------------------------ errors name the file

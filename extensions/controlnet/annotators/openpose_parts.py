@@ -258,10 +258,10 @@ def load_part(folder: Path, file: str, maps: int, device: torch.device | None) -
 def build_parts(path: Path, hands: bool, face: bool, body: bool = True,
                 device: torch.device | None = None) -> Runner:
     """A runner drawing the chosen parts: `path` is body_pose_model.pth, the hand and face files beside it."""
-    body_net = BodyNet(read_tensors(path))
-    body_net(torch.zeros(1, 3, 16, 16))
     hand_net = load_part(path.parent, HAND_FILE, HAND_MAPS, device) if hands else None
     face_net = load_part(path.parent, FACE_FILE, FACE_MAPS, device) if face else None
+    body_net = BodyNet(read_tensors(path))
+    body_net(torch.zeros(1, 3, 16, 16))  # wrong widths fail here, while the file is being checked
 
     def run(rgb: np.ndarray, resolution: int, a: float, b: float, seed: int) -> PoseMap:
         bgr = np.ascontiguousarray(rgb[..., 2::-1])  # every network was trained on BGR
