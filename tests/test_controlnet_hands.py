@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from extensions.controlnet.annotators import Annotators, openpose_parts, posedraw
+from extensions.controlnet.annotators import Annotators, annotator_device, openpose_parts, posedraw
 from modules.plugins import api
 from tests.test_controlnet_pose import b64, decode, http, write_body_model  # noqa: F401  (http: the server fixture)
 
@@ -215,6 +215,33 @@ def test_missing_and_foreign_part_files_are_named(tmp_path):
     (tmp_path / "body_pose_model.pth").unlink()
     with pytest.raises(api.InvalidParams, match=r"body_pose_model\.pth"):
         annotators.runner("openpose_hand", "body_pose_model.pth", openpose_parts.build_hand)
+
+
+# ------------------------------------------------------------------ the annotators' device
+def test_annotators_follow_the_apps_cuda_device_only():
+    cuda = torch.cuda.is_available()
+    assert annotator_device("cpu") == torch.device("cpu")
+    assert annotator_device("auto").type == ("cuda" if cuda else "cpu")
+    assert annotator_device("cuda:0") == (torch.device("cuda:0") if cuda else torch.device("cpu"))
+    assert annotator_device("mps") == annotator_device("no such device") == torch.device("cpu")
+
+
+def test_builders_that_take_a_device_get_the_annotators_device(tmp_path):
+    (tmp_path / "a.pth").write_bytes(b"")
+    seen = []
+
+    def with_device(path: Path, device: torch.device | None = None):
+        seen.append(device)
+        return lambda *args: np.zeros((1, 1, 3), np.uint8)
+
+    Annotators(tmp_path, device=torch.device("cpu")).runner("x", "a.pth", with_device)
+    Annotators(tmp_path).runner("y", "a.pth", lambda path: seen.append(path) or (lambda *args: None))
+    assert seen == [torch.device("cpu"), tmp_path / "a.pth"]
+    write_cpm(tmp_path / "hand_pose_model.pth", 22)
+    write_body_model(tmp_path / "body_pose_model.pth")
+    run = Annotators(tmp_path, device=annotator_device("auto")).runner(
+        "openpose_hand", "body_pose_model.pth", openpose_parts.build_hand)
+    assert run(np.zeros((32, 32, 3), np.uint8), 32, 0, 0, 0).shape == (32, 32, 3)
 
 
 # ------------------------------------------------------------------ /controlnet/detect over HTTP

@@ -260,7 +260,7 @@ def build_parts(path: Path, hands: bool, face: bool, body: bool = True,
     """A runner drawing the chosen parts: `path` is body_pose_model.pth, the hand and face files beside it."""
     hand_net = load_part(path.parent, HAND_FILE, HAND_MAPS, device) if hands else None
     face_net = load_part(path.parent, FACE_FILE, FACE_MAPS, device) if face else None
-    body_net = BodyNet(read_tensors(path))
+    body_net = BodyNet(read_tensors(path), device)
     body_net(torch.zeros(1, 3, 16, 16))  # wrong widths fail here, while the file is being checked
 
     def run(rgb: np.ndarray, resolution: int, a: float, b: float, seed: int) -> PoseMap:
@@ -276,17 +276,17 @@ def build_parts(path: Path, hands: bool, face: bool, body: bool = True,
     return run
 
 
-def build_hand(path: Path) -> Runner:
-    return build_parts(path, hands=True, face=False)
+def build_hand(path: Path, device: torch.device | None = None) -> Runner:
+    return build_parts(path, hands=True, face=False, device=device)
 
 
-def build_face(path: Path) -> Runner:
-    return build_parts(path, hands=False, face=True)
+def build_face(path: Path, device: torch.device | None = None) -> Runner:
+    return build_parts(path, hands=False, face=True, device=device)
 
 
-def build_faceonly(path: Path) -> Runner:
-    return build_parts(path, hands=False, face=True, body=False)
+def build_faceonly(path: Path, device: torch.device | None = None) -> Runner:
+    return build_parts(path, hands=False, face=True, body=False, device=device)
 
 
-def build_full(path: Path) -> Runner:
-    return build_parts(path, hands=True, face=True)
+def build_full(path: Path, device: torch.device | None = None) -> Runner:
+    return build_parts(path, hands=True, face=True, device=device)
