@@ -237,11 +237,11 @@ PREPROCESSORS: tuple[Preprocessor, ...] = (
     _no_weights("lineart_standard", "Lineart", lambda img, res, a, b, seed: lineart_standard(img),
                 aliases=("lineart_standard (from white bg & black line)",)),
     _weights("scribble_hed", "Scribble", "ControlNetHED.pth|ControlNetHED_Apache2.pth", build_scribble_hed,
-             aliases=("fake_scribble",)),
+             aliases=("scribble_hed", "fake_scribble")),
     _weights("scribble_pidinet", "Scribble", "table5_pidinet.pth", build_scribble_pidinet,
-             aliases=("pidinet_scribble",)),
+             aliases=("scribble_pidinet", "pidinet_scribble")),
     _weights("t2ia_sketch_pidi", "T2I-Adapter", "table5_pidinet.pth", build_sketch_pidi,
-             aliases=("pidinet_sketch",)),
+             aliases=("t2ia_sketch_pidi", "pidinet_sketch")),
 )
 
 
