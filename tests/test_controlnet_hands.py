@@ -157,6 +157,28 @@ def test_hands_and_face_are_drawn_in_the_extensions_colours():
     assert tuple(canvas[int(face[0, 1]), int(face[0, 0])]) == (255, 255, 255)
 
 
+# ------------------------------------------------------------------ OpenCV's resizes (smart_resize)
+def lanczos4_row(x: float) -> np.ndarray:
+    """OpenCV's interpolateLanczos4 coefficients for fractional offset x (taps -3 .. 4), from its table form."""
+    s45 = math.sqrt(0.5)
+    cs = [(1, 0), (-s45, -s45), (0, 1), (s45, -s45), (-1, 0), (s45, s45), (0, -1), (-s45, s45)]
+    y0 = -(x + 3) * math.pi / 4
+    coeffs = np.array([(a * math.sin(y0) + b * math.cos(y0)) / (-(x + 3 - i) * math.pi / 4) ** 2
+                       for i, (a, b) in enumerate(cs)])
+    return coeffs / coeffs.sum()
+
+
+def test_resizes_follow_opencvs_area_and_lanczos4():
+    x = torch.rand(1, 2, 12, 12)
+    torch.testing.assert_close(openpose_parts.smart_resize(x, (4, 4)), torch.nn.functional.avg_pool2d(x, 3))
+    torch.testing.assert_close(openpose_parts.smart_resize(x, (12, 12)), x)
+    area = openpose_parts.resize_matrix(3, 2, area=True).numpy()
+    np.testing.assert_allclose(area, [[2 / 3, 1 / 3, 0], [0, 1 / 3, 2 / 3]], atol=1e-6)
+    up = openpose_parts.resize_matrix(10, 25, area=False).numpy()  # output 12 samples 12.5 * 0.4 - 0.5 = 4.5
+    np.testing.assert_allclose(up[12, 1:9], lanczos4_row(0.5), atol=1e-6)
+    assert up[0, 0] > 0.99 and np.allclose(up.sum(axis=1), 1)  # the edge clamps to the first pixel
+
+
 # ------------------------------------------------------------------ the crops run through the networks
 def spot_finder(maps: int, gain: float = 4.0) -> dict[str, torch.Tensor]:
     """Released-layout tensors (width 1) whose every heatmap is `gain` x the blue brightness above

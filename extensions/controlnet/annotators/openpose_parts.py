@@ -29,6 +29,7 @@ from modules.plugins import api
 from . import Runner, read_tensors
 from .openpose import BodyNet, body_maps, gaussian, people_from_maps
 from .posedraw import Person, PoseMap, pose_map
+from .sketch import gaussian_blur
 
 HAND_FILE, FACE_FILE = "hand_pose_model.pth", "facenet.pth"
 HAND_MAPS, FACE_MAPS = 22, 71
@@ -131,42 +132,51 @@ def face_box(body: np.ndarray, h: int, w: int) -> tuple[int, int, int] | None:
 
 
 # ------------------------------------------------------------------ heatmaps to points
-def resize(t: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(1, C, H, W) to `size`: area averaging when shrinking both sides, else bicubic (as OpenCV's pick)."""
-    if size[0] <= t.shape[2] and size[1] <= t.shape[3]:
-        return F.interpolate(t, size=size, mode="area")
-    return F.interpolate(t, size=size, mode="bicubic", align_corners=False)
+def resize_matrix(n_in: int, n_out: int, area: bool) -> torch.Tensor:
+    """(n_out, n_in) weights of OpenCV's resize along one axis: INTER_AREA (the overlap of each output
+    pixel's span with the input pixels) or INTER_LANCZOS4 (8 taps of sinc(x) sinc(x / 4), edges clamped)."""
+    if area:
+        scale = n_in / n_out
+        lo = np.arange(n_out)[:, None] * scale
+        edges = np.arange(n_in)[None, :]
+        overlap = np.clip(np.minimum(lo + scale, edges + 1) - np.maximum(lo, edges), 0, None)
+        return torch.from_numpy(overlap / overlap.sum(axis=1, keepdims=True)).float()
+    src = (np.arange(n_out) + 0.5) * n_in / n_out - 0.5
+    base = np.floor(src).astype(int)
+    taps = np.arange(-3, 5)
+    dist = (src - base)[:, None] - taps[None, :]
+    weights = np.sinc(dist) * np.sinc(dist / 4)
+    weights /= weights.sum(axis=1, keepdims=True)
+    matrix = np.zeros((n_out, n_in))
+    np.add.at(matrix, (np.repeat(np.arange(n_out), 8), np.clip(base[:, None] + taps, 0, n_in - 1).ravel()),
+              weights.ravel())
+    return torch.from_numpy(matrix).float()
+
+
+def smart_resize(t: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(1, C, H, W) resized to `size` as OpenPose's `smart_resize`: area when the sides shrink on the
+    whole, else Lanczos-4."""
+    area = size[0] + size[1] < t.shape[2] + t.shape[3]
+    t = torch.einsum("oh,nchw->ncow", resize_matrix(t.shape[2], size[0], area), t)
+    return torch.einsum("ow,nchw->ncho", resize_matrix(t.shape[3], size[1], area), t)
 
 
 def _as_input(bgr: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(bgr, dtype=np.float32)).permute(2, 0, 1)[None]
 
 
-def _blur(bgr: np.ndarray, sigma: float) -> np.ndarray:
-    """A uint8 Gaussian blur with OpenCV's 8-bit kernel size (6 sigma + 1, odd) and reflected edges."""
-    radius = int(round(sigma * 6 + 1)) // 2
-    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    k = torch.exp(-0.5 * (x / sigma) ** 2)
-    k = (k / k.sum()).float()
-    t = F.pad(_as_input(bgr), (radius,) * 4, mode="reflect")  # crops are at least MIN_BOX wide
-    c = t.shape[1]
-    t = F.conv2d(t, k.view(1, 1, 1, -1).expand(c, 1, 1, -1).contiguous(), groups=c)
-    t = F.conv2d(t, k.view(1, 1, -1, 1).expand(c, 1, -1, 1).contiguous(), groups=c)
-    return t[0].permute(1, 2, 0).round().clamp(0, 255).numpy()
-
-
 def hand_heatmaps(net: CpmNet, crop: np.ndarray) -> np.ndarray:
     """The 22 hand maps of a square BGR crop, averaged over the scales on a HAND_GRID x HAND_GRID grid."""
-    x = _as_input(_blur(crop, HAND_BLUR))
+    x = _as_input(gaussian_blur(crop, HAND_BLUR))
     total = torch.zeros(1, HAND_MAPS, HAND_GRID, HAND_GRID)
     for scale in HAND_SCALES:
         side = int(scale * HAND_BOX)
-        image = resize(x, (side, side)).round().clamp(0, 255)
+        image = smart_resize(x, (side, side)).round().clamp(0, 255)
         pad = -side % STRIDE
         image = F.pad(image, (0, pad, 0, pad), value=PAD_VALUE) / 256 - 0.5
         maps = net(image)
-        maps = F.interpolate(maps, scale_factor=STRIDE, mode="bicubic", align_corners=False)[:, :, :side, :side]
-        total += resize(maps, (HAND_GRID, HAND_GRID)) / len(HAND_SCALES)
+        maps = smart_resize(maps, (maps.shape[2] * STRIDE, maps.shape[3] * STRIDE))[:, :, :side, :side]
+        total += smart_resize(maps, (HAND_GRID, HAND_GRID)) / len(HAND_SCALES)
     return total[0].permute(1, 2, 0).numpy()
 
 
@@ -202,7 +212,7 @@ def hand_points(maps: np.ndarray, size: int) -> np.ndarray:
 
 def face_heatmaps(net: CpmNet, crop: np.ndarray) -> np.ndarray:
     """The 71 face maps of a BGR crop, at the crop's size (bilinear, corners aligned)."""
-    x = resize(_as_input(crop), (FACE_SIZE, FACE_SIZE)).round().clamp(0, 255) / 256 - 0.5
+    x = smart_resize(_as_input(crop), (FACE_SIZE, FACE_SIZE)).round().clamp(0, 255) / 256 - 0.5
     maps = F.interpolate(net(x), size=crop.shape[:2], mode="bilinear", align_corners=True)
     return maps[0].permute(1, 2, 0).numpy()
 
