@@ -10,8 +10,9 @@ stage count come from the file's tensors.
 Boxes follow the body, as OpenPose's detectors do. A hand box is centred a third of the forearm past
 the wrist, 1.5x the longer of the forearm and 0.9x the upper arm wide; a face box is centred on the
 nose, twice the larger of 3x the nose-eye and 1.5x the nose-ear distance (Chebyshev) wide. Both are
-clipped to the image and dropped under 20 px. A hand crop (BGR, blurred with sigma 0.8) is run
-at 184, 368, 552 and 736 px squares; the heatmaps, averaged on a 128 grid and smoothed (sigma 3), keep
+clipped to the image and dropped under 20 px. Resizes are OpenCV's as OpenPose picks them (area
+to shrink, Lanczos-4 to enlarge). A hand crop (BGR, blurred with sigma 0.8) is run at 184, 368, 552
+and 736 px squares; the heatmaps, averaged on a 128 grid and smoothed (sigma 3), keep
 their largest blob over 0.05, whose maximum is the point. A face crop is run at 384 px; each point is
 its map's maximum over 0.05 (the background map is not a point).
 """
