@@ -7,6 +7,7 @@ missing or foreign files are named; /controlnet/detect runs openpose_full over H
 from __future__ import annotations
 
 import math
+import os
 from collections import OrderedDict
 from pathlib import Path
 
@@ -237,6 +238,21 @@ def test_missing_and_foreign_part_files_are_named(tmp_path):
     (tmp_path / "body_pose_model.pth").unlink()
     with pytest.raises(api.InvalidParams, match=r"body_pose_model\.pth"):
         annotators.runner("openpose_hand", "body_pose_model.pth", openpose_parts.build_hand)
+
+
+def test_a_replaced_part_file_is_reread(tmp_path):
+    write_body_model(tmp_path / "body_pose_model.pth")
+    write_cpm(tmp_path / "hand_pose_model.pth", 22)
+    annotators = Annotators(tmp_path)
+    run = annotators.runner("openpose_hand", "body_pose_model.pth", openpose_parts.build_hand)
+    image = np.zeros((32, 32, 3), np.uint8)
+    assert run(image, 32, 0, 0, 0).shape == (32, 32, 3)
+    write_cpm(tmp_path / "hand_pose_model.pth", 71)  # replaced by a face model: refused when next used
+    os.utime(tmp_path / "hand_pose_model.pth", ns=(1, 1))
+    with pytest.raises(api.InvalidParams, match=r"hand_pose_model\.pth is not CMU's"):
+        annotators.runner("openpose_hand", "body_pose_model.pth", openpose_parts.build_hand)(image, 32, 0, 0, 0)
+    write_cpm(tmp_path / "hand_pose_model.pth", 22)
+    assert run(image, 32, 0, 0, 0).shape == (32, 32, 3)
 
 
 # ------------------------------------------------------------------ the annotators' device

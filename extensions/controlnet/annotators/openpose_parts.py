@@ -266,15 +266,32 @@ def load_part(folder: Path, file: str, maps: int, device: torch.device | None) -
     return net
 
 
+class PartFile:
+    """A hand or face network, reread when its file changes (the runner is cached by the body file alone)."""
+
+    def __init__(self, folder: Path, file: str, maps: int, device: torch.device | None) -> None:
+        self.folder, self.file, self.maps, self.device = folder, file, maps, device
+        self.stamp: int | None = None
+        self.net = self.get()
+
+    def get(self) -> CpmNet:
+        path = self.folder / self.file
+        stamp = path.stat().st_mtime_ns if path.is_file() else None
+        if self.stamp is None or (stamp is not None and stamp != self.stamp):  # a removed file: keep the last
+            self.net, self.stamp = load_part(self.folder, self.file, self.maps, self.device), stamp
+        return self.net
+
+
 def build_parts(path: Path, hands: bool, face: bool, body: bool = True,
                 device: torch.device | None = None) -> Runner:
     """A runner drawing the chosen parts: `path` is body_pose_model.pth, the hand and face files beside it."""
-    hand_net = load_part(path.parent, HAND_FILE, HAND_MAPS, device) if hands else None
-    face_net = load_part(path.parent, FACE_FILE, FACE_MAPS, device) if face else None
+    hand = PartFile(path.parent, HAND_FILE, HAND_MAPS, device) if hands else None
+    face_part = PartFile(path.parent, FACE_FILE, FACE_MAPS, device) if face else None
     body_net = BodyNet(read_tensors(path), device)
     body_net(torch.zeros(1, 3, 16, 16))  # wrong widths fail here, while the file is being checked
 
     def run(rgb: np.ndarray, resolution: int, a: float, b: float, seed: int) -> PoseMap:
+        hand_net, face_net = hand.get() if hand else None, face_part.get() if face_part else None
         bgr = np.ascontiguousarray(rgb[..., 2::-1])  # every network was trained on BGR
         people = people_from_maps(*body_maps(body_net, bgr))
         for person in people:
