@@ -178,6 +178,10 @@ def test_resizes_follow_opencvs_area_and_lanczos4():
     up = openpose_parts.resize_matrix(10, 25, area=False).numpy()  # output 12 samples 12.5 * 0.4 - 0.5 = 4.5
     np.testing.assert_allclose(up[12, 1:9], lanczos4_row(0.5), atol=1e-6)
     assert up[0, 0] > 0.99 and np.allclose(up.sum(axis=1), 1)  # the edge clamps to the first pixel
+    maps = torch.rand(1, 3, 23, 23)  # the 184 px scale: x8, then down to the 128 grid, as one matrix
+    two_steps = openpose_parts.smart_resize(openpose_parts.smart_resize(maps, (184, 184)), (128, 128))
+    grid = openpose_parts._to_grid(23, 184)
+    torch.testing.assert_close(torch.einsum("oh,nchw,pw->ncop", grid, maps, grid), two_steps)
 
 
 # ------------------------------------------------------------------ the crops run through the networks

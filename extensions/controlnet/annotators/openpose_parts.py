@@ -176,9 +176,16 @@ def hand_heatmaps(net: CpmNet, crop: np.ndarray) -> np.ndarray:
         pad = -side % STRIDE
         image = F.pad(image, (0, pad, 0, pad), value=PAD_VALUE) / 256 - 0.5
         maps = net(image)
-        maps = smart_resize(maps, (maps.shape[2] * STRIDE, maps.shape[3] * STRIDE))[:, :, :side, :side]
-        total += smart_resize(maps, (HAND_GRID, HAND_GRID)) / len(HAND_SCALES)
+        rows, cols = (_to_grid(n, side) for n in maps.shape[2:])
+        total += torch.einsum("oh,nchw,pw->ncop", rows, maps, cols) / len(HAND_SCALES)
     return total[0].permute(1, 2, 0).numpy()
+
+
+def _to_grid(n: int, side: int) -> torch.Tensor:
+    """One axis of the network's maps (n cells) to the HAND_GRID grid as a single matrix: the x8
+    enlargement (Lanczos-4), the crop to `side` and the resize to HAND_GRID (area when shrinking)."""
+    up = resize_matrix(n, n * STRIDE, area=False)[:side]
+    return resize_matrix(side, HAND_GRID, area=side > HAND_GRID) @ up
 
 
 def largest_blob(mask: np.ndarray, weight: np.ndarray) -> np.ndarray:
