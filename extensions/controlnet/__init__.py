@@ -14,7 +14,7 @@ from typing import Any
 from modules.plugins import api
 
 from . import control
-from .annotators import Annotators
+from .annotators import Annotators, annotator_device
 from .models import ControlNetLibrary
 from .routes import api_router
 from .ui import controlnet_section
@@ -36,7 +36,8 @@ class ControlNetExtension:
     def __init__(self, settings: Any) -> None:
         models_dir = Path(getattr(settings, "models_dir", "models"))
         self.library = ControlNetLibrary((models_dir / "ControlNet", Path(__file__).parent / "models"))
-        self.annotators = Annotators(models_dir / "annotators")
+        self.annotators = Annotators(models_dir / "annotators",
+                                     device=annotator_device(str(getattr(settings, "device", "cpu"))))
         self.unit_count = int(getattr(settings, "controlnet_unit_count", 3))
         self.hashes: dict = {}  # (path, mtime) -> short sha256, for model titles
         self.clip_vision = models_dir / "clip_vision"
