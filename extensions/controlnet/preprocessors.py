@@ -212,7 +212,8 @@ PREPROCESSORS: tuple[Preprocessor, ...] = (
                 aliases=("color",)),
     _no_weights("inpaint_only", "Inpaint", lambda img, res, a, b, seed: img, resolution=None, uses_mask=True),
     *(_no_weights(name, "IP-Adapter", lambda img, res, a, b, seed: img, resolution=None)
-      for name in ("ip-adapter_clip_sd15", "ip-adapter_clip_sdxl", "ip-adapter_clip_sdxl_plus_vith")),
+      for name in ("ip-adapter_clip_sd15", "ip-adapter_clip_sdxl", "ip-adapter_clip_sdxl_plus_vith",
+                   "ip-adapter_face_id", "ip-adapter_face_id_plus")),
     _weights("depth_anything_v2", "Depth", "depth_anything_v2_vits.safetensors"),
     _weights("depth_midas", "Depth", "dpt_hybrid-midas-501f0c75.pt"),
     _weights("dw_openpose_full", "OpenPose", "dw-ll_ucoco_384.onnx", build=build_dwpose),
