@@ -119,6 +119,27 @@ def test_faceid_files_are_told_apart(face_app):
         assert same.layout == "ip-adapter-faceid"
 
 
+def test_insightface_file_errors_name_the_file(face_app, tmp_path):
+    rgb = np.asarray(face_photo())
+    with pytest.raises(api.InvalidParams, match=f"det_10g.onnx in {tmp_path}"):
+        faces.FaceAnalyzer(tmp_path).largest_face(rgb)
+    (tmp_path / "det_10g.onnx").write_bytes(b"not an onnx file")
+    with pytest.raises(api.InvalidParams, match="could not be loaded by onnxruntime"):
+        faces.FaceAnalyzer(tmp_path).largest_face(rgb)
+    buffalo = face_app.tmp / "models" / "insightface" / "models" / "buffalo_l"
+    (tmp_path / "det_10g.onnx").write_bytes((buffalo / "det_10g.onnx").read_bytes())
+    analyzer = faces.FaceAnalyzer(tmp_path)
+    with pytest.raises(api.InvalidParams, match=f"w600k_r50.onnx in {tmp_path}"):
+        analyzer.embedding(rgb, analyzer.largest_face(rgb))
+
+
+def test_faceid_plus_without_the_clip_encoder_names_it(tmp_path):
+    from extensions.controlnet import ip_adapter
+
+    with pytest.raises(api.InvalidParams, match=f"needs the CLIP ViT-H image encoder in {tmp_path}"):
+        ip_adapter.find_encoder("ip-adapter_face_id_plus", tmp_path)
+
+
 # ---------------------------------------------------------------- against diffusers
 def diffusers_faceid(face_app, tiny_checkpoints, tmp_path, name: str, plus: bool):
     """diffusers' StableDiffusionPipeline, load_ip_adapter and ip_adapter_image_embeds (a zero negative

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -318,8 +319,8 @@ class IPAttention:
 
 def ip_tokens(planned: Sequence[Planned], state: dict[str, Any], context: api.DenoiserContext,
               library: ControlNetLibrary, encoders: dict[Path, Any], clip_vision: Path,
-              faces: FaceAnalyzer | None = None) -> list[ip_adapter.ImageTokens]:
-    """Each IP unit's image tokens, encoded once per job (`state`)."""
+              faces: FaceAnalyzer) -> list[ip_adapter.ImageTokens]:
+    """Each IP unit's image tokens, encoded once per job (`state`); FaceID units read faces with `faces`."""
     cached: dict[int, ip_adapter.ImageTokens] = state.setdefault("ip_tokens", {})
     out = []
     for p in planned:
@@ -331,9 +332,7 @@ def ip_tokens(planned: Sequence[Planned], state: dict[str, Any], context: api.De
                 raise api.InvalidParams(f"controlnet unit {p.index} (IP-Adapter) has no image: send `image` (base64)")
             image = image.convert("RGB")
             if ip_adapter.variant(sd).startswith("faceid"):
-                if faces is None:
-                    raise api.InvalidParams("IP-Adapter FaceID needs the insightface model folder")
-                cached[p.index] = face_tokens(p, sd, image, faces, lambda: _encoder(p, encoders, clip_vision))
+                cached[p.index] = face_tokens(p, sd, image, faces, partial(_encoder, p, encoders, clip_vision))
             else:
                 encoder = _encoder(p, encoders, clip_vision)
                 pixels = ip_adapter.image_processor(encoder)(image, return_tensors="pt").pixel_values
