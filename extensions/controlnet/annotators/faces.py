@@ -54,7 +54,7 @@ def session(path: Path) -> Any:
         import onnxruntime as ort
     except ImportError:
         raise api.InvalidParams("The IP-Adapter FaceID preprocessors run on onnxruntime, which is not installed: "
-                                "pip install onnxruntime") from None
+                                "pip install onnxruntime (or pip install -e '.[faceid]')") from None
     options = ort.SessionOptions()
     options.log_severity_level = 3
     try:
