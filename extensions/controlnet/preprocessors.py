@@ -212,8 +212,7 @@ PREPROCESSORS: tuple[Preprocessor, ...] = (
                 aliases=("color",)),
     _no_weights("inpaint_only", "Inpaint", lambda img, res, a, b, seed: img, resolution=None, uses_mask=True),
     *(_no_weights(name, "IP-Adapter", lambda img, res, a, b, seed: img, resolution=None)
-      for name in ("ip-adapter_clip_sd15", "ip-adapter_clip_sdxl", "ip-adapter_clip_sdxl_plus_vith",
-                   "ip-adapter_face_id", "ip-adapter_face_id_plus")),
+      for name in ("ip-adapter_clip_sd15", "ip-adapter_clip_sdxl", "ip-adapter_clip_sdxl_plus_vith")),
     _weights("depth_anything_v2", "Depth", "depth_anything_v2_vits.safetensors"),
     _weights("depth_midas", "Depth", "dpt_hybrid-midas-501f0c75.pt"),
     _weights("dw_openpose_full", "OpenPose", "dw-ll_ucoco_384.onnx", build=build_dwpose),
@@ -229,6 +228,9 @@ PREPROCESSORS: tuple[Preprocessor, ...] = (
     _weights("softedge_pidisafe", "SoftEdge", "table5_pidinet.pth", pidinet.build_safe,
              aliases=("softedge_pidisafe", "pidinet_safe", "softedge_pidinet_safe")),
     _weights("normal_bae", "NormalMap", "scannet.pt"),
+    # IP-Adapter FaceID: the unit's adapter reads the face (insightface buffalo_l); the image passes through
+    *(_no_weights(name, "IP-Adapter", lambda img, res, a, b, seed: img, resolution=None)
+      for name in ("ip-adapter_face_id", "ip-adapter_face_id_plus")),
 )
 
 
