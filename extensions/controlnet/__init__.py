@@ -15,6 +15,7 @@ from modules.plugins import api
 
 from . import control
 from .annotators import Annotators, annotator_device
+from .annotators.faces import FaceAnalyzer
 from .models import ControlNetLibrary
 from .routes import api_router
 from .ui import controlnet_section
@@ -42,6 +43,7 @@ class ControlNetExtension:
         self.hashes: dict = {}  # (path, mtime) -> short sha256, for model titles
         self.clip_vision = models_dir / "clip_vision"
         self.encoders: dict = {}  # the last CLIP vision encoder loaded, by path
+        self.faces = FaceAnalyzer(models_dir / "insightface" / "models" / "buffalo_l")  # IP-Adapter FaceID
 
     @api.hookimpl
     def prepare_params(self, params, context):
@@ -86,7 +88,8 @@ class ControlNetExtension:
         if not planned:
             return None
         control.check_arch(planned, self.library, context.arch)
-        tokens = control.ip_tokens(planned, state, context, self.library, self.encoders, self.clip_vision)
+        tokens = control.ip_tokens(planned, state, context, self.library, self.encoders, self.clip_vision,
+                                   self.faces)
         attention = control.IPAttention(planned, tokens, self.library, context)
         state.setdefault("ip_passes", []).append(attention)
         return attention

@@ -246,6 +246,9 @@ PREPROCESSORS: tuple[Preprocessor, ...] = (
              aliases=("scribble_pidinet", "pidinet_scribble")),
     _weights("t2ia_sketch_pidi", "T2I-Adapter", "table5_pidinet.pth", build_sketch_pidi,
              aliases=("t2ia_sketch_pidi", "pidinet_sketch")),
+    # IP-Adapter FaceID: the unit's adapter reads the face (insightface buffalo_l); the image passes through
+    *(_no_weights(name, "IP-Adapter", lambda img, res, a, b, seed: img, resolution=None)
+      for name in ("ip-adapter_face_id", "ip-adapter_face_id_plus")),
 )
 
 
