@@ -77,6 +77,21 @@ def test_split_and_joined_weights_keep_their_scales(tmp_path) -> None:
         whole.split([1, 95])
 
 
+def test_codes_and_scales_move_with_their_layer(tmp_path) -> None:
+    """Memory policies move layers block by block: the 4-bit codes and every scale must go along."""
+    from modules.checkpoints.packed import pack_weights
+
+    layer = torch.nn.Linear(32, 96)
+    tensors = quantize_linear_weights({"weight": layer.weight.detach()}, "", "nf4", nested=True)
+    packed = quantized.read_weights(save(tensors, tmp_path / "one.safetensors"))["weight"]
+    pack_weights(layer, {"weight": packed}, torch.float32)
+    assert torch.equal(layer.weight, dequantized_reference(tensors, "weight"))
+    layer.to("meta")
+    restore = packed_weight(layer)
+    moved = [restore.bnb_absmax, restore.bnb_quant_map, restore.bnb_nested_absmax, restore.bnb_offset]
+    assert layer.parametrizations.weight.original.is_meta and all(t.is_meta for t in moved)
+
+
 # ---------------------------------------------------------------- models
 
 @pytest.fixture(scope="module")

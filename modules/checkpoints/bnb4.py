@@ -61,9 +61,12 @@ def block_scales(state: Bnb4State) -> torch.Tensor:
     """float32 absmax per block, the double quantization undone (bitsandbytes' arithmetic, step by step)."""
     if state.nested_absmax is None:
         return state.absmax.float()
-    codes = state.nested_quant_map[state.absmax.long()]
-    group = (torch.arange(codes.numel(), device=codes.device) + state.nested_start) // state.nested_blocksize
-    return codes * state.nested_absmax[group] + state.offset
+    n, lead, size = state.absmax.numel(), state.nested_start, state.nested_blocksize
+    groups = -(-(lead + n) // size)
+    codes = torch.zeros(groups * size, device=state.absmax.device)  # whole groups, this part's blocks at `lead`
+    codes[lead:lead + n] = state.nested_quant_map[state.absmax.long()]
+    scaled = codes.view(groups, size) * state.nested_absmax[:groups, None]
+    return scaled.view(-1)[lead:lead + n] + state.offset
 
 
 def dequantize(data: torch.Tensor, state: Bnb4State, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
