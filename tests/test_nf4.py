@@ -82,10 +82,10 @@ def test_codes_and_scales_move_with_their_layer(tmp_path) -> None:
     from modules.checkpoints.packed import pack_weights
 
     layer = torch.nn.Linear(32, 96)
-    tensors = quantize_linear_weights({"weight": layer.weight.detach()}, "", "nf4", nested=True)
-    packed = quantized.read_weights(save(tensors, tmp_path / "one.safetensors"))["weight"]
+    tensors = quantize_linear_weights({"fc.weight": layer.weight.detach()}, "", "nf4", nested=True)
+    packed = quantized.read_weights(save(tensors, tmp_path / "one.safetensors"))["fc.weight"]
     pack_weights(layer, {"weight": packed}, torch.float32)
-    assert torch.equal(layer.weight, dequantized_reference(tensors, "weight"))
+    assert torch.equal(layer.weight, dequantized_reference(tensors, "fc.weight"))
     layer.to("meta")
     restore = packed_weight(layer)
     moved = [restore.bnb_absmax, restore.bnb_quant_map, restore.bnb_nested_absmax, restore.bnb_offset]
