@@ -77,6 +77,25 @@ def test_split_and_joined_weights_keep_their_scales(tmp_path) -> None:
         whole.split([1, 95])
 
 
+def test_nf4_loads_without_bitsandbytes(tmp_path) -> None:
+    """Another Python in which `import bitsandbytes` fails restores the same weights from the file."""
+    import subprocess
+    import sys
+
+    tensors = quantize_linear_weights({"fc.weight": torch.randn(64, 96)}, "", "nf4", nested=True)
+    save(tensors, tmp_path / "one-bnb-nf4.safetensors")
+    save({"ref": dequantized_reference(tensors, "fc.weight")}, tmp_path / "ref.safetensors")
+    code = ("import sys; sys.modules['bitsandbytes'] = None\n"
+            "import torch; from safetensors.torch import load_file\n"
+            "from modules.checkpoints.quantized import read_weights\n"
+            f"w = read_weights({str(tmp_path / 'one-bnb-nf4.safetensors')!r})['fc.weight']\n"
+            f"assert torch.equal(w.restore(torch.float32), load_file({str(tmp_path / 'ref.safetensors')!r})['ref'])\n"
+            "assert 'bitsandbytes' not in {m.split('.')[0] for m in sys.modules if sys.modules[m] is not None}\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_codes_and_scales_move_with_their_layer(tmp_path) -> None:
     """Memory policies move layers block by block: the 4-bit codes and every scale must go along."""
     from modules.checkpoints.packed import pack_weights
