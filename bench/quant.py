@@ -8,7 +8,9 @@ Two random-weight models run one denoiser step each (no text encoders, no VAE):
   and one transformer layer per level instead of 2 and 2/10) on 32x32 latents: minutes on a busy CPU.
 Formats: float (bf16-rounded weights in the compute dtype: the reference), fp8 (e4m3, A1111's "FP8 weight"), GGUF Q8_0, Q5_0 and Q4_K, each packed
 with gguf's quantizer (Q4_K with the test fixture's, checked against gguf's dequantizer) and run
-through Atelier's packed weights (compute fp32 by default; bf16 with --compute bf16). NF4 is listed as skipped without bitsandbytes.
+through Atelier's packed weights (compute fp32 by default; bf16 with --compute bf16). NF4 and FP4 (Forge's
+bnb-nf4 files: every Linear 4-bit, double-quantized scales, convolutions bf16) are quantized by bitsandbytes
+and dequantized by Atelier's torch code; they are listed as skipped without bitsandbytes.
 PSNR compares the step's output with the float output over the output's range. Weights MiB is what the
 packed model holds; peak RSS is the process's resident high-water mark above the start of that row.
 """
@@ -30,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from modules.checkpoints.packed import PackedTensor, pack_weights, packed_bytes_in, store_as_fp8  # noqa: E402
 
-FORMATS = ("float", "fp8_e4m3fn", "Q8_0", "Q5_0", "Q4_K", "NF4")
+FORMATS = ("float", "fp8_e4m3fn", "Q8_0", "Q5_0", "Q4_K", "NF4", "FP4")
 COMPUTE = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -116,6 +118,22 @@ def pack_gguf(model: torch.nn.Module, fmt: str, dtype: torch.dtype) -> None:
             pack_weights(module, {"weight": PackedTensor(raw, fmt, tuple(weight.shape))}, dtype)
 
 
+def pack_bnb4(model: torch.nn.Module, fmt: str, dtype: torch.dtype) -> None:
+    """Every Linear weight as bitsandbytes 4-bit (as Forge saves them), restored by Atelier per layer."""
+    from bitsandbytes.functional import quantize_4bit
+
+    from modules.checkpoints.quantized import pack_bnb
+
+    qtype = fmt.lower()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            codes, state = quantize_4bit(module.weight.detach(), blocksize=64, compress_statistics=True,
+                                         quant_type=qtype)
+            sd = {"w": codes, **{f"w.{k}": v for k, v in state.as_dict(packed=True).items()}}
+            meta = json.loads(bytes(sd.pop(f"w.quant_state.bitsandbytes__{qtype}").tolist()))
+            pack_weights(module, {"weight": pack_bnb(sd, {"w": {**meta, "quant_type": qtype}})["w"]}, dtype)
+
+
 def build(maker, fmt: str, dtype: torch.dtype) -> tuple[torch.nn.Module, dict]:
     """The model with bf16-rounded weights (as checkpoints ship), computing in `dtype`, stored as `fmt`."""
     model, inputs = maker()
@@ -124,6 +142,8 @@ def build(maker, fmt: str, dtype: torch.dtype) -> tuple[torch.nn.Module, dict]:
         store_as_fp8(model, dtype)
     elif fmt.startswith("Q"):
         pack_gguf(model, fmt, dtype)
+    elif fmt in ("NF4", "FP4"):
+        pack_bnb4(model, fmt, dtype)
     return model, inputs
 
 
@@ -149,10 +169,8 @@ def psnr(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def measure(label: str, maker, fmt: str, repeats: int, ref: torch.Tensor | None, dtype: torch.dtype) -> dict:
-    if fmt == "NF4":
-        have = importlib.util.find_spec("bitsandbytes") is not None
-        return {"model": label, "format": fmt, "skipped": "bitsandbytes installed but NF4 is not loaded yet"
-                if have else "bitsandbytes is not installed (pip install bitsandbytes)"}
+    if fmt in ("NF4", "FP4") and importlib.util.find_spec("bitsandbytes") is None:
+        return {"model": label, "format": fmt, "skipped": "bitsandbytes (the quantizer here) is not installed"}
     with PeakRSS() as rss:
         model, inputs = build(maker, fmt, dtype)
         out = run_step(model, inputs, dtype)  # warm-up

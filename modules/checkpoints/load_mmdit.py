@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from modules.checkpoints import bnb4
 from modules.checkpoints.families import Family
 from modules.checkpoints.gguf_file import inspect_gguf
 from modules.checkpoints.gguf_t5 import read_t5_gguf, t5_gguf_shapes
@@ -28,7 +29,7 @@ from modules.checkpoints.mmdit import (
     transformer_prefix,
 )
 from modules.checkpoints.model import ModelSpec, TextEncoderSpec
-from modules.checkpoints.quantized import read_weights, unpacked
+from modules.checkpoints.quantized import check_bnb, read_weights, unpacked
 from modules.checkpoints.read import read_state_dict
 from modules.errors import CheckpointError
 
@@ -216,12 +217,17 @@ def _vae_file_state(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
 
 
 def _header_shapes(path: Path) -> dict[str, torch.Tensor]:
-    """A safetensors file's tensors as meta tensors of the stored shapes (header only; checks truncation)."""
+    """A safetensors file's tensors as meta tensors of the stored shapes (header only; checks truncation);
+    a bitsandbytes 4-bit weight has the shape of its quant state, and its scale / state tensors are left out."""
     from modules.checkpoints.read import _check_safetensors_header
 
     _, header = _check_safetensors_header(Path(path))
-    return {k: torch.empty(v["shape"], device="meta") for k, v in header.items()
-            if k != "__metadata__" and isinstance(v, dict) and "shape" in v}
+    shapes = {k: torch.empty(v["shape"], device="meta") for k, v in header.items()
+              if k != "__metadata__" and isinstance(v, dict) and "shape" in v}
+    four_bit = check_bnb(path) if any(bnb4.MARKER in k for k in header) else {}
+    for key in bnb4.aux_keys({w: state["quant_type"] for w, state in four_bit.items()}):
+        shapes.pop(key, None)
+    return shapes | {w: torch.empty(state["shape"], device="meta") for w, state in four_bit.items()}
 
 
 def preflight(path: Path, *, vae_path: Path | None, dirs: ComponentDirs) -> None:

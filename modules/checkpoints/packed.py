@@ -1,4 +1,4 @@
-"""Weights that stay packed in memory (GGUF blocks, fp8) and are restored one layer at a time.
+"""Weights that stay packed in memory (GGUF blocks, fp8, bitsandbytes NF4 / FP4) and are restored one layer at a time.
 
 A `PackedTensor` is what a reader returns for a quantized tensor: its raw storage (uint8
 blocks or a float8 tensor), its format, its logical shape and an optional scale. Key
@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from modules.checkpoints import bnb4
 from modules.checkpoints.quant import QuantType, dequantize, packed_bytes, quant_type
 from modules.errors import CheckpointError
 
@@ -28,12 +29,14 @@ FP8_DTYPES = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 
 @dataclass(frozen=True)
 class PackedTensor:
-    """A tensor kept in its stored format: GGML blocks (uint8) or float8 with an optional scale."""
+    """A tensor kept in its stored format: GGML blocks (uint8), float8 with an optional scale, or
+    bitsandbytes 4-bit codes (uint8, two per byte) with their block scales in `bnb`."""
 
     storage: torch.Tensor
     format: str  # "Q8_0", "Q4_K", ... or "F8_E4M3" / "F8_E5M2"
     shape: tuple[int, ...]
     scale: torch.Tensor | None = None  # fp8 files' per-tensor `scale_weight` / `weight_scale`
+    bnb: bnb4.Bnb4State | None = None  # "NF4" / "FP4": the block scales
 
     @property
     def ndim(self) -> int:
@@ -64,6 +67,8 @@ class PackedTensor:
         if sum(sizes) != rows:
             raise CheckpointError(f"cannot split {rows} rows of a {self.format} tensor into {sizes}")
         parts, start = [], 0
+        if self.bnb is not None:
+            return self._split_bnb(sizes)
         if self.format in FP8_DTYPES:
             for n, part in zip(sizes, self.storage.reshape(self.shape).split(sizes), strict=True):
                 parts.append(PackedTensor(part.contiguous(), self.format, (n, *self.shape[1:]), self.scale))
@@ -75,6 +80,19 @@ class PackedTensor:
             start += size
         return parts
 
+    def _split_bnb(self, sizes: list[int]) -> list[PackedTensor]:
+        row, size = _count(self.shape[1:]), self.bnb.blocksize
+        parts, start = [], 0
+        for n in sizes:
+            if start % size or (start + n * row < _count(self.shape) and (n * row) % size):
+                raise CheckpointError(f"cannot split a {self.format} tensor of shape {self.shape} into "
+                                      f"{sizes} rows: the parts do not end on {size}-element blocks")
+            data = self.storage[start // 2:(start + n * row + 1) // 2]
+            state = bnb4.slice_state(self.bnb, start // size, -(-(n * row) // size))
+            parts.append(PackedTensor(data, self.format, (n, *self.shape[1:]), bnb=state))
+            start += n * row
+        return parts
+
     @staticmethod
     def cat(parts: list[PackedTensor]) -> PackedTensor:
         """Parts of one format joined along dim 0 (the reverse of `split`)."""
@@ -82,6 +100,11 @@ class PackedTensor:
         if any(p.format != first.format or p.shape[1:] != first.shape[1:] for p in parts):
             raise CheckpointError("packed tensors of different formats or widths cannot be joined")
         shape = (sum(p.shape[0] for p in parts), *first.shape[1:])
+        if first.bnb is not None:
+            if any(_count(p.shape) % 2 or _count(p.shape) % p.bnb.blocksize for p in parts[:-1]):
+                raise CheckpointError(f"{first.format} tensors that end inside a block cannot be joined")
+            return PackedTensor(torch.cat([p.storage for p in parts]), first.format, shape,
+                                bnb=bnb4.cat_states([p.bnb for p in parts]))
         if first.format in FP8_DTYPES:
             return PackedTensor(torch.cat([p.storage.reshape(p.shape) for p in parts]), first.format, shape,
                                 first.scale)
@@ -89,6 +112,8 @@ class PackedTensor:
 
     def restore(self, dtype: torch.dtype) -> torch.Tensor:
         """The float tensor, on the storage's device."""
+        if self.bnb is not None:
+            return bnb4.dequantize(self.storage, self.bnb, self.shape, dtype)
         if self.format in FP8_DTYPES:
             value = self.storage.reshape(self.shape).to(dtype)
             return value * self.scale.to(value.device, dtype) if self.scale is not None else value
@@ -117,13 +142,23 @@ class RestorePacked(nn.Module):
     def __init__(self, packed: PackedTensor, dtype: torch.dtype) -> None:
         super().__init__()
         self.format, self.shape, self.dtype = packed.format, packed.shape, dtype
-        self.qtype: QuantType | None = None if packed.format in FP8_DTYPES else quant_type(packed.format)
+        plain = packed.format in FP8_DTYPES or packed.bnb is not None
+        self.qtype: QuantType | None = None if plain else quant_type(packed.format)
         self.register_buffer("scale", packed.scale, persistent=False)
+        # a 4-bit weight's scales are buffers too (they move with the layer); `bnb` keeps the rest of its state
+        scales = packed.bnb.tensors() if packed.bnb is not None else {}
+        self.bnb = packed.bnb.with_tensors(dict.fromkeys(scales)) if packed.bnb is not None else None
+        self.bnb_names = tuple(scales)
+        for name, tensor in scales.items():
+            self.register_buffer(f"bnb_{name}", tensor, persistent=False)
         # a LoRA's summed delta while a job is patched; a buffer, so it moves with the layer (memory policies)
         self.register_buffer("delta", None, persistent=False)
 
     def forward(self, storage: torch.Tensor) -> torch.Tensor:
-        if self.qtype is not None:
+        if self.bnb is not None:
+            state = self.bnb.with_tensors({name: getattr(self, f"bnb_{name}") for name in self.bnb_names})
+            weight = bnb4.dequantize(storage, state, self.shape, self.dtype)
+        elif self.qtype is not None:
             weight = dequantize(storage, self.qtype, self.shape, self.dtype)
         else:
             weight = storage.reshape(self.shape).to(self.dtype)

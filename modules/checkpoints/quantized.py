@@ -1,15 +1,14 @@
-"""Checkpoint files whose weights stay in their stored precision: GGUF, fp8 safetensors, NF4 (detected).
+"""Checkpoint files whose weights stay in their stored precision: GGUF, fp8 safetensors, bitsandbytes NF4 / FP4.
 
 `read_weights(path, dtype)` is `read_state_dict` for every file kind: a `.gguf` file's quantized
-tensors and a safetensors file's float8 tensors come back as `PackedTensor`s (fp8 with its
-per-tensor `scale_weight` / `weight_scale` folded in), everything else as plain tensors.
-`check_weights_file(path)` runs the checks that need no weights - complete file, known quant
-types, an architecture that agrees with the file's name and metadata, fp8 support, bitsandbytes
-for NF4 - so a bad file is refused before the loaded model is released.
+tensors and a safetensors file's float8 and bitsandbytes 4-bit tensors come back as `PackedTensor`s
+(fp8 with its per-tensor `scale_weight` / `weight_scale` folded in, NF4 / FP4 with its block scales),
+everything else as plain tensors. `check_weights_file(path)` runs the checks that need no weights -
+complete file, known quant types, an architecture that agrees with the file's name and metadata, fp8
+support, valid 4-bit quant states - so a bad file is refused before the loaded model is released.
 """
 from __future__ import annotations
 
-import importlib.util
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,18 +16,25 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from modules.checkpoints import bnb4
 from modules.checkpoints.flow_arch import FLOW_ARCHES, transformer_prefix
 from modules.checkpoints.gguf_file import inspect_gguf, read_gguf
 from modules.checkpoints.packed import FP8_DTYPES, PackedTensor, packed_weight
-from modules.checkpoints.read import SAFETENSORS_SUFFIXES, _check_safetensors_header, read_state_dict
+from modules.checkpoints.read import (
+    SAFETENSORS_SUFFIXES,
+    _check_safetensors_header,
+    read_state_dict,
+    safetensors_entries,
+)
+from modules.checkpoints.stream import read_entries
 from modules.errors import CheckpointError
 
 GGUF_SUFFIX = ".gguf"
 SCALE_SUFFIXES = ("scale_weight", "weight_scale")  # ComfyUI's scaled fp8; other tools' name
 DROPPED_KEYS = ("scaled_fp8", "scale_input", "input_scale")  # markers and fp8-matmul input scales
-NF4_MARKER = ".quant_state.bitsandbytes__"
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-FORMAT_NAMES = {"F8_E4M3": "fp8_e4m3fn", "F8_E5M2": "fp8_e5m2", "F32": "fp32", "F16": "fp16", "BF16": "bf16"}
+FORMAT_NAMES = {"F8_E4M3": "fp8_e4m3fn", "F8_E5M2": "fp8_e5m2", "F32": "fp32", "F16": "fp16", "BF16": "bf16",
+                "NF4": "nf4", "FP4": "fp4"}
 # what a file's name says about its family: (regex on the lowercase name, family)
 _NAME_FAMILIES = ((r"flux", "flux"), (r"sd3|sd35|sd_3|stable-diffusion-3", "sd3"),
                   (r"sdxl|sd_xl|xl[-_]base", "sdxl"), (r"sd15|sd1\.5|sd-v1|sd_v1|v1-5", "sd1"))
@@ -47,14 +53,12 @@ def require_fp8(what: str) -> None:
                               "GGUF file of the model.")
 
 
-def require_bitsandbytes(path: Path) -> None:
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise CheckpointError(f"{Path(path).name} is a bitsandbytes NF4 checkpoint, and bitsandbytes is not "
-                              "installed. Install the optional extra: pip install bitsandbytes "
-                              "(or pip install 'atelier[nf4]'), then load it again - or use a GGUF (Q4_K) "
-                              "or fp8 file of the model.")
-    raise CheckpointError(f"{Path(path).name} is a bitsandbytes NF4 checkpoint; Atelier does not load NF4 "
-                          "weights yet. Use a GGUF (Q4_K, Q8_0) or fp8 file of the model.")
+def check_bnb(path: Path) -> dict[str, dict]:
+    """weight key -> JSON quant state of each bitsandbytes 4-bit weight, every one checked against the
+    header (CheckpointError naming the file and tensor); {} for a file without 4-bit weights."""
+    header_len, header = _check_safetensors_header(Path(path))
+    qtypes = bnb4.quant_types(header)
+    return {w: bnb4.read_quant_state(Path(path), header_len, header, w, t) for w, t in qtypes.items()}
 
 
 def _is_gguf(path: Path) -> bool:
@@ -122,7 +126,7 @@ def safetensors_dtypes(path: Path) -> dict[str, str]:
 
 
 def check_weights_file(path: Path) -> None:
-    """The checks that need no weights: GGUF entries and architecture, NF4 needing bitsandbytes, fp8 support."""
+    """The checks that need no weights: GGUF entries and architecture, 4-bit quant states, fp8 support."""
     path = Path(path)
     if _is_gguf(path):
         check_gguf(path)
@@ -130,8 +134,8 @@ def check_weights_file(path: Path) -> None:
     if path.suffix.lower() not in SAFETENSORS_SUFFIXES or not path.is_file():
         return
     dtypes = safetensors_dtypes(path)
-    if any(NF4_MARKER in k for k in dtypes):
-        require_bitsandbytes(path)
+    if any(bnb4.MARKER in k for k in dtypes):
+        check_bnb(path)
     if any(d in FP8_DTYPES for d in dtypes.values()):
         require_fp8(path.name)
 
@@ -144,7 +148,34 @@ def read_weights(path: Path, dtype: torch.dtype | None = None, channels_last: tu
         return dict(read_gguf(path).tensors)
     if path.suffix.lower() in SAFETENSORS_SUFFIXES:
         check_weights_file(path)
+        states = check_bnb(path) if any(bnb4.MARKER in k for k in safetensors_dtypes(path)) else {}
+        if states:
+            return pack_bnb(pack_fp8(_read_keeping_scales(path, dtype, channels_last, states)), states)
     return pack_fp8(read_state_dict(path, dtype=dtype, channels_last=channels_last))
+
+
+def _read_keeping_scales(path: Path, dtype: torch.dtype | None, channels_last: tuple[str, ...],
+                         states: dict[str, dict]) -> dict[str, torch.Tensor]:
+    """A file with 4-bit weights: floats converted to `dtype` as usual, the 4-bit scales kept float32."""
+    entries = safetensors_entries(path, channels_last)
+    if entries is None:  # a dtype the piecewise reader does not know (fp8 text encoders): nothing converted
+        return read_state_dict(path)
+    keep = bnb4.aux_keys({w: state["quant_type"] for w, state in states.items()})
+    sd = read_entries(path, [e for e in entries if e.key not in keep], dtype)
+    sd.update(read_entries(path, [e for e in entries if e.key in keep], None))
+    return sd
+
+
+def pack_bnb(sd: dict[str, torch.Tensor], states: dict[str, dict]) -> Weights:
+    """Each 4-bit weight (with its scale and state tensors) -> one NF4 / FP4 PackedTensor; the rest unchanged."""
+    out: Weights = dict(sd)
+    for weight, state in states.items():
+        qtype = state["quant_type"]
+        out.pop(f"{weight}{bnb4.MARKER}{qtype}", None)
+        scales = bnb4.build_state(out, weight, state)
+        shape = tuple(int(s) for s in state["shape"])
+        out[weight] = PackedTensor(out[weight].reshape(-1), bnb4.FORMATS[qtype], shape, bnb=scales)
+    return out
 
 
 def _fp8_format(dtype: torch.dtype) -> str | None:
@@ -191,7 +222,9 @@ def _fp8_name(dtype: torch.dtype) -> str:
 
 
 def weight_format(module: nn.Module) -> str:
-    """The format that holds most of `module`'s weights (by element count): packed or its float dtype."""
+    """The format that holds most of `module`'s weights (by element count): packed or its float dtype.
+    4-bit formats win whenever present: Forge's NF4 files keep convolutions float, which outweigh the
+    Linears in small UNets."""
     counts: dict[str, int] = {}
     for sub in module.modules():
         restore = packed_weight(sub)
@@ -202,7 +235,12 @@ def weight_format(module: nn.Module) -> str:
         else:
             continue
         counts[name] = counts.get(name, 0) + size
-    return max(counts, key=counts.get) if counts else ""
+    return _most(counts)
+
+
+def _most(counts: dict[str, int]) -> str:
+    four_bit = {k: v for k, v in counts.items() if k in ("nf4", "fp4")}
+    return max(four_bit or counts, key=(four_bit or counts).get) if counts else ""
 
 
 def file_weight_format(path: Path) -> str | None:
@@ -217,11 +255,15 @@ def file_weight_format(path: Path) -> str | None:
     except CheckpointError:
         return None
     counts: dict[str, int] = {}
+    four_bit = bnb4.quant_types(header)
     for key, entry in header.items():
-        if key != "__metadata__" and isinstance(entry, dict) and len(entry.get("shape", ())) >= 2:
+        if key in four_bit:  # two 4-bit codes per stored byte
+            name = format_name(bnb4.FORMATS.get(four_bit[key], four_bit[key]))
+            counts[name] = counts.get(name, 0) + 2 * _numel(tuple(entry.get("shape", ())))
+        elif key != "__metadata__" and isinstance(entry, dict) and len(entry.get("shape", ())) >= 2:
             name = format_name(str(entry.get("dtype")))
             counts[name] = counts.get(name, 0) + _numel(tuple(entry["shape"]))
-    return max(counts, key=counts.get) if counts else None
+    return _most(counts) or None
 
 
 def _numel(shape: tuple[int, ...]) -> int:
