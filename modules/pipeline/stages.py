@@ -22,6 +22,7 @@ from modules.pipeline import refiner as refiner_ops
 from modules.pipeline.control import Progress
 from modules.pipeline.hooks import Denoiser, DenoiserContext, StepClock
 from modules.pipeline.job import Batch, Job, outdir
+from modules.pipeline.job import encode as encode_images
 from modules.pipeline.sampling import Sampled, SamplingPlan, noise_sampler_for, run_sampler
 from modules.sampling import rng
 from modules.sampling.denoisers import CFGDenoiser, denoiser_class
@@ -101,10 +102,12 @@ def guided_denoiser(job: Job, model: Any, cond: Conditioning, s: SamplingInput,
     extra = {"guidance": job.params.distilled_cfg_scale} if model.spec.family is not None else {}
     residuals = job.hooks.unet_residuals(context)  # conditioning hooks (ControlNet): UNet models only, yet
     attention = job.hooks.unet_cross_attention(context)  # (IP-Adapter)
+    hidden = getattr(job.hooks, "unet_hidden_states", lambda _: None)(context)  # (reference-only)
     if model.spec.family is None:
         if model.spec.arch == job.model.spec.arch:  # a refiner of another architecture runs without them
             extra.update(residuals=residuals, cross_attention=attention)
-    elif residuals is not None or attention is not None:
+            extra.update({"hidden_states": hidden} if hidden is not None else {})
+    elif residuals is not None or attention is not None or hidden is not None:
         raise InvalidParams(f"an extension adds conditioning inside the UNet (ControlNet, IP-Adapter), but {model.spec.arch} "
                             "has no UNet: conditioning hooks work with SD1.5, SD2.x and SDXL checkpoints only")
     inner = denoiser_class(model.spec.prediction)(model.unet, job.engine.discrete_schedule(model).sigma_to_t,
@@ -126,7 +129,8 @@ def sample(job: Job, batch: Batch, s: SamplingInput) -> Sampled:
     """Run one pass; an interrupt or skip comes back as `Sampled.stop`."""
     context = DenoiserContext(job.task, s.pass_name, job.params, s.width, s.height, s.cond.conds,
                               s.cond.unconds, job.params.cfg_scale, s.plan.sigmas, StepClock(),
-                              arch=job.model.spec.arch, init_images=tuple(s.init_images), mask=s.mask)
+                              arch=job.model.spec.arch, init_images=tuple(s.init_images), mask=s.mask,
+                              vae_encode=lambda images: encode_images(job, list(images)))
     denoiser = build_denoiser(job, s, context)
     device = job.model.device
 

@@ -48,6 +48,7 @@ from modules.plugins.specs import (
 )
 from modules.sampling.attention import CrossAttentionCall
 from modules.sampling.denoisers import DenoiserStep, UNetCall, UNetResiduals
+from modules.sampling.hidden_states import HiddenStatesCall, HiddenStatesPatch
 from modules.text.prompt_parser import ExtraNetworkTag
 
 # 1.1: register_extra_networks, patch_model, register_embeddings; ExtraNetworkSpec, ExtraNetworkItem,
@@ -64,7 +65,9 @@ from modules.text.prompt_parser import ExtraNetworkTag
 # 1.7: register_xyz_axes(settings) may take the settings; vae_names(settings); ScriptSpec.fill_buttons and
 #      .fill with ScriptFill (the UI's "fill values" buttons)
 # 1.8: unet_cross_attention with CrossAttentionCall (decoupled cross-attention: IP-Adapter)
-API_VERSION = "1.8"
+# 1.9: unet_hidden_states with HiddenStatesPatch and HiddenStatesCall (self-attention and block taps, reference
+#      inputs: reference-only); DenoiserContext.vae_encode
+API_VERSION = "1.9"
 
 __all__ = [
     "API_VERSION", "AtelierError", "AxisSpec", "CrossAttentionCall", "DenoiserContext", "GridAnnotation", "ScriptCheck", "ScriptContext", "ScriptFill", "ScriptSpec",
@@ -72,6 +75,7 @@ __all__ = [
     "ExtraNetworkTag", "GenerationParams", "Img2ImgParams", "InvalidParams", "JobContext", "ModelPatch", "OptionSpec", "PostprocessContext", "PostprocessorSpec", "Result", "RootRoutesSpec", "SamplerSpec",
     "ScheduleContext", "SchedulerSpec", "StyleSpec", "Txt2ImgParams", "UISectionSpec", "UITabSpec",
     "UNetCall", "UNetResiduals", "UpscalerSpec", "get_logger", "hookimpl", "to_d", "vae_names",
+    "HiddenStatesCall", "HiddenStatesPatch",
 ]
 
 
