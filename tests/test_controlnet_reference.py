@@ -10,7 +10,6 @@ import io
 import httpx
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 pytest.importorskip("diffusers")

@@ -25,8 +25,8 @@ from modules.plugins.patch import ModelPatch
 from modules.plugins.specs import OptionSpec, PostprocessorSpec
 from modules.sampling import rng
 from modules.sampling.attention import CrossAttentionCall, CrossAttentionFn
-from modules.sampling.hidden_states import HiddenStatesCall, HiddenStatesPatch
 from modules.sampling.denoisers import DenoiserStep, GuidanceHook, ResidualFn, UNetCall, UNetResiduals
+from modules.sampling.hidden_states import HiddenStatesCall, HiddenStatesPatch
 
 log = logging.getLogger("atelier.plugins")
 
