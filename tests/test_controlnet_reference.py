@@ -216,3 +216,22 @@ def test_api_accepts_a_reference_unit_without_a_model(http):
     assert r.json()["images"][0] != plain.json()["images"][0]
     modules = http.get("/controlnet/module_list").json()["module_list"]
     assert {"reference_only", "reference_adain", "reference_adain+attn"} <= set(modules)
+
+
+def test_paste_restores_units_and_leaves_out_what_is_not_here(tmp_path):
+    from extensions.controlnet import ControlNetExtension
+    from extensions.controlnet.ui import pasted_units
+    from modules.settings import Settings
+
+    ext = ControlNetExtension(Settings(models_dir=tmp_path / "models"))
+    fields = {"ControlNet 1": "Module: reference_only, Model: None, Weight: 0.7, Resize Mode: Just Resize, "
+                              "Processor Res: -1, Threshold A: 0.25, Threshold B: -1.0, Guidance Start: 0.0, "
+                              "Guidance End: 0.5, Pixel Perfect: False, Control Mode: Balanced",
+              "ControlNet 2": "Module: canny, Model: not-installed [12345678], Weight: 1"}
+    values = pasted_units(ext, fields)
+    assert values["u0_enabled"] is False and values["u1_enabled"] is True and values["u2_enabled"] is True
+    assert (values["u1_module"], values["u1_model"], values["u1_weight"], values["u1_threshold_a"],
+            values["u1_guidance_end"], values["u1_resize_mode"]) == ("reference_only", "None", 0.7, 0.25, 0.5,
+                                                                      "Just Resize")
+    assert "u1_processor_res" not in values  # -1: no resolution slider value to restore
+    assert values["u2_module"] == "canny" and "u2_model" not in values  # not in models/ControlNet

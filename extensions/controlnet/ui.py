@@ -87,7 +87,8 @@ def _unit_tab(ext: Any, tab: str, n: int) -> dict[str, Any]:
         end = gr.Slider(0.0, 1.0, value=1.0, step=0.01, label="Ending Control Step", elem_id=f"{prefix}-end")
     with gr.Row():
         res = gr.Slider(64, 2048, value=512, step=8, label="Preprocessor Resolution", elem_id=f"{prefix}-res")
-        a = gr.Slider(-1, 255, value=-1, step=1, label="Threshold A (-1: default)", elem_id=f"{prefix}-a")
+        a = gr.Slider(-1, 255, value=-1, step=0.01, label="Threshold A (-1: default; reference: Style Fidelity)",
+                      elem_id=f"{prefix}-a")
         b = gr.Slider(-1, 255, value=-1, step=1, label="Threshold B (-1: default)", elem_id=f"{prefix}-b")
     control_mode = gr.Radio(list(CONTROL_MODES), value=CONTROL_MODES[0], label="Control Mode",
                             elem_id=f"{prefix}-control-mode")
