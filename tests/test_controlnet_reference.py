@@ -216,6 +216,9 @@ def test_api_accepts_a_reference_unit_without_a_model(http):
     assert r.json()["images"][0] != plain.json()["images"][0]
     modules = http.get("/controlnet/module_list").json()["module_list"]
     assert {"reference_only", "reference_adain", "reference_adain+attn"} <= set(modules)
+    reference = http.get("/controlnet/control_types").json()["control_types"]["Reference"]
+    assert (reference["default_option"], reference["model_list"], reference["default_model"]) == \
+        ("reference_only", ["None"], "None")
 
 
 def test_paste_restores_units_and_leaves_out_what_is_not_here(tmp_path):
