@@ -25,7 +25,8 @@ log = api.get_logger(NAME)
 
 
 def create_plugin(settings: Any) -> ControlNetExtension:
-    """The plugin one app registers (plugin API 1.2): its model library belongs to that app only."""
+    """The plugin one app registers (plugin API 1.2; FLUX.1 ControlNets need 1.9): its model library belongs to
+    that app only."""
     return ControlNetExtension(settings)
 
 
@@ -63,7 +64,10 @@ class ControlNetExtension:
         if not planned:
             return None
         hints = control.prepare_hints(planned, state, context, self.annotators, int(params.seed))
-        residuals = control.Residuals(planned, hints, self.library, context, state.get("base_unet"))
+        if context.arch.startswith("flux"):
+            residuals = control.flux_residuals(planned, hints, self.library, context)
+        else:
+            residuals = control.Residuals(planned, hints, self.library, context, state.get("base_unet"))
         state.setdefault("passes", []).append(residuals)
         return residuals
 

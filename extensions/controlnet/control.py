@@ -20,7 +20,7 @@ from PIL import Image
 
 from modules.plugins import api
 
-from . import ip_adapter, preprocessors
+from . import flux, ip_adapter, preprocessors
 from .annotators import Annotators
 from .models import FAMILIES, ControlNetLibrary, family
 from .units import Unit
@@ -71,8 +71,8 @@ def plan_units(units: Sequence[Unit], library: ControlNetLibrary) -> list[Planne
 
 
 KINDS = {"controlnet": "ControlNet", "controlnet_union": "ControlNet", "control_lora": "Control-LoRA",
-         "t2i_adapter": "T2I-Adapter", "ip_adapter": "IP-Adapter"}
-FLOW = ("flux", "sd3")  # architectures without a UNet: no control model runs on them yet
+         "t2i_adapter": "T2I-Adapter", "ip_adapter": "IP-Adapter", flux.KIND: "ControlNet"}
+FLOW = ("flux", "sd3")  # architectures without a UNet: FLUX.1 runs FLUX.1 ControlNets, SD3.5 none yet
 
 
 def check_arch(planned: Sequence[Planned], library: ControlNetLibrary, arch: str) -> None:
@@ -87,15 +87,32 @@ def check_arch(planned: Sequence[Planned], library: ControlNetLibrary, arch: str
         cn = library.read(p.path)
         if cn.arch == family(arch) or (cn.arch == "" and not arch.startswith(FLOW)):
             continue  # "": an IP-Adapter of no released width, checked against the text states at run time
-        kind, theirs, ours = KINDS.get(cn.kind, cn.kind), FAMILIES[cn.arch], FAMILIES.get(arch, arch)
+        kind, ours = KINDS.get(cn.kind, cn.kind), FAMILIES.get(arch, arch)
+        theirs = FAMILIES.get(cn.arch, "another model's")
         message = (f"{kind} {p.unit.model!r} (unit {p.index}) is a {theirs} {kind}, but the loaded checkpoint is "
                    f"{ours}: ")
-        if arch.startswith(FLOW):
+        if arch.startswith("sd3"):
             message += (f"ControlNets for {ours} are not supported yet; load a {theirs} checkpoint, or disable the "
                         "ControlNet unit")
+        elif arch.startswith("flux"):
+            message += f"use a FLUX.1 ControlNet (XLabs, InstantX or Union), or load a {theirs} checkpoint"
         else:
             message += f"use a {kind} made for {ours}, or load a {theirs} checkpoint"
         raise api.InvalidParams(message)
+
+
+def flux_residuals(planned: Sequence[Planned], hints: Sequence[torch.Tensor], library: ControlNetLibrary,
+                   context: api.DenoiserContext) -> flux.FluxResiduals:
+    """The residual function of a FLUX.1 pass (each Union unit's control mode checked here, before sampling)."""
+    units = []
+    for p in planned:
+        modes = library.read(p.path).state.get("controlnet_mode_embedder.weight")
+        mode = None if modes is None else flux.union_mode(p.unit, p.pre.name, p.pre.tag, int(modes.shape[0]))
+        units.append((p, mode))
+    paths = [p.path for p in planned]
+    guidance = float(getattr(context.params, "distilled_cfg_scale", None) or 3.5)
+    return flux.FluxResiduals(units, hints, lambda device, dtype: library.models(paths, None, device, dtype),
+                              context, active, guidance)
 
 
 # ---------------------------------------------------------------- hints

@@ -1,7 +1,7 @@
 """ControlNet files: finding them, telling their layout and architecture, and building diffusers'
 `ControlNetModel` from them with our own key conversion.
 
-Layouts (`LAYOUTS`, checked in order; FLUX ControlNets become more entries here):
+Layouts (`LAYOUTS`, checked in order; FLUX.1 ControlNets: see flux.py):
 - "original": lllyasviel's `control_model.*` keys (ldm UNet encoder + `input_hint_block`,
   `zero_convs`, `middle_block_out`), converted to diffusers keys by `original_to_diffusers`;
 - "diffusers": diffusers' keys, as a single file or a folder with `config.json`.
@@ -20,7 +20,7 @@ import torch
 
 from modules.plugins import api
 
-from . import adapters, control_lora, ip_adapter
+from . import adapters, control_lora, flux, ip_adapter
 
 StateDict = Mapping[str, torch.Tensor]
 SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
@@ -32,7 +32,9 @@ _RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time
 
 
 def family(arch: str) -> str:
-    """"sd1", "sd2" or "sdxl" for a checkpoint architecture ("sd1-inpaint" -> "sd1")."""
+    """"sd1", "sd2", "sdxl", "flux" or "sd3" for a checkpoint architecture ("sd1-inpaint" -> "sd1")."""
+    if arch.startswith(("flux", "sd3")):
+        return arch[:4] if arch.startswith("flux") else "sd3"
     return {"sd1-inpaint": "sd1", "sd2-v": "sd2"}.get(arch, arch)
 
 
@@ -217,19 +219,19 @@ class Layout:
 def not_supported(what: str) -> Callable[[StateDict], dict[str, torch.Tensor]]:
     """A layout Atelier recognises but cannot run yet: reading it is one clear InvalidParams."""
     def refuse(sd: StateDict) -> dict[str, torch.Tensor]:
-        raise api.InvalidParams(f"{what} is not supported yet: Atelier runs ControlNets for SD1.5, SD2.x and "
-                                "SDXL only")
+        raise api.InvalidParams(f"{what} is not supported yet: Atelier runs ControlNets for SD1.5, SD2.x, "
+                                "SDXL and FLUX.1 only")
     return refuse
 
 
 LAYOUTS = (
-    # FLUX / SD3 ControlNets: recognised, refused until Atelier runs them (rows ready for their loaders).
-    Layout("flux-xlabs", lambda sd: "input_hint_block.0.weight" in sd and "double_blocks.0.img_attn.qkv.weight" in sd,
-           not_supported("an XLabs FLUX.1 ControlNet"), arch=lambda sd: "flux"),
+    # FLUX.1 ControlNets, all run as diffusers' FluxControlNetModel (flux.py)
+    Layout("flux-xlabs", flux.is_xlabs, flux.xlabs_to_diffusers, flux.KIND, lambda sd: "flux"),
     Layout("flux-union", lambda sd: "controlnet_mode_embedder.weight" in sd and "controlnet_x_embedder.weight" in sd,
-           not_supported("an InstantX/Shakker FLUX.1 Union ControlNet"), arch=lambda sd: "flux"),
+           dict, flux.KIND, lambda sd: "flux"),
     Layout("flux-instantx", lambda sd: "controlnet_x_embedder.weight" in sd and "controlnet_blocks.0.weight" in sd,
-           not_supported("an InstantX FLUX.1 ControlNet"), arch=lambda sd: "flux"),
+           dict, flux.KIND, lambda sd: "flux"),
+    # SD3 ControlNets: recognised, refused until Atelier runs them (a row ready for its loader).
     Layout("sd3", lambda sd: "pos_embed_input.proj.weight" in sd and "controlnet_blocks.0.weight" in sd,
            not_supported("an SD3 ControlNet"), arch=lambda sd: "sd3"),
     Layout("control-lora", control_lora.is_control_lora, dict, "control_lora", control_lora.arch_of),
@@ -254,7 +256,7 @@ class ControlNetFile:
     arch: str
     state: dict[str, torch.Tensor]
     config: dict[str, Any] | None = None
-    kind: str = "controlnet"  # or "controlnet_union", "control_lora", "t2i_adapter", "ip_adapter" (whose tensors are used as they are)
+    kind: str = "controlnet"  # or "controlnet_union", "control_lora", "t2i_adapter", "ip_adapter" (whose tensors are used as they are), "flux_controlnet"
 
 
 def read_controlnet(path: Path) -> ControlNetFile:
@@ -283,6 +285,8 @@ def build_model(cn: ControlNetFile, pooled_dim: int | None, device: torch.device
     """diffusers' ControlNetModel (or T2IAdapter) with the file's tensors (built on the meta device, then assigned)."""
     from diffusers import ControlNetModel, ControlNetUnionModel
 
+    if cn.kind == flux.KIND:
+        return flux.build(cn.state, cn.config, cn.path.name, device, dtype)
     if cn.kind == "t2i_adapter":
         return adapters.build_adapter(cn.state, cn.config, cn.path.name, device, dtype)
     if cn.kind == "control_lora":  # a ControlNet made from the loaded checkpoint's UNet

@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .annotators import Annotators, Builder
+from .annotators import Annotators, Builder, depth_anything, hed, lineart, midas, pidinet
+from .annotators.dwpose import build as build_dwpose
+from .annotators.openpose import build as build_openpose
 
 
 @dataclass(frozen=True)
@@ -185,6 +187,8 @@ def _weights(name: str, tag: str, annotator: str, build: Builder | None = None, 
     return Preprocessor(name, None, tag, annotator=annotator, build=build, **extra)
 
 
+# Depth Anything V2 small, base or large (sd-webui-controlnet ships the large one); the size comes from the shapes
+DEPTH_ANYTHING_FILES = "|".join(f"depth_anything_v2_vit{size}.safetensors" for size in "sbl")
 PREPROCESSORS: tuple[Preprocessor, ...] = (
     _no_weights("none", "All", lambda img, res, a, b, seed: img[..., :3], resolution=None),
     _no_weights("canny", "Canny", lambda img, res, a, b, seed: canny(img, a, b),
@@ -214,13 +218,22 @@ PREPROCESSORS: tuple[Preprocessor, ...] = (
     *(_no_weights(name, "Reference", lambda img, res, a, b, seed: img[..., :3], resolution=None,
                   a=Slider("Style Fidelity (only for Balanced mode)", 0.5, 0.0, 1.0, 0.01))
       for name in ("reference_only", "reference_adain", "reference_adain+attn")),
-    _weights("depth_anything_v2", "Depth", "depth_anything_v2_vits.safetensors"),
-    _weights("depth_midas", "Depth", "dpt_hybrid-midas-501f0c75.pt"),
-    _weights("dw_openpose_full", "OpenPose", "dw-ll_ucoco_384.onnx"),
-    _weights("openpose", "OpenPose", "body_pose_model.pth"),
-    _weights("lineart_realistic", "Lineart", "sk_model.pth"),
-    _weights("softedge_hed", "SoftEdge", "ControlNetHED.pth"),
-    _weights("softedge_pidinet", "SoftEdge", "table5_pidinet.pth"),
+    _weights("depth_anything_v2", "Depth", DEPTH_ANYTHING_FILES, build=depth_anything.build),
+    _weights("depth_midas", "Depth", "dpt_hybrid-midas-501f0c75.pt", build=midas.build_depth),
+    _weights("normal_midas", "NormalMap", "dpt_hybrid-midas-501f0c75.pt", build=midas.build_normal,
+             a=Slider("Normal Background Threshold", 0.4, 0.0, 1.0, 0.01)),
+    _weights("dw_openpose_full", "OpenPose", "dw-ll_ucoco_384.onnx", build=build_dwpose),
+    _weights("openpose", "OpenPose", "body_pose_model.pth", build=build_openpose),
+    _weights("lineart_realistic", "Lineart", "sk_model.pth", lineart.build, aliases=("lineart_realistic", "lineart")),
+    _weights("lineart_coarse", "Lineart", "sk_model2.pth", lineart.build),
+    _weights("lineart_anime", "Lineart", "netG.pth", lineart.build_anime),
+    _weights("softedge_hed", "SoftEdge", "ControlNetHED.pth|ControlNetHED_Apache2.pth", hed.build, aliases=("softedge_hed", "hed")),
+    _weights("softedge_hedsafe", "SoftEdge", "ControlNetHED.pth|ControlNetHED_Apache2.pth", hed.build_safe,
+             aliases=("softedge_hedsafe", "hed_safe", "softedge_hed_safe")),
+    _weights("softedge_pidinet", "SoftEdge", "table5_pidinet.pth", pidinet.build,
+             aliases=("softedge_pidinet", "pidinet")),
+    _weights("softedge_pidisafe", "SoftEdge", "table5_pidinet.pth", pidinet.build_safe,
+             aliases=("softedge_pidisafe", "pidinet_safe", "softedge_pidinet_safe")),
     _weights("normal_bae", "NormalMap", "scannet.pt"),
 )
 

@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from PIL import Image
 
 from modules.plugins import api
 
@@ -59,11 +58,6 @@ def style_fidelity(unit: Unit, arch: str, pass_name: str) -> float:
         return 0.0
     fidelity = max(0.0, min(1.0, float(unit.threshold_a)))
     return fidelity ** 3.0 if "xl" in arch else fidelity
-
-
-def to_image(hint: torch.Tensor) -> Image.Image:
-    """A [1, 3, H, W] 0..1 hint back to the PIL image it was made from (exact: it came from uint8)."""
-    return Image.fromarray((hint[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy())
 
 
 def _blend(main: torch.Tensor, plain: torch.Tensor, uncond: torch.Tensor, fidelity: float) -> torch.Tensor:
@@ -171,7 +165,7 @@ class ReferencePatch:
 
 def reference_latents(planned: Sequence[Any], hints: Sequence[torch.Tensor],
                       context: api.DenoiserContext) -> list[torch.Tensor]:
-    """Each reference unit's fitted image through the checkpoint's VAE, [1, C, h, w] (once per pass)."""
-    if context.vae_encode is None:
-        raise api.InvalidParams("reference-only ControlNet units need the engine's VAE encoder (plugin API 1.9)")
-    return [context.vae_encode([to_image(h)]).float().cpu() for h in hints]
+    """Each reference unit's fitted image (a 0..1 hint) through the checkpoint's VAE, [1, C, h, w] (once per pass)."""
+    if context.encode is None:
+        raise api.InvalidParams("reference-only ControlNet units need the engine's VAE encoder (plugin API 1.10)")
+    return [context.encode(h * 2.0 - 1.0).float().cpu() for h in hints]

@@ -118,7 +118,7 @@ def api_router(ext: Any) -> Any:
         if pre.uses_mask and len(controlnet_masks) != len(controlnet_input_images):
             raise HTTPException(status_code=422,
                                 detail=f"Preprocessor {pre.name} requires `controlnet_masks` param.")
-        images = []
+        images, poses = [], []
         try:
             for i, data in enumerate(controlnet_input_images):
                 image = decode_image(data, i, "controlnet_input_images")
@@ -126,8 +126,11 @@ def api_router(ext: Any) -> Any:
                 detected = preprocessors.run(pre, image, mask, controlnet_processor_res, controlnet_threshold_a,
                                              controlnet_threshold_b, 0, ext.annotators)
                 images.append(encode_png(detected))
+                poses.append(getattr(detected, "poses", None))
         except api.InvalidParams as err:
             raise HTTPException(status_code=422, detail=str(err)) from None
+        if any(p is not None for p in poses):  # pose preprocessors also give their keypoints, as the extension does
+            return {"images": images, "info": "Success", "poses": poses}
         return {"images": images, "info": "Success"}
 
     return router

@@ -17,7 +17,7 @@ from PIL import Image
 
 from modules.plugins import api
 
-from . import preprocessors
+from . import flux, preprocessors
 from .control import UNION_TYPES
 from .routes import CONTROL_TYPES, control_type, model_titles
 from .units import CONTROL_MODES, RESIZE_MODES, parse_infotext
@@ -94,7 +94,8 @@ def _unit_tab(ext: Any, tab: str, n: int) -> dict[str, Any]:
                             elem_id=f"{prefix}-control-mode")
     resize_mode = gr.Radio(list(RESIZE_MODES), value=RESIZE_MODES[1], label="Resize Mode",
                            elem_id=f"{prefix}-resize-mode")
-    union_type = gr.Dropdown(["Unknown", *UNION_TYPES], value="Unknown", label="Union control type (union/ProMax "
+    union_names = ["Unknown", *UNION_TYPES, *(m for m in flux.UNION_MODES if m not in UNION_TYPES)]  # + FLUX Union's
+    union_type = gr.Dropdown(union_names, value="Unknown", label="Union control type (union/ProMax "
                              "models; Unknown: the preprocessor's)", elem_id=f"{prefix}-union-type")
 
     def pick_type(name: str):

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from modules.checkpoints.discover import find_vaes
-from modules.checkpoints.load_mmdit import COMPONENT_SUFFIXES, encoder_kind
+from modules.checkpoints.gguf_t5 import gguf_encoder_kind
+from modules.checkpoints.load_mmdit import COMPONENT_SUFFIXES, ENCODER_SUFFIXES, encoder_kind
 from modules.errors import CheckpointError
 
 SD_VAE_SPECIAL = ("Automatic", "None")
@@ -48,15 +49,20 @@ class PickedModules:
     encoders: dict[str, Path]  # "clip_l" / "clip_g" / "t5xxl" -> file
 
 
-def component_files(dirs: Iterable[Path]) -> list[tuple[Path, Path]]:
-    """(folder, file) for every .safetensors / .sft file under `dirs`, sorted per folder."""
+def component_files(dirs: Iterable[Path], suffixes: tuple[str, ...] = COMPONENT_SUFFIXES) -> list[tuple[Path, Path]]:
+    """(folder, file) for every .safetensors / .sft file (or `suffixes`) under `dirs`, sorted per folder."""
     out = []
     for folder in dirs:
         folder = Path(folder)
         if folder.is_dir():
             out.extend((folder, p) for p in sorted(folder.rglob("*"))
-                       if p.is_file() and p.suffix.lower() in COMPONENT_SUFFIXES and not p.name.startswith("."))
+                       if p.is_file() and p.suffix.lower() in suffixes and not p.name.startswith("."))
     return out
+
+
+def module_files(vae_dirs: Iterable[Path], encoder_dirs: Iterable[Path]) -> list[tuple[Path, Path]]:
+    """The picker's files: VAEs (.safetensors / .sft), then text encoders (also GGUF T5 encoders)."""
+    return [*component_files(vae_dirs), *component_files(encoder_dirs, ENCODER_SUFFIXES)]
 
 
 def _match(entry: str, files: list[tuple[Path, Path]]) -> Path | None:
@@ -69,6 +75,8 @@ def _match(entry: str, files: list[tuple[Path, Path]]) -> Path | None:
 
 
 def _encoder_kind_of(file: Path) -> str:
+    if file.suffix.lower() == ".gguf":  # a GGUF is only ever a T5 encoder here; anything else is named
+        return gguf_encoder_kind(file)
     kind = encoder_kind(file.name) or _kind_from_header(file)
     if kind is None:
         raise CheckpointError(f"Text encoder {file.name}: cannot tell whether it is clip_l, clip_g or t5xxl; "
@@ -89,7 +97,7 @@ def _kind_from_header(file: Path) -> str | None:
 
 def pick_modules(modules: Iterable[str], vae_dirs: Iterable[Path], encoder_dirs: Iterable[Path]) -> PickedModules:
     """Split the picker's entries into one VAE and text encoders by kind; CheckpointError names a bad entry."""
-    vae_files, encoder_files = component_files(vae_dirs), component_files(encoder_dirs)
+    vae_files, encoder_files = component_files(vae_dirs), component_files(encoder_dirs, ENCODER_SUFFIXES)
     vae, encoders = None, {}
     for entry in modules:
         found = _match(entry, vae_files)

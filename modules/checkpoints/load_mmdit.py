@@ -16,6 +16,7 @@ import torch
 
 from modules.checkpoints.families import Family
 from modules.checkpoints.gguf_file import inspect_gguf
+from modules.checkpoints.gguf_t5 import read_t5_gguf, t5_gguf_shapes
 from modules.checkpoints.mmdit import (
     FLOW_ARCHES,
     build_hf_encoder,
@@ -33,7 +34,10 @@ from modules.errors import CheckpointError
 
 StateDict = Mapping[str, torch.Tensor]
 COMPONENT_SUFFIXES = (".safetensors", ".sft")
-_ENCODER_WORDS = {"clip_l": ("clip_l", "clip-l"), "clip_g": ("clip_g", "clip-g"), "t5xxl": ("t5xxl", "t5-xxl", "t5_xxl")}
+GGUF_ENCODER_SUFFIX = ".gguf"  # T5 encoders only (llama.cpp's layout: gguf_t5.py)
+ENCODER_SUFFIXES = (*COMPONENT_SUFFIXES, GGUF_ENCODER_SUFFIX)
+_ENCODER_WORDS = {"clip_l": ("clip_l", "clip-l"), "clip_g": ("clip_g", "clip-g"),
+                  "t5xxl": ("t5xxl", "t5-xxl", "t5_xxl", "t5-v1_1-xxl", "t5_v1_1_xxl")}
 _VAE_WORDS = {"flux": ("ae", "flux"), "sd3": ("sd3", "sd35", "sd3.5")}
 
 
@@ -60,12 +64,16 @@ def is_flow_checkpoint(sd: StateDict) -> bool:
     return transformer_prefix(sd) is not None
 
 
-def _files(dirs: tuple[Path, ...]) -> list[Path]:
+def _files(dirs: tuple[Path, ...], suffixes: tuple[str, ...] = COMPONENT_SUFFIXES) -> list[Path]:
     out: list[Path] = []
     for d in dirs:
         if Path(d).is_dir():
-            out.extend(sorted(p for p in Path(d).rglob("*") if p.suffix.lower() in COMPONENT_SUFFIXES))
+            out.extend(sorted(p for p in Path(d).rglob("*") if p.suffix.lower() in suffixes))
     return out
+
+
+def _is_gguf(path: Path) -> bool:
+    return Path(path).suffix.lower() == GGUF_ENCODER_SUFFIX
 
 
 def encoder_kind(filename: str) -> str | None:
@@ -76,7 +84,7 @@ def encoder_kind(filename: str) -> str | None:
 
 def chosen_encoders(names: tuple[str, ...], dirs: tuple[Path, ...]) -> dict[str, Path]:
     """The user's text encoder choice (file names or stems in `dirs`) keyed by kind; CheckpointError if unknown."""
-    files = _files(dirs)
+    files = _files(dirs, ENCODER_SUFFIXES)
     chosen: dict[str, Path] = {}
     for name in names:
         match = next((f for f in files if name in (f.name, f.stem)), None)
@@ -96,8 +104,9 @@ def find_encoder_file(name: str, dirs: ComponentDirs) -> Path | None:
         if not path.is_file():
             raise CheckpointError(f"Text encoder file {path} ({name}) not found; put it in models/text_encoder")
         return path
-    hits = [p for p in _files(dirs.text_encoders) if any(w in p.name.lower() for w in _ENCODER_WORDS[name])]
-    hits.sort(key=lambda p: ("fp8" in p.name.lower(), p.name))
+    suffixes = ENCODER_SUFFIXES if name == "t5xxl" else COMPONENT_SUFFIXES
+    hits = [p for p in _files(dirs.text_encoders, suffixes) if any(w in p.name.lower() for w in _ENCODER_WORDS[name])]
+    hits.sort(key=lambda p: (_is_gguf(p), "fp8" in p.name.lower(), p.name))  # float, fp8, then GGUF
     return hits[0] if hits else None
 
 
@@ -162,7 +171,7 @@ def load_flow_parts(path: Path, sd: StateDict, *, device: torch.device, dtype: t
     for name in fam.text_encoders:
         src = sources[name]
         if isinstance(src, Path):
-            labels[name], state = src.name, read_weights(src, dtype=dtype)
+            labels[name], state = src.name, _encoder_file_weights(src, name, dtype)
             modules.append(src.stem)
         else:
             labels[name], state = f"{name} in {path.name}", src
@@ -179,6 +188,20 @@ def load_flow_parts(path: Path, sd: StateDict, *, device: torch.device, dtype: t
     spec = ModelSpec(arch=fam.name, prediction=fam.prediction, unet_config=tcfg, vae_config=vcfg,
                      text_encoders=specs, vae_scale_factor=fam.latent.scale, family=fam)
     return FlowParts(spec, transformer, vae, encoders, tuple(modules), vae_src)
+
+
+def _encoder_file_weights(path: Path, name: str, dtype: torch.dtype) -> dict:
+    """A text encoder file's tensors in transformers' layout (a GGUF T5's blocks stay packed)."""
+    if not _is_gguf(path):
+        return read_weights(path, dtype=dtype)
+    _gguf_t5_only(path, name)
+    return read_t5_gguf(path)
+
+
+def _gguf_t5_only(path: Path, name: str) -> None:
+    if name != "t5xxl":
+        raise CheckpointError(f"{path.name}: only T5 text encoders are read from GGUF files; use a "
+                              f"{name} .safetensors file")
 
 
 def _vae_file_state(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -224,6 +247,10 @@ def preflight(path: Path, *, vae_path: Path | None, dirs: ComponentDirs) -> None
             raise CheckpointError(_missing_message(fam, missing, True))
     if missing:
         raise CheckpointError(_missing_message(fam, missing, False))
+    for name, file in files.items():
+        if file is not None and _is_gguf(file):
+            _gguf_t5_only(file, name)
+            _check_t5_width(fam, sd, t5_gguf_shapes(file), file)
     for file in [*(f for f in files.values() if f is not None), *([vae] if vae is not None else [])]:
         if file.suffix.lower() in COMPONENT_SUFFIXES:
             shapes = _header_shapes(file)

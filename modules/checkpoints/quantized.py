@@ -99,6 +99,10 @@ def check_gguf(path: Path) -> str:
     path = Path(path)
     contents = inspect_gguf(path)
     found = tensor_family(contents.tensors, contents.architecture)
+    if found is None and contents.architecture in ("t5encoder", "t5"):
+        raise CheckpointError(f"{path.name} is a T5 text encoder (GGUF architecture {contents.architecture!r}), "
+                              "not a diffusion model: put it in models/text_encoder and choose it in the VAE / "
+                              "Text Encoder picker for FLUX.1 or SD3.5")
     if found is None:
         raise CheckpointError(f"{path.name} holds no FLUX.1, SD3 or SD UNet tensors (GGUF architecture "
                               f"{contents.architecture!r}); is it a text encoder or an LLM?")

@@ -68,7 +68,8 @@ class DenoiserContext:
     arch: str = ""  # the loaded model's architecture ("sd1", "sd2", "sdxl", ...)
     init_images: Sequence[Any] = ()  # img2img: the pass's init images (PIL), as the task prepared them
     mask: Any = None  # img2img: the working mask (PIL "L"), when inpainting
-    vae_encode: Callable[[Sequence[Any]], torch.Tensor] | None = None  # PIL images -> the model's scaled latents
+    # pixels [B, 3, H, W] in [-1, 1] -> the model's scaled latents (the VAE's mode) on its device (API 1.9)
+    encode: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def step(self) -> int:

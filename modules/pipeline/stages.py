@@ -22,7 +22,6 @@ from modules.pipeline import refiner as refiner_ops
 from modules.pipeline.control import Progress
 from modules.pipeline.hooks import Denoiser, DenoiserContext, StepClock
 from modules.pipeline.job import Batch, Job, outdir
-from modules.pipeline.job import encode as encode_images
 from modules.pipeline.sampling import Sampled, SamplingPlan, noise_sampler_for, run_sampler
 from modules.sampling import rng
 from modules.sampling.denoisers import CFGDenoiser, denoiser_class
@@ -100,16 +99,19 @@ def guided_denoiser(job: Job, model: Any, cond: Conditioning, s: SamplingInput,
     if model.spec.is_sdxl:
         time_ids = torch.tensor([[s.height, s.width, 0, 0, s.height, s.width]], dtype=torch.float32)
     extra = {"guidance": job.params.distilled_cfg_scale} if model.spec.family is not None else {}
-    residuals = job.hooks.unet_residuals(context)  # conditioning hooks (ControlNet): UNet models only, yet
+    residuals = job.hooks.unet_residuals(context)  # conditioning hooks (ControlNet): UNets and FLUX.1
     attention = job.hooks.unet_cross_attention(context)  # (IP-Adapter)
     hidden = getattr(job.hooks, "unet_hidden_states", lambda _: None)(context)  # (reference-only)
     if model.spec.family is None:
         if model.spec.arch == job.model.spec.arch:  # a refiner of another architecture runs without them
             extra.update(residuals=residuals, cross_attention=attention)
             extra.update({"hidden_states": hidden} if hidden is not None else {})
+    elif model.spec.family.transformer == "flux" and attention is None and hidden is None:
+        extra["residuals"] = residuals  # per-block residuals (FLUX ControlNets)
     elif residuals is not None or attention is not None or hidden is not None:
         raise InvalidParams(f"an extension adds conditioning inside the UNet (ControlNet, IP-Adapter), but {model.spec.arch} "
-                            "has no UNet: conditioning hooks work with SD1.5, SD2.x and SDXL checkpoints only")
+                            "has no UNet: conditioning hooks work with SD1.5, SD2.x and SDXL checkpoints (and per-block "
+                            "residuals with FLUX.1) only")
     inner = denoiser_class(model.spec.prediction)(model.unet, job.engine.discrete_schedule(model).sigma_to_t,
                                                   time_ids=time_ids, **extra)
     return CFGDenoiser(job.hooks.wrap_model(inner, context), cond.conds, cond.unconds,
@@ -130,7 +132,7 @@ def sample(job: Job, batch: Batch, s: SamplingInput) -> Sampled:
     context = DenoiserContext(job.task, s.pass_name, job.params, s.width, s.height, s.cond.conds,
                               s.cond.unconds, job.params.cfg_scale, s.plan.sigmas, StepClock(),
                               arch=job.model.spec.arch, init_images=tuple(s.init_images), mask=s.mask,
-                              vae_encode=lambda images: encode_images(job, list(images)))
+                              encode=lambda pixels: encode_pixels(job, pixels))
     denoiser = build_denoiser(job, s, context)
     device = job.model.device
 
@@ -142,6 +144,13 @@ def sample(job: Job, batch: Batch, s: SamplingInput) -> Sampled:
     noise = noise_sampler_for(s.plan, x, list(batch.seeds), lambda: s.noise.next().to(device),
                               job.engine.settings.sde_noise)
     return run_sampler(s.plan, denoiser, x, noise, on_step, s.fallback)
+
+
+def encode_pixels(job: Job, pixels: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] in [-1, 1] -> the job model's scaled latents on its device (`DenoiserContext.encode`)."""
+    model = job.model
+    return latent_ops.encode(model.vae, pixels, model.spec.vae_scale_factor, job.engine.vae_tiling(),
+                             shift=latent_ops.latent_shift(model)).to(model.device)
 
 
 def report(job: Job, n: int, step: int, steps: int, denoised: torch.Tensor) -> None:

@@ -65,9 +65,11 @@ from modules.text.prompt_parser import ExtraNetworkTag
 # 1.7: register_xyz_axes(settings) may take the settings; vae_names(settings); ScriptSpec.fill_buttons and
 #      .fill with ScriptFill (the UI's "fill values" buttons)
 # 1.8: unet_cross_attention with CrossAttentionCall (decoupled cross-attention: IP-Adapter)
-# 1.9: unet_hidden_states with HiddenStatesPatch and HiddenStatesCall (self-attention and block taps, reference
-#      inputs: reference-only); DenoiserContext.vae_encode
-API_VERSION = "1.9"
+# 1.9: unet_residuals on FLUX.1 transformers: UNetCall.block_counts, UNetResiduals.blocks / .single_blocks;
+#      DenoiserContext.encode (pixels -> the model's latents)
+# 1.10: unet_hidden_states with HiddenStatesPatch and HiddenStatesCall (self-attention and block taps, reference
+#      inputs: reference-only)
+API_VERSION = "1.10"
 
 __all__ = [
     "API_VERSION", "AtelierError", "AxisSpec", "CrossAttentionCall", "DenoiserContext", "GridAnnotation", "ScriptCheck", "ScriptContext", "ScriptFill", "ScriptSpec",

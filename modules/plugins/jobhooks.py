@@ -180,11 +180,25 @@ def residual_functions(host: PluginHost, denoiser: Any, params: Any, context: Jo
             if value is not None and (value.down is None) != (value.mid is None):
                 raise ExtensionError(f"Extension {name!r} returned UNetResiduals with only one of `down` and `mid`; "
                                      "the UNet applies them as a pair (use zeros for the other)")
+            if value is not None and call.block_counts is not None:
+                _check_blocks(name, value, call.block_counts)
             if value is not None:
                 total = value if total is None else total + value
         return total
 
     return residuals
+
+
+def _check_blocks(name: str, value: UNetResiduals, counts: tuple[int, int]) -> None:
+    """A FLUX.1 transformer takes one residual per block, and no UNet residuals."""
+    if value.down is not None or value.intrablock is not None:
+        raise ExtensionError(f"Extension {name!r} returned UNet residuals (down / mid / intrablock) for a FLUX.1 "
+                             "transformer; return `blocks` / `single_blocks` (one tensor per block) instead")
+    for field, count in (("blocks", counts[0]), ("single_blocks", counts[1])):
+        got = getattr(value, field)
+        if got is not None and len(got) != count:
+            raise ExtensionError(f"Extension {name!r} returned {len(got)} tensors in UNetResiduals.{field}; this "
+                                 f"FLUX.1 transformer has {count} (one per block, see UNetCall.block_counts)")
 
 
 def cross_attention_functions(host: PluginHost, denoiser: Any, params: Any,

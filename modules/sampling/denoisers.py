@@ -60,19 +60,28 @@ class UNetCall:
     model_in: torch.Tensor  # x * c_in, the UNet's latent input without concat channels
     timestep: torch.Tensor  # [rows], the UNet's (fractional) timesteps
     cross_attn: torch.Tensor  # [rows, tokens, dim]
-    added_cond: Mapping[str, torch.Tensor] | None  # SDXL: text_embeds and time_ids
+    added_cond: Mapping[str, torch.Tensor] | None  # SDXL: text_embeds and time_ids (FLUX: see below)
     uncond: torch.Tensor  # [rows] bool
+    # FLUX.1 transformer calls (API 1.9): (double, single) block counts; `model_in` is then the packed
+    # latents [rows, h/2 * w/2, 4C], `timestep` sigma, and `added_cond` holds pooled_projections,
+    # img_ids, txt_ids and (FLUX.1-dev) guidance, as diffusers' FluxTransformer2DModel takes them.
+    block_counts: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
 class UNetResiduals:
     """What conditioning models add inside the UNet: per down-block skip residuals (ControlNet's
     12 for SD1/SD2, 9 for SDXL) with the middle block's residual (a pair: the UNet applies both
-    or neither), and T2I-Adapter-style intra-block residuals. Residuals from several sources are summed."""
+    or neither), and T2I-Adapter-style intra-block residuals. Residuals from several sources are summed.
+
+    On a FLUX.1 transformer (API 1.9): `blocks`, one tensor per double block, and `single_blocks`, one per
+    single block (`UNetCall.block_counts`), each added to the image tokens after its block."""
 
     down: tuple[torch.Tensor, ...] | None = None
     mid: torch.Tensor | None = None
     intrablock: tuple[torch.Tensor, ...] | None = None
+    blocks: tuple[torch.Tensor, ...] | None = None
+    single_blocks: tuple[torch.Tensor, ...] | None = None
 
     def __add__(self, other: UNetResiduals) -> UNetResiduals:
         def add(a, b):
@@ -82,7 +91,8 @@ class UNetResiduals:
                 return tuple(x + y for x, y in zip(a, b, strict=True))
             return a + b
         return UNetResiduals(add(self.down, other.down), add(self.mid, other.mid),
-                             add(self.intrablock, other.intrablock))
+                             add(self.intrablock, other.intrablock), add(self.blocks, other.blocks),
+                             add(self.single_blocks, other.single_blocks))
 
 
 ResidualFn = Callable[[UNetCall], "UNetResiduals | None"]
@@ -212,10 +222,58 @@ class VDenoiser(ModelDenoiser):
 DENOISERS: Mapping[str, type[ModelDenoiser]] = {"eps": ModelDenoiser, "v": VDenoiser}
 
 
+class ControlledFlowDenoiser(FlowDenoiser):
+    """`FlowDenoiser` whose FLUX.1 transformer takes conditioning hooks' per-block residuals
+    (`UNetResiduals.blocks` / `.single_blocks`, added as diffusers' `controlnet_block_samples`)."""
+
+    def __init__(self, unet: torch.nn.Module, sigma_to_t: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 time_ids: torch.Tensor | None = None, guidance: float | None = None,
+                 residuals: ResidualFn | None = None) -> None:
+        super().__init__(unet, sigma_to_t, time_ids, guidance)
+        self.residuals = residuals
+        self.block_counts = (len(getattr(unet, "transformer_blocks", ())),
+                             len(getattr(unet, "single_transformer_blocks", ())))
+
+    @property
+    def takes_uncond(self) -> bool:
+        return self.residuals is not None
+
+    def extra_inputs(self, x: torch.Tensor, sigma: torch.Tensor, inputs: dict[str, object],
+                     uncond: torch.Tensor | None) -> dict[str, object]:
+        if self.residuals is None:
+            return {}
+        rows = torch.zeros(x.shape[0], dtype=torch.bool) if uncond is None else uncond
+        added = {k: inputs[k] for k in ("pooled_projections", "img_ids", "txt_ids", "guidance")
+                 if inputs[k] is not None}
+        call = UNetCall(x, sigma, inputs["hidden_states"], inputs["timestep"], inputs["encoder_hidden_states"],
+                        added, rows, block_counts=self.block_counts)
+        return _block_kwargs(self.residuals(call), self.block_counts)
+
+
+def _block_kwargs(residuals: UNetResiduals | None, counts: tuple[int, int]) -> dict[str, object]:
+    """diffusers FluxTransformer2DModel keyword arguments for `residuals` (one tensor per block)."""
+    if residuals is None:
+        return {}
+    if residuals.down is not None or residuals.mid is not None or residuals.intrablock is not None:
+        raise ValueError("UNet residuals (down / mid / intrablock) were given for a FLUX.1 transformer, which "
+                         "takes per-block residuals (`blocks`, `single_blocks`)")
+    kwargs: dict[str, object] = {}
+    for name, arg, blocks, count in (("blocks", "controlnet_block_samples", residuals.blocks, counts[0]),
+                                     ("single_blocks", "controlnet_single_block_samples",
+                                      residuals.single_blocks, counts[1])):
+        if blocks is None:
+            continue
+        if len(blocks) != count:
+            raise ValueError(f"UNetResiduals.{name} has {len(blocks)} tensors; this FLUX.1 transformer has "
+                             f"{count} (one per block)")
+        kwargs[arg] = list(blocks)
+    return kwargs
+
+
 def denoiser_class(prediction: str) -> type[ModelDenoiser] | type[FlowDenoiser]:
     """The model wrapper for a checkpoint's prediction type; CheckpointError for an unknown one."""
     if prediction == "flow":  # SD3.5 / FLUX.1
-        return FlowDenoiser
+        return ControlledFlowDenoiser
     try:
         return DENOISERS[prediction]
     except KeyError:

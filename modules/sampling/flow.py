@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -83,12 +84,18 @@ class FlowDenoiser:
         self.guidance = guidance if getattr(unet.config, "guidance_embeds", False) else None
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cross_attn: torch.Tensor,
-                 pooled: torch.Tensor | None = None, concat: torch.Tensor | None = None) -> torch.Tensor:
-        v = self.velocity(x, sigma.reshape(-1), cross_attn, pooled)
+                 pooled: torch.Tensor | None = None, concat: torch.Tensor | None = None,
+                 uncond: torch.Tensor | None = None) -> torch.Tensor:
+        v = self.velocity(x, sigma.reshape(-1), cross_attn, pooled, uncond)
         return x - v * sigma.reshape(-1, 1, 1, 1).to(x.dtype)
 
+    def extra_inputs(self, x: torch.Tensor, sigma: torch.Tensor, inputs: dict[str, Any],
+                     uncond: torch.Tensor | None) -> dict[str, Any]:
+        """More keyword arguments for the FLUX transformer call (subclasses: conditioning hooks); none here."""
+        return {}
+
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cross_attn: torch.Tensor,
-                 pooled: torch.Tensor | None) -> torch.Tensor:
+                 pooled: torch.Tensor | None, uncond: torch.Tensor | None = None) -> torch.Tensor:
         """The model's raw velocity for latents `x` [B, C, H, W] at `sigma` [B]."""
         dt = self.dtype
         ctx = cross_attn.to(x.device, dt)
@@ -101,8 +108,10 @@ class FlowDenoiser:
         guidance = None
         if self.guidance is not None:
             guidance = torch.full((x.shape[0],), float(self.guidance), device=x.device, dtype=dt)
-        out = self.unet(hidden_states=pack_latents(x).to(dt), encoder_hidden_states=ctx, pooled_projections=vec,
-                        timestep=sigma.to(x.device, dt), img_ids=flux_image_ids(h, w, x.device, dt),
-                        txt_ids=torch.zeros(ctx.shape[1], 3, device=x.device, dtype=dt), guidance=guidance,
-                        return_dict=False)[0]
+        inputs: dict[str, Any] = dict(
+            hidden_states=pack_latents(x).to(dt), encoder_hidden_states=ctx, pooled_projections=vec,
+            timestep=sigma.to(x.device, dt), img_ids=flux_image_ids(h, w, x.device, dt),
+            txt_ids=torch.zeros(ctx.shape[1], 3, device=x.device, dtype=dt), guidance=guidance)
+        inputs.update(self.extra_inputs(x, sigma, inputs, uncond))
+        out = self.unet(**inputs, return_dict=False)[0]
         return unpack_latents(out.float(), h, w)

@@ -8,7 +8,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from modules.checkpoints.components import component_files
+from modules.checkpoints.components import module_files
 from modules.server.context import ServerContext
 from modules.server.networks import add_network_routes
 
@@ -88,7 +88,7 @@ def add_list_routes(router: APIRouter, ctx: ServerContext, admin: Any = None) ->
         """Forge's list for its VAE / Text Encoder picker: files in models/VAE and models/text_encoder."""
         settings = ctx.app.settings
         return [{"model_name": f.name, "filename": str(f)}
-                for _, f in component_files([settings.vae_dir, *settings.text_encoder_dirs])]
+                for _, f in module_files([settings.vae_dir], settings.text_encoder_dirs)]
 
     @router.get("/upscalers")
     def upscalers() -> list[dict[str, Any]]:

@@ -197,10 +197,10 @@ def sd_vae_choices(ui: UIContext) -> list[str]:
 
 def module_choices(ui: UIContext) -> list[str]:
     """Forge's picker: files in models/VAE, then in models/text_encoder (by name; paths never leave the server)."""
-    from modules.checkpoints.components import component_files
+    from modules.checkpoints.components import module_files
 
     settings = ui.app.settings
-    names = [f.relative_to(d).as_posix() for d, f in component_files([settings.vae_dir, *settings.text_encoder_dirs])]
+    names = [f.relative_to(d).as_posix() for d, f in module_files([settings.vae_dir], settings.text_encoder_dirs)]
     return list(dict.fromkeys(names))
 
 

@@ -3,7 +3,7 @@
 Each annotator module offers `build(path) -> runner`, where the runner maps
 `(rgb uint8 HxWx3, resolution, a, b, seed) -> uint8 HxWx3`. `Annotators` finds the file,
 builds the runner once and keeps the last few built, so a job or a preview does not
-reread weights. Files are read as safetensors or with `torch.load(weights_only=True)`.
+reread weights. A file may be listed under several names ("a.pth|b.pth"): the first present is used. Files are read as safetensors or with `torch.load(weights_only=True)`.
 """
 from __future__ import annotations
 
@@ -45,16 +45,17 @@ class Annotators:
     def __init__(self, folder: Path, keep: int = 2) -> None:
         self.dir = folder
         self.keep = keep
-        self._built: OrderedDict[tuple[str, float], Runner] = OrderedDict()
+        self._built: OrderedDict[tuple[str, str, float], Runner] = OrderedDict()
         self._lock = threading.Lock()
 
     def runner(self, name: str, file: str, build: Builder | None) -> Runner:
-        path = self.dir / file
+        names = file.split("|")
+        path = next((self.dir / n for n in names if (self.dir / n).is_file()), self.dir / names[0])
         if build is None or not path.is_file():
-            raise api.InvalidParams(f"Preprocessor {name!r} needs the weights file {path}; download {file} "
-                                    f"into {self.dir}, or pick an algorithmic preprocessor "
+            raise api.InvalidParams(f"Preprocessor {name!r} needs the weights file {path}; download "
+                                    f"{' or '.join(names)} into {self.dir}, or pick an algorithmic preprocessor "
                                     "(canny, scribble_xdog, tile_resample, ...)")
-        key = (str(path), path.stat().st_mtime)
+        key = (name, str(path), path.stat().st_mtime)  # per name: variants of one file differ in their runners
         with self._lock:
             if key not in self._built:
                 self._built[key] = _build(name, path, build)

@@ -1,0 +1,44 @@
+"""Helpers shared by the depth and normal annotators: reading a file, the network input, the output map."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from modules.plugins import api
+
+from . import read_tensors
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The file's tensors in float32 (fp16 copies exist); a truncated or foreign file is an InvalidParams naming it."""
+    try:
+        tensors = read_tensors(path)
+    except api.InvalidParams:
+        raise
+    except Exception as err:  # safetensors' own error for a truncated or damaged header
+        raise api.InvalidParams(f"Annotator file {path} could not be read ({type(err).__name__}: {str(err)[:120]}); "
+                                "download it again") from None
+    return {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+
+
+def normalized_rgb(img: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """A 1x3xHxW float tensor of an RGB uint8 image: (x / 255 - mean) / std."""
+    x = torch.from_numpy(np.array(img[..., :3])).float().div(255).permute(2, 0, 1)[None]
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+def min_max_uint8(depth: torch.Tensor) -> np.ndarray:
+    """Depth scaled to 0..255 by its own minimum and maximum (flat depth gives zeros), truncated to uint8."""
+    d = depth.double()
+    span = float(d.max() - d.min())
+    scaled = (d - d.min()) / span * 255.0 if span > 0 else torch.zeros_like(d)
+    return scaled.numpy().astype(np.uint8)
+
+
+def gray_to_rgb(gray: np.ndarray) -> np.ndarray:
+    return np.repeat(gray[..., None], 3, axis=2)
