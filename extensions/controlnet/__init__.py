@@ -14,7 +14,8 @@ from typing import Any
 from modules.plugins import api
 
 from . import control, reference
-from .annotators import Annotators
+from .annotators import Annotators, annotator_device
+from .annotators.faces import FaceAnalyzer
 from .models import ControlNetLibrary
 from .routes import api_router
 from .ui import controlnet_section
@@ -36,11 +37,13 @@ class ControlNetExtension:
     def __init__(self, settings: Any) -> None:
         models_dir = Path(getattr(settings, "models_dir", "models"))
         self.library = ControlNetLibrary((models_dir / "ControlNet", Path(__file__).parent / "models"))
-        self.annotators = Annotators(models_dir / "annotators")
+        self.annotators = Annotators(models_dir / "annotators",
+                                     device=annotator_device(str(getattr(settings, "device", "cpu"))))
         self.unit_count = int(getattr(settings, "controlnet_unit_count", 3))
         self.hashes: dict = {}  # (path, mtime) -> short sha256, for model titles
         self.clip_vision = models_dir / "clip_vision"
         self.encoders: dict = {}  # the last CLIP vision encoder loaded, by path
+        self.faces = FaceAnalyzer(models_dir / "insightface" / "models" / "buffalo_l")  # IP-Adapter FaceID
 
     @api.hookimpl
     def prepare_params(self, params, context):
@@ -87,7 +90,8 @@ class ControlNetExtension:
         if not planned:
             return None
         control.check_arch(planned, self.library, context.arch)
-        tokens = control.ip_tokens(planned, state, context, self.library, self.encoders, self.clip_vision)
+        tokens = control.ip_tokens(planned, state, context, self.library, self.encoders, self.clip_vision,
+                                   self.faces)
         attention = control.IPAttention(planned, tokens, self.library, context)
         state.setdefault("ip_passes", []).append(attention)
         return attention

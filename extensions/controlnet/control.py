@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from modules.plugins import api
 
 from . import flux, ip_adapter, preprocessors
 from .annotators import Annotators
+from .annotators.faces import FaceAnalyzer, align
 from .models import FAMILIES, ControlNetLibrary, family
 from .units import Unit
 
@@ -304,10 +306,12 @@ def text_width(context: api.DenoiserContext) -> int | None:
 
 
 def check_ip_unit(p: Planned, sd: ip_adapter.StateDict, context: api.DenoiserContext) -> None:
-    """The unit's preprocessor picks the CLIP encoder; the adapter's width must be the checkpoint's."""
-    if p.pre.name not in ip_adapter.ENCODERS:
-        raise api.InvalidParams(f"IP-Adapter {p.unit.model!r} (unit {p.index}) needs an IP-Adapter preprocessor "
-                                f"({', '.join(ip_adapter.ENCODERS)}), not {p.pre.name!r}")
+    """The unit's preprocessor must fit the adapter (CLIP or face); the adapter's width must be the checkpoint's."""
+    wanted = ip_adapter.preprocessors_for(sd)
+    if p.pre.name not in wanted:
+        what = "an IP-Adapter FaceID" if ip_adapter.variant(sd).startswith("faceid") else "an IP-Adapter"
+        raise api.InvalidParams(f"IP-Adapter {p.unit.model!r} (unit {p.index}) needs {what} preprocessor "
+                                f"({', '.join(wanted)}), not {p.pre.name!r}")
     ours, width = text_width(context), ip_adapter.cross_width(sd)
     if ours is not None and ours != width:
         theirs = FAMILIES.get(ip_adapter.WIDTHS.get(width, ""), f"{width}-wide")
@@ -340,8 +344,9 @@ class IPAttention:
 
 
 def ip_tokens(planned: Sequence[Planned], state: dict[str, Any], context: api.DenoiserContext,
-              library: ControlNetLibrary, encoders: dict[Path, Any], clip_vision: Path) -> list[ip_adapter.ImageTokens]:
-    """Each IP unit's image tokens, encoded once per job (`state`)."""
+              library: ControlNetLibrary, encoders: dict[Path, Any], clip_vision: Path,
+              faces: FaceAnalyzer) -> list[ip_adapter.ImageTokens]:
+    """Each IP unit's image tokens, encoded once per job (`state`); FaceID units read faces with `faces`."""
     cached: dict[int, ip_adapter.ImageTokens] = state.setdefault("ip_tokens", {})
     out = []
     for p in planned:
@@ -351,13 +356,37 @@ def ip_tokens(planned: Sequence[Planned], state: dict[str, Any], context: api.De
             image = p.unit.image if p.unit.image is not None else (context.init_images or [None])[0]
             if image is None:
                 raise api.InvalidParams(f"controlnet unit {p.index} (IP-Adapter) has no image: send `image` (base64)")
-            path = ip_adapter.find_encoder(p.pre.name, clip_vision)
-            if path not in encoders:
-                encoders.clear()
-                encoders[path] = ip_adapter.load_encoder(path, torch.device("cpu"), torch.float32)
-            encoder = encoders[path]
-            pixels = ip_adapter.image_processor(encoder)(image.convert("RGB"), return_tensors="pt").pixel_values
-            cached[p.index] = ip_adapter.image_tokens(sd, encoder, pixels)
+            image = image.convert("RGB")
+            if ip_adapter.variant(sd).startswith("faceid"):
+                cached[p.index] = face_tokens(p, sd, image, faces, partial(_encoder, p, encoders, clip_vision))
+            else:
+                encoder = _encoder(p, encoders, clip_vision)
+                pixels = ip_adapter.image_processor(encoder)(image, return_tensors="pt").pixel_values
+                cached[p.index] = ip_adapter.image_tokens(sd, encoder, pixels)
             state.setdefault("preprocess_calls", []).append(p.index)
         out.append(cached[p.index])
     return out
+
+
+def _encoder(p: Planned, encoders: dict[Path, Any], clip_vision: Path) -> Any:
+    """The unit's CLIP vision encoder (the last one loaded is kept)."""
+    path = ip_adapter.find_encoder(p.pre.name, clip_vision)
+    if path not in encoders:
+        encoders.clear()
+        encoders[path] = ip_adapter.load_encoder(path, torch.device("cpu"), torch.float32)
+    return encoders[path]
+
+
+def face_tokens(p: Planned, sd: ip_adapter.StateDict, image: Image.Image, faces: FaceAnalyzer,
+                encoder: Any) -> ip_adapter.ImageTokens:
+    """FaceID tokens: the largest face's embedding; Plus adds CLIP's hidden states of its 224x224 aligned crop."""
+    rgb = np.asarray(image)
+    face = faces.largest_face(rgb)
+    embedding = torch.from_numpy(faces.embedding(rgb, face)).float()[None]
+    if ip_adapter.variant(sd) == "faceid":
+        return ip_adapter.face_tokens(sd, embedding, None, shortcut=False)
+    clip = encoder()
+    crop = Image.fromarray(align(rgb, face.landmarks, 224))
+    pixels = ip_adapter.image_processor(clip)(crop, return_tensors="pt").pixel_values
+    shortcut = "v2" in p.path.name.lower()
+    return ip_adapter.face_tokens(sd, embedding, ip_adapter.hidden_states(clip, pixels), shortcut)

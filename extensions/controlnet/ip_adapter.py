@@ -8,6 +8,15 @@ layer adds `weight * softmax(q k_ip^T / sqrt(d)) v_ip` over the image tokens to 
 (the `unet_cross_attention` hook). The negative prompt's rows attend to the projection of a zero
 image embedding (base) or of a black image's hidden states (plus), as diffusers does.
 The CLIP vision encoder comes from `models/clip_vision` through transformers.
+
+FaceID files (`ip-adapter-faceid*`) use the same `ip_adapter.N.to_k_ip/to_v_ip` layers with another
+projection of an insightface (ArcFace) face embedding: "faceid" = `image_proj.proj.0/proj.2` (an MLP
+with GELU) to N tokens and `norm`; "faceid_plus" = the same MLP's tokens as the latents of a Perceiver
+resampler (`image_proj.perceiver_resampler.*`) over CLIP's penultimate hidden states of the aligned face
+crop; PlusV2 (told by "v2" in the file name: its tensors are laid out as Plus's) adds those MLP
+tokens back (`out = tokens + scale * out`). The negative prompt's rows see the projection of a zero face
+embedding (and a black crop's hidden states). Their `*_lora.*` tensors are not applied: load the
+matching `ip-adapter-faceid*_lora` file with `<lora:...>`, as sd-webui-controlnet asks.
 """
 from __future__ import annotations
 
@@ -25,7 +34,11 @@ from modules.plugins import api
 StateDict = Mapping[str, torch.Tensor]
 WIDTHS = {768: "sd1", 1024: "sd2", 2048: "sdxl"}  # cross-attention width -> family
 # The encoder each preprocessor uses (sd-webui-controlnet's names), and the names its file may have.
-ENCODERS = {"ip-adapter_clip_sd15": "ViT-H", "ip-adapter_clip_sdxl_plus_vith": "ViT-H", "ip-adapter_clip_sdxl": "ViT-bigG"}
+ENCODERS = {"ip-adapter_clip_sd15": "ViT-H", "ip-adapter_clip_sdxl_plus_vith": "ViT-H", "ip-adapter_clip_sdxl": "ViT-bigG",
+            "ip-adapter_face_id_plus": "ViT-H"}
+# The preprocessors each variant of adapter takes (sd-webui-controlnet's pairing).
+FACE_PREPROCESSORS = {"faceid": ("ip-adapter_face_id",), "faceid_plus": ("ip-adapter_face_id_plus",)}
+CLIP_PREPROCESSORS = ("ip-adapter_clip_sd15", "ip-adapter_clip_sdxl", "ip-adapter_clip_sdxl_plus_vith")
 ENCODER_NAMES = {"ViT-H": ("clip_h", "CLIP-ViT-H-14-laion2B-s32B-b79K", "clip_vision_h", "ViT-H-14"),
                  "ViT-bigG": ("clip_g", "CLIP-ViT-bigG-14-laion2B-39B-b160k", "clip_vision_g", "ViT-bigG-14")}
 
@@ -46,6 +59,20 @@ def arch_of(sd: StateDict) -> str:
 
 def is_plus(sd: StateDict) -> bool:
     return "image_proj.latents" in sd
+
+
+def variant(sd: StateDict) -> str:
+    """"base", "plus", "faceid" or "faceid_plus" from the image projection's tensors."""
+    if "image_proj.perceiver_resampler.proj_in.weight" in sd:
+        return "faceid_plus"
+    if "image_proj.proj.0.weight" in sd and "image_proj.proj.3.weight" not in sd:
+        return "faceid"
+    return "plus" if is_plus(sd) else "base"
+
+
+def preprocessors_for(sd: StateDict) -> tuple[str, ...]:
+    """The preprocessors that give this adapter its input."""
+    return FACE_PREPROCESSORS.get(variant(sd), CLIP_PREPROCESSORS)
 
 
 # ---------------------------------------------------------------- image projection
@@ -69,20 +96,40 @@ def _perceiver_attention(sd: StateDict, p: str, x: torch.Tensor, latents: torch.
     return F.linear(out, sd[f"{p}to_out.weight"])
 
 
-def project_plus(sd: StateDict, hidden: torch.Tensor) -> torch.Tensor:
-    """CLIP penultimate hidden states [n, patches, d] -> [n, queries, width] (a Perceiver resampler)."""
-    latents = sd["image_proj.latents"].expand(hidden.shape[0], -1, -1)
-    x = F.linear(hidden, sd["image_proj.proj_in.weight"], sd["image_proj.proj_in.bias"])
-    depth = len({k.split(".")[2] for k in sd if k.startswith("image_proj.layers.")})
+def _resample(sd: StateDict, prefix: str, hidden: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    """The Perceiver resampler at `prefix`: latents attend to projected hidden states, then proj_out, norm_out."""
+    x = F.linear(hidden, sd[f"{prefix}proj_in.weight"], sd[f"{prefix}proj_in.bias"])
+    depth = len({k[len(prefix):].split(".")[1] for k in sd if k.startswith(f"{prefix}layers.")})
     for i in range(depth):
-        p = f"image_proj.layers.{i}."
+        p = f"{prefix}layers.{i}."
         latents = _perceiver_attention(sd, p + "0.", x, latents) + latents
         dim = latents.shape[-1]
         h = F.layer_norm(latents, (dim,), sd[p + "1.0.weight"], sd[p + "1.0.bias"])
         latents = F.linear(F.gelu(F.linear(h, sd[p + "1.1.weight"])), sd[p + "1.3.weight"]) + latents
-    out = F.linear(latents, sd["image_proj.proj_out.weight"], sd["image_proj.proj_out.bias"])
+    out = F.linear(latents, sd[f"{prefix}proj_out.weight"], sd[f"{prefix}proj_out.bias"])
     width = out.shape[-1]
-    return F.layer_norm(out, (width,), sd["image_proj.norm_out.weight"], sd["image_proj.norm_out.bias"])
+    return F.layer_norm(out, (width,), sd[f"{prefix}norm_out.weight"], sd[f"{prefix}norm_out.bias"])
+
+
+def project_plus(sd: StateDict, hidden: torch.Tensor) -> torch.Tensor:
+    """CLIP penultimate hidden states [n, patches, d] -> [n, queries, width] (a Perceiver resampler)."""
+    return _resample(sd, "image_proj.", hidden, sd["image_proj.latents"].expand(hidden.shape[0], -1, -1))
+
+
+def project_faceid(sd: StateDict, face: torch.Tensor) -> torch.Tensor:
+    """Face embeddings [n, 512] -> [n, tokens, dim]: Linear, GELU, Linear, reshape, LayerNorm."""
+    dim = int(sd["image_proj.norm.weight"].shape[0])
+    x = F.gelu(F.linear(face, sd["image_proj.proj.0.weight"], sd["image_proj.proj.0.bias"]))
+    x = F.linear(x, sd["image_proj.proj.2.weight"], sd["image_proj.proj.2.bias"]).reshape(face.shape[0], -1, dim)
+    return F.layer_norm(x, (dim,), sd["image_proj.norm.weight"], sd["image_proj.norm.bias"])
+
+
+def project_faceid_plus(sd: StateDict, face: torch.Tensor, hidden: torch.Tensor, shortcut: bool,
+                        scale: float = 1.0) -> torch.Tensor:
+    """FaceID Plus: the face tokens resampled over the crop's CLIP hidden states (+ the tokens for PlusV2)."""
+    tokens = project_faceid(sd, face)
+    out = _resample(sd, "image_proj.perceiver_resampler.", hidden, tokens)
+    return tokens + scale * out if shortcut else out
 
 
 # ---------------------------------------------------------------- the CLIP vision encoder
@@ -155,15 +202,32 @@ class ImageTokens:
     uncond: torch.Tensor
 
 
+def hidden_states(encoder: Any, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP's penultimate hidden states of the pixels and of a black image of their size."""
+    with torch.no_grad():
+        hidden = encoder(pixels, output_hidden_states=True).hidden_states[-2]
+        blank = encoder(torch.zeros_like(pixels), output_hidden_states=True).hidden_states[-2]
+    return hidden, blank
+
+
 def image_tokens(sd: StateDict, encoder: Any, pixels: torch.Tensor) -> ImageTokens:
     """The IP-Adapter's image tokens for preprocessed pixels [1, 3, s, s]."""
     with torch.no_grad():
         if is_plus(sd):
-            hidden = encoder(pixels, output_hidden_states=True).hidden_states[-2]
-            blank = encoder(torch.zeros_like(pixels), output_hidden_states=True).hidden_states[-2]
+            hidden, blank = hidden_states(encoder, pixels)
             return ImageTokens(project_plus(sd, hidden.float()), project_plus(sd, blank.float()))
         embeds = encoder(pixels).image_embeds.float()
         return ImageTokens(project_base(sd, embeds), project_base(sd, torch.zeros_like(embeds)))
+
+
+def face_tokens(sd: StateDict, embedding: torch.Tensor, hidden: tuple[torch.Tensor, torch.Tensor] | None,
+                shortcut: bool) -> ImageTokens:
+    """FaceID tokens for a face embedding [1, 512] (and, for Plus, the crop's and a black crop's hidden states)."""
+    face, blank = embedding.float(), torch.zeros_like(embedding, dtype=torch.float32)
+    if hidden is None:
+        return ImageTokens(project_faceid(sd, face), project_faceid(sd, blank))
+    cond, uncond = (h.float() for h in hidden)
+    return ImageTokens(project_faceid_plus(sd, face, cond, shortcut), project_faceid_plus(sd, blank, uncond, shortcut))
 
 
 def layer_weights(sd: StateDict, call: api.CrossAttentionCall, name: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -243,6 +243,8 @@ LAYOUTS = (
            dict),
     Layout("t2i-original", adapters.is_original, adapters.original_to_diffusers, "t2i_adapter", adapters.arch_of),
     Layout("t2i-diffusers", adapters.is_diffusers, dict, "t2i_adapter", adapters.arch_of),
+    Layout("ip-adapter-faceid", lambda sd: ip_adapter.is_ip_adapter(sd) and ip_adapter.variant(sd).startswith("faceid"),
+           dict, "ip_adapter", ip_adapter.arch_of),
     Layout("ip-adapter", ip_adapter.is_ip_adapter, dict, "ip_adapter", ip_adapter.arch_of),
 )
 

@@ -20,6 +20,8 @@ from PIL import Image
 from .annotators import Annotators, Builder, depth_anything, hed, lineart, midas, pidinet
 from .annotators.dwpose import build as build_dwpose
 from .annotators.openpose import build as build_openpose
+from .annotators.openpose_parts import build_face, build_faceonly, build_full, build_hand
+from .annotators.sketch import build_scribble_hed, build_scribble_pidinet, build_sketch_pidi, lineart_standard
 
 
 @dataclass(frozen=True)
@@ -235,6 +237,21 @@ PREPROCESSORS: tuple[Preprocessor, ...] = (
     _weights("softedge_pidisafe", "SoftEdge", "table5_pidinet.pth", pidinet.build_safe,
              aliases=("softedge_pidisafe", "pidinet_safe", "softedge_pidinet_safe")),
     _weights("normal_bae", "NormalMap", "scannet.pt"),
+    _weights("openpose_hand", "OpenPose", "body_pose_model.pth", build_hand),
+    _weights("openpose_face", "OpenPose", "body_pose_model.pth", build_face),
+    _weights("openpose_faceonly", "OpenPose", "body_pose_model.pth", build_faceonly),
+    _weights("openpose_full", "OpenPose", "body_pose_model.pth", build_full),
+    _no_weights("lineart_standard", "Lineart", lambda img, res, a, b, seed: lineart_standard(img),
+                aliases=("lineart_standard (from white bg & black line)",)),
+    _weights("scribble_hed", "Scribble", "ControlNetHED.pth|ControlNetHED_Apache2.pth", build_scribble_hed,
+             aliases=("scribble_hed", "fake_scribble")),
+    _weights("scribble_pidinet", "Scribble", "table5_pidinet.pth", build_scribble_pidinet,
+             aliases=("scribble_pidinet", "pidinet_scribble")),
+    _weights("t2ia_sketch_pidi", "T2I-Adapter", "table5_pidinet.pth", build_sketch_pidi,
+             aliases=("t2ia_sketch_pidi", "pidinet_sketch")),
+    # IP-Adapter FaceID: the unit's adapter reads the face (insightface buffalo_l); the image passes through
+    *(_no_weights(name, "IP-Adapter", lambda img, res, a, b, seed: img, resolution=None)
+      for name in ("ip-adapter_face_id", "ip-adapter_face_id_plus")),
 )
 
 

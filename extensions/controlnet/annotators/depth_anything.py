@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from modules.plugins import api
 
 from . import Runner
-from .depth_common import gray_to_rgb, load_weights, min_max_uint8, normalized_rgb
+from .depth_common import gray_to_rgb, load_weights, min_max_uint8, normalized_rgb, split_qkv
 
 INPUT_SIZE = 518
 HEAD_DIM = 64  # every DINOv2 size (S, B, L, g) uses 64-wide attention heads
@@ -130,8 +130,7 @@ def to_transformers_keys(sd: dict[str, torch.Tensor], path: Path) -> dict[str, t
         if key.endswith(".attn.qkv.weight") or key.endswith(".attn.qkv.bias"):
             block, kind = key.split(".attn.qkv.")
             block = block.replace("pretrained.blocks.", "backbone.encoder.layer.")
-            for name, part in zip(("query", "key", "value"), value.chunk(3, dim=0), strict=True):
-                out[f"{block}.attention.attention.{name}.{kind}"] = part.contiguous()
+            split_qkv(out, block, kind, value)
         elif (new := _original_key(key)) is not None:
             out[new] = value
     return out

@@ -42,3 +42,9 @@ def min_max_uint8(depth: torch.Tensor) -> np.ndarray:
 
 def gray_to_rgb(gray: np.ndarray) -> np.ndarray:
     return np.repeat(gray[..., None], 3, axis=2)
+
+
+def split_qkv(out: dict[str, torch.Tensor], block: str, kind: str, value: torch.Tensor) -> None:
+    """A timm block's fused `attn.qkv` weight or bias as transformers' query, key and value."""
+    for name, part in zip(("query", "key", "value"), value.chunk(3, dim=0), strict=True):
+        out[f"{block}.attention.attention.{name}.{kind}"] = part.contiguous()

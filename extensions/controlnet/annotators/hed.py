@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from . import Runner, read_tensors
-from .maps import count, image_tensor, need, pad64, safe_step, to_uint8
+from .maps import count, edge_runner, image_tensor, need
 
 MODEL = "ControlNetHED_Apache2 (softedge_hed)"
 Block = tuple[list[tuple[torch.Tensor, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
@@ -61,14 +61,7 @@ def _conv(sd: dict[str, torch.Tensor], name: str) -> tuple[torch.Tensor, torch.T
 
 
 def build(path: Path, safe: bool = False) -> Runner:
-    net = HED(read_tensors(path))
-    net.edges(np.zeros((64, 64, 3), np.uint8))  # shape mismatches surface now, naming the file
-
-    def run(img: np.ndarray, res: int, a: float, b: float, seed: int) -> np.ndarray:
-        padded, crop = pad64(img[..., :3])
-        edge = net.edges(padded)
-        return crop(to_uint8(safe_step(edge) if safe else edge))
-    return run
+    return edge_runner(HED(read_tensors(path)), safe)
 
 
 def build_safe(path: Path) -> Runner:

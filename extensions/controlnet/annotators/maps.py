@@ -44,3 +44,15 @@ def count(sd: Mapping[str, torch.Tensor], pattern: str, start: int = 0) -> int:
     while pattern.format(i) in sd:
         i += 1
     return i - start
+
+
+def edge_runner(net, safe: bool) -> Callable[..., np.ndarray]:
+    """The runner of an edge network (`net.edges(rgb) -> HxW in 0..1`): checked once on a blank image,
+    so shape mismatches surface while the file is loaded; padded to 64 px, "safe" quantised if asked."""
+    net.edges(np.zeros((64, 64, 3), np.uint8))
+
+    def run(img: np.ndarray, res: int, a: float, b: float, seed: int) -> np.ndarray:
+        padded, crop = pad64(img[..., :3])
+        edge = net.edges(padded)
+        return crop(to_uint8(safe_step(edge) if safe else edge))
+    return run

@@ -23,7 +23,7 @@ from modules.plugins import api
 
 from . import Runner
 from .depth_anything import HEAD_DIM, attention_names
-from .depth_common import gray_to_rgb, load_weights
+from .depth_common import gray_to_rgb, load_weights, split_qkv
 
 PAD = 64
 NORMAL_Z = 2 * math.pi
@@ -163,8 +163,7 @@ def to_transformers_keys(sd: dict[str, torch.Tensor], path: Path) -> dict[str, t
         if ".attn.qkv." in key:
             block, kind = key.split(".attn.qkv.")
             block = block.replace("pretrained.model.blocks.", "dpt.encoder.layer.")
-            for name, part in zip(("query", "key", "value"), value.chunk(3, dim=0), strict=True):
-                out[f"{block}.attention.attention.{name}.{kind}"] = part.contiguous()
+            split_qkv(out, block, kind, value)
         elif (new := _midas_key(key)) is not None:
             out[new] = value
     return out

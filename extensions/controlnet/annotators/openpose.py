@@ -38,8 +38,8 @@ def stage_layers(stage: int, branch: int) -> list[str]:
 class BodyNet:
     """The two-branch body network over a state dict (keys as in body_pose_model.pth)."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.w = {k: v.float() for k, v in tensors.items()}
+    def __init__(self, tensors: dict[str, torch.Tensor], device: torch.device | None = None) -> None:
+        self.w = {k: v.float().to(device or "cpu") for k, v in tensors.items()}
         self.stages = 1
         while f"Mconv1_stage{self.stages + 1}_L1.weight" in self.w:
             self.stages += 1
@@ -66,6 +66,7 @@ class BodyNet:
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(PAFs, heatmaps) at 1/8 of the (1, 3, H, W) input, which is BGR / 256 - 0.5."""
+        x = x.to(self.w["conv1_1.weight"].device)
         for i, block in enumerate(VGG):
             x = F.max_pool2d(x, 2, 2) if i else x
             for name in block:
@@ -75,7 +76,7 @@ class BodyNet:
         for stage in range(2, self.stages + 1):
             x = torch.cat([paf, heat, features], 1)
             paf, heat = self._branch(stage_layers(stage, 1), x), self._branch(stage_layers(stage, 2), x)
-        return paf, heat
+        return paf.cpu(), heat.cpu()
 
 
 def _cubic(t: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -214,9 +215,9 @@ def detect_people(net: BodyNet, rgb: np.ndarray) -> list[Person]:
     return people_from_maps(*body_maps(net, rgb[..., ::-1]))  # the network was trained on BGR
 
 
-def build(path: Path):
+def build(path: Path, device: torch.device | None = None):
     """The `openpose` runner: the body skeletons of everyone in the image, drawn on black."""
-    net = BodyNet(read_tensors(path))
+    net = BodyNet(read_tensors(path), device)
     net(torch.zeros(1, 3, 16, 16))  # wrong widths fail here, while the file is being checked
 
     def run(rgb: np.ndarray, resolution: int, a: float, b: float, seed: int) -> PoseMap:

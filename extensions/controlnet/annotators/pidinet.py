@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from . import Runner, read_tensors
-from .maps import image_tensor, need, pad64, safe_step, to_uint8
+from .maps import edge_runner, image_tensor, need
 
 MODEL = "PiDiNet (softedge_pidinet, table5_pidinet.pth)"
 STAGES = (("block1_1", "block1_2", "block1_3"), ("block2_1", "block2_2", "block2_3", "block2_4"),
@@ -99,14 +99,7 @@ class PiDiNet:
 
 
 def build(path: Path, safe: bool = False) -> Runner:
-    net = PiDiNet(read_tensors(path))
-    net.edges(np.zeros((64, 64, 3), np.uint8))  # shape mismatches surface now, naming the file
-
-    def run(img: np.ndarray, res: int, a: float, b: float, seed: int) -> np.ndarray:
-        padded, crop = pad64(img[..., :3])
-        edge = net.edges(padded)
-        return crop(to_uint8(safe_step(edge) if safe else edge))
-    return run
+    return edge_runner(PiDiNet(read_tensors(path)), safe)
 
 
 def build_safe(path: Path) -> Runner:
