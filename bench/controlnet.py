@@ -43,12 +43,27 @@ def best(fn, repeats: int) -> float:
     return min(times)
 
 
+def reference_patch(side: int) -> api.HiddenStatesPatch:
+    """The extension's reference_only patch over a random reference latent, at step 0 of 20."""
+    from types import SimpleNamespace
+
+    from extensions.controlnet.control import Planned
+    from extensions.controlnet.reference import ReferencePatch
+    from extensions.controlnet.units import Unit
+
+    unit = Unit(module="reference_only", threshold_a=0.5)
+    planned = [Planned(0, unit, None, preprocessors.find("reference_only"))]
+    context = SimpleNamespace(sigmas=torch.linspace(14.6, 0.0, 21), arch="sd1", pass_name="first", step=0)
+    return ReferencePatch(planned, [torch.randn(1, 4, side, side)], context, seed=0).patch()
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--reference", action="store_true", help="also time a reference_only unit (no model)")
     args = parser.parse_args(argv)
     from diffusers import ControlNetModel, UNet2DConditionModel
 
@@ -74,22 +89,26 @@ def main(argv: list[str] | None = None) -> dict:
 
     plain = ModelDenoiser(unet, sigma_to_t)
     controlled = ModelDenoiser(unet, sigma_to_t, residuals=residuals)
+    models = [("without ControlNet", plain), ("with ControlNet", controlled)]
+    if args.reference:
+        models.append(("with reference_only", ModelDenoiser(unet, sigma_to_t, hidden_states=reference_patch(side))))
     with torch.inference_mode():
         times = {}
-        for _ in range(2):  # alternate, so both see the same machine load
-            for name, model in (("without ControlNet", plain), ("with ControlNet", controlled)):
+        for _ in range(2):  # alternate, so all see the same machine load
+            for name, model in models:
                 t = best(lambda m=model: m(x, sigma, cross), args.repeats)
                 times[name] = min(t, times.get(name, t))
     ratio = times["with ControlNet"] / times["without ControlNet"]
+    ratios = {name: value / times["without ControlNet"] for name, value in times.items()}
     report = {"size": args.size, "dtype": args.dtype, "threads": torch.get_num_threads(),
-              "step_s": times, "overhead_ratio": ratio, "canny_preprocess_s": pre_time,
+              "step_s": times, "overhead_ratio": ratio, "ratios": ratios, "canny_preprocess_s": pre_time,
               "preprocess_vs_step": pre_time / times["with ControlNet"],
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     print(f"ControlNet per-step overhead, SD 1.5 widths, {args.size}x{args.size}, CFG batch 2, {args.dtype}, "
           f"{report['threads']} threads")
     print(f"{'':24}{'s / step':>10}")
     for name, value in times.items():
-        print(f"{name:24}{value:10.3f}")
+        print(f"{name:24}{value:10.3f}{ratios[name]:8.2f}x")
     print(f"{'ratio':24}{ratio:10.2f}x  (goal <= 1.45x)")
     print(f"canny preprocess (once per job): {pre_time:.3f} s; peak RSS {report['peak_rss_mb']:.0f} MB")
     text = json.dumps(report, indent=2)

@@ -79,3 +79,35 @@ def test_send_dimensions_puts_the_control_image_size_in_width_and_height(page, s
     page.locator(f"{UNIT}-enabled input").uncheck()  # no model picked: generate without the unit
     page.click("#txt2img-generate")
     assert "Size: 96x128" in wait_result(page)  # the job got the sent size, not only the boxes
+
+
+def test_pnginfo_send_to_txt2img_restores_the_units(page, server, tmp_path):
+    from modules import images
+    from tests.test_webui_browser import wait_text
+
+    page.click("#txt2img-ext-controlnet")
+    page.get_by_role("tab", name="ControlNet Unit 1").click()
+    page.locator("#txt2img-controlnet-1-enabled input").check()  # a unit the infotext does not name: turned off
+    unit = ("Module: canny, Model: tiny-sd15-canny, Weight: 0.6, Resize Mode: Just Resize, Processor Res: 256, "
+            "Threshold A: 90.0, Threshold B: 180.0, Guidance Start: 0.1, Guidance End: 0.8, Pixel Perfect: True, "
+            "Control Mode: ControlNet is more important")
+    text = f'a lighthouse\nSteps: 3, Sampler: Euler, Seed: 5, Size: 64x64, ControlNet 0: "{unit}"'
+    path = images.save_image(Image.new("RGB", (32, 32), "gray"), tmp_path, 5, text)
+    page.get_by_role("tab", name="PNG Info").click()
+    page.locator("#pnginfo-image input[type=file]").set_input_files(str(path))
+    wait_text(page, "#pnginfo-table", "ControlNet 0")
+    page.click("#pnginfo-send-to-txt2img")
+    page.wait_for_function("document.querySelector('#txt2img-prompt textarea').value === 'a lighthouse'",
+                           timeout=30_000)
+    page.wait_for_function("!document.querySelector('#txt2img-controlnet-1-enabled input').checked", timeout=30_000)
+    page.get_by_role("tab", name="ControlNet Unit 0").click()
+    page.wait_for_function(f"document.querySelector('{UNIT}-enabled input')?.checked", timeout=30_000)
+    assert page.locator(f"{UNIT}-module input").input_value() == "canny"
+    assert page.locator(f"{UNIT}-model input").input_value().startswith("tiny-sd15-canny [")  # the installed title
+    for name, value in (("weight", "0.6"), ("start", "0.1"), ("end", "0.8"), ("res", "256"), ("a", "90"),
+                        ("b", "180")):
+        assert float(page.locator(f"{UNIT}-{name} input[type=number]").input_value()) == float(value), name
+    assert page.locator(f"{UNIT}-pixel-perfect input").is_checked()
+    assert page.locator(f"{UNIT}-control-mode input:checked").input_value() == "ControlNet is more important"
+    assert page.locator(f"{UNIT}-resize-mode input:checked").input_value() == "Just Resize"
+    page.screenshot(path=str(screenshot_dir() / "controlnet-pasted.png"), full_page=True)

@@ -2,7 +2,7 @@
 
 Hooks: `prepare_params` (the job's units from `extension_args["controlnet"]`, checked, written to
 infotext), `unet_residuals` (per sampling pass: hints preprocessed once per job, the residual
-function summing the ControlNet and T2I-Adapter units), `unet_cross_attention` (IP-Adapter units), `register_root_api_routes` (/controlnet/*, as sd-webui-controlnet
+function summing the ControlNet and T2I-Adapter units), `unet_cross_attention` (IP-Adapter units), `unet_hidden_states` (reference-only units), `register_root_api_routes` (/controlnet/*, as sd-webui-controlnet
 serves them; also under /ext/controlnet/) and `register_ui_sections`. Each app gets its own
 `ControlNetExtension` from `create_plugin`. See docs/controlnet.md.
 """
@@ -13,7 +13,7 @@ from typing import Any
 
 from modules.plugins import api
 
-from . import control
+from . import control, reference
 from .annotators import Annotators, annotator_device
 from .annotators.faces import FaceAnalyzer
 from .models import ControlNetLibrary
@@ -62,7 +62,7 @@ class ControlNetExtension:
         state = job.state.get(NAME)
         if not state or not state["planned"]:
             return None
-        planned = [p for p in state["planned"] if self.library.read(p.path).kind != "ip_adapter"]
+        planned = [p for p in state["planned"] if p.path is not None and self.library.read(p.path).kind != "ip_adapter"]
         control.check_arch(state["planned"], self.library, context.arch)
         if not planned:
             return None
@@ -78,13 +78,15 @@ class ControlNetExtension:
     def patch_model(self, patch, context):
         """Control-LoRAs are built from the loaded UNet: keep a reference to it for the job."""
         state = context.state.get(NAME)
-        if state and any(self.library.read(p.path).kind == "control_lora" for p in state["planned"]):
+        if state and any(p.path is not None and self.library.read(p.path).kind == "control_lora"
+                         for p in state["planned"]):
             state["base_unet"] = patch.modules("unet")[""]
 
     @api.hookimpl
     def unet_cross_attention(self, context, params, job):
         state = job.state.get(NAME)
-        planned = [p for p in (state or {}).get("planned", ()) if self.library.read(p.path).kind == "ip_adapter"]
+        planned = [p for p in (state or {}).get("planned", ())
+                   if p.path is not None and self.library.read(p.path).kind == "ip_adapter"]
         if not planned:
             return None
         control.check_arch(planned, self.library, context.arch)
@@ -93,6 +95,20 @@ class ControlNetExtension:
         attention = control.IPAttention(planned, tokens, self.library, context)
         state.setdefault("ip_passes", []).append(attention)
         return attention
+
+    @api.hookimpl
+    def unet_hidden_states(self, context, params, job):
+        """Reference-only units: the reference latents per pass, noised per call, injected into self-attention."""
+        state = job.state.get(NAME)
+        planned = [p for p in (state or {}).get("planned", ()) if p.path is None]
+        if not planned:
+            return None
+        control.check_arch(planned, self.library, context.arch)
+        hints = control.prepare_hints(planned, state, context, self.annotators, int(params.seed))
+        patch = reference.ReferencePatch(planned, reference.reference_latents(planned, hints, context), context,
+                                         int(params.seed))
+        state.setdefault("reference_passes", []).append(patch)
+        return patch.patch()
 
     @api.hookimpl
     def register_root_api_routes(self):

@@ -34,7 +34,7 @@ class Planned:
 
     index: int
     unit: Unit
-    path: Path
+    path: Path | None  # None: a reference-only unit (no model file)
     pre: preprocessors.Preprocessor
 
 
@@ -58,6 +58,9 @@ def plan_units(units: Sequence[Unit], library: ControlNetLibrary) -> list[Planne
         if pre is None:
             known = ", ".join(p.name for p in preprocessors.PREPROCESSORS)
             raise api.InvalidParams(f"controlnet unit {i}: unknown module {unit.module!r} (known: {known})")
+        if pre.tag == "Reference":  # reference-only: no control model (its `model` is ignored, as upstream)
+            planned.append(Planned(i, resolved(unit, pre), None, pre))
+            continue
         if unit.model in ("", "None", "none"):
             raise api.InvalidParams(f"controlnet unit {i} is enabled but names no model; pick one of "
                                     f"{library.names() or 'the models in models/ControlNet (none found)'}")
@@ -77,6 +80,12 @@ FLOW = ("flux", "sd3")  # architectures without a UNet: FLUX.1 runs FLUX.1 Contr
 def check_arch(planned: Sequence[Planned], library: ControlNetLibrary, arch: str) -> None:
     """One clear message when a control model was made for another architecture than the loaded checkpoint."""
     for p in planned:
+        if p.path is None:
+            if arch.startswith(FLOW):
+                raise api.InvalidParams(f"controlnet unit {p.index} ({p.unit.module}) needs a UNet checkpoint "
+                                        f"(SD1.5, SD2.x, SDXL), but the loaded checkpoint is "
+                                        f"{FAMILIES.get(arch, arch)}: load one of those, or disable the unit")
+            continue
         cn = library.read(p.path)
         if cn.arch == family(arch) or (cn.arch == "" and not arch.startswith(FLOW)):
             continue  # "": an IP-Adapter of no released width, checked against the text states at run time

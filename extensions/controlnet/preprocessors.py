@@ -217,6 +217,9 @@ PREPROCESSORS: tuple[Preprocessor, ...] = (
     _no_weights("inpaint_only", "Inpaint", lambda img, res, a, b, seed: img, resolution=None, uses_mask=True),
     *(_no_weights(name, "IP-Adapter", lambda img, res, a, b, seed: img, resolution=None)
       for name in ("ip-adapter_clip_sd15", "ip-adapter_clip_sdxl", "ip-adapter_clip_sdxl_plus_vith")),
+    *(_no_weights(name, "Reference", lambda img, res, a, b, seed: img[..., :3], resolution=None,
+                  a=Slider("Style Fidelity (only for Balanced mode)", 0.5, 0.0, 1.0, 0.01))
+      for name in ("reference_only", "reference_adain", "reference_adain+attn")),
     _weights("depth_anything_v2", "Depth", DEPTH_ANYTHING_FILES, build=depth_anything.build),
     _weights("depth_midas", "Depth", "dpt_hybrid-midas-501f0c75.pt", build=midas.build_depth),
     _weights("normal_midas", "NormalMap", "dpt_hybrid-midas-501f0c75.pt", build=midas.build_normal,

@@ -18,7 +18,7 @@ from .units import decode_image
 
 API_VERSION = 2  # sd-webui-controlnet's external_code.get_api_version()
 CONTROL_TYPES = ("All", "Canny", "Depth", "NormalMap", "OpenPose", "Lineart", "SoftEdge", "Scribble", "Inpaint",
-                 "Shuffle", "Tile", "T2I-Adapter", "IP-Adapter")
+                 "Shuffle", "Tile", "Reference", "T2I-Adapter", "IP-Adapter")
 _MODEL_WORDS = {"Scribble": ("scribble", "sketch"), "Lineart": ("lineart",), "SoftEdge": ("softedge", "hed"),
                 "NormalMap": ("normal",), "OpenPose": ("openpose", "pose"), "T2I-Adapter": ("t2i",),
                 "IP-Adapter": ("ip-adapter", "ip_adapter")}
@@ -60,7 +60,9 @@ def control_type(tag: str, modules: list[str], models: list[str]) -> dict[str, A
                 "default_model": "None"}
     tagged = [p.name for p in preprocessors.PREPROCESSORS if p.tag == tag]
     words = _MODEL_WORDS.get(tag, (tag.lower(),))
-    matching = [m for m in models if any(w in m.lower() for w in words)]
+    matching = [] if tag == "Reference" else [m for m in models if any(w in m.lower() for w in words)]
+    if tag == "Reference":  # no model: reference_only first, as upstream's default
+        tagged = sorted(tagged, key=lambda name: name != "reference_only")
     return {"module_list": ["none", *tagged], "model_list": ["None", *matching],
             "default_option": tagged[0] if tagged else "none", "default_model": matching[0] if matching else "None"}
 

@@ -20,7 +20,7 @@ from modules.plugins import api
 from . import flux, preprocessors
 from .control import UNION_TYPES
 from .routes import CONTROL_TYPES, control_type, model_titles
-from .units import CONTROL_MODES, RESIZE_MODES
+from .units import CONTROL_MODES, RESIZE_MODES, parse_infotext
 
 
 def to_base64(image: Any) -> str:
@@ -87,7 +87,8 @@ def _unit_tab(ext: Any, tab: str, n: int) -> dict[str, Any]:
         end = gr.Slider(0.0, 1.0, value=1.0, step=0.01, label="Ending Control Step", elem_id=f"{prefix}-end")
     with gr.Row():
         res = gr.Slider(64, 2048, value=512, step=8, label="Preprocessor Resolution", elem_id=f"{prefix}-res")
-        a = gr.Slider(-1, 255, value=-1, step=1, label="Threshold A (-1: default)", elem_id=f"{prefix}-a")
+        a = gr.Slider(-1, 255, value=-1, step=0.01, label="Threshold A (-1: default; reference: Style Fidelity)",
+                      elem_id=f"{prefix}-a")
         b = gr.Slider(-1, 255, value=-1, step=1, label="Threshold B (-1: default)", elem_id=f"{prefix}-b")
     control_mode = gr.Radio(list(CONTROL_MODES), value=CONTROL_MODES[0], label="Control Mode",
                             elem_id=f"{prefix}-control-mode")
@@ -134,4 +135,50 @@ def controlnet_section(ext: Any, tab: str) -> api.UISectionSpec:
                     components.update(_unit_tab(ext, tab, n))
         return components
 
-    return api.UISectionSpec("controlnet", "ControlNet", tabs=(tab,), build=build, order=50)
+    return api.UISectionSpec("controlnet", "ControlNet", tabs=(tab,), build=build, order=50,
+                             paste=lambda fields: pasted_units(ext, fields))
+
+
+PASTED = ("module", "model", "weight", "guidance_start", "guidance_end", "processor_res", "threshold_a",
+          "threshold_b", "pixel_perfect", "control_mode", "resize_mode")
+
+
+def _model_title(ext: Any, name: str) -> str | None:
+    """The model dropdown's title for an infotext's model ("name [hash]" or "name"), None when not here."""
+    if name in ("None", "none", ""):
+        return "None"
+    titles = model_titles(ext, ext.hashes)
+    stem = name.split(" [")[0]
+    return next((t for t in titles if t == name), None) or next((t for t in titles if t.split(" [")[0] == stem), None)
+
+
+def pasted_units(ext: Any, fields: dict[str, Any]) -> dict[str, Any]:
+    """`ControlNet N: "Module: ..., Model: ..."` infotext fields -> the unit tabs' values (`u<N>_<field>`).
+
+    Units the infotext does not name are disabled; a model that is not installed is left out, with a warning."""
+    import gradio as gr
+
+    values: dict[str, Any] = {}
+    for n in range(ext.unit_count):
+        text = fields.get(f"ControlNet {n}")
+        if text is None:
+            values[f"u{n}_enabled"] = False
+            continue
+        unit = parse_infotext(str(text))
+        values[f"u{n}_enabled"] = True
+        for name in PASTED:
+            if name in unit:
+                values[f"u{n}_{name}"] = unit[name]
+        if "module" in unit and preprocessors.find(str(unit["module"])) is None:
+            values.pop(f"u{n}_module")
+            gr.Warning(f"ControlNet unit {n}: preprocessor {unit['module']!r} is not known here")
+        if "model" in unit:
+            title = _model_title(ext, str(unit["model"]))
+            if title is None:
+                values.pop(f"u{n}_model")
+                gr.Warning(f"ControlNet unit {n}: model {unit['model']!r} is not in models/ControlNet")
+            else:
+                values[f"u{n}_model"] = title
+        if int(values.get(f"u{n}_processor_res", 512)) < 64:  # -1: the preprocessor has no resolution
+            values.pop(f"u{n}_processor_res")
+    return values

@@ -11,7 +11,8 @@ Three kinds of seam:
   the guided denoiser a sampler calls (`(x, sigma) -> denoised` with `set_step`);
   `unet_residuals` returns the pass's conditioning function (`UNetCall -> UNetResiduals`:
   where ControlNet adds its per-step residuals inside the UNet), `unet_cross_attention` the
-  pass's cross-attention patch (IP-Adapter); all get a `DenoiserContext`;
+  pass's cross-attention patch (IP-Adapter), `unet_hidden_states` its self-attention and block
+  taps with reference inputs (reference-only); all get a `DenoiserContext`;
 - stage hooks: `before_stage(name, job)` and `after_stage(name, job, value) -> value` around
   each stage (`STAGES`), which may replace the stage's output.
 """
@@ -26,6 +27,7 @@ import torch
 
 from modules.sampling.attention import CrossAttentionFn
 from modules.sampling.denoisers import GuidanceHook, ResidualFn
+from modules.sampling.hidden_states import HiddenStatesPatch
 
 INPUTS, CONDITIONING, SAMPLING, UPSCALE = "inputs", "conditioning", "sampling", "upscale"
 DECODE, POSTPROCESS, SAVE = "decode", "postprocess", "save"
@@ -124,6 +126,8 @@ class StageHooks(Protocol):
 
     def unet_cross_attention(self, context: DenoiserContext) -> CrossAttentionFn | None: ...
 
+    def unet_hidden_states(self, context: DenoiserContext) -> HiddenStatesPatch | None: ...
+
     def before_stage(self, name: str, job: Any) -> None: ...
 
     def after_stage(self, name: str, job: Any, value: Any) -> Any: ...
@@ -150,6 +154,9 @@ class PassThroughStages:
         return None
 
     def unet_cross_attention(self, context: DenoiserContext) -> CrossAttentionFn | None:
+        return None
+
+    def unet_hidden_states(self, context: DenoiserContext) -> HiddenStatesPatch | None:
         return None
 
     def before_stage(self, name: str, job: Any) -> None:

@@ -101,12 +101,14 @@ def guided_denoiser(job: Job, model: Any, cond: Conditioning, s: SamplingInput,
     extra = {"guidance": job.params.distilled_cfg_scale} if model.spec.family is not None else {}
     residuals = job.hooks.unet_residuals(context)  # conditioning hooks (ControlNet): UNets and FLUX.1
     attention = job.hooks.unet_cross_attention(context)  # (IP-Adapter)
+    hidden = getattr(job.hooks, "unet_hidden_states", lambda _: None)(context)  # (reference-only)
     if model.spec.family is None:
         if model.spec.arch == job.model.spec.arch:  # a refiner of another architecture runs without them
             extra.update(residuals=residuals, cross_attention=attention)
-    elif model.spec.family.transformer == "flux" and attention is None:
+            extra.update({"hidden_states": hidden} if hidden is not None else {})
+    elif model.spec.family.transformer == "flux" and attention is None and hidden is None:
         extra["residuals"] = residuals  # per-block residuals (FLUX ControlNets)
-    elif residuals is not None or attention is not None:
+    elif residuals is not None or attention is not None or hidden is not None:
         raise InvalidParams(f"an extension adds conditioning inside the UNet (ControlNet, IP-Adapter), but {model.spec.arch} "
                             "has no UNet: conditioning hooks work with SD1.5, SD2.x and SDXL checkpoints (and per-block "
                             "residuals with FLUX.1) only")

@@ -48,6 +48,7 @@ from modules.plugins.specs import (
 )
 from modules.sampling.attention import CrossAttentionCall
 from modules.sampling.denoisers import DenoiserStep, UNetCall, UNetResiduals
+from modules.sampling.hidden_states import HiddenStatesCall, HiddenStatesPatch
 from modules.text.prompt_parser import ExtraNetworkTag
 
 # 1.1: register_extra_networks, patch_model, register_embeddings; ExtraNetworkSpec, ExtraNetworkItem,
@@ -66,7 +67,9 @@ from modules.text.prompt_parser import ExtraNetworkTag
 # 1.8: unet_cross_attention with CrossAttentionCall (decoupled cross-attention: IP-Adapter)
 # 1.9: unet_residuals on FLUX.1 transformers: UNetCall.block_counts, UNetResiduals.blocks / .single_blocks;
 #      DenoiserContext.encode (pixels -> the model's latents)
-API_VERSION = "1.9"
+# 1.10: unet_hidden_states with HiddenStatesPatch and HiddenStatesCall (self-attention and block taps, reference
+#      inputs: reference-only)
+API_VERSION = "1.10"
 
 __all__ = [
     "API_VERSION", "AtelierError", "AxisSpec", "CrossAttentionCall", "DenoiserContext", "GridAnnotation", "ScriptCheck", "ScriptContext", "ScriptFill", "ScriptSpec",
@@ -74,6 +77,7 @@ __all__ = [
     "ExtraNetworkTag", "GenerationParams", "Img2ImgParams", "InvalidParams", "JobContext", "ModelPatch", "OptionSpec", "PostprocessContext", "PostprocessorSpec", "Result", "RootRoutesSpec", "SamplerSpec",
     "ScheduleContext", "SchedulerSpec", "StyleSpec", "Txt2ImgParams", "UISectionSpec", "UITabSpec",
     "UNetCall", "UNetResiduals", "UpscalerSpec", "get_logger", "hookimpl", "to_d", "vae_names",
+    "HiddenStatesCall", "HiddenStatesPatch",
 ]
 
 

@@ -126,3 +126,8 @@ def register_root_api_routes() -> list[Any]:
 @hookspec
 def unet_cross_attention(context: Any, params: Any, job: Any) -> Any:
     """Return a function `CrossAttentionCall -> tensor` whose result is added to every cross-attention output of a pass."""
+
+
+@hookspec
+def unet_hidden_states(context: Any, params: Any, job: Any) -> Any:
+    """Return a HiddenStatesPatch that sees (and may replace) the UNet's self-attention and block states of a pass."""

@@ -26,6 +26,7 @@ from modules.plugins.specs import OptionSpec, PostprocessorSpec
 from modules.sampling import rng
 from modules.sampling.attention import CrossAttentionCall, CrossAttentionFn
 from modules.sampling.denoisers import DenoiserStep, GuidanceHook, ResidualFn, UNetCall, UNetResiduals
+from modules.sampling.hidden_states import HiddenStatesCall, HiddenStatesPatch
 
 log = logging.getLogger("atelier.plugins")
 
@@ -227,6 +228,52 @@ def cross_attention_functions(host: PluginHost, denoiser: Any, params: Any,
     return attention
 
 
+def hidden_states_patches(host: PluginHost, denoiser: Any, params: Any,
+                          context: JobContext) -> HiddenStatesPatch | None:
+    """The pass's `unet_hidden_states` patches as one; None when no extension adds any."""
+    asked, found = _asked(params), []
+    for impl in host.implementations("unet_hidden_states"):
+        ok, value = host.call_one("unet_hidden_states", impl, {"context": denoiser, "params": params, "job": context},
+                                  strict=asked(impl.plugin_name))
+        if not ok:
+            context.warn(f"Extension {impl.plugin_name!r} failed in unet_hidden_states and was skipped: {value.message}")
+        elif isinstance(value, HiddenStatesPatch):
+            found.append(value)
+        elif value is not None:
+            raise ExtensionError(f"Extension {impl.plugin_name!r} returned {type(value).__name__} from "
+                                 "unet_hidden_states; expected HiddenStatesPatch or None")
+    return combined_hidden_states(found) if found else None
+
+
+def combined_hidden_states(patches: list[HiddenStatesPatch]) -> HiddenStatesPatch:
+    """One patch over several: each one's reference inputs reach only its own function (renumbered from 0);
+    in the main evaluation the functions are asked in order and the first tensor answered wins."""
+    if len(patches) == 1:
+        return patches[0]
+    owners: list[tuple[int, int]] = []  # per reference input of the call: (patch, its own position)
+
+    def references(call: Any) -> list[torch.Tensor]:
+        owners.clear()
+        inputs = []
+        for k, patch in enumerate(patches):
+            own = list(patch.references(call)) if patch.references is not None else []
+            owners.extend((k, i) for i in range(len(own)))
+            inputs.extend(own)
+        return inputs
+
+    def function(call: HiddenStatesCall) -> torch.Tensor | None:
+        if call.reference is not None:
+            k, i = owners[call.reference]
+            return patches[k].function(dataclasses.replace(call, reference=i))
+        for patch in patches:
+            value = patch.function(call)
+            if value is not None:
+                return value
+        return None
+
+    return HiddenStatesPatch(function, references)
+
+
 def image_saved(host: PluginHost, path: Any, params: Any, infotext: str, context: JobContext) -> None:
     outcome = host.call("on_image_saved", strict=_asked(params), path=path, params=params, infotext=infotext)
     for warning in outcome.warnings():
@@ -327,6 +374,10 @@ class JobHooks(PassThroughStages):
     def unet_cross_attention(self, context: Any) -> CrossAttentionFn | None:
         """The `unet_cross_attention` hooks' functions for one sampling pass, summed (None without any)."""
         return cross_attention_functions(self.host, context, context.params, self.context)
+
+    def unet_hidden_states(self, context: Any) -> HiddenStatesPatch | None:
+        """The `unet_hidden_states` hooks' patches for one sampling pass, as one (None without any)."""
+        return hidden_states_patches(self.host, context, context.params, self.context)
 
     def postprocess(self, image: Any, params: Any, index: int, seed: int, subseed: int) -> Any:
         return postprocess(self.host, image, params, self.context, index, seed, subseed)

@@ -71,6 +71,8 @@ class UISectionSpec:
 
     Declared `options` are rendered by the UI itself; `build(context)`, when given,
     builds custom Gradio components inside the section and returns them by option name.
+    `paste(fields)`, when given, turns parsed infotext fields ({"ControlNet 0": "Module: ...", ...})
+    into values by option/component name, for PNG Info's and History's "send to" buttons.
     """
 
     name: str
@@ -79,6 +81,7 @@ class UISectionSpec:
     options: tuple[OptionSpec, ...] = ()
     build: Callable[..., Any] | None = None
     order: int = 100
+    paste: Callable[..., Any] | None = None
 
 
 @dataclass(frozen=True)

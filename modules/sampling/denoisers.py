@@ -17,6 +17,7 @@ import torch
 from modules.errors import CheckpointError
 from modules.sampling.attention import CrossAttentionFn, attention_layers, cross_attention_patched
 from modules.sampling.flow import FlowDenoiser
+from modules.sampling.hidden_states import HiddenStatesPatch, hidden_states_patched
 
 
 class StopSampling(Exception):
@@ -110,8 +111,10 @@ class ModelDenoiser:
 
     def __init__(self, unet: torch.nn.Module, sigma_to_t: Callable[[torch.Tensor], torch.Tensor],
                  time_ids: torch.Tensor | None = None, residuals: ResidualFn | None = None,
-                 cross_attention: CrossAttentionFn | None = None) -> None:
+                 cross_attention: CrossAttentionFn | None = None,
+                 hidden_states: HiddenStatesPatch | None = None) -> None:
         self.unet = unet
+        self.hidden_states = hidden_states
         self.sigma_to_t = sigma_to_t
         self.time_ids = time_ids
         self.residuals = residuals
@@ -132,16 +135,36 @@ class ModelDenoiser:
         added = self._added_cond(pooled, model_in)
         extra = {}
         rows = torch.zeros(x.shape[0], dtype=torch.bool) if uncond is None else uncond
-        if self.residuals is not None:
+        call = None
+        if self.residuals is not None or self.hidden_states is not None:
             call = UNetCall(x, sigma.reshape(-1), latent_in.to(self.dtype), t.to(x.device),
                             cross_attn.to(self.dtype), added, rows)
+        if self.residuals is not None:
             extra = _residual_kwargs(self.residuals(call))
-        if self.cross_attention is None:
-            out = self._unet(model_in, t, cross_attn, added, extra)
+        if self.hidden_states is not None:
+            with hidden_states_patched(self.unet, self.hidden_states.function, rows) as taps:
+                self._references(taps, call, t, cross_attn, added, concat)
+                out = self._patched_unet(model_in, t, cross_attn, added, extra, rows)
         else:
-            with cross_attention_patched(self._layers, self.cross_attention, rows):
-                out = self._unet(model_in, t, cross_attn, added, extra)
+            out = self._patched_unet(model_in, t, cross_attn, added, extra, rows)
         return self.to_denoised(x, out, sigma_)
+
+    def _patched_unet(self, model_in, t, cross_attn, added, extra, rows) -> torch.Tensor:
+        if self.cross_attention is None:
+            return self._unet(model_in, t, cross_attn, added, extra)
+        with cross_attention_patched(self._layers, self.cross_attention, rows):
+            return self._unet(model_in, t, cross_attn, added, extra)
+
+    def _references(self, taps, call: UNetCall, t, cross_attn, added, concat) -> None:
+        """The hidden-states patch's reference inputs, evaluated first (outputs unused; no residuals)."""
+        references = self.hidden_states.references
+        for i, ref in enumerate(references(call) if references is not None else ()):
+            taps.start(i)
+            ref = ref.to(device=call.model_in.device, dtype=call.x.dtype)
+            if concat is not None:  # inpainting models: the main call's mask and masked-image channels
+                ref = torch.cat([ref, concat.to(ref.dtype)], dim=1)
+            self._unet(ref, t, cross_attn, added, {})
+        taps.start(None)
 
     def to_denoised(self, x: torch.Tensor, out: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """eps-prediction: denoised = x - eps * sigma."""
@@ -150,7 +173,7 @@ class ModelDenoiser:
     @property
     def takes_uncond(self) -> bool:
         """CFGDenoiser passes `uncond=` row flags when a residual or attention function may want them."""
-        return self.residuals is not None or self.cross_attention is not None
+        return self.residuals is not None or self.cross_attention is not None or self.hidden_states is not None
 
     def _added_cond(self, pooled: torch.Tensor | None, model_in: torch.Tensor) -> dict[str, torch.Tensor] | None:
         if pooled is None:

@@ -9,6 +9,7 @@ from typing import Any
 
 import gradio as gr
 
+from modules.plugins.jobhooks import extension_args_from_infotext
 from modules.plugins.specs import OptionSpec, UISectionSpec
 from modules.plugins.ui import sections_for_tab
 
@@ -76,3 +77,23 @@ def section_values(rendered: dict[str, dict[str, Any]], data: dict) -> dict[str,
 
 def section_components(rendered: dict[str, dict[str, Any]]) -> set:
     return {c for components in rendered.values() for c in components.values()}
+
+
+def pasted_updates(app: Any, tab: str, rendered: dict[str, dict[str, Any]],
+                   fields: dict[str, Any]) -> dict[Any, Any]:
+    """{component: value} restoring the sections from parsed infotext: declared options by their infotext
+    keys, and whatever each section's `paste(fields)` returns. A failing `paste` is recorded and skipped."""
+    declared = extension_args_from_infotext(app.plugins, app.registries, {k: str(v) for k, v in fields.items()}, tab)
+    updates: dict[Any, Any] = {}
+    for spec in sections_for_tab(app.plugins, app.registries, tab):
+        components = rendered.get(spec.name) or {}
+        values = dict(declared.get(spec.name, {}))
+        if values and "enabled" in components:
+            values.setdefault("enabled", True)
+        if spec.paste is not None:
+            try:
+                values.update(spec.paste(dict(fields)) or {})
+            except Exception as err:  # one broken extension never breaks the UI
+                app.plugins.record("register_ui_sections", spec.name, err)
+        updates.update({components[name]: value for name, value in values.items() if name in components})
+    return updates

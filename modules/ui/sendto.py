@@ -5,12 +5,14 @@ from __future__ import annotations
 import gradio as gr
 from PIL import Image
 
+from modules import infotext
 from modules.ui.bindings import field_defaults
 from modules.ui.context import UIContext
 from modules.ui.generation import GenerationTab
 from modules.ui.jobs import params_class
 from modules.ui.prompts import apply_infotext, component_widgets
 from modules.ui.results import selected
+from modules.ui.sections import pasted_updates, section_components
 
 
 def _open(path: str | None) -> Image.Image | None:
@@ -31,6 +33,8 @@ def _to_tab(ui: UIContext, target: GenerationTab, tabs: gr.Tabs, checkpoint: gr.
     """Updates that fill `target` from infotext, put the image in place and switch to the tab."""
     defaults = field_defaults(params_class("txt2img" if target.name == "txt2img" else "img2img"))
     updates = apply_infotext(ui, target.fields, defaults, checkpoint, text) if text else {}
+    if text and text.strip():
+        updates.update(pasted_updates(ui.app, target.name, target.sections, infotext.parse(text)))
     updates[tabs] = gr.Tabs(selected=target.name)
     if mode is not None:
         handles = target.handles
@@ -45,7 +49,7 @@ def _to_tab(ui: UIContext, target: GenerationTab, tabs: gr.Tabs, checkpoint: gr.
 
 
 def _outputs(ui: UIContext, target: GenerationTab, tabs: gr.Tabs, checkpoint: gr.Dropdown, with_images: bool) -> list:
-    outputs = [*target.fields.values(), tabs, checkpoint, *component_widgets(ui)]
+    outputs = [*target.fields.values(), tabs, checkpoint, *component_widgets(ui), *section_components(target.sections)]
     if with_images:
         handles = target.handles
         outputs += [handles["modes"], handles["mode"], handles["image"], handles["editor"]]
