@@ -20,6 +20,7 @@ rewritten after every row, so a timeout keeps what ran.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import sys
@@ -82,7 +83,7 @@ def quantize_q5_0(x: torch.Tensor) -> torch.Tensor:
     q = torch.trunc(x * _inverse(d) + 16.5).clamp(0, 31).to(torch.uint8)
     qs = (q[:, :16] & 0x0F) | (q[:, 16:] << 4)
     shifts = torch.arange(8, device=x.device, dtype=torch.uint8)
-    qh = (((q >> 4) & 1).reshape(-1, 4, 8) << shifts).sum(-1, dtype=torch.uint8)
+    qh = (((q >> 4) & 1).reshape(-1, 4, 8) << shifts).sum(-1).to(torch.uint8)
     return torch.cat([_as_bytes(d.half()), qh, qs], 1)
 
 
@@ -119,7 +120,7 @@ def quantize_q5_k(x: torch.Tensor) -> torch.Tensor:
     """(n, 256) floats -> (n, 176) Q5_K blocks: header, 32 bytes of fifth bits (bit j: sub-block j), nibbles."""
     head, q = _k_quant(x, 31)
     shifts = torch.arange(8, device=x.device, dtype=torch.uint8).view(1, 8, 1)
-    qh = (((q >> 4) & 1) << shifts).sum(1, dtype=torch.uint8)
+    qh = (((q >> 4) & 1) << shifts).sum(1).to(torch.uint8)
     return torch.cat([head, qh, _k_nibbles(q)], 1)
 
 
@@ -286,6 +287,7 @@ def rss_gib() -> float:
 def measure(model: nn.Module, ref: nn.Module | None, inputs: dict, steps: int, device: torch.device
             ) -> tuple[dict, torch.Tensor]:
     sync(device)
+    gc.collect()  # an earlier row's packed model (parametrizations hold reference cycles)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -333,6 +335,9 @@ def run_row(fmt: str, state: dict, args, device: torch.device) -> dict:
     if fmt == "bf16":
         state["out"] = out
     del model
+    gc.collect()  # free its packed weights now: rows of 6-13 GiB each would not all fit beside the reference
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     row["psnr_vs_bf16_db"] = None if fmt == "bf16" else round(psnr(out, state["out"]), 2)
     return {"format": fmt, **row, "row_s": round(time.perf_counter() - began, 1)}
 
