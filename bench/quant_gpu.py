@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import math
 import sys
@@ -342,6 +343,18 @@ def run_row(fmt: str, state: dict, args, device: torch.device) -> dict:
     return {"format": fmt, **row, "row_s": round(time.perf_counter() - began, 1)}
 
 
+def safe_row(fmt: str, state: dict, args, device: torch.device) -> dict:
+    """run_row, or the row's error (out of memory, a kernel missing on this card): the other rows still run."""
+    try:
+        return run_row(fmt, state, args, device)
+    except Exception as err:  # noqa: BLE001 - a one-shot device run keeps going and reports it
+        state.pop("Q4_K", None)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return {"format": fmt, "error": f"{type(err).__name__}: {err}"[:600]}
+
+
 def summary(rows: list[dict]) -> dict:
     """The issue's two GPU goals, from the rows that ran."""
     by = {r["format"]: r for r in rows if "s_per_step" in r}
@@ -381,6 +394,8 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device or ("cpu" if args.tiny else "cuda"))
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("no CUDA device; use --tiny (CPU) to check the script")
+    if importlib.util.find_spec("diffusers") is None:
+        ap.error("diffusers is not importable: install it, or carry .whl/diffusers-*.whl (bench/gpu.sh installs it)")
     began = time.perf_counter()
     config = TINY if args.tiny else FLUX_DEV
     side, text = TOKENS["tiny" if args.tiny else "full"]
@@ -397,7 +412,7 @@ def main(argv: list[str] | None = None) -> dict:
         if elapsed > args.budget_s:
             row = {"format": fmt, "skipped": f"time budget: {elapsed:.0f} s > --budget-s {args.budget_s:.0f}"}
         else:
-            row = run_row(fmt, state, args, device)
+            row = safe_row(fmt, state, args, device)
         result["rows"].append(row)
         result["summary"] = summary(result["rows"])
         result["wall_s"] = round(time.perf_counter() - began, 1)
@@ -421,8 +436,8 @@ def print_table(result: dict) -> None:
     print("| format | s/step | x bf16 | weights GiB | peak device GiB | PSNR vs bf16 dB |\n|---|---|---|---|---|---|")
     base = next((r["s_per_step"] for r in result["rows"] if r["format"] == "bf16" and "s_per_step" in r), None)
     for r in result["rows"]:
-        if "skipped" in r:
-            print(f"| {r['format']} | skipped: {r['skipped']} | | | | |")
+        if "s_per_step" not in r:
+            print(f"| {r['format']} | {r.get('skipped') or r.get('error')} | | | | |")
             continue
         ratio = f"{r['s_per_step'] / base:.2f}" if base else "-"
         print(f"| {r['format']} | {r['s_per_step']:.3f} | {ratio} | {r['weights_gib']:.2f} | {r['peak_device_gib']} "

@@ -102,3 +102,16 @@ def test_budget_skips_the_remaining_rows(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["format"] for r in rows] == ["bf16", "Q8_0"]
     assert all("time budget" in r["skipped"] for r in rows)
+
+
+@pytest.mark.slow
+def test_a_failing_row_is_reported_and_the_run_goes_on(tmp_path, monkeypatch):
+    def broken(weight, fmt):
+        raise RuntimeError(f"no {fmt} kernel")
+
+    monkeypatch.setattr(quant_gpu, "pack_tensor", broken)
+    out = tmp_path / "quant-gpu.json"
+    quant_gpu.main(["--tiny", "--steps", "1", "--formats", "bf16,Q8_0,fp8_e4m3fn", "--out", str(out)])
+    rows = {r["format"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["Q8_0"]["error"] == "RuntimeError: no Q8_0 kernel"
+    assert math.isfinite(rows["bf16"]["s_per_step"]) and math.isfinite(rows["fp8_e4m3fn"]["psnr_vs_bf16_db"])
