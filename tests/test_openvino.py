@@ -6,6 +6,7 @@ tested everywhere.
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 import sys
 
@@ -139,3 +140,22 @@ def test_unknown_calls_are_not_claimed():
     assert UNetAdapter.inputs((z, torch.ones(1), torch.zeros(1, 77, 8)), residual) is None  # ControlNet
     assert DecoderAdapter.inputs((z,), {}) == {"z": z}
     assert DecoderAdapter.inputs((z, z), {}) is None
+
+
+@needs_openvino
+def test_bf16_decoder_matches_eager_bf16(setup, tmp_path):
+    """bf16 weights are traced in fp32 (an IR traced from bf16 gave NaNs) and run with the bf16 hint here."""
+    from modules.pipeline.ov_backend import use_openvino
+
+    decoder = setup[0].models.current.vae.decoder
+    module = copy.deepcopy(decoder).to(torch.bfloat16).eval()
+    weights = {k: v.clone() for k, v in module.state_dict().items()}
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    with torch.no_grad():
+        want = module(z).float()
+        runner = use_openvino(module, "vae_decoder", tmp_path, None, torch.bfloat16)
+        got = module(z)
+    assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
+    assert psnr(got.float().clamp(-1, 1).numpy() * 127.5, want.clamp(-1, 1).numpy() * 127.5) >= 30
+    assert runner.conversions == 1 and all(t.dtype == torch.bfloat16 for t in module.state_dict().values())
+    assert all(torch.equal(v, weights[k]) for k, v in module.state_dict().items())  # round trip is exact

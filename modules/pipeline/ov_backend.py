@@ -20,7 +20,8 @@ import hashlib
 import json
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from torch import nn
 from modules.errors import AtelierError
 
 log = logging.getLogger(__name__)
-FORMAT = "ov1"  # bump when the traced graphs change, so old IR is not reused
+FORMAT = "ov2"  # bump when the traced graphs change, so old IR is not reused
 KEEP_COMPILED = 2  # compiled models kept per module: the base and the last patch set
 
 
@@ -252,6 +253,7 @@ class OpenVinoRunner:
 
     # -- conversion and compilation ------------------------------------------------------------------
     def _compiled_for(self, key: str, names: list[str], values: list[torch.Tensor]):
+        """The compiled model for `key`: in memory, else from the cached IR, else converted now."""
         if key in self._compiled:
             self._compiled.move_to_end(key)
             return self._compiled[key]
@@ -267,15 +269,35 @@ class OpenVinoRunner:
             self._compiled.popitem(last=False)
         return compiled
 
+    @contextmanager
+    def _as_float32(self) -> Iterator[None]:
+        """Trace in fp32: an IR traced from bf16 weights gave NaNs in OpenVINO 2026.4 (even run in f32).
+        The bf16 -> fp32 -> bf16 round trip is exact, so the tensors keep their digests; the base state
+        follows the new storages for tensors that were unpatched before."""
+        dtypes = {name: t.dtype for name, t in self._tensors().items()}
+        if all(d == torch.float32 or not d.is_floating_point for d in dtypes.values()):
+            yield
+            return
+        before, base = self._state(), {entry[0]: entry for entry in self._base_state}
+        self.module.float()
+        try:
+            yield
+        finally:
+            for name, t in self._tensors().items():
+                if t.dtype != dtypes[name]:
+                    t.data = t.data.to(dtypes[name])
+            kept = {entry[0] for entry in before if base.get(entry[0]) == entry}
+            self._base_state = tuple(e if e[0] in kept else base.get(e[0], e) for e in self._state())
+
     def _convert(self, xml: Path, names: list[str], values: list[torch.Tensor]) -> None:
         ov = require_openvino()
         log.info("OpenVINO: converting %s (first use of these weights; cached in %s)", self.adapter.kind, xml.parent)
         example = tuple(v.detach().float() if v.is_floating_point() else v.detach() for v in values)
-        with torch.no_grad():
-            model = ov.convert_model(_Traced(self.module, self.adapter, names, self.dtype), example_input=example)
+        with torch.no_grad(), self._as_float32():
+            model = ov.convert_model(_Traced(self.module, self.adapter, names, torch.float32), example_input=example)
         tmp = xml.parent.with_name(xml.parent.name + ".tmp")
         tmp.mkdir(parents=True, exist_ok=True)
-        ov.save_model(model, tmp / xml.name, compress_to_fp16=False)
+        ov.save_model(model, tmp / xml.name, compress_to_fp16=self.dtype != torch.float32)  # bf16 values fit fp16 exactly
         tmp.rename(xml.parent)  # a crash mid-save leaves no half-written IR under the real key
         self.conversions += 1
 
