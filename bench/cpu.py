@@ -2,6 +2,9 @@
 
     .venv/bin/python bench/cpu.py [--size 256] [--steps 4] [--repeats 1] [--out bench/cpu.json]
 
+`atelier-compile` and `atelier-openvino` (--compile with inductor / --compile-backend openvino) run
+one untimed 2-step job first, which compiles or converts (or reads the on-disk cache): compile s.
+
 The checkpoint (real SD 1.5 widths, random N(0, 1/fan_in) weights, fp16, original single-file
 layout, seeded) is built once under bench/cache/. Every variant runs in its own subprocess
 (clean peak RSS), interleaved per repeat: Atelier at its default CPU settings, Atelier fp32,
@@ -25,7 +28,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 CACHE = REPO / "bench" / "cache"
 CKPT = "sd15-random-seed0.safetensors"
-VARIANTS = ("atelier", "atelier-fp32", "atelier-compile", "diffusers", "diffusers-bf16")
+VARIANTS = ("atelier", "atelier-fp32", "atelier-compile", "diffusers", "diffusers-bf16", "atelier-openvino")
+COMPILED = {"atelier-compile": "inductor", "atelier-openvino": "openvino"}  # variant -> --compile-backend
 PROMPT = "a photograph of an astronaut riding a horse, detailed, sharp focus"
 NEGATIVE = "blurry, low quality"
 SEED = 1234
@@ -118,7 +122,8 @@ def child_raw_read(ckpt: Path) -> dict:
     return {"load_s": took, "params": sum(t.numel() for t in tensors.values()), "peak_rss_gb": peak_rss_gb()}
 
 
-def child_atelier(ckpt: Path, precision: str, size: int, steps: int, cache: Path, compile: bool = False) -> dict:
+def child_atelier(ckpt: Path, precision: str, size: int, steps: int, cache: Path, compile: bool = False,
+                  backend: str = "inductor") -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401  imported before the clock starts,
     from transformers import CLIPTextModel  # noqa: F401  as the diffusers child imports its pipeline class
 
@@ -127,7 +132,8 @@ def child_atelier(ckpt: Path, precision: str, size: int, steps: int, cache: Path
     from modules.settings import Settings
 
     app = build_app(Settings(device="cpu", precision=precision, data_dir=cache / "data",
-                             outputs_dir=cache / "outputs", disable_extra_extensions=True, compile=compile))
+                             outputs_dir=cache / "outputs", disable_extra_extensions=True, compile=compile,
+                             compile_backend=backend))
     began = time.perf_counter()
     model = app.engine.load_model(ckpt)
     load_s = time.perf_counter() - began
@@ -138,7 +144,8 @@ def child_atelier(ckpt: Path, precision: str, size: int, steps: int, cache: Path
     began = time.perf_counter()
     result = app.engine.txt2img(params)
     total_s = time.perf_counter() - began
-    result.images[0].save(cache / f"out-{precision}{'-compile' if compile else ''}-{size}.png")
+    tag = ("-compile" if backend == "inductor" else f"-{backend}") if compile else ""
+    result.images[0].save(cache / f"out-{precision}{tag}-{size}.png")
     return {"load_s": load_s, "total_s": total_s, "compile_s": compile_s, "device": app.devices.describe(),
             **_split(timers, steps)}
 
@@ -190,7 +197,8 @@ def run_child(args: argparse.Namespace) -> dict:
         return child_raw_read(ckpt)
     if args.child.startswith("atelier"):
         precision = "fp32" if args.child == "atelier-fp32" else "auto"
-        return child_atelier(ckpt, precision, args.size, args.steps, args.cache, args.child == "atelier-compile")
+        return child_atelier(ckpt, precision, args.size, args.steps, args.cache, args.child in COMPILED,
+                             COMPILED.get(args.child, "inductor"))
     return child_diffusers(ckpt, args.cache / "sd15-diffusers-config", args.child == "diffusers-bf16",
                            args.size, args.steps)
 
@@ -229,8 +237,8 @@ def summarise(runs: dict[str, list[dict]]) -> dict[str, dict]:
 def ratios(s: dict[str, dict], variants: list[str]) -> dict[str, float]:
     """How many times faster (or leaner) Atelier (default, and compiled) is than each other variant."""
     out = {}
-    for base in (b for b in ("atelier", "atelier-compile") if b in s):
-        for other in (v for v in variants if v not in (base, "atelier-compile")):
+    for base in (b for b in ("atelier", "atelier-compile", "atelier-openvino") if b in s):
+        for other in (v for v in variants if v != base and (v not in COMPILED or base == "atelier-openvino")):
             for key in ("total_s", "step_s", "decode_s", "text_s", "load_s"):
                 if key in s[other] and s[base].get(key):
                     out[f"{other}/{base} {key}"] = s[other][key] / s[base][key]
@@ -290,9 +298,16 @@ def main(argv: list[str] | None = None) -> int:
     compiled = psnr(args.cache / f"out-auto-compile-{args.size}.png", args.cache / f"out-fp32-{args.size}.png")
     if compiled is not None:
         print(f"  PSNR atelier --compile vs atelier fp32 (same seed): {compiled:.1f} dB")
+    openvino = psnr(args.cache / f"out-auto-openvino-{args.size}.png", args.cache / f"out-fp32-{args.size}.png")
+    if openvino is not None:
+        print(f"  PSNR atelier --compile-backend openvino vs atelier fp32 (same seed): {openvino:.1f} dB")
+    ov_eager = psnr(args.cache / f"out-auto-openvino-{args.size}.png", args.cache / f"out-auto-{args.size}.png")
+    if ov_eager is not None:
+        print(f"  PSNR atelier --compile-backend openvino vs atelier default (same seed): {ov_eager:.1f} dB")
     report = {"size": args.size, "steps": args.steps, "repeats": args.repeats, "cpu": cpu_name(),
               "cores": os.cpu_count(), "results": s, "runs": runs, "ratios": rats, "psnr_default_vs_fp32_db": quality,
-              "psnr_compile_vs_fp32_db": compiled}
+              "psnr_compile_vs_fp32_db": compiled, "psnr_openvino_vs_fp32_db": openvino,
+              "psnr_openvino_vs_default_db": ov_eager}
     args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")
     return 0

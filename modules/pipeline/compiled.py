@@ -7,8 +7,9 @@
 - inductor's FX graph and kernel caches live under DATA_DIR/cache/inductor, so a later launch
   reuses what an earlier one compiled.
 - On the CPU inductor needs a C++ compiler; without one `--compile` is refused with the fix.
-- `--compile-backend` takes any torch.compile backend: `openvino` once the `openvino` package is
-  installed (it registers itself), or `aot_eager` to check a problem without code generation.
+- `--compile-backend` takes any torch.compile backend, such as `aot_eager` to check a problem without
+  code generation. `openvino` is not torch.compile's OpenVINO backend (it fails to trace with this torch
+  and would bake the weights in as constants): it converts the modules to OpenVINO IR, see ov_backend.py.
 """
 from __future__ import annotations
 
@@ -29,6 +30,11 @@ class CompileUnavailable(AtelierError):
 
 def check_compiler(device: torch.device, backend: str = "inductor") -> None:
     """Refuse early, naming the fix: an unknown backend, or inductor on the CPU without a C++ compiler."""
+    if backend == "openvino":
+        from modules.pipeline.ov_backend import require_openvino
+
+        require_openvino()
+        return
     known = torch._dynamo.list_backends(exclude_tags=())
     if backend not in known:
         raise CompileUnavailable(f"--compile-backend {backend!r} is not a torch.compile backend here; known: "
@@ -51,8 +57,16 @@ def use_cache_dir(folder: Path) -> None:
 
 def compile_model(model, device: torch.device, cache_dir: Path, mode: str = "default",
                   backend: str = "inductor") -> None:
-    """Compile `model.unet` and `model.vae.decoder` in place (first call per shape compiles)."""
+    """Compile `model.unet` and `model.vae.decoder` in place (first call per shape compiles).
+
+    `openvino` converts them and the text encoders instead, cached in the `openvino` folder beside `cache_dir`.
+    """
     check_compiler(device, backend)
+    if backend == "openvino":
+        from modules.pipeline.ov_backend import openvino_model
+
+        openvino_model(model, cache_dir.parent / "openvino")
+        return
     use_cache_dir(cache_dir)
     compile_module(model.unet, mode, backend)
     decoder = getattr(model.vae, "decoder", None)
