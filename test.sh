@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False
 # The layers of docs/architecture.md are import-linter contracts (pyproject.toml); a violation fails the run.
 .venv/bin/lint-imports --no-cache
 set +e
-.venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest --durations=15 "$@"  # the slowest tests, so the suite's time stays visible
 status=$?
 set -e
 # pytest exits 5 when no tests were collected; that is not a failure of the suite.
