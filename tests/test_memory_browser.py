@@ -5,7 +5,7 @@ import httpx
 import pytest
 
 from tests import test_webui_browser as base
-from tests.ui_helpers import external_request_guard, require_browser, screenshot_dir, start_ui_server
+from tests.ui_helpers import guarded_page, require_browser, screenshot_dir, start_ui_server
 
 pytestmark = pytest.mark.slow
 browser = base.browser  # the same fixture, bound to this module's server
@@ -22,15 +22,10 @@ def server(tmp_path_factory, tiny_checkpoints):
 
 @pytest.fixture
 def page(browser, server):
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    page = context.new_page()
-    outside: list[str] = []
-    external_request_guard(page, outside, server.url)
-    page.goto(server.url)
-    page.wait_for_selector("#txt2img-generate", timeout=60_000)
-    yield page
-    context.close()
-    assert not outside, f"requests left 127.0.0.1: {outside}"
+    with guarded_page(browser, server.url, 1280, 900) as page:
+        page.goto(server.url)
+        page.wait_for_selector("#txt2img-generate", timeout=60_000)
+        yield page
 
 
 def test_settings_memory_section_applies_the_policy(page, server):

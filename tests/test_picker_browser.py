@@ -13,7 +13,7 @@ import pytest
 from tests import test_webui_browser as base
 from tests.test_component_picker import PICK, write_components, write_sd_vae
 from tests.test_webui_browser import fill_txt2img, gallery_image, infotext_of, wait_result, wait_text
-from tests.ui_helpers import external_request_guard, require_browser, screenshot_dir, start_ui_server
+from tests.ui_helpers import guarded_page, require_browser, screenshot_dir, start_ui_server
 
 pytestmark = pytest.mark.slow
 browser = base.browser  # the same fixture, bound to this module's server
@@ -39,16 +39,11 @@ def server(tmp_path_factory, tiny_checkpoints):
 
 @pytest.fixture
 def page(browser, server):
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
-    page = context.new_page()
-    outside: list[str] = []
-    external_request_guard(page, outside, server.url)
-    page.goto(server.url)
-    page.wait_for_selector("#txt2img-generate", timeout=60_000)
-    page.wait_for_function("document.body.dataset.nativeSize === 'applied'", timeout=120_000)
-    yield page
-    context.close()
-    assert not outside, f"requests left 127.0.0.1: {outside}"
+    with guarded_page(browser, server.url) as page:
+        page.goto(server.url)
+        page.wait_for_selector("#txt2img-generate", timeout=60_000)
+        page.wait_for_function("document.body.dataset.nativeSize === 'applied'", timeout=120_000)
+        yield page
 
 
 def choose(page, selector: str, name: str) -> None:

@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 
 from modules.ui.img2img import brush_size
 from tests.ui_helpers import (
-    external_request_guard,
+    guarded_page,
     launch_browser,
     require_browser,
     screenshot_dir,
@@ -46,14 +46,9 @@ def browser(server):
 
 @pytest.fixture
 def page(browser, server):
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
-    page = context.new_page()
-    outside: list[str] = []
-    external_request_guard(page, outside, server.url)
-    open_ui(page, server.url)
-    yield page
-    context.close()
-    assert not outside, f"requests left 127.0.0.1: {outside}"
+    with guarded_page(browser, server.url) as page:
+        open_ui(page, server.url)
+        yield page
 
 
 def open_ui(page, url: str) -> None:

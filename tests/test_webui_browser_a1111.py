@@ -17,7 +17,7 @@ from modules.demo import DEMO_CHECKPOINT
 from tests import test_webui_browser as base
 from tests.test_webui_browser import gallery_image, message_of, set_number, wait_result, wait_running
 from tests.ui_helpers import (
-    external_request_guard,
+    guarded_page,
     open_img2img_mode,
     require_browser,
     screenshot_dir,
@@ -46,18 +46,13 @@ def server(tmp_path_factory, tiny_checkpoints):
 
 @pytest.fixture
 def page(browser, server):
-    context = browser.new_context(viewport={"width": 1280, "height": 720})
-    page = context.new_page()
-    outside: list[str] = []
-    external_request_guard(page, outside, server.url)
-    page.goto(server.url)
-    page.wait_for_selector("#txt2img-generate", timeout=60_000)
-    page.wait_for_function("document.querySelector('#checkpoint input')?.value", timeout=30_000)
-    # the model's native size is applied once it has loaded; typing before then could be overwritten
-    page.wait_for_function("document.body.dataset.nativeSize === 'applied'", timeout=120_000)
-    yield page
-    context.close()
-    assert not outside, f"requests left 127.0.0.1: {outside}"
+    with guarded_page(browser, server.url, 1280, 720) as page:
+        page.goto(server.url)
+        page.wait_for_selector("#txt2img-generate", timeout=60_000)
+        page.wait_for_function("document.querySelector('#checkpoint input')?.value", timeout=30_000)
+        # the model's native size is applied once it has loaded; typing before then could be overwritten
+        page.wait_for_function("document.body.dataset.nativeSize === 'applied'", timeout=120_000)
+        yield page
 
 
 def number(page, elem_id: str) -> str:

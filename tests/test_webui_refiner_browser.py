@@ -10,7 +10,7 @@ import pytest
 from tests import test_webui_browser as base
 from tests.fixtures.make_tiny_checkpoint import make_tiny_checkpoint
 from tests.test_webui_browser import fill_txt2img, open_ui, set_number_settled, wait_result
-from tests.ui_helpers import external_request_guard, require_browser, start_ui_server
+from tests.ui_helpers import guarded_page, require_browser, start_ui_server
 
 pytestmark = pytest.mark.slow
 browser = base.browser  # the same fixture, bound to this module's server
@@ -28,14 +28,9 @@ def server(tmp_path_factory, tiny_checkpoints):
 
 @pytest.fixture
 def page(browser, server):
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
-    page = context.new_page()
-    outside: list[str] = []
-    external_request_guard(page, outside, server.url)
-    open_ui(page, server.url)
-    yield page
-    context.close()
-    assert not outside, f"requests left 127.0.0.1: {outside}"
+    with guarded_page(browser, server.url) as page:
+        open_ui(page, server.url)
+        yield page
 
 
 def dropdown_value(page, elem_id: str) -> str:

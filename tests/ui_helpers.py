@@ -5,6 +5,8 @@ import os
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -68,6 +70,18 @@ def launch_browser(playwright):
 
 def chromium_version() -> str:
     return subprocess.run([CHROMIUM, "--version"], capture_output=True, text=True).stdout.strip()
+
+
+@contextmanager
+def guarded_page(browser, base: str, width: int = 1400, height: int = 1000) -> Iterator:
+    """A page in a fresh browser context; on exit the context closes and no request may have left `base`."""
+    context = browser.new_context(viewport={"width": width, "height": height})
+    page = context.new_page()
+    outside: list[str] = []
+    external_request_guard(page, outside, base)
+    yield page
+    context.close()
+    assert not outside, f"requests left 127.0.0.1: {outside}"
 
 
 def external_request_guard(page, seen: list[str], base: str) -> None:
