@@ -111,3 +111,32 @@ def test_pnginfo_send_to_txt2img_restores_the_units(page, server, tmp_path):
     assert page.locator(f"{UNIT}-control-mode input:checked").input_value() == "ControlNet is more important"
     assert page.locator(f"{UNIT}-resize-mode input:checked").input_value() == "Just Resize"
     page.screenshot(path=str(screenshot_dir() / "controlnet-pasted.png"), full_page=True)
+
+
+def slider_state(page, name: str) -> dict:
+    """A unit slider's visibility, label, range and value as the page shows them."""
+    return page.evaluate("""(id) => {
+      const box = document.querySelector(id);
+      const range = box?.querySelector('input[type=range]');
+      const shown = !!box && box.offsetParent !== null;
+      return {shown, label: shown ? box.innerText.split('\\n')[0].trim() : '',
+              max: range ? Number(range.max) : null, value: range ? Number(range.value) : null};
+    }""", f"{UNIT}-{name}")
+
+
+def test_sliders_follow_the_preprocessor(page):
+    """As sd-webui-controlnet: each preprocessor shows its own sliders, named and ranged, with its defaults."""
+    page.click("#txt2img-ext-controlnet")
+    assert not slider_state(page, "a")["shown"] and not slider_state(page, "res")["shown"]  # "none" has none
+    page.locator(f"{UNIT}-type").get_by_text("Canny", exact=True).click()
+    page.wait_for_function(f"document.querySelector('{UNIT}-a')?.innerText.includes('Canny Low Threshold')",
+                           timeout=30_000)
+    low, high = slider_state(page, "a"), slider_state(page, "b")
+    assert (low["max"], low["value"], high["value"]) == (255, 100, 200), (low, high)
+    assert high["label"].startswith("Canny High Threshold") and slider_state(page, "res")["shown"]
+    page.locator(f"{UNIT}-type").get_by_text("Reference", exact=True).click()
+    page.wait_for_function(f"document.querySelector('{UNIT}-a')?.innerText.includes('Style Fidelity')",
+                           timeout=30_000)
+    fidelity = slider_state(page, "a")
+    assert (fidelity["max"], fidelity["value"]) == (1, 0.5), fidelity  # 100 does not fit 0-1: the default
+    assert not slider_state(page, "b")["shown"] and not slider_state(page, "res")["shown"]

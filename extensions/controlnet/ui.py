@@ -61,6 +61,25 @@ def _preview(ext: Any, image: Any, module: str, res: float, a: float, b: float, 
     return Image.fromarray(detected[..., :3])
 
 
+def slider_update(slider: preprocessors.Slider | None, current: float) -> Any:
+    """A resolution / threshold slider as the preprocessor describes it, hidden when it has none. The current
+    value stays when it fits the new range (a pasted value arrives together with its module), else the default."""
+    import gradio as gr
+
+    if slider is None:
+        return gr.update(visible=False)
+    fits = slider.min <= float(current) <= slider.max
+    return gr.update(visible=True, label=slider.name, minimum=slider.min, maximum=slider.max, step=slider.step,
+                     value=float(current) if fits else slider.value)
+
+
+def module_sliders(name: str, res: float, a: float, b: float) -> tuple:
+    """The resolution and threshold sliders' updates for preprocessor `name`."""
+    pre = preprocessors.find(name or "none")
+    sliders = (pre.resolution, pre.a, pre.b) if pre is not None else (None, None, None)
+    return tuple(slider_update(slider, value) for slider, value in zip(sliders, (res, a, b), strict=True))
+
+
 def _unit_tab(ext: Any, tab: str, n: int) -> dict[str, Any]:
     import gradio as gr
 
@@ -85,11 +104,11 @@ def _unit_tab(ext: Any, tab: str, n: int) -> dict[str, Any]:
     with gr.Row():
         start = gr.Slider(0.0, 1.0, value=0.0, step=0.01, label="Starting Control Step", elem_id=f"{prefix}-start")
         end = gr.Slider(0.0, 1.0, value=1.0, step=0.01, label="Ending Control Step", elem_id=f"{prefix}-end")
-    with gr.Row():
-        res = gr.Slider(64, 2048, value=512, step=8, label="Preprocessor Resolution", elem_id=f"{prefix}-res")
-        a = gr.Slider(-1, 255, value=-1, step=0.01, label="Threshold A (-1: default; reference: Style Fidelity)",
-                      elem_id=f"{prefix}-a")
-        b = gr.Slider(-1, 255, value=-1, step=1, label="Threshold B (-1: default)", elem_id=f"{prefix}-b")
+    with gr.Row():  # shown, named and ranged per preprocessor (module_sliders), as sd-webui-controlnet does
+        res = gr.Slider(64, 2048, value=512, step=8, label="Preprocessor Resolution", visible=False,
+                        elem_id=f"{prefix}-res")
+        a = gr.Slider(-1, 255, value=-1, step=0.01, label="Threshold A", visible=False, elem_id=f"{prefix}-a")
+        b = gr.Slider(-1, 255, value=-1, step=0.01, label="Threshold B", visible=False, elem_id=f"{prefix}-b")
     control_mode = gr.Radio(list(CONTROL_MODES), value=CONTROL_MODES[0], label="Control Mode",
                             elem_id=f"{prefix}-control-mode")
     resize_mode = gr.Radio(list(RESIZE_MODES), value=RESIZE_MODES[1], label="Resize Mode",
@@ -113,6 +132,7 @@ def _unit_tab(ext: Any, tab: str, n: int) -> dict[str, Any]:
         return to_base64(picture), gr.update(value=True) if picture is not None else gr.update()
 
     image.change(uploaded, image, [encoded, enabled], queue=False)
+    module.change(module_sliders, [module, res, a, b], [res, a, b], queue=False)
     kind.change(pick_type, kind, [module, model], queue=False)
     refresh.click(rescan, model, model, queue=False)
     run_preview.click(lambda *v: _preview(ext, *v), [image, module, res, a, b, pixel_perfect], preview, queue=False)
