@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from modules.plugins import api
 
+from .onnx import input_size, onnx_session
 from .posedraw import Person, PoseMap, pose_map
 
 DETECTOR_FILE = "yolox_l.onnx"
@@ -35,29 +36,12 @@ FACE, LEFT_HAND, RIGHT_HAND = slice(24, 92), slice(92, 113), slice(113, 134)
 
 
 def session(path: Path) -> Any:
-    """An onnxruntime session of an annotator file, with every failure as a message naming the file."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise api.InvalidParams("The DWPose preprocessors run on onnxruntime, which is not installed: "
-                                "pip install onnxruntime (or pip install -e '.[pose]')") from None
-    if not path.is_file():
-        raise api.InvalidParams(f"DWPose needs {path.name} in {path.parent}; download it from DWPose's release "
-                                f"(yzd-v/DWPose on Hugging Face) into {path.parent}")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-    try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
-    except Exception as err:  # onnxruntime's own exception types (InvalidProtobuf, Fail, ...)
-        raise api.InvalidParams(f"Annotator file {path} could not be loaded by onnxruntime ({type(err).__name__}); "
-                                f"download {path.name} again") from None
-
-
-def _input_size(sess: Any, default: tuple[int, int]) -> tuple[int, int]:
-    """The (height, width) of a session's image input, or `default` where the file leaves it dynamic."""
-    dims = sess.get_inputs()[0].shape[2:]
-    return (dims[0], dims[1]) if len(dims) == 2 and all(isinstance(d, int) for d in dims) else default
+    """An onnxruntime session of a DWPose file, with every failure as a message naming the file."""
+    return onnx_session(path, users="The DWPose preprocessors", extra="pose",
+                        missing=f"DWPose needs {path.name} in {path.parent}; download it from DWPose's release "
+                                f"(yzd-v/DWPose on Hugging Face) into {path.parent}",
+                        kind="Annotator file", fix=f"download {path.name} again",
+                        providers=("CUDAExecutionProvider", "CPUExecutionProvider"))
 
 
 def _bilinear(rgb: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
@@ -91,7 +75,7 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
 
 def detect_boxes(det: Any, rgb: np.ndarray) -> np.ndarray:
     """Person boxes (n, 4: x1, y1, x2, y2) in image pixels."""
-    size = _input_size(det, (640, 640))
+    size = input_size(det, (640, 640))
     h, w = rgb.shape[:2]
     ratio = min(size[0] / h, size[1] / w)
     padded = torch.full((3, *size), float(DET_PAD))
@@ -134,7 +118,7 @@ def decode_simcc(simcc_x: np.ndarray, simcc_y: np.ndarray) -> tuple[np.ndarray, 
 
 def estimate(pose: Any, rgb: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     """(people, 133, 3): x, y (image pixels) and score of each whole-body point, one box at a time."""
-    ih, iw = _input_size(pose, (384, 288))
+    ih, iw = input_size(pose, (384, 288))
     names = [o.name for o in pose.get_outputs()]
     names = ["simcc_x", "simcc_y"] if {"simcc_x", "simcc_y"} <= set(names) else names[:2]
     if not len(boxes):  # nobody found: treat the whole image as one person's box

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from modules.plugins import api
 
 from .dwpose import nms
+from .onnx import input_size, onnx_session
 
 DETECTOR_FILE, RECOGNIZER_FILE = "det_10g.onnx", "w600k_r50.onnx"
 DET_SIZE, DET_STRIDES, ANCHORS, DET_SCORE, DET_IOU = (640, 640), (8, 16, 32), 2, 0.5, 0.4
@@ -47,26 +48,10 @@ class Face:
 
 def session(path: Path) -> Any:
     """An onnxruntime session of a buffalo_l file; a missing file or package is one clear message."""
-    if not path.is_file():
-        raise api.InvalidParams(f"The IP-Adapter FaceID preprocessors need insightface's {path.name} in "
-                                f"{path.parent}: put the buffalo_l model files (det_10g.onnx, w600k_r50.onnx) there")
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise api.InvalidParams("The IP-Adapter FaceID preprocessors run on onnxruntime, which is not installed: "
-                                "pip install onnxruntime (or pip install -e '.[faceid]')") from None
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-    except Exception as err:  # onnxruntime's own exception types (InvalidProtobuf, Fail, ...)
-        raise api.InvalidParams(f"insightface file {path} could not be loaded by onnxruntime "
-                                f"({type(err).__name__}); put a fresh copy of {path.name} there") from None
-
-
-def _input_size(sess: Any, default: tuple[int, int]) -> tuple[int, int]:
-    dims = sess.get_inputs()[0].shape[2:]
-    return (dims[0], dims[1]) if len(dims) == 2 and all(isinstance(d, int) for d in dims) else default
+    return onnx_session(path, users="The IP-Adapter FaceID preprocessors", extra="faceid",
+                        missing=f"The IP-Adapter FaceID preprocessors need insightface's {path.name} in "
+                                f"{path.parent}: put the buffalo_l model files (det_10g.onnx, w600k_r50.onnx) there",
+                        kind="insightface file", fix=f"put a fresh copy of {path.name} there")
 
 
 def _planar(rgb: np.ndarray, mean: float, std: float) -> np.ndarray:
@@ -95,7 +80,7 @@ def _centers(size: tuple[int, int], stride: int) -> np.ndarray:
 
 def detect_faces(det: Any, rgb: np.ndarray) -> list[Face]:
     """SCRFD faces in image pixels, best first."""
-    size = _input_size(det, DET_SIZE)
+    size = input_size(det, DET_SIZE)
     canvas, scale = _letterbox(rgb, size)
     outs = det.run(None, {det.get_inputs()[0].name: _planar(canvas, 127.5, 128.0)})
     n = len(DET_STRIDES)
@@ -164,7 +149,7 @@ class FaceAnalyzer:
     def embedding(self, rgb: np.ndarray, face: Face) -> np.ndarray:
         """The face's L2-normalised ArcFace embedding (512 values for w600k_r50)."""
         rec = self._session(RECOGNIZER_FILE)
-        size = _input_size(rec, (112, 112))[0]
+        size = input_size(rec, (112, 112))[0]
         crop = align(rgb, face.landmarks, size)
         out = rec.run(None, {rec.get_inputs()[0].name: _planar(crop, 127.5, 127.5)})[0].reshape(-1)
         return out / max(float(np.linalg.norm(out)), 1e-12)
