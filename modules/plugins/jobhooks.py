@@ -157,16 +157,23 @@ def guidance_hook(host: PluginHost, params: Any, context: JobContext) -> Guidanc
     return hook
 
 
-def residual_functions(host: PluginHost, denoiser: Any, params: Any, context: JobContext) -> ResidualFn | None:
-    """The pass's `unet_residuals` functions summed into one; None when no extension adds any."""
+def _per_pass(host: PluginHost, hook: str, denoiser: Any, params: Any, context: JobContext) -> list[tuple[str, Any]]:
+    """(extension, value) for each extension whose per-pass `hook` answered; one that failed is warned of
+    and skipped (or fails the job when the job asked for that extension)."""
     asked, found = _asked(params), []
-    for impl in host.implementations("unet_residuals"):
-        ok, value = host.call_one("unet_residuals", impl, {"context": denoiser, "params": params, "job": context},
+    for impl in host.implementations(hook):
+        ok, value = host.call_one(hook, impl, {"context": denoiser, "params": params, "job": context},
                                   strict=asked(impl.plugin_name))
         if not ok:
-            context.warn(f"Extension {impl.plugin_name!r} failed in unet_residuals and was skipped: {value.message}")
+            context.warn(f"Extension {impl.plugin_name!r} failed in {hook} and was skipped: {value.message}")
         elif value is not None:
             found.append((impl.plugin_name, value))
+    return found
+
+
+def residual_functions(host: PluginHost, denoiser: Any, params: Any, context: JobContext) -> ResidualFn | None:
+    """The pass's `unet_residuals` functions summed into one; None when no extension adds any."""
+    found = _per_pass(host, "unet_residuals", denoiser, params, context)
     if not found:
         return None
 
@@ -204,16 +211,7 @@ def _check_blocks(name: str, value: UNetResiduals, counts: tuple[int, int]) -> N
 def cross_attention_functions(host: PluginHost, denoiser: Any, params: Any,
                                context: JobContext) -> CrossAttentionFn | None:
     """The pass's `unet_cross_attention` functions summed into one; None when no extension adds any."""
-    asked, found = _asked(params), []
-    for impl in host.implementations("unet_cross_attention"):
-        ok, value = host.call_one("unet_cross_attention", impl,
-                                  {"context": denoiser, "params": params, "job": context},
-                                  strict=asked(impl.plugin_name))
-        if not ok:
-            context.warn(f"Extension {impl.plugin_name!r} failed in unet_cross_attention and was skipped: "
-                         f"{value.message}")
-        elif value is not None:
-            found.append(value)
+    found = [fn for _, fn in _per_pass(host, "unet_cross_attention", denoiser, params, context)]
     if not found:
         return None
 
@@ -231,18 +229,12 @@ def cross_attention_functions(host: PluginHost, denoiser: Any, params: Any,
 def hidden_states_patches(host: PluginHost, denoiser: Any, params: Any,
                           context: JobContext) -> HiddenStatesPatch | None:
     """The pass's `unet_hidden_states` patches as one; None when no extension adds any."""
-    asked, found = _asked(params), []
-    for impl in host.implementations("unet_hidden_states"):
-        ok, value = host.call_one("unet_hidden_states", impl, {"context": denoiser, "params": params, "job": context},
-                                  strict=asked(impl.plugin_name))
-        if not ok:
-            context.warn(f"Extension {impl.plugin_name!r} failed in unet_hidden_states and was skipped: {value.message}")
-        elif isinstance(value, HiddenStatesPatch):
-            found.append(value)
-        elif value is not None:
-            raise ExtensionError(f"Extension {impl.plugin_name!r} returned {type(value).__name__} from "
+    found = _per_pass(host, "unet_hidden_states", denoiser, params, context)
+    for name, value in found:
+        if not isinstance(value, HiddenStatesPatch):
+            raise ExtensionError(f"Extension {name!r} returned {type(value).__name__} from "
                                  "unet_hidden_states; expected HiddenStatesPatch or None")
-    return combined_hidden_states(found) if found else None
+    return combined_hidden_states([patch for _, patch in found]) if found else None
 
 
 def combined_hidden_states(patches: list[HiddenStatesPatch]) -> HiddenStatesPatch:
