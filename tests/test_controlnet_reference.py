@@ -14,14 +14,12 @@ from PIL import Image
 
 pytest.importorskip("diffusers")
 
-from modules.pipeline.params import Txt2ImgParams  # noqa: E402
 from modules.plugins import api  # noqa: E402
 from modules.settings import REPO_ROOT  # noqa: E402
 from tests.api_server import start_server  # noqa: E402
 from tests.conftest import make_app  # noqa: E402
 from tests.stage_helpers import run_recorded  # noqa: E402
-
-SEED, STEPS = 1234, 4
+from tests.test_controlnet import params  # noqa: E402
 
 
 def reference_image() -> Image.Image:
@@ -36,13 +34,6 @@ def ref_app(tmp_path_factory, tiny_checkpoints):
     assert app.plugins.extension("controlnet").status == "loaded"
     app.engine.load_model(tiny_checkpoints["sd1"])
     return app
-
-
-def params(**changes) -> Txt2ImgParams:
-    base = dict(prompt="a red circle", negative_prompt="green", steps=STEPS, sampler_name="Euler",
-                scheduler="Uniform", cfg_scale=7.0, seed=SEED, width=64, height=64, rng_source="cpu",
-                save_images=False)
-    return Txt2ImgParams(**{**base, **changes})
 
 
 def unit(**fields) -> dict:
