@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ from torch import nn
 
 from extensions.controlnet.annotators import Annotators, annotator_device, openpose_parts, posedraw
 from modules.plugins import api
-from tests.test_controlnet_pose import b64, decode, http, write_body_model  # noqa: F401  (http: the server fixture)
+from tests.test_controlnet_pose import b64, conv_blocks, decode, http, write_body_model  # noqa: F401  (http: the server fixture)
 
 
 # ------------------------------------------------------------------ the published layout
@@ -45,18 +44,7 @@ class ReferenceCPM(nn.Module):
 
     def __init__(self, w: int, maps: int) -> None:
         super().__init__()
-        self.blocks = nn.ModuleDict()
-        for block, layers in cpm_layers(w, maps).items():
-            seq = OrderedDict()
-            for i, layer in enumerate(layers):
-                if len(layer) == 1:
-                    seq[layer[0]] = nn.MaxPool2d(2, 2, 0)
-                    continue
-                name, cin, cout, k = layer
-                seq[name] = nn.Conv2d(cin, cout, k, 1, k // 2)
-                if block == "model1_0" or i < len(layers) - 1:
-                    seq[f"{name}_relu"] = nn.ReLU()
-            self.blocks[block] = nn.Sequential(seq)
+        self.blocks = conv_blocks(cpm_layers(w, maps), "model1_0")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feat = self.blocks["model1_0"](x)

@@ -53,23 +53,30 @@ def body_layers(w: int) -> dict[str, list[tuple]]:
     return blocks
 
 
+def conv_blocks(blocks: dict[str, list[tuple]], features: str) -> nn.ModuleDict:
+    """The published CMU nets' blocks from their layer lists: a ReLU after every convolution but each stage's
+    last (the `features` block keeps its last ReLU); a one-name entry is a 2x2 max pool."""
+    out = nn.ModuleDict()
+    for block, layers in blocks.items():
+        seq = OrderedDict()
+        for i, layer in enumerate(layers):
+            if len(layer) == 1:
+                seq[layer[0]] = nn.MaxPool2d(2, 2, 0)
+                continue
+            name, cin, cout, k = layer
+            seq[name] = nn.Conv2d(cin, cout, k, 1, k // 2)
+            if block == features or i < len(layers) - 1:
+                seq[f"{name}_relu"] = nn.ReLU()
+        out[block] = nn.Sequential(seq)
+    return out
+
+
 class ReferenceBody(nn.Module):
     """The published bodypose model: conv+ReLU blocks (no ReLU after each branch's last conv)."""
 
     def __init__(self, w: int) -> None:
         super().__init__()
-        self.blocks = nn.ModuleDict()
-        for block, layers in body_layers(w).items():
-            seq = OrderedDict()
-            for i, layer in enumerate(layers):
-                if len(layer) == 1:
-                    seq[layer[0]] = nn.MaxPool2d(2, 2, 0)
-                    continue
-                name, cin, cout, k = layer
-                seq[name] = nn.Conv2d(cin, cout, k, 1, k // 2)
-                if block == "model0" or i < len(layers) - 1:
-                    seq[f"{name}_relu"] = nn.ReLU()
-            self.blocks[block] = nn.Sequential(seq)
+        self.blocks = conv_blocks(body_layers(w), "model0")
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feat = self.blocks["model0"](x)
