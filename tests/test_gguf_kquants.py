@@ -16,7 +16,7 @@ from modules.checkpoints.packed import PackedTensor, packed_weight
 from modules.pipeline.params import Txt2ImgParams
 from tests.conftest import make_engine
 from tests.fixtures.make_tiny_checkpoint import save_safetensors_deterministic
-from tests.fixtures.make_tiny_gguf import K_SCALES, random_k_blocks, write_k_quant_gguf
+from tests.fixtures.make_tiny_gguf import K_SCALES, finish, random_k_blocks, write_k_quant_gguf
 from tests.fixtures.make_tiny_mmdit import MMDiTWidths, fill, flux_shapes, make_split_files
 from tests.test_gguf_quant import random_blocks
 
@@ -44,10 +44,7 @@ def test_every_type_in_a_gguf_file_restores_exactly_as_gguf(tmp_path) -> None:
         data = _stored(name, rows=3, cols=512, seed=i)
         raw = None if name in ("F32", "F16") else GGMLQuantizationType[name]
         writer.add_tensor(f"t.{name}.weight", data, raw_dtype=raw)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish(writer)
 
     expected = {t.name: quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(3, 512)
                 for t in GGUFReader(str(path)).tensors}

@@ -22,6 +22,7 @@ from modules.checkpoints.packed import (
 )
 from modules.errors import CheckpointError
 from modules.plugins.patch import ModelPatch
+from tests.fixtures.make_tiny_gguf import finish
 
 
 class Tiny(nn.Module):
@@ -56,10 +57,7 @@ def write_gguf(path: Path, weights: dict[str, np.ndarray], qtype: str, arch: str
         writer.add_tensor(name, packed, raw_dtype=GGMLQuantizationType[qtype])  # shape in bytes per row
         if value.ndim > 2:
             writer.add_array(f"comfy.gguf.orig_shape.{name}", list(value.shape))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish(writer)
     return path
 
 

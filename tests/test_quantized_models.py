@@ -19,6 +19,7 @@ from tests.conftest import make_engine
 from tests.fixtures import make_tiny_lora as mk
 from tests.fixtures.make_tiny_checkpoint import make_tiny_checkpoint, save_safetensors_deterministic
 from tests.fixtures.make_tiny_gguf import (
+    finish,
     make_sd1_split,
     make_sdxl_split,
     quantized_fraction,
@@ -214,10 +215,7 @@ def test_bad_quantized_files_are_named_and_keep_the_old_model(sdxl, monkeypatch)
     writer = GGUFWriter(str(unet / "iq-sdxl.gguf"), "sdxl")
     writer.add_tensor("input_blocks.0.0.weight", np.zeros((32, 36), dtype=np.uint8),
                       raw_dtype=GGMLQuantizationType.IQ4_NL)  # 32 rows of 64 weights: 2 blocks of 18 bytes
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish(writer)
     with pytest.raises(CheckpointError, match=r"iq-sdxl.gguf: tensor input_blocks.0.0.weight uses GGUF "
                                               r"quantization IQ4_NL, which Atelier does not read"):
         engine.load_model("iq-sdxl")
