@@ -18,9 +18,17 @@ from torch import nn
 
 from modules.checkpoints.read import read_state_dict
 from modules.errors import CheckpointError
-from modules.upscalers import esrgan, srvgg
+from modules.upscalers import esrgan, hat, srvgg, swinir
 
 log = logging.getLogger(__name__)
+
+# Atelier's own families, tried in order: (the keys match, build -> (network, scale, label)).
+FAMILIES = (
+    (esrgan.is_esrgan, esrgan.build),
+    (srvgg.is_srvgg, srvgg.build),
+    (hat.is_hat, hat.build),
+    (swinir.is_swinir, swinir.build),
+)
 
 
 @dataclass(frozen=True)
@@ -46,7 +54,7 @@ def spandrel_loader() -> Any | None:
 def build_network(sd: dict[str, torch.Tensor], path: Path) -> UpscalerNet:
     """The network for a state dict; raises CheckpointError naming the file when it is not an upscaler."""
     keys = set(sd)
-    builder = esrgan.build if esrgan.is_esrgan(keys) else srvgg.build if srvgg.is_srvgg(keys) else None
+    builder = next((build for matches, build in FAMILIES if matches(keys)), None)
     if builder is not None:
         try:
             net, scale, arch = builder(sd)

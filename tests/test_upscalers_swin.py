@@ -1,0 +1,164 @@
+"""SwinIR and HAT upscalers against spandrel's networks on the same tiny random weights.
+
+The state dicts come from spandrel's own architecture classes built with tiny sizes (so the keys,
+shapes and buffers are those of the released checkpoints), with every weight randomised; the
+files are written by test code and read back through Atelier's loader. Outputs must match
+spandrel's to float32 tolerance, and scale and variant must match what spandrel detects.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from modules.errors import CheckpointError
+from modules.upscalers import hat, swinir
+from modules.upscalers.load import load_upscaler
+from modules.upscalers.runner import ModelUpscaler, TileSettings, to_tensor
+from modules.upscalers.tiling import upscale_tiled
+from tests.fixtures import make_tiny_upscalers as tiny
+from tests.spandrel_reference import spandrel_or_skip
+
+SWINIR = {  # name: (spandrel SwinIR arguments, Atelier's label, scale)
+    "classical-x2": (dict(upsampler="pixelshuffle", upscale=2), "SwinIR", 2),
+    "classical-x3-3conv": (dict(upsampler="pixelshuffle", upscale=3, resi_connection="3conv"), "SwinIR", 3),
+    "lightweight-x4": (dict(upsampler="pixelshuffledirect", upscale=4), "SwinIR (lightweight)", 4),
+    "realsr-x4-3conv": (dict(upsampler="nearest+conv", upscale=4, resi_connection="3conv"),
+                        "SwinIR (real-world SR)", 4),
+    "realsr-x2": (dict(upsampler="nearest+conv", upscale=2), "SwinIR (real-world SR)", 2),
+    "jpeg-window7": (dict(upsampler="", upscale=1, window_size=7, img_size=14, img_range=255.0, in_chans=1),
+                     "SwinIR (restoration)", 1),
+}
+HAT = {  # name: (spandrel HAT arguments, variant, scale)
+    "hat-x2": (dict(embed_dim=24, depths=(2, 2), num_heads=(2, 2), compress_ratio=3, squeeze_factor=12,
+                    upscale=2), "HAT", 2),
+    "hat-s-x4": (dict(embed_dim=24, depths=(2,), num_heads=(3,), compress_ratio=24, squeeze_factor=24,
+                      upscale=4), "HAT-S", 4),
+    "hat-l-x3": (dict(embed_dim=12, depths=(1,) * 9, num_heads=(2,) * 9, compress_ratio=3, squeeze_factor=6,
+                      upscale=3, resi_connection="identity"), "HAT-L", 3),
+}
+
+
+def _randomise(net: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """The network's state dict with every learned weight random and large enough to matter."""
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for key, value in net.state_dict().items():
+        if not value.is_floating_point() or key.endswith("attn_mask"):
+            sd[key] = value.clone()
+        elif "relative_position_bias_table" in key:
+            sd[key] = torch.randn(value.shape, generator=gen) * 0.5
+        elif value.ndim >= 2:
+            sd[key] = torch.randn(value.shape, generator=gen) / math.sqrt(value[0].numel())
+        else:
+            base = 1.0 if "norm" in key and key.endswith("weight") else 0.0
+            sd[key] = base + torch.randn(value.shape, generator=gen) * 0.1
+    return sd
+
+
+def swinir_weights(name: str) -> dict[str, torch.Tensor]:
+    spandrel_or_skip()
+    from spandrel.architectures.SwinIR import SwinIR
+
+    args = dict(img_size=16, embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=4, mlp_ratio=2.0)
+    return _randomise(SwinIR(**{**args, **SWINIR[name][0]}), seed=len(name))
+
+
+def hat_weights(name: str) -> dict[str, torch.Tensor]:
+    spandrel_or_skip()
+    from spandrel.architectures.HAT import HAT as Reference
+
+    args = dict(img_size=16, window_size=4, overlap_ratio=0.5, mlp_ratio=2.0, num_feat=16)
+    return _randomise(Reference(**{**args, **HAT[name][0]}), seed=len(name))
+
+
+def _compare(sd: dict[str, torch.Tensor], path, label: str, scale: int, channels: int = 3) -> None:
+    spandrel = spandrel_or_skip()
+    loaded = load_upscaler(tiny.write(sd, path))
+    reference = spandrel.ModelLoader().load_from_state_dict({k: v.clone() for k, v in sd.items()})
+    assert (loaded.architecture, loaded.scale) == (label, scale)
+    assert reference.scale == scale
+    x = torch.rand(1, channels, 18, 22, generator=torch.Generator().manual_seed(3))  # not whole windows
+    with torch.no_grad():
+        ours, expected = loaded.net(x), reference.model.eval()(x)
+    assert ours.shape == (1, channels, 18 * scale, 22 * scale)
+    assert (expected - x.mean()).abs().max() > 1e-2  # the weights do something
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(SWINIR))
+def test_swinir_matches_spandrel(name, tmp_path):
+    _, label, scale = SWINIR[name]
+    channels = SWINIR[name][0].get("in_chans", 3)
+    _compare(swinir_weights(name), tmp_path / f"{name}.safetensors", label, scale, channels)
+
+
+@pytest.mark.parametrize("name", sorted(HAT))
+def test_hat_matches_spandrel(name, tmp_path):
+    _, label, scale = HAT[name]
+    _compare(hat_weights(name), tmp_path / f"{name}.safetensors", label, scale)
+
+
+def test_pth_with_params_ema_wrapper(tmp_path):
+    sd = swinir_weights("classical-x2")
+    loaded = load_upscaler(tiny.write(sd, tmp_path / "002_SwinIR_SR_x2.pth", wrap="params_ema"))
+    assert (loaded.architecture, loaded.scale) == ("SwinIR", 2)
+
+
+def test_detection_is_exclusive():
+    swinir_keys, hat_keys = set(swinir_weights("classical-x2")), set(hat_weights("hat-x2"))
+    assert swinir.is_swinir(swinir_keys) and not hat.is_hat(swinir_keys)
+    assert hat.is_hat(hat_keys) and not swinir.is_swinir(hat_keys)
+    swin2sr = swinir_keys | {"layers.0.residual_group.blocks.0.attn.logit_scale"}
+    assert not swinir.is_swinir(swin2sr)  # Swin2SR is left to spandrel
+
+
+def test_swinir_tiled_matches_untiled(tmp_path):
+    loaded = load_upscaler(tiny.write(swinir_weights("classical-x2"), tmp_path / "m.safetensors"))
+    rng = np.random.default_rng(0)
+    x = to_tensor(Image.fromarray(rng.integers(0, 256, (44, 52, 3), dtype=np.uint8), "RGB"))
+    calls: list[tuple[int, int]] = []
+    with torch.no_grad():
+        untiled = upscale_tiled(loaded.net, x, 2, 0, 0)
+        whole = upscale_tiled(loaded.net, x, 2, 64, 8)
+        tiled = upscale_tiled(loaded.net, x, 2, 32, 16, lambda done, total: calls.append((done, total)))
+    assert torch.equal(whole, untiled)
+    assert calls[-1] == (len(calls), len(calls)) and len(calls) > 1
+    # Attention sees only its tile and the receptive field of stacked shifted windows is wide (about
+    # 20 px here), so tiles of 32 blend to a result a little off the whole-image one near the seams.
+    diff = (tiled - untiled).abs()
+    assert 0 < diff.max() < 0.15 * untiled.abs().max() and diff.mean() < 0.05 * untiled.abs().mean()
+
+
+def test_hat_through_the_runner_is_exact_on_size(tmp_path):
+    path = tiny.write(hat_weights("hat-x2"), tmp_path / "HAT_SRx2.safetensors")
+    image = Image.new("RGB", (21, 17), (120, 40, 200))
+    out = ModelUpscaler(TileSettings(tile=16, overlap=4, device="cpu")).upscale(image, 3, path)
+    assert out.size == (63, 51)
+
+
+def test_mismatched_and_corrupt_files_give_clear_errors(tmp_path):
+    sd = swinir_weights("classical-x2")
+    sd["layers.1.residual_group.blocks.0.mlp.fc2.weight"] = torch.zeros(16, 7)
+    with pytest.raises(CheckpointError, match=r"wrong\.safetensors: the weights do not fit"):
+        load_upscaler(tiny.write(sd, tmp_path / "wrong.safetensors"))
+    sd = swinir_weights("classical-x2")
+    del sd["layers.0.residual_group.blocks.1.norm2.bias"]
+    with pytest.raises(CheckpointError, match=r"missing\.safetensors: the weights do not fit"):
+        load_upscaler(tiny.write(sd, tmp_path / "missing.safetensors"))
+    sd = hat_weights("hat-x2")
+    sd["upsample.0.weight"] = sd["upsample.0.weight"][:40]
+    with pytest.raises(CheckpointError, match=r"bad-upsample\.safetensors: upsample\.0 has 40 outputs"):
+        load_upscaler(tiny.write(sd, tmp_path / "bad-upsample.safetensors"))
+    sd = hat_weights("hat-x2")
+    sd["layers.0.residual_group.blocks.0.attn.relative_position_bias_table"] = torch.zeros(50, 2)
+    with pytest.raises(CheckpointError, match=r"table\.safetensors: .*not a square window"):
+        load_upscaler(tiny.write(sd, tmp_path / "table.safetensors"))
+    good = tiny.write(hat_weights("hat-x2"), tmp_path / "good.safetensors")
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"Upscaler model .*truncated"):
+        load_upscaler(truncated)
