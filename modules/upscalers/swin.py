@@ -92,9 +92,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, bia
     mask (windows, Lq, Lk) repeated over the batch -> (N, Lq, C)."""
     n, lq, c = q.shape
     add = bias[None].to(q.dtype)
-    if mask is not None:
-        windows = mask.shape[0]
-        add = (add + mask[:, None].to(q.dtype)).repeat(n // windows, 1, 1, 1)
+    if mask is not None:  # windows of each image in turn: the same mask for every image of the batch
+        add = add + mask[:, None].to(q.dtype)
+        add = add[None].expand(n // add.shape[0], *add.shape).reshape(n, *add.shape[1:])
     out = F.scaled_dot_product_attention(_heads(q, heads), _heads(k, heads), _heads(v, heads), attn_mask=add)
     return out.transpose(1, 2).reshape(n, lq, c)
 
