@@ -25,6 +25,7 @@ from modules.upscalers import swin
 
 BLOCK0 = "layers.0.residual_group.blocks.0."
 NOT_SWINIR = ("attn.logit_scale", "conv_block.cab.0.weight")  # Swin2SR (SwinV2 attention), HAT
+LEFT_TO_SPANDREL = ("absolute_pos_embed", "conv_first.1.weight")  # variants no release uses
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class SwinIRConfig:
     depths: tuple[int, ...]
     heads: tuple[int, ...]
     ws: int
+    shifted: bool  # odd blocks shift their windows (all releases; not when trained on images <= a window)
     mlp_hidden: int
     qkv_bias: bool
     patch_norm: bool
@@ -67,7 +69,8 @@ class RSTB(nn.Module):
     def __init__(self, c: SwinIRConfig, depth: int, heads: int) -> None:
         super().__init__()
         self.residual_group = BlockGroup([
-            swin.SwinBlock(c.embed_dim, heads, c.ws, c.ws // 2 if i % 2 else 0, c.mlp_hidden, c.qkv_bias)
+            swin.SwinBlock(c.embed_dim, heads, c.ws, c.ws // 2 if i % 2 and c.shifted else 0, c.mlp_hidden,
+                           c.qkv_bias)
             for i in range(depth)])
         self.conv = residual_conv(c.embed_dim, c.three_conv)
 
@@ -136,7 +139,13 @@ class SwinIR(nn.Module):
 
 def is_swinir(keys: set[str]) -> bool:
     return ("conv_first.weight" in keys and f"{BLOCK0}attn.relative_position_bias_table" in keys
-            and not any(f"{BLOCK0}{k}" in keys for k in NOT_SWINIR))
+            and not any(f"{BLOCK0}{k}" in keys for k in NOT_SWINIR) and not any(k in keys for k in LEFT_TO_SPANDREL))
+
+
+def _shifted(sd: dict[str, torch.Tensor]) -> bool:
+    """Shifted windows, unless the saved buffers show a second block without a shift mask."""
+    second = "layers.0.residual_group.blocks.1."
+    return not (f"{second}attn.relative_position_index" in sd and f"{second}attn_mask" not in sd)
 
 
 def _upsampler(sd: dict[str, torch.Tensor]) -> str:
@@ -170,7 +179,7 @@ def config_from(sd: dict[str, torch.Tensor]) -> SwinIRConfig:
     upsampler = _upsampler(sd)
     num_feat = sd["conv_before_upsample.0.weight"].shape[0] if "conv_before_upsample.0.weight" in sd else dim
     return SwinIRConfig(
-        in_ch=in_ch, embed_dim=dim, depths=depths, heads=heads, ws=ws,
+        in_ch=in_ch, embed_dim=dim, depths=depths, heads=heads, ws=ws, shifted=_shifted(sd),
         mlp_hidden=sd[f"{BLOCK0}mlp.fc1.weight"].shape[0], qkv_bias=f"{BLOCK0}attn.qkv.bias" in sd,
         patch_norm="patch_embed.norm.weight" in sd, three_conv="conv_after_body.weight" not in sd,
         upsampler=upsampler, num_feat=num_feat, scale=_scale(sd, upsampler, in_ch, num_feat),
