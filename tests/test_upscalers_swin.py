@@ -188,3 +188,56 @@ def test_mismatched_and_corrupt_files_give_clear_errors(tmp_path):
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     with pytest.raises(CheckpointError, match=r"Upscaler model .*truncated"):
         load_upscaler(truncated)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from tests.api_server import start_server
+
+    root = tmp_path_factory.mktemp("swin-api")
+    models = root / "models"
+    tiny.write(swinir_weights("realsr-x2"), models / "SwinIR" / "003_realSR_BSRGAN_DFO_s64w8_SwinIR-M_x2_GAN.pth",
+               wrap="params_ema")
+    tiny.write(hat_weights("hat-s-x4"), models / "HAT" / "HAT-S_SRx4.safetensors")
+    broken = swinir_weights("classical-x2")
+    broken["conv_after_body.weight"] = broken["conv_after_body.weight"][:, :5]
+    tiny.write(broken, models / "SwinIR" / "broken-x2.safetensors")
+    srv = start_server(root)
+    yield srv
+    srv.stop()
+
+
+def _post(server, image: Image.Image, upscaler: str, resize: float):
+    import base64
+    import io
+
+    import httpx
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return httpx.post(f"{server.url}/sdapi/v1/extra-single-image", timeout=120, json={
+        "image": base64.b64encode(buffer.getvalue()).decode(), "upscaler_1": upscaler, "upscaling_resize": resize})
+
+
+def test_extras_api_with_swinir_and_hat(server):
+    import base64
+    import io
+
+    import httpx
+
+    upscalers = {u["name"]: u for u in httpx.get(f"{server.url}/sdapi/v1/upscalers").json()}
+    assert upscalers["HAT-S_SRx4"]["scale"] == 4 and upscalers["HAT-S_SRx4"]["model_name"] == "HAT"
+    image = Image.fromarray(np.random.default_rng(2).integers(0, 256, (14, 18, 3), dtype=np.uint8), "RGB")
+    for name, resize, size in [("003_realSR_BSRGAN_DFO_s64w8_SwinIR-M_x2_GAN", 2, (36, 28)),
+                               ("HAT-S_SRx4", 3, (54, 42))]:
+        r = _post(server, image, name, resize)
+        assert r.status_code == 200, r.text
+        assert Image.open(io.BytesIO(base64.b64decode(r.json()["image"]))).size == size
+
+
+def test_extras_api_broken_swinir_is_a_clear_4xx_and_others_keep_working(server):
+    image = Image.new("RGB", (12, 10), (10, 200, 30))
+    r = _post(server, image, "broken-x2", 2)
+    assert 400 <= r.status_code < 500 and "broken-x2.safetensors: the weights do not fit" in r.text, r.text
+    assert "Traceback" not in r.text
+    assert _post(server, image, "HAT-S_SRx4", 2).status_code == 200

@@ -2,13 +2,14 @@
 
 Files are read by `modules.checkpoints.read.read_state_dict`: `.safetensors`, or `.pth` through
 `torch.load(weights_only=True)` only (a pickle that needs code is refused, never run).
-ESRGAN (all layouts), Real-ESRGAN and the compact SRVGG run on Atelier's own networks; any other
-architecture (SwinIR, DAT, HAT, OmniSR, SPAN, ...) is handed to the optional `spandrel` package
-when it is installed and importable.
+ESRGAN (all layouts), Real-ESRGAN, the compact SRVGG, HAT and SwinIR run on Atelier's own
+networks (`ARCHITECTURES`); any other architecture (DAT, OmniSR, SPAN, ...) is handed to the optional
+`spandrel` package when it is installed and importable.
 """
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,14 +22,7 @@ from modules.errors import CheckpointError
 from modules.upscalers import esrgan, hat, srvgg, swinir
 
 log = logging.getLogger(__name__)
-
-# Atelier's own families, tried in order: (the keys match, build -> (network, scale, label)).
-FAMILIES = (
-    (esrgan.is_esrgan, esrgan.build),
-    (srvgg.is_srvgg, srvgg.build),
-    (hat.is_hat, hat.build),
-    (swinir.is_swinir, swinir.build),
-)
+Builder = Callable[[dict[str, torch.Tensor]], tuple[nn.Module, int, str]]
 
 
 @dataclass(frozen=True)
@@ -51,10 +45,19 @@ def spandrel_loader() -> Any | None:
     return spandrel.ModelLoader()
 
 
+# Atelier's own architectures: (detector on the key set, builder), tried in order; append new families.
+ARCHITECTURES: tuple[tuple[Callable[[set[str]], bool], Builder], ...] = (
+    (esrgan.is_esrgan, esrgan.build),
+    (srvgg.is_srvgg, srvgg.build),
+    (hat.is_hat, hat.build),
+    (swinir.is_swinir, swinir.build),
+)
+
+
 def build_network(sd: dict[str, torch.Tensor], path: Path) -> UpscalerNet:
     """The network for a state dict; raises CheckpointError naming the file when it is not an upscaler."""
     keys = set(sd)
-    builder = next((build for matches, build in FAMILIES if matches(keys)), None)
+    builder = next((build for detect, build in ARCHITECTURES if detect(keys)), None)
     if builder is not None:
         try:
             net, scale, arch = builder(sd)
@@ -67,8 +70,8 @@ def build_network(sd: dict[str, torch.Tensor], path: Path) -> UpscalerNet:
     loader = spandrel_loader()
     if loader is None:
         raise CheckpointError(
-            f"Upscaler model {path.name} is not ESRGAN, Real-ESRGAN or SRVGG. Other architectures (SwinIR, "
-            "DAT, HAT, OmniSR, SPAN) need the optional package spandrel with a working torchvision "
+            f"Upscaler model {path.name} is not ESRGAN, Real-ESRGAN, SRVGG, HAT or SwinIR. Other "
+            "architectures (DAT, OmniSR, SPAN, ...) need the optional package spandrel with a working torchvision "
             "(pip install spandrel).")
     try:
         descriptor = loader.load_from_state_dict(sd)
