@@ -238,6 +238,7 @@ def test_extras_api_with_swinir_and_hat(server):
 def test_extras_api_broken_swinir_is_a_clear_4xx_and_others_keep_working(server):
     image = Image.new("RGB", (12, 10), (10, 200, 30))
     r = _post(server, image, "broken-x2", 2)
-    assert 400 <= r.status_code < 500 and "broken-x2.safetensors: the weights do not fit" in r.text, r.text
+    assert r.status_code == 422 and "broken-x2.safetensors: the weights do not fit" in r.text, r.text
+    assert "replace or remove the file" in r.text
     assert "Traceback" not in r.text
     assert _post(server, image, "HAT-S_SRx4", 2).status_code == 200
