@@ -36,6 +36,15 @@ SWINIR = {  # name: (spandrel SwinIR arguments, Atelier's label, scale)
     "no-shift": (dict(upsampler="pixelshuffle", upscale=2, img_size=4), "SwinIR", 2),
 }
 LOADER_DIFFERS = {"no-shift"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These networks are tiny: one torch thread runs them fastest (and far faster on a loaded CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 HAT = {  # name: (spandrel HAT arguments, variant, scale)
     "hat-x2": (dict(embed_dim=24, depths=(2, 2), num_heads=(2, 2), compress_ratio=3, squeeze_factor=12,
                     upscale=2), "HAT", 2),

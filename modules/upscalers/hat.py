@@ -74,7 +74,7 @@ class HAB(swin.SwinBlock):
     def forward(self, x: torch.Tensor, size: tuple[int, int], index: torch.Tensor, mask: torch.Tensor | None
                 ) -> torch.Tensor:
         h = self.norm1(x)
-        conv = self.conv_block(swin.to_image(h, size)).flatten(2).transpose(1, 2)
+        conv = self.conv_block(swin.tokens_to_image(h, size)).flatten(2).transpose(1, 2)
         x = x + self.attend(h, size, index, mask) + conv * CONV_SCALE
         return x + self.mlp(self.norm2(x))
 
@@ -104,7 +104,7 @@ class OCAB(nn.Module):
         b, length, c = x.shape
         q, k, v = self.qkv(self.norm1(x)).chunk(3, dim=-1)
         q = swin.to_windows(q.view(b, *size, c), self.ws)
-        k, v = (self._key_windows(swin.to_image(t, size)) for t in (k, v))
+        k, v = (self._key_windows(swin.tokens_to_image(t, size)) for t in (k, v))
         bias = self.relative_position_bias_table[index].permute(2, 0, 1)
         out = swin.from_windows(swin.attention(q, k, v, self.heads, bias, None), self.ws, *size)
         x = self.proj(out.reshape(b, length, c)) + x
@@ -126,7 +126,7 @@ class RHAG(nn.Module):
         for block in self.residual_group.blocks:
             h = block(h, size, indices[0], mask)
         h = self.residual_group.overlap_attn(h, size, indices[1])
-        return self.conv(swin.to_image(h, size)).flatten(2).transpose(1, 2) + x
+        return self.conv(swin.tokens_to_image(h, size)).flatten(2).transpose(1, 2) + x
 
 
 class HAT(nn.Module):
@@ -151,7 +151,7 @@ class HAT(nn.Module):
         tokens = self.patch_embed(x)
         for layer in self.layers:
             tokens = layer(tokens, size, (self.index_sa, self.index_oca), mask)
-        return self.conv_after_body(swin.to_image(self.norm(tokens), size)) + x
+        return self.conv_after_body(swin.tokens_to_image(self.norm(tokens), size)) + x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[2:]

@@ -167,7 +167,7 @@ class PatchNorm(nn.Module):
         return self.norm(tokens) if self.norm is not None else tokens
 
 
-def to_image(tokens: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def tokens_to_image(tokens: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     b, _, c = tokens.shape
     return tokens.transpose(1, 2).reshape(b, c, *size)
 

@@ -78,7 +78,7 @@ class RSTB(nn.Module):
         h = x
         for block in self.residual_group.blocks:
             h = block(h, size, index, mask)
-        return self.conv(swin.to_image(h, size)).flatten(2).transpose(1, 2) + x
+        return self.conv(swin.tokens_to_image(h, size)).flatten(2).transpose(1, 2) + x
 
 
 class SwinIR(nn.Module):
@@ -113,7 +113,7 @@ class SwinIR(nn.Module):
         tokens = self.patch_embed(x)
         for layer in self.layers:
             tokens = layer(tokens, size, self.index, mask)
-        return self.conv_after_body(swin.to_image(self.norm(tokens), size)) + x
+        return self.conv_after_body(swin.tokens_to_image(self.norm(tokens), size)) + x
 
     def reconstruct(self, feat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         up = self.config.upsampler
