@@ -1,4 +1,4 @@
-"""SPAN, OmniSR and DAT run on Atelier's own networks: outputs equal spandrel's on the same weights.
+"""SPAN, OmniSR and DAT (all four variants) run on Atelier's own networks: outputs equal spandrel's.
 
 The tiny checkpoints (tests/fixtures/tiny_reference_upscalers.py) take their key layouts from
 spandrel's reference classes and are written to .safetensors/.pth files, then read back through
@@ -20,6 +20,15 @@ from tests.spandrel_reference import spandrel_or_skip
 @pytest.fixture(scope="module")
 def spandrel():
     return spandrel_or_skip()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These networks are tiny: one torch thread runs them fastest (and far faster on a loaded CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _write(sd: dict[str, torch.Tensor], path, wrap: str | None = None):
@@ -80,9 +89,28 @@ def test_omnisr_takes_small_images_and_thop_counters(tmp_path):
     assert out.shape == (1, 3, 12, 20) and torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("variant,scale", [("DAT-S", 2), ("DAT", 4), ("DAT-2", 3), ("DAT-light", 2)])
+def test_dat_variants_match_spandrel(spandrel, variant, scale, tmp_path):
+    sd = tiny.dat(variant, scale=scale)
+    loaded = load_upscaler(_write(sd, tmp_path / f"{scale}x-{variant}.pth", wrap="params"))
+    reference = _reference(spandrel, sd)
+    assert (loaded.architecture, loaded.scale) == (variant, scale) and reference.scale == scale
+    for h, w in ((16, 16), (20, 28)):  # windows of 8x16 / 8x32: padded inside the attention, cropped back
+        x = _image(h, w)
+        with torch.no_grad():
+            _assert_same(loaded.net(x), reference.model.eval()(x))
+
+
+def test_dat_without_its_window_table_is_refused(tmp_path):
+    sd = {k: v for k, v in tiny.dat("DAT-light").items() if not k.endswith("rpe_biases")}
+    with pytest.raises(CheckpointError, match="no-rpe.safetensors: DAT: the window size table .* is missing"):
+        load_upscaler(_write(sd, tmp_path / "no-rpe.safetensors"))
+
+
 @pytest.mark.parametrize("family,make,key", [
     ("SPAN", tiny.span, "block_3.c2_r.conv.1.weight"),
     ("OmniSR", tiny.omnisr, "residual_layer.0.esa.conv3.weight"),
+    ("DAT", lambda: tiny.dat("DAT-S"), "layers.1.blocks.0.attn.spatial_interaction.0.weight"),
 ])
 def test_mismatched_weights_name_the_file(family, make, key, tmp_path):
     sd = make()
