@@ -6,12 +6,15 @@ spandrel's reference classes and are written to .safetensors/.pth files, then re
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from modules.errors import CheckpointError
 from modules.upscalers import span
 from modules.upscalers.load import load_upscaler
+from modules.upscalers.runner import ModelUpscaler, TileSettings
 from tests.fixtures import make_tiny_upscalers
 from tests.fixtures import tiny_reference_upscalers as tiny
 from tests.spandrel_reference import spandrel_or_skip
@@ -118,3 +121,15 @@ def test_mismatched_weights_name_the_file(family, make, key, tmp_path):
     path = _write(sd, tmp_path / f"broken-{family}.safetensors")
     with pytest.raises(CheckpointError, match=f"broken-{family}.safetensors: the weights do not fit"):
         load_upscaler(path)
+
+
+@pytest.mark.parametrize("name,make", [
+    ("2x-SPAN", lambda: tiny.span(scale=2)), ("2x-OmniSR", lambda: tiny.omnisr(scale=2)),
+    ("2x-DAT-light", lambda: tiny.dat("DAT-light", scale=2))])
+def test_runner_tiles_each_family_to_the_exact_size(name, make, tmp_path):
+    path = _write(make(), tmp_path / f"{name}.safetensors")
+    runner = ModelUpscaler(TileSettings(tile=16, overlap=4))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (14, 20, 3), dtype=np.uint8), "RGB")
+    tiles: list[tuple[int, int]] = []
+    out = runner.upscale(image, 3, path, lambda done, total: tiles.append((done, total)))
+    assert out.size == (60, 42) and tiles and tiles[-1][0] == tiles[-1][1] > 1
