@@ -2,13 +2,14 @@
 
 Files are read by `modules.checkpoints.read.read_state_dict`: `.safetensors`, or `.pth` through
 `torch.load(weights_only=True)` only (a pickle that needs code is refused, never run).
-ESRGAN (all layouts), Real-ESRGAN and the compact SRVGG run on Atelier's own networks; any other
-architecture (SwinIR, DAT, HAT, OmniSR, SPAN, ...) is handed to the optional `spandrel` package
-when it is installed and importable.
+ESRGAN (all layouts), Real-ESRGAN, the compact SRVGG, SPAN, OmniSR and DAT run on Atelier's own
+networks (`ARCHITECTURES`); any other architecture (SwinIR, HAT, ...) is handed to the optional
+`spandrel` package when it is installed and importable.
 """
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,10 @@ from torch import nn
 
 from modules.checkpoints.read import read_state_dict
 from modules.errors import CheckpointError
-from modules.upscalers import esrgan, srvgg
+from modules.upscalers import dat, esrgan, omnisr, span, srvgg
 
 log = logging.getLogger(__name__)
+Builder = Callable[[dict[str, torch.Tensor]], tuple[nn.Module, int, str]]
 
 
 @dataclass(frozen=True)
@@ -43,10 +45,20 @@ def spandrel_loader() -> Any | None:
     return spandrel.ModelLoader()
 
 
+# Atelier's own architectures: (detector on the key set, builder), tried in order; append new families.
+ARCHITECTURES: tuple[tuple[Callable[[set[str]], bool], Builder], ...] = (
+    (esrgan.is_esrgan, esrgan.build),
+    (srvgg.is_srvgg, srvgg.build),
+    (span.is_span, span.build),
+    (omnisr.is_omnisr, omnisr.build),
+    (dat.is_dat, dat.build),
+)
+
+
 def build_network(sd: dict[str, torch.Tensor], path: Path) -> UpscalerNet:
     """The network for a state dict; raises CheckpointError naming the file when it is not an upscaler."""
     keys = set(sd)
-    builder = esrgan.build if esrgan.is_esrgan(keys) else srvgg.build if srvgg.is_srvgg(keys) else None
+    builder = next((build for detect, build in ARCHITECTURES if detect(keys)), None)
     if builder is not None:
         try:
             net, scale, arch = builder(sd)
@@ -59,8 +71,8 @@ def build_network(sd: dict[str, torch.Tensor], path: Path) -> UpscalerNet:
     loader = spandrel_loader()
     if loader is None:
         raise CheckpointError(
-            f"Upscaler model {path.name} is not ESRGAN, Real-ESRGAN or SRVGG. Other architectures (SwinIR, "
-            "DAT, HAT, OmniSR, SPAN) need the optional package spandrel with a working torchvision "
+            f"Upscaler model {path.name} is not ESRGAN, Real-ESRGAN, SRVGG, SPAN, OmniSR or DAT. Other "
+            "architectures (SwinIR, HAT, ...) need the optional package spandrel with a working torchvision "
             "(pip install spandrel).")
     try:
         descriptor = loader.load_from_state_dict(sd)
