@@ -149,6 +149,17 @@ def test_detection_is_exclusive():
     assert not swinir.is_swinir(swinir_keys | {"absolute_pos_embed"})  # so is SwinIR with position embeddings
 
 
+def test_each_family_is_claimed_by_exactly_one_detector():
+    from modules.upscalers.load import ARCHITECTURES
+    from tests.fixtures import tiny_reference_upscalers as others
+
+    cases = {"swinir": swinir_weights("lightweight-x4"), "hat": hat_weights("hat-s-x4"), "dat": others.dat("DAT-light"),
+             "span": others.span(), "omnisr": others.omnisr(), "esrgan": tiny.esrgan_basicsr(), "srvgg": tiny.srvgg()}
+    for family, sd in cases.items():
+        claimed = [detect.__module__.rsplit(".", 1)[1] for detect, _ in ARCHITECTURES if detect(set(sd))]
+        assert claimed == [family], (family, claimed)
+
+
 def test_swinir_tiled_matches_untiled(tmp_path):
     loaded = load_upscaler(tiny.write(swinir_weights("classical-x2"), tmp_path / "m.safetensors"))
     rng = np.random.default_rng(0)
