@@ -90,7 +90,8 @@ async def run_extras_job(request: Request, ctx: ServerContext, caller: Caller, r
 
 
 def _failed(job: Job) -> JSONResponse:
-    return JSONResponse(status_code=500, content={"error": "JobFailed", "detail": job.error, "job_id": job.id})
+    status = 422 if job.error_kind == "invalid" else 500  # refused at run time (e.g. a broken model file)
+    return JSONResponse(status_code=status, content={"error": "JobFailed", "detail": job.error, "job_id": job.id})
 
 
 def _b64(path: str) -> str:

@@ -2,9 +2,9 @@
 
 Files are read by `modules.checkpoints.read.read_state_dict`: `.safetensors`, or `.pth` through
 `torch.load(weights_only=True)` only (a pickle that needs code is refused, never run).
-ESRGAN (all layouts), Real-ESRGAN, the compact SRVGG, SPAN, OmniSR and DAT run on Atelier's own
-networks (`ARCHITECTURES`); any other architecture (SwinIR, HAT, ...) is handed to the optional
-`spandrel` package when it is installed and importable.
+ESRGAN (all layouts), Real-ESRGAN, the compact SRVGG, SPAN, OmniSR, DAT, HAT and SwinIR run on
+Atelier's own networks (`ARCHITECTURES`); any other architecture (Swin2SR, DRCT, ...) is handed to
+the optional `spandrel` package when it is installed and importable.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from torch import nn
 
 from modules.checkpoints.read import read_state_dict
 from modules.errors import CheckpointError
-from modules.upscalers import dat, esrgan, omnisr, span, srvgg
+from modules.upscalers import dat, esrgan, hat, omnisr, span, srvgg, swinir
 
 log = logging.getLogger(__name__)
 Builder = Callable[[dict[str, torch.Tensor]], tuple[nn.Module, int, str]]
@@ -52,6 +52,8 @@ ARCHITECTURES: tuple[tuple[Callable[[set[str]], bool], Builder], ...] = (
     (span.is_span, span.build),
     (omnisr.is_omnisr, omnisr.build),
     (dat.is_dat, dat.build),
+    (hat.is_hat, hat.build),
+    (swinir.is_swinir, swinir.build),
 )
 
 
@@ -71,9 +73,9 @@ def build_network(sd: dict[str, torch.Tensor], path: Path) -> UpscalerNet:
     loader = spandrel_loader()
     if loader is None:
         raise CheckpointError(
-            f"Upscaler model {path.name} is not ESRGAN, Real-ESRGAN, SRVGG, SPAN, OmniSR or DAT. Other "
-            "architectures (SwinIR, HAT, ...) need the optional package spandrel with a working torchvision "
-            "(pip install spandrel).")
+            f"Upscaler model {path.name} is not ESRGAN, Real-ESRGAN, SRVGG, SPAN, OmniSR, DAT, HAT or SwinIR. "
+            "Other architectures (Swin2SR, DRCT, ...) need the optional package spandrel with a working "
+            "torchvision (pip install spandrel).")
     try:
         descriptor = loader.load_from_state_dict(sd)
     except Exception as err:  # spandrel raises its own UnsupportedModelError and shape errors

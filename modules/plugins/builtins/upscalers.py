@@ -12,6 +12,7 @@ from typing import Any
 
 from PIL import Image
 
+from modules.errors import CheckpointError, InvalidParams
 from modules.plugins.hookspecs import hookimpl
 from modules.plugins.specs import UpscalerSpec
 from modules.upscalers.discover import UpscalerFile, find_upscalers
@@ -37,7 +38,10 @@ def model_upscalers(settings: Any) -> list[UpscalerSpec]:
 
 def _spec(runner: ModelUpscaler, found: UpscalerFile) -> UpscalerSpec:
     def upscale(image: Image.Image, scale: float, progress: Any = None) -> Image.Image:
-        return runner.upscale(image, scale, found.path, progress)
+        try:
+            return runner.upscale(image, scale, found.path, progress)
+        except CheckpointError as err:  # a model file that cannot be used: the user must replace it (a 4xx)
+            raise InvalidParams(f"{err} Upscaler '{found.name}' cannot run; replace or remove the file.") from None
 
     return UpscalerSpec(found.name, function=upscale, aliases=found.aliases, model_path=str(found.path),
                         scale=found.scale)
