@@ -186,6 +186,21 @@ def test_hat_through_the_runner_is_exact_on_size(tmp_path):
     assert out.size == (32, 26) and tiles[-1] == (4, 4)
 
 
+def test_one_channel_model_runs_on_rgb_images_through_the_runner(tmp_path):
+    """A greyscale model (the JPEG-artefact SwinIR) reads the image's luma and returns grey RGB."""
+    sd, reference = swinir_reference("jpeg-window7")
+    path = tiny.write(sd, tmp_path / "004_grayCAR_DFWB_s126w7_SwinIR-M_jpeg10.safetensors")
+    rng = np.random.default_rng(1)
+    image = Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8), "RGB")
+    out = ModelUpscaler(TileSettings(device="cpu")).upscale(image, 1, path)
+    grey = to_tensor(image.convert("L").convert("RGB"))[:, :1]
+    with torch.no_grad():
+        expected = reference(grey).clamp(0, 1).mul(255).round()[0, 0].numpy()
+    result = np.asarray(out, dtype=np.float32)
+    assert out.size == image.size and (result[..., 0] == result[..., 2]).all()
+    assert np.abs(result[..., 1] - expected).max() <= 2  # PIL's integer luma against ours in float
+
+
 def test_mismatched_and_corrupt_files_give_clear_errors(tmp_path):
     sd = swinir_weights("classical-x2")
     sd["layers.1.residual_group.blocks.0.mlp.fc2.weight"] = torch.zeros(16, 7)

@@ -34,6 +34,26 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1)[None].float().div_(255)
 
 
+def input_channels(net: torch.nn.Module) -> int:
+    """Channels the network reads: those of its first convolution (3 when it has none)."""
+    first = next((m for m in net.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    return first.in_channels if first is not None else 3
+
+
+def fit_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """RGB (1, 3, H, W) as the network's input: luma (ITU-R 601, as PIL's "L") for one-channel models."""
+    if channels == 1:
+        return (x * x.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    if channels == 4:
+        return torch.cat([x, torch.ones_like(x[:, :1])], 1)  # opaque alpha
+    return x
+
+
+def to_rgb(y: torch.Tensor) -> torch.Tensor:
+    """The network's output as RGB: grey repeated, alpha dropped."""
+    return y.expand(-1, 3, -1, -1) if y.shape[1] == 1 else y[:, :3]
+
+
 def to_image(x: torch.Tensor) -> Image.Image:
     array = x[0].clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     return Image.fromarray(np.ascontiguousarray(array), "RGB")
@@ -82,10 +102,11 @@ class ModelUpscaler:
                 return out.float().cpu()
 
         net_dtype = [dtype]
+        x = fit_channels(x, input_channels(net))
         tile = self.tiles.tile or auto_tile(device, upscaler.scale, 2 if dtype != torch.float32 else 4)
         overlap = self.tiles.overlap or max(8, tile // 16)
         try:
-            return upscale_tiled(run, x, upscaler.scale, tile, overlap, on_tile)
+            return to_rgb(upscale_tiled(run, x, upscaler.scale, tile, overlap, on_tile))
         finally:
             net.to("cpu")
 
@@ -95,10 +116,13 @@ class ModelUpscaler:
         target = (round(image.width * scale), round(image.height * scale))
         with self._lock:
             upscaler = self.network(path)
-            for _ in range(MAX_PASSES):
-                if image.width >= target[0] and image.height >= target[1]:
+            for done in range(MAX_PASSES):
+                reached = image.width >= target[0] and image.height >= target[1]
+                if reached and (done or scale != 1):  # at scale 1 a model (1x restoration) runs once
                     break
                 image = to_image(self.run_tensor(upscaler, to_tensor(image), progress))
+                if upscaler.scale == 1:
+                    break
         if image.size != target:
             image = image.resize(target, resample=Image.Resampling.LANCZOS)
         return image
