@@ -13,14 +13,21 @@ from modules.errors import AtelierError
 from modules.server.config import add_server_arguments
 from modules.settings import add_settings_arguments, settings_from_args
 
+SD_DEFAULTS = {"steps": 20, "sampler_name": "DPM++ 2M", "scheduler": "Automatic", "cfg_scale": 7.0,
+               "distilled_cfg_scale": 3.5}
+
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", default="")
     parser.add_argument("--negative-prompt", default="")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--sampler", default="DPM++ 2M")
-    parser.add_argument("--scheduler", default="Automatic")
-    parser.add_argument("--cfg-scale", type=float, default=7.0)
+    family = "; on FLUX.1 / SD3.5 the model family's"
+    parser.add_argument("--steps", type=int, help=f"default {SD_DEFAULTS['steps']}{family}")
+    parser.add_argument("--sampler", help=f"default {SD_DEFAULTS['sampler_name']}{family}")
+    parser.add_argument("--scheduler", help=f"default {SD_DEFAULTS['scheduler']}{family}")
+    parser.add_argument("--cfg-scale", type=float, help=f"default {SD_DEFAULTS['cfg_scale']}{family}")
+    parser.add_argument("--distilled-cfg-scale", type=float,
+                        help=f"FLUX.1-dev's guidance embedding (Forge's Distilled CFG Scale), default 3.5{family}")
+    parser.add_argument("--shift", type=float, help="flow models' time shift (default: the family's)")
     parser.add_argument("--seed", type=int, default=-1)
     parser.add_argument("--subseed", type=int, default=-1)
     parser.add_argument("--subseed-strength", type=float, default=0.0)
@@ -49,12 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def common_values(args: argparse.Namespace) -> dict:
-    """The params fields every task shares (width and height may be None: the task's default)."""
+    """The params fields every task shares (width and height may be None: the task's default). Generation
+    fields left unset take SD's defaults, or on FLUX.1 / SD3.5 the family's (params field `model_defaults`)."""
+    given = {"steps": args.steps, "sampler_name": args.sampler, "scheduler": args.scheduler,
+             "cfg_scale": args.cfg_scale, "distilled_cfg_scale": args.distilled_cfg_scale}
+    unset = tuple(name for name, value in given.items() if value is None)
     return dict(
-        prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
-        sampler_name=args.sampler, scheduler=args.scheduler, cfg_scale=args.cfg_scale, seed=args.seed,
-        subseed=args.subseed, subseed_strength=args.subseed_strength, width=args.width, height=args.height,
-        batch_size=args.batch_size, n_iter=args.n_iter, eta=args.eta)
+        prompt=args.prompt, negative_prompt=args.negative_prompt,
+        **{name: SD_DEFAULTS[name] if value is None else value for name, value in given.items()},
+        seed=args.seed, subseed=args.subseed, subseed_strength=args.subseed_strength, width=args.width,
+        height=args.height, batch_size=args.batch_size, n_iter=args.n_iter, eta=args.eta, shift=args.shift,
+        model_defaults=unset)
 
 
 def submission(args: argparse.Namespace):

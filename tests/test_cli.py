@@ -46,3 +46,18 @@ def test_generate_reports_missing_checkpoint(tmp_path):
                    "--out", str(tmp_path), cwd=tmp_path)
     assert proc.returncode == 2
     assert "nope.safetensors" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_generate_flux_dev_takes_distilled_cfg_shift_and_family_defaults(tmp_path):
+    """Unset generation flags take FLUX.1-dev's defaults (CFG 1, Euler, Simple), not SD's CFG 7 / DPM++ 2M."""
+    from tests.fixtures.make_tiny_mmdit import make_all_in_one
+
+    ckpt = make_all_in_one("flux-dev", tmp_path / "models" / "Stable-diffusion" / "tiny-flux-dev.safetensors")
+    out = tmp_path / "out"
+    proc = run_cli("generate", "--ckpt", str(ckpt), "--prompt", "a fox", "--steps", "2", "--seed", "3",
+                   "--width", "64", "--height", "64", "--distilled-cfg-scale", "2.5", "--shift", "2",
+                   "--data-dir", str(tmp_path / "data"), "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    fields = infotext.parse(Image.open(proc.stdout.split()[0]).info["parameters"])
+    assert (fields["Steps"], fields["Sampler"], fields["Schedule type"]) == ("2", "Euler", "Simple")
+    assert (fields["CFG scale"], fields["Distilled CFG Scale"], fields["Shift"]) == ("1", "2.5", "2")

@@ -88,7 +88,9 @@ def test_picker_choice_is_used_recorded_and_listed(server) -> None:
     assert {"ae.safetensors", "flux_other_vae.safetensors", "clip_l.safetensors", "t5xxl_a_fp16.safetensors",
             "t5xxl_b_fp16.safetensors"} <= listed
     auto = _post(server, {**FLUX_BODY, "override_settings": {"sd_model_checkpoint": "flux"}})
-    assert auto.status_code != 200 and "t5xxl_a_fp16.safetensors is 64 wide" in auto.text  # by name: the wrong one
+    assert auto.status_code != 200, auto.text  # two T5 files by name: ambiguous, a choice is needed
+    assert "2 t5xxl text encoders found" in auto.text and "t5xxl_a_fp16.safetensors, t5xxl_b_fp16.safetensors" in auto.text
+    assert "forge_additional_modules" in auto.text
     picked = _post(server, {**FLUX_BODY, "override_settings": {"sd_model_checkpoint": "flux",
                                                                "forge_additional_modules": PICK}})
     assert picked.status_code == 200, picked.text

@@ -370,12 +370,18 @@ def test_chosen_text_encoder_wins_and_is_recorded(tmp_path: Path) -> None:
     te = tmp_path / "models" / "text_encoder"
     te.mkdir(parents=True)
     shutil.copy(split["clip_l"], te / "clip_l.safetensors")
-    shutil.copy(wrong, te / "t5xxl_a_fp16.safetensors")  # found first by name, but too wide
+    shutil.copy(wrong, te / "t5xxl_a_fp16.safetensors")  # too wide
     shutil.copy(split["t5xxl"], te / "t5xxl_b_fp16.safetensors")
     (tmp_path / "models" / "VAE").mkdir()
     shutil.copy(split["vae"], tmp_path / "models" / "VAE" / "ae.safetensors")
-    with pytest.raises(CheckpointError, match="t5xxl_a_fp16.safetensors is 64 wide"):
+    ambiguous = r"2 t5xxl text encoders found in models/text_encoder \(t5xxl_a_fp16.safetensors, t5xxl_b_fp16.safetensors\): choose one in the VAE / Text Encoder picker"
+    with pytest.raises(CheckpointError, match=ambiguous):
         make_engine(tmp_path).load_model(split["transformer"])
+    shutil.copy(split["t5xxl"], te / "t5xxl_c_fp8_e4m3fn.safetensors")  # another tier is no ambiguity
+    (te / "t5xxl_b_fp16.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="t5xxl_a_fp16.safetensors is 64 wide"):  # float before fp8
+        make_engine(tmp_path).load_model(split["transformer"])
+    shutil.copy(split["t5xxl"], te / "t5xxl_b_fp16.safetensors")
     eng = make_engine(tmp_path, text_encoders=("t5xxl_b_fp16",))
     model = _load(eng, split["transformer"])
     assert model.modules == ("ae", "clip_l", "t5xxl_b_fp16")

@@ -121,8 +121,14 @@ def test_a_transformer_gguf_given_as_t5_is_named_and_the_old_model_stays(flux_t5
     for misfiled, picked in (("flux1-schnell-Q8_0.gguf", True), ("t5-v1_1-xxl-a-Q8_0.gguf", False)):
         if not (te / misfiled).exists():
             shutil.copy(te / "flux1-schnell-Q8_0.gguf", te / misfiled)
-        with pytest.raises(CheckpointError) as err:
-            engine.load_model("flux1-schnell-tiny", ComponentChoice(modules=(misfiled,) if picked else ()))
+        if not picked:  # the misfiled file is then the only T5 found by name (two would be ambiguous)
+            (te / T5_GGUF).rename(root / "aside.gguf")
+        try:
+            with pytest.raises(CheckpointError) as err:
+                engine.load_model("flux1-schnell-tiny", ComponentChoice(modules=(misfiled,) if picked else ()))
+        finally:
+            if not picked:
+                (root / "aside.gguf").rename(te / T5_GGUF)
         message = str(err.value)
         assert f"{misfiled} was given as the T5 text encoder, but it is a GGUF of architecture 'flux' (a FLUX.1 " \
                "transformer), not a T5 encoder (architecture 't5encoder'" in message

@@ -81,8 +81,8 @@ def generate(page, server, prompt: str = "a fox") -> tuple[str, np.ndarray]:
 def test_pick_modules_generate_flux_and_paste_restores(page, server, tmp_path):
     for key in ("sd_vae", "forge_additional_modules", "CLIP_stop_at_last_layers"):
         assert page.locator(f"#quicksettings-{key}").is_visible(), key
-    choose(page, "#checkpoint", "flux")  # transformer only; by name the too-wide T5 is found first
-    wait_text(page, "#checkpoint-status", "64 wide", timeout=120)
+    choose(page, "#checkpoint", "flux")  # transformer only; by name two T5 files are found: ambiguous
+    wait_text(page, "#checkpoint-status", "2 t5xxl text encoders found", timeout=120)
     for i, name in enumerate(PICK):  # one file at a time, each saved (and tried) before the next
         choose(page, "#quicksettings-forge_additional_modules", name)
         page.keyboard.press("Escape")

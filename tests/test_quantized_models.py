@@ -282,3 +282,39 @@ def test_api_lists_formats_takes_fp8_storage_and_refuses_a_bad_gguf(sdxl, tmp_pa
         assert httpx.post(f"{srv.url}/sdapi/v1/txt2img", json=body, timeout=300).status_code == 200
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize("name, fmt", [("flux1-schnell-Q8_0", "Q8_0"), ("flux1-schnell-fp8_e4m3fn_scaled", "fp8_e4m3fn")])
+def test_kohya_flux_lora_on_packed_transformers(flux, name: str, fmt: str) -> None:
+    """A kohya FLUX.1 LoRA (fused qkv / linear1, original names) on a GGUF or fp8 transformer: the job's weights
+    are the packed layer's float weights plus the LoRA rows, the image follows the bf16 model's with the same
+    LoRA, and the packed blocks are never written."""
+    from tests.test_flow_lora import _lora_delta, _originals
+
+    engine, root, transformer = flux
+    hidden = WIDE_FLUX.hidden
+    layers = _originals({k: tuple(v.shape) for k, v in transformer.items()}, "lora_unet_", dotted=False)
+    layers = {k: v for k, v in layers.items() if k.endswith(("img_attn_qkv", "linear1"))}
+    sd = mk.lora_tensors(layers, seed=4)
+    mk.write(sd, root / "models" / "Lora" / "fq.safetensors")
+    prompt = "a red fox <lora:fq:0.8>"
+    ref_lora, _ = generate(engine, "flux1-schnell-bf16", prompt=prompt)
+    ref, _ = generate(engine, "flux1-schnell-bf16")
+    before, _ = generate(engine, name)
+    model = engine.require_model()
+    assert model.weight_dtype == fmt
+    to_q = model.unet.transformer_blocks[0].attn.to_q
+    storage = to_q.parametrizations.weight.original.clone()
+    base = to_q.weight.detach().float().clone()
+    hooks = engine.job_hooks("txt2img")
+    patch = hooks.patch(model, hooks.prepare(Txt2ImgParams(**{**PARAMS, "prompt": prompt})))
+    delta = _lora_delta(sd, "lora_unet_double_blocks_0_img_attn_qkv")[:hidden]
+    with patch.applied():
+        torch.testing.assert_close(patch.weight("unet", "transformer_blocks.0.attn.to_q").float(), base + 0.8 * delta,
+                                   rtol=1e-3, atol=1e-3)
+    with_lora, info = generate(engine, name, prompt=prompt)
+    after = np.asarray(engine.txt2img(Txt2ImgParams(**PARAMS)).images[0])
+    assert "Lora hashes" in info and not np.array_equal(before, with_lora)
+    assert np.array_equal(before, after) and torch.equal(to_q.parametrizations.weight.original, storage)
+    # the LoRA moves the packed model's image as it moves the bf16 one's: closer to bf16 + LoRA than to bf16
+    assert psnr(with_lora, ref_lora) >= 25 and psnr(with_lora, ref_lora) > psnr(with_lora, ref)

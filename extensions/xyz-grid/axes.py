@@ -30,7 +30,11 @@ FALSE_WORDS = ("false", "no", "n", "0", "none", "off", "")
 
 def set_field(name: str):
     def apply(params: Any, value: Any, values: Any = None) -> Any:
-        return dataclasses.replace(params, **{name: value})
+        changes = {name: value}
+        unset = getattr(params, "model_defaults", ())
+        if name in unset:  # the axis sets it: a FLUX.1 / SD3.5 family default must not replace it
+            changes["model_defaults"] = tuple(n for n in unset if n != name)
+        return dataclasses.replace(params, **changes)
 
     return apply
 

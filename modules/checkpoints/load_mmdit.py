@@ -99,7 +99,8 @@ def chosen_encoders(names: tuple[str, ...], dirs: tuple[Path, ...]) -> dict[str,
 
 
 def find_encoder_file(name: str, dirs: ComponentDirs) -> Path | None:
-    """The user's choice for `name`, else the first file named like it (fp16 before fp8)."""
+    """The user's choice for `name`, else the file named like it (float before fp8 before GGUF); two of the
+    preferred kind are ambiguous: a CheckpointError naming both (a silent pick could be the wrong model)."""
     if name in dirs.chosen:
         path = Path(dirs.chosen[name])
         if not path.is_file():
@@ -107,7 +108,13 @@ def find_encoder_file(name: str, dirs: ComponentDirs) -> Path | None:
         return path
     suffixes = ENCODER_SUFFIXES if name == "t5xxl" else COMPONENT_SUFFIXES
     hits = [p for p in _files(dirs.text_encoders, suffixes) if any(w in p.name.lower() for w in _ENCODER_WORDS[name])]
-    hits.sort(key=lambda p: (_is_gguf(p), "fp8" in p.name.lower(), p.name))  # float, fp8, then GGUF
+    tier = lambda p: (_is_gguf(p), "fp8" in p.name.lower())  # noqa: E731  float, fp8, then GGUF
+    hits.sort(key=lambda p: (*tier(p), p.name))
+    best = [p for p in hits if tier(p) == tier(hits[0])] if hits else []
+    if len(best) > 1:
+        raise CheckpointError(f"{len(best)} {name} text encoders found in models/text_encoder "
+                              f"({', '.join(p.name for p in best)}): choose one in the VAE / Text Encoder picker "
+                              f"(forge_additional_modules) or with --text-encoder")
     return hits[0] if hits else None
 
 

@@ -11,7 +11,7 @@ import torch
 
 from modules.errors import InvalidParams
 from modules.pipeline.hooks import Denoiser
-from modules.sampling import schedules
+from modules.sampling import samplers_flow, schedules
 from modules.sampling.denoisers import StopSampling
 from modules.sampling.noise import BrownianTreeNoise, SequentialNoise
 from modules.sampling.specs import SamplerSpec, ScheduleContext, SchedulerSpec
@@ -69,6 +69,10 @@ def plan_sampling(registries: SamplerRegistries, sampler_name: str, scheduler_na
         options["model_sigmas"] = context.model_sigmas
     if "flow" in inspect.signature(sampler.function).parameters:  # rectified-flow noise for FLUX.1 / SD3.5
         options["flow"] = context.flow
+    elif context.flow and samplers_flow.adds_noise(sampler.uses_noise, options):  # VE noise: run it in VE form
+        sampler = replace(sampler, function=samplers_flow.in_ve_form(sampler.function))
+    if context.flow and sampler.vp_start:  # DDIM / PLMS start from flow noise like the others
+        sampler = replace(sampler, vp_start=False)
     return SamplingPlan(sampler, scheduler, sigmas.to(context.device, torch.float32), options)
 
 

@@ -14,6 +14,7 @@ from modules.sampling import samplers_cfgpp as cfgpp
 from modules.sampling import samplers_dpm_solver as dpm_solver
 from modules.sampling import samplers_dpmpp as dpmpp
 from modules.sampling import samplers_extra as extra
+from modules.sampling import samplers_flow
 from modules.sampling.samplers_sa import sample_sa_solver
 from modules.sampling.samplers_unipc import sample_unipc
 
@@ -52,7 +53,7 @@ def register_samplers() -> list[SamplerSpec]:
                     default_scheduler="uniform", uses_noise=True),
         SamplerSpec("DPM adaptive", dpm_solver.sample_dpm_adaptive, ("k_dpm_ad", "dpm_adaptive"), ANCESTRAL,
                     default_scheduler="uniform", uses_noise=True),
-        SamplerSpec("Restart", extra.sample_restart, ("restart",), {"s_noise": 1.0}, default_scheduler="karras",
+        SamplerSpec("Restart", samplers_flow.sample_restart, ("restart",), {"s_noise": 1.0}, default_scheduler="karras",
                     uses_noise=True, second_order=True),
         SamplerSpec("DDIM", k.sample_ddim, ("ddim",), {"eta": 0.0, "s_noise": 1.0}, default_scheduler="ddim",
                     vp_start=True),
