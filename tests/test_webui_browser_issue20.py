@@ -6,15 +6,22 @@ One server (the bundled demo model and a tiny SD1 checkpoint) and one browser fo
 """
 from __future__ import annotations
 
+import base64
+import io
+import subprocess
 import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+from PIL import Image
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from modules.demo import DEMO_CHECKPOINT
 from tests import test_webui_browser as base
-from tests.ui_helpers import guarded_page, require_browser, start_ui_server
+from tests.test_webui_browser import gallery_image, set_number, wait_result
+from tests.ui_helpers import guarded_page, open_img2img_mode, require_browser, start_ui_server
 
 pytestmark = pytest.mark.slow
 browser = base.browser  # the same fixture, bound to this module's server
@@ -90,3 +97,86 @@ def test_sizes_typed_while_the_model_loads_are_kept(browser, server):
         assert (number(page, "img2img-width"), number(page, "img2img-height")) == ("128", "136")
         page.get_by_role("tab", name="txt2img", exact=True).click()
         assert (number(page, "txt2img-width"), number(page, "txt2img-height")) == ("192", "512")
+
+
+def api_image(server, **params) -> Image.Image:
+    job = {"prompt": "a red circle", "negative_prompt": "", "width": 64, "height": 64, "steps": 3, "seed": 1234,
+           "cfg_scale": 7, "sampler_name": "DPM++ 2M", "scheduler": "Automatic", **params}
+    response = httpx.post(server.url + "/sdapi/v1/txt2img", json=job, timeout=300)
+    assert response.status_code == 200, response.text
+    return Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0]))).convert("RGB")
+
+
+def test_variation_seed_and_resize_seed_from_reach_the_job(page, server):
+    """A1111's seed extras: variation seed and strength, and "resize seed from"; the UI's image is the API's
+    for the same fields, and not the image without them."""
+    page.fill("#txt2img-prompt textarea", "a red circle")
+    for elem, value in (("txt2img-width", 64), ("txt2img-height", 64), ("txt2img-steps", 3)):
+        set_number(page, elem, value)
+    page.locator("#txt2img-seed input").fill("1234")
+    page.get_by_text("Variation seed", exact=True).first.click()  # the accordion
+    page.locator("#txt2img-subseed input").fill("77")
+    page.locator("#txt2img-subseed input").press("Tab")
+    for elem, value in (("txt2img-subseed-strength", 0.5), ("txt2img-seed-resize-w", 96),
+                        ("txt2img-seed-resize-h", 80)):
+        set_number(page, elem, value)
+    page.click("#txt2img-generate")
+    info = wait_result(page)
+    for part in ("Seed: 1234", "Variation seed: 77", "Variation seed strength: 0.5", "Seed resize from: 96x80"):
+        assert part in info, info
+    shown = np.asarray(gallery_image(page, server, "txt2img"), dtype=np.int16)
+    varied = np.asarray(api_image(server, subseed=77, subseed_strength=0.5, seed_resize_from_w=96,
+                                  seed_resize_from_h=80), dtype=np.int16)
+    plain = np.asarray(api_image(server), dtype=np.int16)
+    assert np.abs(shown - varied).max() <= 1
+    assert np.abs(shown - plain).mean() > 2, "the variation fields changed nothing"
+
+
+MAIN_CONTROLS = {  # tab -> id suffixes of the controls the issue names, each with a tooltip
+    "txt2img": ("sampler", "scheduler", "steps", "cfg-scale", "seed", "subseed", "subseed-strength",
+                "seed-resize-w", "width", "height", "n-iter", "batch-size", "tiling", "hr-upscaler",
+                "hr-steps", "hr-denoising", "hr-scale", "refiner-checkpoint", "refiner-switch-at"),
+    "img2img": ("sampler", "steps", "cfg-scale", "seed", "denoising", "resize-mode", "mask-blur",
+                "inpainting-mask-invert", "inpainting-fill", "inpaint-area", "inpaint-padding"),
+}
+
+
+def test_every_main_control_has_a_tooltip(page):
+    """Sampler, schedule, steps, CFG, seed, denoise, hires and mask options (the issue's list) and the other
+    main controls carry a tooltip; A1111's wording where it has one."""
+    page.locator("#txt2img-hires").click()  # accordions render their controls once opened
+    page.locator("#txt2img-refiner").click()
+    page.get_by_text("Variation seed", exact=True).first.click()
+    page.get_by_role("tab", name="img2img", exact=True).click()
+    open_img2img_mode(page, "Inpaint")
+    page.locator("#img2img-inpaint-options").click()
+    ids = [f"{tab}-{suffix}" for tab, suffixes in MAIN_CONTROLS.items() for suffix in suffixes]
+    try:
+        page.wait_for_function("ids => ids.every(id => document.getElementById(id)?.title?.trim())", arg=ids,
+                               timeout=10_000)
+    except PlaywrightTimeout:
+        pass  # the assertion below names the controls without one
+    titles = page.evaluate("ids => ids.map(id => document.getElementById(id)?.title || '')", ids)
+    shown = dict(zip(ids, titles, strict=True))
+    assert not [i for i, title in shown.items() if not title.strip()], shown
+    assert page.locator("#img2img-mask-blur").get_attribute("title") == \
+        "How much to blur the mask before processing, in pixels."  # A1111's wording
+    assert page.locator("#txt2img-hr-steps").get_attribute("title").startswith("Number of sampling steps")
+    assert page.locator("#txt2img-sampler").get_attribute("title") == "Which algorithm to use to produce the image"
+
+
+def test_styles_are_saved_under_the_data_dir(page, server):
+    """User data goes under the data directory (git-ignored), never the repository root."""
+    before = (REPO / "styles.csv").exists()
+    page.fill("#txt2img-prompt textarea", "{prompt}, oil painting")
+    page.click("#txt2img-save-style-box")
+    page.locator("#txt2img-style-name input").fill("issue20 oil")
+    page.locator("#txt2img-save-style").click()
+    page.locator("[data-testid=toast-body]", has_text="Saved style").first.wait_for(timeout=15_000)
+    styles = server.context.app.settings.styles_file
+    assert styles == server.context.data_dir / "styles.csv", styles
+    assert "issue20 oil,\"{prompt}, oil painting\"" in styles.read_text()
+    assert (REPO / "styles.csv").exists() == before  # nothing new in the repository root
+    for default in ("data/styles.csv", "data/config.json", "outputs/txt2img-images/x.png"):
+        ignored = subprocess.run(["git", "check-ignore", "-q", default], cwd=REPO)
+        assert ignored.returncode == 0, f"git does not ignore {default}"
