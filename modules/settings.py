@@ -63,7 +63,7 @@ class Settings:
     max_batch_size: int = DEFAULT_LIMITS.max_batch_size
     max_n_iter: int = DEFAULT_LIMITS.max_n_iter
     max_steps: int = DEFAULT_LIMITS.max_steps
-    styles_file: Path = REPO_ROOT / "data" / "styles.csv"  # A1111's format; default: under --data-dir
+    styles_file: Path | None = None  # A1111's format; None: data_dir / "styles.csv" (filled in below)
     extensions_dirs: tuple[Path, ...] = (REPO_ROOT / "extensions",)
     disable_all_extensions: bool = False
     disable_extra_extensions: bool = False  # keep only the bundled extensions
@@ -77,6 +77,10 @@ class Settings:
     compile_backend: str = "inductor"  # any torch.compile backend (openvino once installed)
     weights: str = "auto"  # --weights fp8: float UNet / transformer weights kept as fp8 (A1111's "FP8 weight")
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.styles_file is None:  # user data lives under the data directory, which git ignores
+            object.__setattr__(self, "styles_file", self.data_dir / "styles.csv")
 
     @property
     def limits(self) -> Limits:

@@ -115,7 +115,6 @@ def test_layout_icons_tooltips_tabs_and_native_size(page):
     wait_number(page, "txt2img-width", 512)
     wait_number(page, "txt2img-height", 512)
     set_number(page, "txt2img-width", 192)  # the user's own size stays through a switch
-    time.sleep(0.5)
     choose_checkpoint(page, "demo")
     page.get_by_role("tab", name="img2img", exact=True).click()
     wait_number(page, "img2img-width", 128)

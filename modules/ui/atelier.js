@@ -158,6 +158,28 @@
     if (ev.target.matches && ev.target.matches("input[type=number]")) clampNote(ev.target);
   }, true);
 
+  // -- fields that follow the loaded model (native size) until the user sets them: any trusted input event
+  // in a field marks it as the user's; the decision and the write happen here in one step (native_size.py).
+  // Fields in one group (a tab's width and height) are kept together when the user set either. --
+  const follow = { touched: new Set(), last: new Map() };
+  document.addEventListener("input", (ev) => {
+    const block = ev.isTrusted && ev.target.closest && ev.target.closest(".block[id]");
+    if (block) follow.touched.add(block.id);
+  }, true);
+  window.atelierFollowModel = (ids, groups, built, targets, current) => {
+    const last = (i) => (follow.last.has(ids[i]) ? follow.last.get(ids[i]) : built[i]);
+    const kept = new Set();
+    ids.forEach((id, i) => {  // the user's edit, or a value set since (pasted, swapped), keeps the group
+      if (follow.touched.has(id) || String(current[i]) !== String(last(i))) kept.add(groups[i]);
+    });
+    return ids.map((id, i) => {
+      const target = targets[i];
+      if (target === null || target === undefined || kept.has(groups[i])) return undefined;
+      follow.last.set(id, target);
+      return target;
+    });
+  };
+
   // -- keyboard: Ctrl+Enter generates, Alt+Enter skips, Esc interrupts (or closes the lightbox) --
   document.addEventListener("keydown", (ev) => {  // capture: the page behind the lightbox sees no keys
     if (!document.getElementById("atelier-lightbox")) return;

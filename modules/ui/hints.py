@@ -49,6 +49,9 @@ TOOLTIPS: Mapping[str, str] = MappingProxyType({
                  "selected value. Ignored if either Resize width to or Resize height to are non-zero.",
     "-mask-blur": "How much to blur the mask before processing, in pixels.",
     "-inpainting-fill": "What to put inside the masked area before processing it with Stable Diffusion.",
+    "-inpainting-mask-invert": "Inpaint masked: repaint the painted area; Inpaint not masked: repaint "
+                               "everything except it",
+    "-inpaint-padding": "Only masked: how many pixels around the mask are also given to the model as context",
     "-inpaint-area": "Upscale masked region to target resolution, do inpainting, downscale back and paste "
                      "into original image",
     "-resize-mode": "How the image is fitted to width x height: stretched, cropped, or filled at the edges",

@@ -123,13 +123,14 @@ def _img2img_fields(fields: Fields) -> None:
     with gr.Accordion("Inpainting", open=False, elem_id="img2img-inpaint-options"):
         fields["mask_blur"] = gr.Slider(0, 64, value=4, step=1, label="Mask blur", elem_id="img2img-mask-blur")
         fields["inpainting_mask_invert"] = gr.Radio(list(MASK_MODES), value=MASK_MODES[0], type="index",
-                                                    label="Mask mode")
+                                                    label="Mask mode", elem_id="img2img-inpainting-mask-invert")
         fields["inpainting_fill"] = gr.Radio(list(INPAINTING_FILLS), value="original", type="index",
                                              label="Masked content", elem_id="img2img-inpainting-fill")
         fields["inpaint_full_res"] = gr.Radio(list(INPAINT_AREAS), value=INPAINT_AREAS[0], type="index",
                                               label="Inpaint area", elem_id="img2img-inpaint-area")
         fields["inpaint_full_res_padding"] = gr.Slider(0, 256, value=32, step=4,
-                                                       label="Only masked padding, pixels")
+                                                       label="Only masked padding, pixels",
+                                                       elem_id="img2img-inpaint-padding")
 
 
 def brush_size(image: Image.Image | None) -> int:

@@ -1,11 +1,15 @@
 """Width and height follow the loaded model's native size (its spec's `default_size`) until the user sets them.
 
-Each generation tab keeps a `gr.State` flag, set when the user moves its width or height; the page
-load and every checkpoint switch load the model (through the worker, as a job would) and update the
-sizes of the tabs whose flag is still unset.
+The page load and every checkpoint switch load the model (through the worker, as a job would) and put its
+native size in a hidden number; then the browser decides and writes the sizes in one step, with no round
+trip (`atelierFollowModel` in atelier.js): a tab whose width or height the user has edited (any trusted
+input event in it, even a number not yet entered), or that no longer shows the size last applied (a
+pasted infotext, the swap button), keeps its sizes. A size the user types while the model is still
+loading is therefore never overwritten.
 """
 from __future__ import annotations
 
+import json
 import logging
 
 import gradio as gr
@@ -38,39 +42,26 @@ def native_size(ui: UIContext, title: str | None) -> int | None:
     return model.spec.default_size if model is not None else None
 
 
-def size_updates(size: int | None, per_tab: list[tuple[bool, float, float, int]]) -> list:
-    """(width, height, last applied) updates per tab, in TABS order. A tab keeps its sizes when the user
-    moved them, or when they are no longer the ones last applied (typed while the model loaded)."""
-    out: list = []
-    for user_set, width, height, last in per_tab:
-        keep = size is None or user_set or (width, height) != (last, last)
-        out += [gr.skip(), gr.skip(), gr.skip()] if keep else [size, size, size]
-    return out
+def follow_js(widgets: list[gr.components.Component]) -> str:
+    """The browser-side apply: (size, *current values) -> one value or a skip (undefined) per widget."""
+    ids = json.dumps([w.elem_id for w in widgets])
+    groups = json.dumps([w.elem_id.split("-")[0] for w in widgets])  # a tab's width and height go together
+    built = json.dumps([w.value for w in widgets])  # what the page was built with: the first "last applied"
+    return (f"(size, ...current) => window.atelierFollowModel ? window.atelierFollowModel({ids}, {groups}, "
+            f"{built}, current.map(() => size), current) : current.map(() => size ?? undefined)")
 
 
 def wire_native_size(ui: UIContext, blocks: gr.Blocks, checkpoint: gr.Dropdown) -> None:
-    """The flags, set by the user's own edits; updates on page load and after a checkpoint switch."""
-    inputs, outputs = [], []
-    for name in TABS:
-        fields = ui.tabs[name].fields
-        flag, last = gr.State(False), gr.State(int(fields["width"].value))  # the built default (square)
-        for widget in (fields["width"], fields["height"]):
-            widget.input(lambda: True, outputs=flag, queue=False, show_progress="hidden")
-        inputs += [flag, fields["width"], fields["height"], last]
-        outputs += [fields["width"], fields["height"], last]
-
-    loaded = gr.State(None)
+    """Updates on page load and after a checkpoint switch; the browser skips the fields the user set."""
+    widgets = [ui.tabs[name].fields[key] for name in TABS for key in ("width", "height")]
+    loaded = gr.Number(None, visible="hidden", elem_id="native-size-loaded", interactive=False)
 
     def load_model(title: str | None) -> int | None:
         return native_size(ui, title)
 
-    def apply(size: int | None, *values) -> list:  # reads the flags and sizes after the (slow) load
-        per_tab = [tuple(values[i:i + 4]) for i in range(0, len(values), 4)]
-        return size_updates(size, per_tab)
-
     for event in (blocks.load, checkpoint.change):
         event(None, js=NATIVE_SIZE_START, queue=False).then(
             load_model, inputs=checkpoint, outputs=loaded, show_progress="hidden", concurrency_limit=1,
-            concurrency_id="native-size").then(apply, inputs=[loaded, *inputs], outputs=outputs,
-                                                 show_progress="hidden", queue=False
+            concurrency_id="native-size").then(None, inputs=[loaded, *widgets], outputs=widgets,
+                                                 js=follow_js(widgets), show_progress="hidden", queue=False
                                                  ).then(None, js=NATIVE_SIZE_DONE)
