@@ -1,6 +1,6 @@
 """Read a safetensors file's tensors straight into their final dtype, with a few threads, in one pass.
 
-Every tensor gets its final storage first. The file is memory-mapped once; worker threads take it
+Every tensor gets its final storage first. The file is memory-mapped once, read-only; worker threads take it
 in pieces of at most 2 MB, map each piece's pages in one call, convert the bytes straight from the
 page cache into their final place, then unmap those pages again. So the weights are read from memory
 once and written once, with no read() copy and no second full tensor; torch copies release the GIL,
@@ -18,6 +18,7 @@ import mmap
 import os
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -95,17 +96,21 @@ def plan(entries: Iterable[Entry], dtype: torch.dtype | None, path: Path
 
 
 class _Source:
-    """The file mapped once (copy-on-write, so never written), shared by every worker."""
+    """The file mapped once, read-only, shared by every worker."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
             with path.open("rb") as file:
                 self.size = os.fstat(file.fileno()).st_size
-                self.map = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+                # read-only and shared: a private writable map would be charged against memory
+                # commit, and a file larger than RAM (a 24 GB FLUX.1) could not be mapped at all
+                self.map = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
         except (OSError, ValueError) as err:
             raise CheckpointError(f"Checkpoint {path} could not be memory-mapped for reading: {err}") from err
-        self.bytes = torch.frombuffer(self.map, dtype=torch.uint8)
+        with warnings.catch_warnings():  # "buffer is not writable": nothing here writes to it
+            warnings.simplefilter("ignore", UserWarning)
+            self.bytes = torch.frombuffer(self.map, dtype=torch.uint8)
         self.populate = _POPULATE_READ is not None and hasattr(self.map, "madvise")
         self.prefault = _libc_madvise() is not None
 
