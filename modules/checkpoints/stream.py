@@ -111,7 +111,8 @@ class _Source:
         with warnings.catch_warnings():  # "buffer is not writable": nothing here writes to it
             warnings.simplefilter("ignore", UserWarning)
             self.bytes = torch.frombuffer(self.map, dtype=torch.uint8)
-        self.populate = _POPULATE_READ is not None and hasattr(self.map, "madvise")
+        self.advisable = hasattr(self.map, "madvise")  # not on Windows
+        self.populate = _POPULATE_READ is not None and self.advisable
         self.prefault = _libc_madvise() is not None
 
     def close(self) -> None:
@@ -127,12 +128,14 @@ class _Source:
         if short is not None:
             raise CheckpointError(f"Checkpoint {self.path} is truncated at tensor {short.key}")
 
-    def advise(self, advice: int, start: int, end: int) -> None:
+    def advise(self, advice: int, start: int, end: int) -> bool:
+        """madvise the pages holding bytes [start, end) of the file; False when the kernel refuses."""
         first = start - start % mmap.PAGESIZE
         try:
             self.map.madvise(advice, first, end - first)
-        except (OSError, ValueError):  # an old kernel without MADV_POPULATE_READ: pages fault in one by one
-            self.populate = False
+        except (OSError, ValueError):
+            return False
+        return True
 
 
 @functools.cache
@@ -167,13 +170,14 @@ class _Reader:
 
     def fill(self, piece: Piece) -> None:
         start, end = piece.offset, piece.offset + piece.nbytes
-        if self.source.populate:  # map the piece's pages in one call instead of one fault per 16
-            self.source.advise(_POPULATE_READ, start, end)
-        if self.source.prefault:
-            self.source.prefault = _prefault(piece.dest)
+        source = self.source
+        if source.populate:  # map the piece's pages in one call, not one fault per 16; an old kernel refuses
+            source.populate = source.advise(_POPULATE_READ, start, end)
+        if source.prefault:
+            source.prefault = _prefault(piece.dest)
         self._convert(self._src(piece).view(piece.dest.shape), piece.dest)
-        if hasattr(self.source.map, "madvise"):  # unmap the read pages: only the converted copy stays in RSS
-            self.source.advise(mmap.MADV_DONTNEED, start, end)
+        if source.advisable:  # unmap the read pages: only the converted copy stays in RSS
+            source.advise(mmap.MADV_DONTNEED, start, end)
 
     def _src(self, piece: Piece) -> torch.Tensor:
         """The piece's bytes as `piece.stored`, copied to an aligned buffer only when the file misaligns them."""
