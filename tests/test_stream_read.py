@@ -178,3 +178,12 @@ def test_the_file_is_unmapped_after_reading(tmp_path, small_pieces):
     got = stream.read_entries(path, _entries(path), torch.bfloat16, workers=2)
     assert str(path) not in Path("/proc/self/maps").read_text()
     assert got["big"].untyped_storage().nbytes() == 37 * 301 * 2  # its own storage, not a view of the file
+
+
+def test_a_kernel_that_refuses_the_page_population_calls_still_reads_correctly(tmp_path, small_pieces, monkeypatch):
+    monkeypatch.setattr(stream, "_POPULATE_READ", 12345)  # no such advice: madvise fails with EINVAL
+    monkeypatch.setattr(stream, "_POPULATE_WRITE", 12345)
+    path = _mixed_file(tmp_path, torch.float16)
+    got = stream.read_entries(path, _entries(path), torch.bfloat16, workers=2)
+    for key, value in load_file(str(path)).items():
+        assert _bits_equal(got[key], value.to(torch.bfloat16) if value.is_floating_point() else value), key
