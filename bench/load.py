@@ -7,7 +7,7 @@ Uses bench/cpu.py's SD 1.5-width fp16 checkpoint (2.13 GB). Every measurement ru
 process, interleaved per repeat, after one untimed raw read that warms the page cache:
 - raw: safetensors' `load_file` plus a clone of every tensor (as in bench/cpu.py);
 - bf16 / fp32: Atelier's engine loading the checkpoint to ready modules at that precision, with
-  the time spent in `read_state_dict` reported apart.
+  the time spent reading the file (`read_weights`, or `read_state_dict` in older code) reported apart.
 `--code DIR` imports Atelier from another checkout, and `--before DIR` adds one more (an older
 commit unpacked with `git archive`, say) for the variants named `*-before`, so two versions are
 measured side by side. Prints medians and ratios to raw; writes JSON.
@@ -55,7 +55,8 @@ def child_atelier(ckpt: Path, precision: str, cache: Path) -> dict:
 
     app = build_app(Settings(device="cpu", precision=precision, data_dir=cache / "data",
                              outputs_dir=cache / "outputs", disable_extra_extensions=True))
-    read = load_module.read_state_dict
+    hook = "read_weights" if hasattr(load_module, "read_weights") else "read_state_dict"  # the loader's entry
+    read = getattr(load_module, hook)
     spent = {}
 
     def timed_read(*args, **kwargs):
@@ -64,7 +65,7 @@ def child_atelier(ckpt: Path, precision: str, cache: Path) -> dict:
         spent.setdefault("read_s", time.perf_counter() - began)
         return out
 
-    load_module.read_state_dict = timed_read
+    setattr(load_module, hook, timed_read)
     rss_before, cpu_began = status_gb(), cpu_s()
     began = time.perf_counter()
     model = app.engine.load_model(ckpt)

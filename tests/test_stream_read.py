@@ -1,8 +1,13 @@
 """The threaded piece reader: bit-identical to safetensors' own reader, NHWC on request, clear errors."""
 from __future__ import annotations
 
+import json
+import struct
+import sys
 import threading
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -125,3 +130,60 @@ def test_vae_read_as_nhwc_matches_the_contiguous_load(tiny_sd1):
     assert all(p.is_contiguous() for p in nhwc.unet.parameters())
     for (name, a), (_, b) in zip(plain.vae.state_dict().items(), nhwc.vae.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_every_fp16_bit_pattern_rounds_like_torch(tmp_path, small_pieces):
+    """All 65,536 fp16 values (subnormals, infinities, ties) and fp32 ties at bf16's rounding point:
+    round to nearest even, bit for bit as `.to(torch.bfloat16)`, from the memory-mapped pieces."""
+    every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    halfway = torch.tensor([0x3F808000, 0x3F818000, 0x3F80C000, 0xBF818000, 0x7F7F8000, 0x00008000],
+                           dtype=torch.int64).to(torch.int32).view(torch.float32)  # exact ties, odd and even
+    path = tmp_path / "bits.safetensors"
+    save_file({"every": every.reshape(256, 256), "halfway": halfway}, str(path))
+    got = stream.read_entries(path, _entries(path), torch.bfloat16, workers=2)
+    assert _bits_equal(got["every"], every.reshape(256, 256).to(torch.bfloat16))
+    assert _bits_equal(got["halfway"], halfway.to(torch.bfloat16))
+    assert got["halfway"].view(torch.int16)[0].item() == 0x3F80  # a tie to the even neighbour, not up
+
+
+def _misaligned_file(path, tensors: dict[str, np.ndarray]) -> None:
+    """A safetensors file whose tensors start at odd offsets (the format does not require alignment)."""
+    names = {np.dtype(np.uint8): "U8", np.dtype(np.float16): "F16", np.dtype(np.float32): "F32"}
+    header, offset = {}, 0
+    for key, value in tensors.items():
+        header[key] = {"dtype": names[value.dtype], "shape": list(value.shape),
+                       "data_offsets": [offset, offset + value.nbytes]}
+        offset += value.nbytes
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    path.write_bytes(struct.pack("<Q", len(head)) + head + b"".join(v.tobytes() for v in tensors.values()))
+
+
+def test_misaligned_tensors_are_read_through_an_aligned_copy(tmp_path, small_pieces):
+    rng = np.random.default_rng(0)
+    tensors = {"odd": np.arange(3, dtype=np.uint8), "half": rng.standard_normal((40, 50)).astype(np.float16),
+               "single": rng.standard_normal(1001).astype(np.float32)}
+    path = tmp_path / "misaligned.safetensors"
+    _misaligned_file(path, tensors)
+    got = read_state_dict(path, dtype=torch.bfloat16)
+    for key, value in tensors.items():
+        want = torch.from_numpy(value.copy())
+        want = want.to(torch.bfloat16) if want.is_floating_point() else want
+        assert _bits_equal(got[key], want), key
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_the_file_is_unmapped_after_reading(tmp_path, small_pieces):
+    path = _mixed_file(tmp_path, torch.float16)
+    got = stream.read_entries(path, _entries(path), torch.bfloat16, workers=2)
+    assert str(path) not in Path("/proc/self/maps").read_text()
+    assert got["big"].untyped_storage().nbytes() == 37 * 301 * 2  # its own storage, not a view of the file
+
+
+def test_a_kernel_that_refuses_the_page_population_calls_still_reads_correctly(tmp_path, small_pieces, monkeypatch):
+    monkeypatch.setattr(stream, "_POPULATE_READ", 12345)  # no such advice: madvise fails with EINVAL
+    monkeypatch.setattr(stream, "_POPULATE_WRITE", 12345)
+    path = _mixed_file(tmp_path, torch.float16)
+    got = stream.read_entries(path, _entries(path), torch.bfloat16, workers=2)
+    for key, value in load_file(str(path)).items():
+        assert _bits_equal(got[key], value.to(torch.bfloat16) if value.is_floating_point() else value), key
