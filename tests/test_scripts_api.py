@@ -188,7 +188,7 @@ def test_xyz_vary_seeds_adds_each_cell_position_to_the_seed(http):
     (xyz_args("Token merging ratio", "0.5"), ["'Token merging ratio'", "not available"]),
     (xyz_args(99, "1"), ["index 99"]),
     (xyz_args("Styles", "No such style"), ["'No such style'"]),
-    ([0] * 17, ["at most 16"]),
+    ([0] * 20, ["at most 19"]),
 ])
 def test_bad_xyz_input_is_a_422_naming_the_value_and_nothing_is_queued(http, args, words):
     before = job_count(http)
@@ -305,7 +305,8 @@ def test_scripts_and_script_info_lists(http):
     info = http.get("/sdapi/v1/script-info").json()
     xyz = next(s for s in info if s["name"] == "x/y/z plot" and not s["is_img2img"])
     assert [a["label"] for a in xyz["args"]][:4] == ["X type", "X values", "X values (list)", "Y type"]
-    assert len(xyz["args"]) == 16 and "Sampler" in xyz["args"][0]["choices"]
+    assert len(xyz["args"]) == 19 and "Sampler" in xyz["args"][0]["choices"]  # A1111's 16, then vary seeds x/y/z
+    assert [a["label"] for a in xyz["args"]][16:] == ["Vary seeds for X", "Vary seeds for Y", "Vary seeds for Z"]
     upscale = next(s for s in info if s["name"] == "sd upscale")
     assert upscale["is_img2img"] and upscale["args"][2]["choices"][:3] == ["None", "Lanczos", "Nearest"]
     assert not any(s["name"] == "sd upscale" and not s["is_img2img"] for s in info)
