@@ -76,7 +76,7 @@ def test_interrogation_options_are_listed_and_checked(server):
     ({"image": "not base64!", "model": "clip"}, "not valid base64"),
     ({"image": base64.b64encode(b"junk bytes").decode(), "model": "deepdanbooru"}, "not an image"),
     ({"model": "clip"}, "expected a base64-encoded image"),
-    ({"image": "", "model": "wd14"}, "Unknown interrogation model 'wd14'"),
+    ({"image": "", "model": "blip2"}, "Unknown interrogation model 'blip2'"),
 ])
 def test_bad_payloads_are_clear_4xx(server, body, message):
     r = _post(server, body)

@@ -31,6 +31,8 @@ A1111_UI_ORDER = {
     "Loopback": ["loops", "final_denoising_strength", "denoising_curve", "append_interrogation"],
     "Outpainting mk2": ["info", "pixels", "mask_blur", "direction", "noise_q", "color_variation"],
 }
+# Atelier's options after A1111's (positional only past A1111's count, or by name)
+ATELIER_EXTRA_OPTIONS = {"X/Y/Z plot": ["vary_seeds_x", "vary_seeds_y", "vary_seeds_z"]}
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +156,23 @@ def test_bad_ranges_name_the_value(xyz_values, text, words):
 @pytest.mark.parametrize("title", list(A1111_UI_ORDER))
 def test_options_follow_a1111_ui_order(app, title):
     spec = app.registries.scripts.get(title)
-    assert [o.name for o in spec.options] == A1111_UI_ORDER[title]
+    names = [o.name for o in spec.options]
+    assert names[:len(A1111_UI_ORDER[title])] == A1111_UI_ORDER[title]
+    assert names[len(A1111_UI_ORDER[title]):] == ATELIER_EXTRA_OPTIONS.get(title, [])
+
+
+def test_xyz_takes_forge_18_argument_order_and_its_own_19(app):
+    """Forge / A1111 dev send vary_seeds_x/y/z after no_fixed_seeds and no raw_mode (18 values)."""
+    xyz = app.registries.scripts.get("X/Y/Z plot")
+    head = [4, "1-3", [], 0, "", [], 0, "", [], True, False, False, False]
+    forge = script_args(xyz, [*head, True, False, True, 6, True])
+    assert (forge["vary_seeds_x"], forge["vary_seeds_y"], forge["vary_seeds_z"]) == (True, False, True)
+    assert forge["margin_size"] == 6 and forge["csv_mode"] is True and forge["raw_mode"] is False
+    own = script_args(xyz, [*head, 6, True, False, False, True, False])
+    assert own["margin_size"] == 6 and own["csv_mode"] is True and own["vary_seeds_y"] is True
+    assert own["vary_seeds_x"] is False and own["vary_seeds_z"] is False
+    with pytest.raises(InvalidParams, match="at most 19"):
+        script_args(xyz, [*head, 6, True, False, False, True, False, True])
 
 
 def test_positional_args_map_by_position_with_a1111_value_shapes(app):

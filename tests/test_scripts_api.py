@@ -162,6 +162,22 @@ def test_xyz_named_args_keep_minus_one_and_dropdown_values(http):
     assert samplers == ["Euler", "Euler a"] and len(images) == 3
 
 
+def test_xyz_vary_seeds_adds_each_cell_position_to_the_seed(http):
+    """Forge's 18-value order with "Vary seeds for X" and "for Y": x counts by 1, y by the x count."""
+    forge = [4, "1, 2, 1", [], 6, "5, 7", [], 0, "", [], True, True, False, False, True, True, False, 0, False]
+    images, info = post(http, "txt2img", prompt="a fox", seed=100, script_name="X/Y/Z plot", script_args=forge)
+    cells = fields_of(info["infotexts"][1:])
+    assert [f["Seed"] for f in cells] == [100, 101, 102, 103, 104, 105]
+    assert [(f["Steps"], f["CFG scale"]) for f in cells] == [(1, 5), (2, 5), (1, 5), (1, 7), (2, 7), (1, 7)]
+    assert len(images) == 7
+    # the same x value at a different x position gives a different image; without varying it is the same
+    assert not np.array_equal(np.asarray(images[1]), np.asarray(images[3]))
+    plain, _ = post(http, "txt2img", prompt="a fox", seed=100, script_name="X/Y/Z plot",
+                    script_args=xyz_args("Steps", "1, 2, 1"))
+    assert np.array_equal(np.asarray(plain[1]), np.asarray(plain[3]))
+    assert np.array_equal(np.asarray(plain[1]), np.asarray(images[1]))
+
+
 @pytest.mark.parametrize("args, words", [
     (xyz_args(9, "Euler, Nope"), ["'Nope'", "sampler"]),  # 9 = Sampler
     (xyz_args("Sampler", "Euler", "Schedule type", "Karras, Wobbly"), ["'Wobbly'"]),
@@ -172,7 +188,7 @@ def test_xyz_named_args_keep_minus_one_and_dropdown_values(http):
     (xyz_args("Token merging ratio", "0.5"), ["'Token merging ratio'", "not available"]),
     (xyz_args(99, "1"), ["index 99"]),
     (xyz_args("Styles", "No such style"), ["'No such style'"]),
-    ([0] * 17, ["at most 16"]),
+    ([0] * 20, ["at most 19"]),
 ])
 def test_bad_xyz_input_is_a_422_naming_the_value_and_nothing_is_queued(http, args, words):
     before = job_count(http)
@@ -289,7 +305,8 @@ def test_scripts_and_script_info_lists(http):
     info = http.get("/sdapi/v1/script-info").json()
     xyz = next(s for s in info if s["name"] == "x/y/z plot" and not s["is_img2img"])
     assert [a["label"] for a in xyz["args"]][:4] == ["X type", "X values", "X values (list)", "Y type"]
-    assert len(xyz["args"]) == 16 and "Sampler" in xyz["args"][0]["choices"]
+    assert len(xyz["args"]) == 19 and "Sampler" in xyz["args"][0]["choices"]  # A1111's 16, then vary seeds x/y/z
+    assert [a["label"] for a in xyz["args"]][16:] == ["Vary seeds for X", "Vary seeds for Y", "Vary seeds for Z"]
     upscale = next(s for s in info if s["name"] == "sd upscale")
     assert upscale["is_img2img"] and upscale["args"][2]["choices"][:3] == ["None", "Lanczos", "Nearest"]
     assert not any(s["name"] == "sd upscale" and not s["is_img2img"] for s in info)

@@ -1,5 +1,6 @@
 """Browser tests of the Extras tab (real server, Debian chromium): a model upscaler on one image at an
-exact size, a folder batch, the face-restoration message, and "Send to extras" from txt2img's gallery."""
+exact size, a folder batch, the face-restoration message, and "Send to extras" from txt2img's gallery,
+PNG Info and History."""
 from __future__ import annotations
 
 import time
@@ -122,3 +123,49 @@ def test_send_to_extras_from_the_txt2img_gallery(page, server):
     page.click("#extras-generate")
     wait_text(page, "#extras-message", "Done: 1 image(s)", timeout=120)
     assert gallery_image(page, server, "extras").size == (2 * source[0], 2 * source[1])
+
+
+def _switched_to_extras(page) -> None:
+    page.wait_for_selector("#extras-image img", state="visible", timeout=30_000)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not page.locator("#extras-generate").is_visible():
+        time.sleep(0.1)
+    assert page.locator("#extras-generate").is_visible(), "send-to did not switch to Extras"
+
+
+def test_send_to_extras_from_png_info(page, server, tmp_path):
+    path = tmp_path / "pnginfo-source.png"
+    _random(20, 12, seed=3).save(path)
+    page.get_by_role("tab", name="PNG Info", exact=True).first.click()
+    page.locator("#pnginfo-image input[type=file]").set_input_files(str(path))
+    page.wait_for_selector("#pnginfo-image img", state="visible", timeout=30_000)
+    page.click("#pnginfo-send-to-extras")
+    _switched_to_extras(page)
+    choose(page, "extras-upscaler-1", "Nearest")
+    set_number(page, "extras-upscaling-resize", 2)
+    page.click("#extras-generate")
+    wait_text(page, "#extras-message", "Done: 1 image(s)", timeout=120)
+    out = Image.open(saved(server)[-1])
+    assert out.size == (40, 24)
+    # pixel-exact: the sent image is not recompressed on the way (Gradio's lossy webp default)
+    expected = _random(20, 12, seed=3).resize((40, 24), Image.NEAREST)
+    assert np.array_equal(np.asarray(out.convert("RGB")), np.asarray(expected))
+
+
+def test_send_to_extras_from_history(page, server):
+    fill_txt2img(page, "a harbour", seed=11, steps=2)
+    page.click("#txt2img-generate")
+    assert "Seed: 11" in wait_result(page)
+    page.get_by_role("tab", name="History", exact=True).first.click()
+    page.locator("#history-table [role=gridcell]:visible", has_text="a harbour").first.click()
+    wait_text(page, "#history-infotext", "Seed: 11")
+    page.click("#history-send-to-extras")
+    _switched_to_extras(page)
+    choose(page, "extras-upscaler-1", "Nearest")
+    set_number(page, "extras-upscaling-resize", 2)
+    page.click("#extras-generate")
+    wait_text(page, "#extras-message", "Done: 1 image(s)", timeout=120)
+    source = sorted((server.root / "outputs" / "txt2img-images").rglob("*.png"))[-1]
+    with Image.open(source) as image:
+        expected = image.convert("RGB").resize((2 * image.width, 2 * image.height), Image.NEAREST)
+    assert np.array_equal(np.asarray(Image.open(saved(server)[-1]).convert("RGB")), np.asarray(expected))

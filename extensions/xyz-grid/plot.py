@@ -154,6 +154,19 @@ def fix_seeds(params: Any, axes: list[Axis]) -> Any:
                                subseed=_random_seed() if params.subseed == -1 else params.subseed)
 
 
+def vary_seed(params: Any, index: tuple[int, int, int], axes: list[Axis], args: dict[str, Any]) -> Any:
+    """"Vary seeds for X/Y/Z": the cell's seed plus its position along the chosen axes, counted
+    x fastest (a random -1 seed stays -1)."""
+    if params.seed == -1:
+        return params
+    offset, stride = 0, 1
+    for axis, i in zip(axes, index, strict=True):
+        if args.get(f"vary_seeds_{axis.letter}"):
+            offset += i * stride
+            stride *= len(axis.values)
+    return dataclasses.replace(params, seed=params.seed + offset) if offset else params
+
+
 def loop_order(axes: list[Axis]) -> list[tuple[int, int, int]]:
     """Cell indexes (ix, iy, iz) with the costliest axis outermost (z, then y, on ties), so a
     checkpoint axis loads each model once."""
@@ -189,5 +202,5 @@ def run(ctx: api.ScriptContext) -> api.Result:
                 checkpoint = value
             elif axis.active:
                 cell = axis.spec.apply(cell, value, axis.values)
-        cells[index] = ctx.process(cell, checkpoint)
+        cells[index] = ctx.process(vary_seed(cell, index, axes, args), checkpoint)
     return assemble(ctx, axes, cells, args)

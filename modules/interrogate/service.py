@@ -1,11 +1,12 @@
 """The interrogator one engine owns: finds the models in the models folder, loads them once, and
-runs "clip" (BLIP caption + CLIP ranking) or "deepdanbooru" (tags) on an image.
+runs "clip" (BLIP caption + CLIP ranking), "deepdanbooru" or "wd14" (tags) on an image.
 
 Models are never downloaded. A missing model raises `ModelMissing` (an InvalidParams: a 422 from
 the API, a message in the UI) naming the folder and the files to put there.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -20,12 +21,13 @@ import torch
 from PIL import Image
 
 from modules.errors import InvalidParams
-from modules.interrogate import clip, deepbooru
+from modules.interrogate import clip, deepbooru, wd14
 from modules.interrogate.options import InterrogateOptions, format_tags
 
 log = logging.getLogger(__name__)
 
-MODELS = ("clip", "deepdanbooru")
+MODELS = ("clip", "deepdanbooru", "wd14")
+WD14_FOLDER = "interrogators"  # the A1111 WD14 tagger extension's folder
 BUNDLED_LISTS = Path(__file__).resolve().parent / "lists"
 CLIP_FOLDERS = ("clip_interrogator", "CLIP")
 
@@ -40,12 +42,13 @@ class InterrogateFolders:
     clip: tuple[Path, ...]
     deepdanbooru: Path
     lists: Path  # user lists; the bundled ones are used when it holds no .txt
+    wd14: Path | None = None  # WD14-style ONNX taggers, one folder each
 
     @classmethod
     def under(cls, models_dir: Path) -> InterrogateFolders:
         models_dir = Path(models_dir)
         return cls(models_dir / "BLIP", tuple(models_dir / name for name in CLIP_FOLDERS),
-                   models_dir / "torch_deepdanbooru", models_dir / "interrogate")
+                   models_dir / "torch_deepdanbooru", models_dir / "interrogate", models_dir / WD14_FOLDER)
 
 
 def hf_folder(folder: Path, model_type: str) -> Path | None:
@@ -119,6 +122,16 @@ class Interrogator:
                 field="model")
         return (preferred or files)[0]
 
+    def wd14_folder(self) -> Path:
+        folder = self.folders.wd14
+        found = wd14.find_folder(folder) if folder is not None else None
+        if found is None:
+            raise ModelMissing(
+                f"WD14 tagging needs a tagger folder in {folder}: {wd14.MODEL_FILE} and {wd14.TAGS_FILE} from a "
+                f"SmilingWolf tagger, e.g. wd-v1-4-moat-tagger-v2 as {folder / 'wd-v1-4-moat-tagger-v2' if folder else ''}.",
+                field="model")
+        return found
+
     def list_folder(self) -> Path:
         user = self.folders.lists
         return user if user.is_dir() and any(user.glob("*.txt")) else BUNDLED_LISTS
@@ -130,6 +143,8 @@ class Interrogator:
             self.clip_folder()
         elif model == "deepdanbooru":
             self.deepdanbooru_file()
+        elif model == "wd14":
+            self.wd14_folder()
         else:
             raise InvalidParams(f"Unknown interrogation model {model!r}; use one of {', '.join(MODELS)}",
                                 field="model")
@@ -142,6 +157,8 @@ class Interrogator:
         with self._lock:
             if model == "clip":
                 return self._clip(image, options)
+            if model == "wd14":
+                return self._wd14(image, options)
             return self._deepdanbooru(image, options)
 
     def _cached(self, kind: str, path: Path, load: Callable[[Path], Any]) -> Any:
@@ -178,3 +195,9 @@ class Interrogator:
         with self._on_device([tagger.net], options):
             probs = tagger.probabilities(pixels)[0]
         return format_tags(dict(zip(tagger.tags, probs.tolist(), strict=True)), options)
+
+    def _wd14(self, image: Image.Image, options: InterrogateOptions) -> str:
+        """The tagger's own thresholds (general 0.35, character 0.85), then A1111's tag formatting options."""
+        tagger = self._cached("wd14", self.wd14_folder(), wd14.Tagger.load)
+        kept = tagger.kept(image)
+        return format_tags(kept, dataclasses.replace(options, interrogate_deepbooru_score_threshold=0.0))

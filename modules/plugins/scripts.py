@@ -38,7 +38,8 @@ class ScriptSpec:
     by option name. `check(ctx)` raises InvalidParams naming a bad value before the job is queued;
     `run(ctx)` returns the job's `Result`. The UI draws a "fill values" button beside each text option
     named in `fill_buttons`; `fill(ScriptFill)` returns the text it writes there (None: leave it).
-    Buttons carry no value, so positional `script_args` are unchanged.
+    Buttons carry no value, so positional `script_args` are unchanged. `orders` are other positional
+    orders (option names) that clients of A1111 forks send, each told apart by its length.
     """
 
     name: str
@@ -52,6 +53,7 @@ class ScriptSpec:
     order: int = 100
     fill_buttons: tuple[str, ...] = ()
     fill: Callable[[Any], str | None] | None = None
+    orders: tuple[tuple[str, ...], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -171,10 +173,11 @@ def script_args(spec: ScriptSpec, args: Any) -> dict[str, Any]:
                                 f"known: {', '.join(o.name for o in options)}", field="script_args")
         given = dict(args)
     elif isinstance(args, Sequence) and not isinstance(args, str):
-        if len(args) > len(options):
-            raise InvalidParams(f"{spec.name} takes at most {len(options)} script_args "
-                                f"({', '.join(o.name for o in options)}); got {len(args)}", field="script_args")
-        given = {o.name: v for o, v in zip(options, args, strict=False)}
+        names = next((order for order in spec.orders if len(order) == len(args)), [o.name for o in options])
+        if len(args) > len(names):
+            raise InvalidParams(f"{spec.name} takes at most {len(names)} script_args "
+                                f"({', '.join(names)}); got {len(args)}", field="script_args")
+        given = dict(zip(names, args, strict=False))
     else:
         raise InvalidParams("script_args must be a list (A1111's order) or a mapping by name", field="script_args")
     return {o.name: _coerce(spec.name, o, given[o.name]) if o.name in given else o.default for o in options}

@@ -155,8 +155,9 @@ def build_extras_tab(ui: UIContext) -> ExtrasTab:
         with gr.Row():
             with gr.Column():
                 mode = gr.Radio(list(MODES), value=MODES[0], label="Source", elem_id="extras-mode")
+                # png: an image sent here from another tab reaches the upscaler losslessly (Gradio's default is webp)
                 image = gr.Image(label="Source", type="pil", height=320, elem_id="extras-image",
-                                 sources=["upload", "clipboard"])
+                                 sources=["upload", "clipboard"], format="png")
                 files = gr.File(label="Batch Process", file_count="multiple", file_types=["image"],
                                 elem_id="extras-batch-files")
                 input_dir = gr.Textbox(label="Input directory", elem_id="extras-input-dir")

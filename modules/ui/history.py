@@ -58,7 +58,8 @@ def build_history_tab(ui: UIContext) -> HistoryTab:
                 infotext = gr.HTML("", elem_id="history-infotext")
                 with gr.Row():
                     send = {name: gr.Button(label, size="sm", elem_id=f"history-send-to-{name}")
-                            for name, label in (("txt2img", "Send to txt2img"), ("img2img", "Send to img2img"))}
+                            for name, label in (("txt2img", "Send to txt2img"), ("img2img", "Send to img2img"),
+                                                ("extras", "Send to extras"))}
     state = gr.State({"images": [], "infotexts": [], "seeds": [], "selected": 0})
     job_ids = gr.State([])
 

@@ -1,4 +1,4 @@
-"""The PNG info tab: drop an image, read its parameters, send them to txt2img or img2img."""
+"""The PNG info tab: drop an image, read its parameters, send them to txt2img or img2img (or the image to extras)."""
 from __future__ import annotations
 
 import html
@@ -48,7 +48,7 @@ def build_pnginfo_tab(ui: UIContext) -> PngInfoTab:
                 with gr.Row():
                     send = {name: gr.Button(label, size="sm", elem_id=f"pnginfo-send-to-{name}")
                             for name, label in (("txt2img", "Send to txt2img"), ("img2img", "Send to img2img"),
-                                                ("inpaint", "Send to inpaint"))}
+                                                ("inpaint", "Send to inpaint"), ("extras", "Send to extras"))}
                 table = gr.HTML("", elem_id="pnginfo-table")
     image.change(read_image_info, inputs=image, outputs=[text, table])  # queued: its upload errors show
     return PngInfoTab(image, text, table, send)

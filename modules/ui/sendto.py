@@ -1,5 +1,5 @@
 """Send-to buttons between tabs: results -> img2img / inpaint / Extras / PNG info,
-PNG info and History -> txt2img / img2img."""
+PNG info and History -> txt2img / img2img / Extras."""
 from __future__ import annotations
 
 import gradio as gr
@@ -74,11 +74,7 @@ def wire_send_to(ui: UIContext, tabs: gr.Tabs, checkpoint: gr.Dropdown) -> None:
 
         results.send["pnginfo"].click(to_pnginfo, inputs=results.state, outputs=[pnginfo.image, tabs])
 
-        def to_extras(state: dict) -> dict:
-            path, _ = selected(state)
-            return {extras.image: _open(path), tabs: gr.Tabs(selected="extras")}
-
-        results.send["extras"].click(to_extras, inputs=results.state, outputs=[extras.image, tabs])
+        _wire_to_extras(ui, results.send["extras"], results.state, tabs)
 
     def png_to_txt2img(text: str) -> dict:
         return _to_tab(ui, txt2img, tabs, checkpoint, None, text, None)
@@ -91,7 +87,23 @@ def wire_send_to(ui: UIContext, tabs: gr.Tabs, checkpoint: gr.Dropdown) -> None:
 
         pnginfo.send[mode].click(png_to_img2img, inputs=[pnginfo.text, pnginfo.image],
                                  outputs=_outputs(ui, img2img, tabs, checkpoint, True))
+
+    def png_to_extras(image) -> dict:
+        return {extras.image: image, tabs: gr.Tabs(selected="extras")}
+
+    pnginfo.send["extras"].click(png_to_extras, inputs=pnginfo.image, outputs=[extras.image, tabs])
     _wire_history(ui, tabs, checkpoint)
+
+
+def _wire_to_extras(ui: UIContext, button: gr.Button, state: gr.State, tabs: gr.Tabs) -> None:
+    """A gallery's "Send to extras": its selected image into the Extras tab, which is then shown."""
+    extras = ui.tabs["extras"]
+
+    def to_extras(value: dict) -> dict:
+        path, _ = selected(value)
+        return {extras.image: _open(path), tabs: gr.Tabs(selected="extras")}
+
+    button.click(to_extras, inputs=state, outputs=[extras.image, tabs])
 
 
 def _wire_history(ui: UIContext, tabs: gr.Tabs, checkpoint: gr.Dropdown) -> None:
@@ -108,3 +120,4 @@ def _wire_history(ui: UIContext, tabs: gr.Tabs, checkpoint: gr.Dropdown) -> None
 
     history.send["txt2img"].click(to_txt2img, inputs=history.state, outputs=_outputs(ui, txt2img, tabs, checkpoint, False))
     history.send["img2img"].click(to_img2img, inputs=history.state, outputs=_outputs(ui, img2img, tabs, checkpoint, True))
+    _wire_to_extras(ui, history.send["extras"], history.state, tabs)

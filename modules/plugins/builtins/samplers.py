@@ -11,6 +11,7 @@ from modules.plugins.hookspecs import hookimpl
 from modules.plugins.specs import SamplerSpec
 from modules.sampling import samplers as k
 from modules.sampling import samplers_cfgpp as cfgpp
+from modules.sampling import samplers_deis as deis
 from modules.sampling import samplers_dpm_solver as dpm_solver
 from modules.sampling import samplers_dpmpp as dpmpp
 from modules.sampling import samplers_extra as extra
@@ -68,7 +69,8 @@ def register_samplers() -> list[SamplerSpec]:
                     default_scheduler="uniform"),
         SamplerSpec("DPM++ 2M CFG++", cfgpp.sample_dpmpp_2m_cfg_pp, ("dpmpp_2m_cfg_pp", "k_dpmpp_2m_cfg_pp"),
                     default_scheduler="karras"),
-        SamplerSpec("DEIS", extra.sample_deis, ("deis",), {"max_order": 3}, default_scheduler="uniform"),
+        SamplerSpec("DEIS", deis.sample_deis, ("deis",), {"max_order": 3, "deis_mode": "tab"},
+                    default_scheduler="uniform"),
         SamplerSpec("iPNDM", extra.sample_ipndm, ("ipndm",), {"max_order": 4}, default_scheduler="uniform"),
         SamplerSpec("Res Multistep", extra.sample_res_multistep, ("res_multistep",), default_scheduler="uniform"),
         SamplerSpec("TCD", extra.sample_tcd, ("tcd",), {"gamma": 0.3}, default_scheduler="sgm_uniform",
