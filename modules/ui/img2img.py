@@ -62,7 +62,7 @@ def _mode_inputs(key: str, handles: dict[str, Any]) -> None:
         editor = handles["editor"] = gr.ImageEditor(
             label="Image and mask (paint the area to repaint)", type="pil", image_mode="RGBA", height=420,
             elem_id="inpaint-editor", sources=["upload", "clipboard"], transforms=(), layers=False,
-            brush=mask_brush(None))
+            brush=mask_brush(None), format="png")
         editor.upload(fit_brush, inputs=editor, outputs=editor, queue=False, show_progress="hidden")
     elif key in ("sketch", "inpaint_sketch"):
         label = ("Image: draw on it in colour (the drawing is the init image)" if key == "sketch" else
@@ -71,7 +71,7 @@ def _mode_inputs(key: str, handles: dict[str, Any]) -> None:
             label=label, type="pil", image_mode="RGBA", height=420, elem_id=f"img2img-{key.replace('_', '-')}",
             sources=["upload", "clipboard"], transforms=(), layers=False,
             brush=gr.Brush(default_size=6, colors=SKETCH_COLORS, default_color=SKETCH_COLORS[2],
-                           color_mode="defaults"))
+                           color_mode="defaults"), format="png")
     elif key == "inpaint_upload":
         with gr.Row():
             handles["upload_image"] = SafeImage(label="Image", type="pil", image_mode="RGBA", height=300,

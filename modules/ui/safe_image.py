@@ -17,8 +17,11 @@ def not_an_image(name: str, err: Exception) -> str:
 
 
 def SafeImage(**kwargs: Any) -> gr.Image:  # noqa: N802 (used like the component it builds)
-    """gr.Image whose upload errors reach the user as a plain message (in queued events' toasts)."""
-    image = gr.Image(**kwargs)
+    """gr.Image whose upload errors reach the user as a plain message (in queued events' toasts).
+
+    Images set by the server (Send to img2img, PNG Info) travel as PNG: Gradio's default is lossy WebP.
+    """
+    image = gr.Image(**{"format": "png", **kwargs})
     preprocess = image.preprocess
 
     def checked(payload: Any) -> Any:
