@@ -38,6 +38,27 @@ def shown(page) -> dict[str, str]:
     return out
 
 
+def slide_as_the_presets_arrive(page, http: httpx.Client, job_id: str) -> str:
+    """Frees the worker, then moves CFG with the keyboard at the moment the presets arrive: the page's round
+    trips to the server (if it makes any to apply them) are held until the user has moved it. Returns the
+    value the user set."""
+    held: list = []
+    page.route("**/run/**", lambda route: held.append(route))
+    http.delete(f"/api/v1/jobs/{job_id}")
+    deadline = time.monotonic() + 180
+    while not held and not page.evaluate(APPLIED):
+        assert time.monotonic() < deadline, "the presets never arrived"
+        page.wait_for_timeout(50)
+    before = value(page, "txt2img-cfg-scale")
+    page.locator("#txt2img-cfg-scale input[type=range]").focus()
+    page.keyboard.press("ArrowRight")  # one step up with the keyboard
+    page.wait_for_function("v => document.querySelector('#txt2img-cfg-scale input').value !== v", arg=before)
+    for route in held:
+        route.continue_()
+    page.unroute("**/run/**")
+    return value(page, "txt2img-cfg-scale")
+
+
 def wait_all_applied(page) -> None:
     """The page load's update and the checkpoint change's have both run; nothing else comes."""
     page.wait_for_function(APPLIED, timeout=180_000)
@@ -46,8 +67,9 @@ def wait_all_applied(page) -> None:
 
 
 def test_values_set_while_the_model_loads_are_kept_and_the_rest_follow(tmp_path, tiny_checkpoints) -> None:
-    """The presets arrive after the user typed steps (not yet entered) and slid CFG: both stay; the untouched
-    fields take FLUX.1-schnell's presets, go back to the page's built values on SD and follow again."""
+    """The presets arrive after the user typed steps (not yet entered) and as the user slides CFG: both stay;
+    the untouched fields take FLUX.1-schnell's presets, go back to the page's built values on SD and follow
+    again."""
     from playwright.sync_api import sync_playwright
 
     require_browser()
@@ -63,13 +85,10 @@ def test_values_set_while_the_model_loads_are_kept_and_the_rest_follow(tmp_path,
                 page.wait_for_selector("#txt2img-generate", timeout=60_000)
                 page.wait_for_function("document.body.dataset.modelDefaults === 'pending'", timeout=30_000)
                 page.locator("#txt2img-steps input[type=number]").fill("9")  # typed, not yet entered
-                page.locator("#txt2img-cfg-scale input[type=range]").focus()
-                page.keyboard.press("ArrowRight")  # 7 -> 7.5 with the keyboard
-                wait_value(page, "txt2img-cfg-scale", "7.5")
-                assert page.evaluate(f"!({APPLIED})"), "the presets came before the user set the fields"
-                http.delete(f"/api/v1/jobs/{job_id}")
+                assert page.evaluate(f"!({APPLIED})"), "the presets came before the user typed"
+                typed_cfg = slide_as_the_presets_arrive(page, http, job_id)
                 wait_all_applied(page)
-                schnell_values = {"txt2img-steps": "9", "txt2img-cfg-scale": "7.5", "txt2img-sampler": "Euler",
+                schnell_values = {"txt2img-steps": "9", "txt2img-cfg-scale": typed_cfg, "txt2img-sampler": "Euler",
                                   "txt2img-scheduler": "Simple", "img2img-steps": "4", "img2img-cfg-scale": "1",
                                   "img2img-sampler": "Euler", "img2img-scheduler": "Simple"}
                 assert shown(page) == schnell_values
