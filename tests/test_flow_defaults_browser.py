@@ -43,6 +43,7 @@ def slide_as_the_presets_arrive(page, http: httpx.Client, job_id: str) -> str:
     trips to the server (if it makes any to apply them) are held until the user has moved it. Returns the
     value the user set."""
     held: list = []
+    page.wait_for_timeout(500)  # the typing's own round trips (if the page makes any) are not the ones to hold
     page.route("**/run/**", lambda route: held.append(route))
     http.delete(f"/api/v1/jobs/{job_id}")
     deadline = time.monotonic() + 180
@@ -53,6 +54,7 @@ def slide_as_the_presets_arrive(page, http: httpx.Client, job_id: str) -> str:
     page.locator("#txt2img-cfg-scale input[type=range]").focus()
     page.keyboard.press("ArrowRight")  # one step up with the keyboard
     page.wait_for_function("v => document.querySelector('#txt2img-cfg-scale input').value !== v", arg=before)
+    page.wait_for_timeout(500)  # the key's own events (key up, the slider's release) settle first
     for route in held:
         route.continue_()
     page.unroute("**/run/**")
