@@ -1,18 +1,15 @@
 """Per-family defaults (Forge's presets) for FLUX.1 / SD3.5: the families, SD3.5 Large Turbo detection, the API's
-omitted fields and the UI's update rule."""
+omitted fields (the UI's update rule is tested in a browser: test_flow_defaults_browser.py)."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import gradio as gr
 import httpx
-import pytest
 
 from modules.checkpoints import families
 from modules.pipeline.job import with_family_defaults
 from modules.pipeline.params import Txt2ImgParams
-from modules.ui.model_defaults import default_updates
 from tests.conftest import make_engine
 from tests.fixtures.make_tiny_checkpoint import save_safetensors_deterministic
 from tests.fixtures.make_tiny_mmdit import all_in_one, make_all_in_one
@@ -85,14 +82,3 @@ def test_api_omitted_fields_keep_a1111_defaults_on_sd() -> None:
     sd = with_family_defaults(Txt2ImgParams(prompt="x", model_defaults=("cfg_scale",)), None)
     assert sd.cfg_scale == Txt2ImgParams(prompt="x").cfg_scale
 
-
-@pytest.mark.parametrize("user_set, value, last, expected", [
-    (False, 20, 20, [4, 4]),  # untouched: the family's default
-    (True, 20, 20, None),  # the user moved it
-    (False, 33, 20, None),  # set since (a pasted infotext)
-])
-def test_ui_update_rule(user_set, value, last, expected) -> None:
-    out = default_updates({"steps": 4}, {"steps": 20}, [("steps", user_set, value, last)])
-    assert out == (expected if expected is not None else [gr.skip(), gr.skip()])
-    back = default_updates({}, {"steps": 20}, [("steps", False, 4, 4)])  # back to an SD model: the built value
-    assert back == [20, 20]

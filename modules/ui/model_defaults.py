@@ -2,21 +2,25 @@
 
 FLUX.1 and SD3.5 have their own presets (`families.defaults`, as Forge's: FLUX.1-dev 20 steps, CFG 1,
 Distilled CFG 3.5, Euler / Simple; schnell and Large Turbo 4 steps, CFG 1); SD models get the values
-the page was built with. As for the native size (native_size.py), each tab keeps per field a flag set by
-the user's own edits and the value last applied; a field is updated on page load and after a checkpoint
-switch only while its flag is unset and it still shows the value last applied (a pasted infotext wins).
+the page was built with. The mechanism is the native size's (native_size.py): the page load and each
+checkpoint switch load the model and put its family's presets in a hidden JSON, then the browser decides
+and writes in one step (`atelierFollowModel`). A field the user edited (any trusted input event, even a
+number not yet entered), or that no longer shows the value last applied (a pasted infotext), keeps its
+value, so a value set while the model is still loading is never overwritten.
 """
 from __future__ import annotations
+
+import json
 
 import gradio as gr
 
 from modules.checkpoints.families import defaults
 from modules.ui.context import UIContext
-from modules.ui.native_size import TABS, native_size
+from modules.ui.native_size import TABS, native_size, progress_js
 
 FIELDS = ("steps", "cfg_scale", "distilled_cfg_scale", "sampler_name", "scheduler")
-# After each update the page says so (body[data-model-defaults="applied"]), for scripts and browser tests.
-DEFAULTS_DONE = "() => { document.body.dataset.modelDefaults = 'applied'; }"
+# body[data-model-defaults] is "pending" while an update is in flight, then "applied".
+DEFAULTS_START, DEFAULTS_DONE = progress_js("modelDefaults")
 
 
 def model_defaults(ui: UIContext, title: str | None) -> dict[str, object]:
@@ -26,43 +30,25 @@ def model_defaults(ui: UIContext, title: str | None) -> dict[str, object]:
     return defaults(model.spec.family) if model is not None else {}
 
 
-def default_updates(wanted: dict[str, object], built: dict[str, object],
-                    per_field: list[tuple[str, bool, object, object]]) -> list:
-    """(value, last applied) updates per (name, user set, value, last applied). The target is the family's
-    default, else the value the page was built with; a field the user set or changed since keeps its value."""
-    out: list = []
-    for name, user_set, value, last in per_field:
-        target = wanted.get(name, built[name])
-        if user_set or value != last or value == target:
-            out += [gr.skip(), gr.skip()]
-        else:
-            out += [target, target]
-    return out
+def follow_js(names: list[str], widgets: list[gr.components.Component]) -> str:
+    """The browser-side apply: (presets, *current values) -> one value or a skip (undefined) per widget. A field
+    without a preset takes the value the page was built with; each field is kept or followed on its own."""
+    ids = json.dumps([w.elem_id for w in widgets])
+    built = json.dumps([w.value for w in widgets])
+    return (f"(wanted, ...current) => {{ const built = {built}; const targets = {json.dumps(names)}.map("
+            f"(name, i) => (wanted || {{}})[name] ?? built[i]); return window.atelierFollowModel ? "
+            f"window.atelierFollowModel({ids}, {ids}, built, targets, current) : targets; }}")
 
 
 def wire_model_defaults(ui: UIContext, blocks: gr.Blocks, checkpoint: gr.Dropdown) -> None:
-    """Flags set by the user's edits; updates after the page loads and after each checkpoint switch."""
-    inputs, outputs, names, built = [], [], [], {}
-    for tab in TABS:
-        fields = ui.tabs[tab].fields
-        for name in FIELDS:
-            if name not in fields:
-                continue
-            widget = fields[name]
-            built[name] = widget.value
-            flag, last = gr.State(False), gr.State(widget.value)
-            widget.input(lambda: True, outputs=flag, queue=False, show_progress="hidden")
-            inputs += [flag, widget, last]
-            outputs += [widget, last]
-            names.append(name)
-    loaded = gr.State({})
-
-    def apply(wanted: dict, *values) -> list:
-        per_field = [(names[i], *values[3 * i:3 * i + 3]) for i in range(len(names))]
-        return default_updates(wanted or {}, built, per_field)
+    """Updates after the page loads and after each checkpoint switch; the browser skips the fields the user set."""
+    fields = [(name, ui.tabs[tab].fields[name]) for tab in TABS for name in FIELDS if name in ui.tabs[tab].fields]
+    names, widgets = [name for name, _ in fields], [widget for _, widget in fields]
+    loaded = gr.JSON({}, visible="hidden", elem_id="model-defaults-loaded")
 
     for event in (blocks.load, checkpoint.change):
-        event(lambda title: model_defaults(ui, title), inputs=checkpoint, outputs=loaded, show_progress="hidden",
-              concurrency_limit=1, concurrency_id="native-size"
-              ).then(apply, inputs=[loaded, *inputs], outputs=outputs, show_progress="hidden", queue=False
-                     ).then(None, js=DEFAULTS_DONE)
+        event(None, js=DEFAULTS_START, queue=False).then(
+            lambda title: model_defaults(ui, title), inputs=checkpoint, outputs=loaded, show_progress="hidden",
+            concurrency_limit=1, concurrency_id="native-size"
+        ).then(None, inputs=[loaded, *widgets], outputs=widgets, js=follow_js(names, widgets),
+               show_progress="hidden", queue=False).then(None, js=DEFAULTS_DONE)

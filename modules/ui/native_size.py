@@ -19,12 +19,20 @@ from modules.ui.context import UIContext
 
 log = logging.getLogger(__name__)
 TABS = ("txt2img", "img2img")
-# The page says whether an update is in flight (body[data-native-size] "pending" or "applied"), for scripts
-# and browser tests: the page load and the checkpoint change it causes can overlap, so updates are counted.
-NATIVE_SIZE_START = ("() => { const d = document.body.dataset; d.nativeSizePending = String((+d.nativeSizePending || 0)"
-                     " + 1); d.nativeSize = 'pending'; }")
-NATIVE_SIZE_DONE = ("() => { const d = document.body.dataset; const n = Math.max(0, (+d.nativeSizePending || 1) - 1);"
-                    " d.nativeSizePending = String(n); if (n === 0) d.nativeSize = 'applied'; }")
+
+
+def progress_js(key: str) -> tuple[str, str]:
+    """(start, done) scripts: the page says whether an update is in flight (body[data-<key>] "pending" or
+    "applied"), for scripts and browser tests; the page load and the checkpoint change it causes can overlap,
+    so updates are counted."""
+    count = f"d.{key}Pending"
+    start = f"() => {{ const d = document.body.dataset; {count} = String((+{count} || 0) + 1); d.{key} = 'pending'; }}"
+    done = (f"() => {{ const d = document.body.dataset; const n = Math.max(0, (+{count} || 1) - 1); {count} = String(n);"
+            f" if (n === 0) d.{key} = 'applied'; }}")
+    return start, done
+
+
+NATIVE_SIZE_START, NATIVE_SIZE_DONE = progress_js("nativeSize")
 
 
 def native_size(ui: UIContext, title: str | None) -> int | None:
