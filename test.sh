@@ -12,7 +12,11 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False
 # The layers of docs/architecture.md are import-linter contracts (pyproject.toml); a violation fails the run.
 .venv/bin/lint-imports --no-cache
 set +e
-.venv/bin/python -m pytest --durations=15 "$@"  # the slowest tests, so the suite's time stays visible
+# One worker per core (at most 4), a whole test file at a time; ATELIER_TEST_WORKERS=1 runs them in one process.
+WORKERS=${ATELIER_TEST_WORKERS:-$(( $(nproc) < 4 ? $(nproc) : 4 ))}
+PARALLEL=()
+if [ "$WORKERS" -gt 1 ]; then PARALLEL=(-n "$WORKERS" --dist loadfile); fi
+.venv/bin/python -m pytest "${PARALLEL[@]}" --durations=15 "$@"  # the slowest tests, so the suite's time stays visible
 status=$?
 set -e
 # pytest exits 5 when no tests were collected; that is not a failure of the suite.

@@ -10,6 +10,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
+
+def share_cores_between_workers() -> None:
+    """Under pytest-xdist each worker gets its share of the cores, for torch and the servers it starts:
+    OpenMP threads spinning against another worker's cost far more than they gain on tiny models."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        torch.set_num_threads(threads)
+
+
+share_cores_between_workers()
+
 ARCHES = ("sd1", "sd1-inpaint", "sd2", "sd2-v", "sdxl")
 
 
