@@ -172,6 +172,18 @@ def test_layouts_are_detected(flux_app):
     assert flux.infer_config(read_controlnet(lib.find("flux-union")).state)["num_mode"] == 7
 
 
+
+def test_xlabs_keys_convert_through_the_plugin_api_and_strays_are_named(references):
+    """Every XLabs tensor lands on its diffusers module (q, k, v split back); a stray one is named."""
+    model = references["flux-xlabs"]
+    state = xlabs_state(model)
+    out = flux.xlabs_to_diffusers(state)
+    assert set(out) == set(model.state_dict())
+    assert all(torch.equal(out[k], v) for k, v in model.state_dict().items())
+    for stray in ("double_blocks.0.img_attn.extra.weight", "input_hint_block.x.weight", "lora_down.weight"):
+        with pytest.raises(api.InvalidParams, match=rf"Unsupported XLabs FLUX.1 ControlNet.*{stray}"):
+            flux.xlabs_to_diffusers({**state, stray: torch.zeros(1)})
+
 def test_blocks_spread_as_diffusers_or_repeat_as_xlabs():
     samples = [torch.tensor(0), torch.tensor(1)]
     assert [int(t) for t in flux.spread(samples, 5, repeat=False)] == [0, 0, 0, 1, 1]  # ceil(5 / 2) = 3 per sample

@@ -11,7 +11,8 @@ All three run as diffusers' `FluxControlNetModel`:
   `input_hint_block` (pixels in -1..1, three stride-2 convolutions, then packed); their samples
   repeat over the double blocks (block i takes sample i % samples), as XLabs' Flux does.
 The residuals reach the transformer through the `unet_residuals` hook as `UNetResiduals.blocks` and
-`.single_blocks`, one tensor per block (plugin API 1.9).
+`.single_blocks`, one tensor per block (plugin API 1.9); the BFL-named tensors of XLabs files are
+converted by `api.flux_keys_to_diffusers` (plugin API 1.11).
 """
 from __future__ import annotations
 
@@ -30,21 +31,7 @@ UNION_MODES = ("Canny", "Tile", "Depth", "Blur", "OpenPose", "Gray", "Low Qualit
 _MODE_BY_TAG = {"Canny": 0, "Lineart": 0, "Tile": 1, "Depth": 2, "OpenPose": 4}
 _MODE_BY_MODULE = {"blur_gaussian": 3}
 
-_TOP = {"img_in": "x_embedder", "txt_in": "context_embedder", "pos_embed_input": "controlnet_x_embedder",
-        "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
-        "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
-        "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
-        "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
-        "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
-        "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2"}
-_DOUBLE = {"img_mod.lin": "norm1.linear", "txt_mod.lin": "norm1_context.linear",
-           "img_attn.proj": "attn.to_out.0", "txt_attn.proj": "attn.to_add_out",
-           "img_attn.norm.query_norm": "attn.norm_q", "img_attn.norm.key_norm": "attn.norm_k",
-           "txt_attn.norm.query_norm": "attn.norm_added_q", "txt_attn.norm.key_norm": "attn.norm_added_k",
-           "img_mlp.0": "ff.net.0.proj", "img_mlp.2": "ff.net.2",
-           "txt_mlp.0": "ff_context.net.0.proj", "txt_mlp.2": "ff_context.net.2"}
-_QKV = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-        "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")}
+_OWN = ("controlnet_blocks.", "input_hint_block.", "pos_embed_input.")  # XLabs' ControlNet-only tensors
 
 
 # ---------------------------------------------------------------- detection and keys
@@ -61,34 +48,25 @@ def _hint_key(index: int) -> str:
     return f"input_hint_block.blocks.{index // 2 - 1}"
 
 
-def _double_key(rest: str, t: torch.Tensor, prefix: str) -> dict[str, torch.Tensor]:
-    stem, _, leaf = rest.rpartition(".")
-    if stem in _QKV:
-        return {f"{prefix}{n}.{leaf}": part for n, part in zip(_QKV[stem], t.chunk(3, dim=0), strict=True)}
-    if stem in _DOUBLE:
-        return {f"{prefix}{_DOUBLE[stem]}.{'weight' if leaf == 'scale' else leaf}": t}
-    raise KeyError(rest)
+def _own_key(key: str) -> str:
+    """An XLabs ControlNet-only tensor's diffusers name (the rest are FLUX.1's, converted by the plugin API)."""
+    head, _, rest = key.partition(".")
+    if head != "input_hint_block":
+        return "controlnet_x_embedder." + rest if head == "pos_embed_input" else key
+    index, _, leaf = rest.partition(".")
+    if not index.isdigit():
+        raise api.InvalidParams(f"unexpected tensor {key}")
+    return f"{_hint_key(int(index))}.{leaf}"
 
 
 def xlabs_to_diffusers(sd: StateDict) -> dict[str, torch.Tensor]:
     """XLabs FLUX.1 ControlNet keys -> diffusers FluxControlNetModel keys (with `input_hint_block`)."""
-    out: dict[str, torch.Tensor] = {}
-    for key, t in sd.items():
-        head, _, rest = key.partition(".")
-        try:
-            if head == "double_blocks":
-                index, _, tail = rest.partition(".")
-                out.update(_double_key(tail, t, f"transformer_blocks.{int(index)}."))
-            elif head == "input_hint_block":
-                index, _, leaf = rest.partition(".")
-                out[f"{_hint_key(int(index))}.{leaf}"] = t
-            elif head == "controlnet_blocks":
-                out[key] = t
-            else:
-                stem, _, leaf = key.rpartition(".")
-                out[f"{_TOP[stem]}.{leaf}"] = t
-        except (KeyError, ValueError):
-            raise api.InvalidParams(f"Unsupported XLabs FLUX.1 ControlNet: unexpected tensor {key}") from None
+    own = {k: t for k, t in sd.items() if k.startswith(_OWN)}
+    try:
+        out = {_own_key(k): t for k, t in own.items()}
+        out.update(api.flux_keys_to_diffusers({k: t for k, t in sd.items() if k not in own}))
+    except api.InvalidParams as err:
+        raise api.InvalidParams(f"Unsupported XLabs FLUX.1 ControlNet: {err}") from None
     return out
 
 

@@ -69,7 +69,8 @@ from modules.text.prompt_parser import ExtraNetworkTag
 #      DenoiserContext.encode (pixels -> the model's latents)
 # 1.10: unet_hidden_states with HiddenStatesPatch and HiddenStatesCall (self-attention and block taps, reference
 #      inputs: reference-only)
-API_VERSION = "1.10"
+# 1.11: flux_keys_to_diffusers (FLUX.1 tensors in Black Forest Labs' layout -> diffusers' names)
+API_VERSION = "1.11"
 
 __all__ = [
     "API_VERSION", "AtelierError", "AxisSpec", "CrossAttentionCall", "DenoiserContext", "GridAnnotation", "ScriptCheck", "ScriptContext", "ScriptFill", "ScriptSpec",
@@ -77,7 +78,7 @@ __all__ = [
     "ExtraNetworkTag", "GenerationParams", "Img2ImgParams", "InvalidParams", "JobContext", "ModelPatch", "OptionSpec", "PostprocessContext", "PostprocessorSpec", "Result", "RootRoutesSpec", "SamplerSpec",
     "ScheduleContext", "SchedulerSpec", "StyleSpec", "Txt2ImgParams", "UISectionSpec", "UITabSpec",
     "UNetCall", "UNetResiduals", "UpscalerSpec", "get_logger", "hookimpl", "to_d", "vae_names",
-    "HiddenStatesCall", "HiddenStatesPatch",
+    "HiddenStatesCall", "HiddenStatesPatch", "flux_keys_to_diffusers",
 ]
 
 
@@ -97,3 +98,22 @@ def vae_names(settings) -> list[str]:
 def to_d(x, sigma, denoised):
     """Karras ODE derivative dx/dsigma = (x - denoised) / sigma, for sampler extensions."""
     return (x - denoised) / sigma
+
+
+def flux_keys_to_diffusers(state, hidden=None):
+    """FLUX.1 tensors named as Black Forest Labs' files name them (`img_in`, `double_blocks.N.img_attn.qkv`,
+    `single_blocks.N.linear1`, ...; any file prefix removed) -> diffusers' FluxTransformer2DModel names, the
+    fused projections split. `hidden` (the model width, used only for single blocks' `linear1`) defaults to
+    the rows of `img_in.weight`. A tensor outside that layout raises InvalidParams naming it."""
+    from modules.checkpoints.mmdit_keys import flux_to_diffusers
+
+    if hidden is None and "img_in.weight" in state:
+        hidden = int(state["img_in.weight"].shape[0])
+    if hidden is None and any(key.startswith("single_blocks.") for key in state):
+        raise InvalidParams("flux_keys_to_diffusers: single blocks without img_in.weight need `hidden` (the model width)")
+    try:
+        return flux_to_diffusers(state, hidden or 0)
+    except AtelierError as err:
+        raise InvalidParams(str(err)) from None
+    except ValueError:
+        raise InvalidParams("FLUX.1 tensors: a double_blocks / single_blocks key has no block number") from None
