@@ -55,9 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def common_values(args: argparse.Namespace) -> dict:
+def common_values(args: argparse.Namespace, flow_model: bool = False) -> dict:
     """The params fields every task shares (width and height may be None: the task's default). Generation
-    fields left unset take SD's defaults, or on FLUX.1 / SD3.5 the family's (params field `model_defaults`)."""
+    fields left unset take SD's defaults, or on FLUX.1 / SD3.5 (`flow_model`) the family's (params field
+    `model_defaults`, set as the API sets it)."""
     given = {"steps": args.steps, "sampler_name": args.sampler, "scheduler": args.scheduler,
              "cfg_scale": args.cfg_scale, "distilled_cfg_scale": args.distilled_cfg_scale}
     unset = tuple(name for name, value in given.items() if value is None)
@@ -66,14 +67,15 @@ def common_values(args: argparse.Namespace) -> dict:
         **{name: SD_DEFAULTS[name] if value is None else value for name, value in given.items()},
         seed=args.seed, subseed=args.subseed, subseed_strength=args.subseed_strength, width=args.width,
         height=args.height, batch_size=args.batch_size, n_iter=args.n_iter, eta=args.eta, shift=args.shift,
-        model_defaults=unset)
+        model_defaults=unset if flow_model else ())
 
 
-def submission(args: argparse.Namespace):
-    """The `generate` flags as a job submission (txt2img, or img2img with --init-image)."""
+def submission(args: argparse.Namespace, flow_model: bool = False):
+    """The `generate` flags as a job submission (txt2img, or img2img with --init-image) for a checkpoint that
+    is FLUX.1 / SD3.5 (`flow_model`) or not."""
     from modules.jobs.submit import Submission
 
-    common = common_values(args)
+    common = common_values(args, flow_model)
     hires = hires_kwargs(args)  # refuses the hires flags with --init-image
     if args.init_image:
         values, images = img2img_values(args, common)
@@ -85,12 +87,15 @@ def submission(args: argparse.Namespace):
 def run_generate(args: argparse.Namespace) -> int:
     """Generate through the same submit service and job queue as the server, on an in-memory history."""
     from modules.app import build_app
+    from modules.checkpoints.mmdit import is_flow_file
     from modules.jobs.local import local_jobs
     from modules.jobs.model import DONE, Caller
 
     app = build_app(settings_from_args(args))
+    checkpoint = app.engine.default_checkpoint()
+    flow_model = checkpoint is not None and is_flow_file(checkpoint.path)
     with local_jobs(app, outdir=args.out, on_event=_print_progress) as (jobs, submitter):
-        job = jobs.wait(submitter.submit(Caller("cli"), submission(args)).id)
+        job = jobs.wait(submitter.submit(Caller("cli"), submission(args, flow_model)).id)
     if job.state != DONE:
         raise AtelierError(job.error or f"the job ended {job.state}")
     for warning in job.result.warnings:
