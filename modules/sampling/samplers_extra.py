@@ -68,12 +68,22 @@ def sample_restart(model, x, sigmas, extra_args=None, callback=None, disable=Non
                    s_noise: float = 1.0, restart_list: dict | None = None) -> torch.Tensor:
     """Restart sampling (Xu et al. 2023, arXiv:2306.14878) as in A1111: Heun steps, and at each
     restart fresh noise takes x from the level reached back up to the restart's top level."""
-    sig = sigma_list(sigmas)
     noise_sampler = noise_sampler or default_noise_sampler(x)
+
+    def renoise(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
+        return x + noise_sampler(low, high) * s_noise * math.sqrt(high**2 - low**2)
+
+    return heun_restart_steps(model, x, restart_steps(sigma_list(sigmas), restart_list), renoise, extra_args,
+                              callback)
+
+
+def heun_restart_steps(model, x, plan, renoise, extra_args=None, callback=None) -> torch.Tensor:
+    """Heun steps over the (sigma, sigma_next) pairs of a restart `plan`; where the plan goes back up,
+    `renoise(x, low, high)` takes x from the level reached to the restart's top level."""
     last = None
-    for i, (sigma, sigma_next) in enumerate(restart_steps(sig, restart_list)):
+    for i, (sigma, sigma_next) in enumerate(plan):
         if last is not None and last < sigma:
-            x = x + noise_sampler(last, sigma) * s_noise * math.sqrt(sigma**2 - last**2)
+            x = renoise(x, last, sigma)
         denoised = denoise(model, x, sigma, extra_args)
         report(callback, x, i, sigma, sigma, denoised)
         d = to_d(x, sigma, denoised)

@@ -22,11 +22,8 @@ import torch
 from modules.sampling import samplers_extra as extra
 from modules.sampling.samplers import (
     default_noise_sampler,
-    denoise,
     flow_safe_sigmas,
-    report,
     sigma_list,
-    to_d,
 )
 
 A1111_RESTART = (0.1, 2.0)  # A1111's automatic restart: from VE sigma 0.1 back up to VE sigma 2
@@ -137,18 +134,9 @@ def sample_restart(model, x, sigmas, extra_args=None, callback=None, disable=Non
         return extra.sample_restart(model, x, sigmas, extra_args, callback, disable, noise_sampler,
                                     s_noise=s_noise, restart_list=restart_list)
     noise_sampler = noise_sampler or default_noise_sampler(x)
-    last = None
-    for i, (sigma, sigma_next) in enumerate(flow_restart_plan(sigma_list(sigmas), restart_list)):
-        if last is not None and last < sigma:
-            x = renoise(x, last, sigma, noise_sampler(last, sigma) * s_noise)
-        denoised = denoise(model, x, sigma, extra_args)
-        report(callback, x, i, sigma, sigma, denoised)
-        d = to_d(x, sigma, denoised)
-        if sigma_next == 0:
-            x = x + d * (sigma_next - sigma)
-        else:
-            x_2 = x + d * (sigma_next - sigma)
-            d_2 = to_d(x_2, sigma_next, denoise(model, x_2, sigma_next, extra_args))
-            x = x + (d + d_2) / 2 * (sigma_next - sigma)
-        last = sigma_next
-    return x
+
+    def flow_renoise(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
+        return renoise(x, low, high, noise_sampler(low, high) * s_noise)
+
+    plan = flow_restart_plan(sigma_list(sigmas), restart_list)
+    return extra.heun_restart_steps(model, x, plan, flow_renoise, extra_args, callback)
