@@ -28,6 +28,17 @@ share_cores_between_workers()
 ARCHES = ("sd1", "sd1-inpaint", "sd2", "sd2-v", "sdxl")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of tiny networks: they run fastest so (and far faster on a loaded CPU)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
     """One tiny random checkpoint per architecture, in the original single-file layout."""

@@ -25,13 +25,7 @@ def spandrel():
     return spandrel_or_skip()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These networks are tiny: one torch thread runs them fastest (and far faster on a loaded CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _write(sd: dict[str, torch.Tensor], path, wrap: str | None = None):

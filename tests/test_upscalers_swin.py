@@ -38,13 +38,7 @@ SWINIR = {  # name: (spandrel SwinIR arguments, Atelier's label, scale)
 LOADER_DIFFERS = {"no-shift"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These networks are tiny: one torch thread runs them fastest (and far faster on a loaded CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 HAT = {  # name: (spandrel HAT arguments, variant, scale)
     "hat-x2": (dict(embed_dim=24, depths=(2, 2), num_heads=(2, 2), compress_ratio=3, squeeze_factor=12,
                     upscale=2), "HAT", 2),
