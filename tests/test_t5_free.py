@@ -161,3 +161,42 @@ def test_api_option_frees_t5_keeps_the_infotext_and_reports_a_gone_file(tmp_path
         assert again.status_code == 200 and again.json()["images"] == kept.json()["images"]
     finally:
         server.stop()
+
+
+def test_free_under_a_managing_policy_reads_t5_back_where_the_placement_expects(tmp_path: Path) -> None:
+    from modules.pipeline.memory_policy import MemoryPolicy
+
+    write_models(tmp_path)
+    engine = engine_for(tmp_path, "keep")
+    expected = image(engine)
+    engine.manage_on_cpu = True  # CPU-only machine: the placement manages anyway, with real CPU-to-CPU moves
+    engine.set_memory_policy(MemoryPolicy("low", 0.0, t5_after_encoding="free"))
+    assert engine.placement.enabled and engine.t5_release is not None
+    assert image(engine) == expected and image(engine) == expected
+    report = engine.memory_report()
+    assert report["t5_after_encoding"] == "free" and report["components"]["t5xxl"]["resident_bytes"] == 0
+    assert is_freed(t5_of(engine))
+    engine.set_memory_policy(MemoryPolicy("low", 0.0))  # back to keep: T5 is read back for good
+    assert engine.t5_release is None and not is_freed(t5_of(engine))
+    assert image(engine) == expected
+
+
+def test_a_q8_0_gguf_t5_is_read_back_packed_and_its_lora_applies_once(tmp_path: Path) -> None:
+    from modules.checkpoints.packed import packed_weight
+    from tests.fixtures.make_tiny_gguf import write_t5_gguf
+    from tests.fixtures.make_tiny_mmdit import component_state_dicts
+
+    models = write_models(tmp_path, seed=0)
+    (models / "text_encoder" / "t5xxl_fp16.safetensors").unlink()
+    write_t5_gguf(models / "text_encoder" / "t5-v1_1-xxl-encoder-Q8_0.gguf",
+                  component_state_dicts("flux-dev")["t5xxl"], "Q8_0")
+    free, keep = engine_for(tmp_path, "free"), engine_for(tmp_path, "keep")
+    write_t5_lora(keep, models / "Lora")
+    plain = image(free)
+    assert is_freed(t5_of(free))
+    assert image(free) == plain == image(keep)
+    q = t5_of(free).encoder.block[0].layer[0].SelfAttention.q
+    assert packed_weight(q).format == "Q8_0" and q.parametrizations.weight.original.dtype.itemsize == 1
+    with_lora = image(free, "a fox <lora:t5only:1:0>")
+    assert with_lora == image(keep, "a fox <lora:t5only:1:0>") != plain
+    assert image(free) == plain and packed_weight(q).delta is None
