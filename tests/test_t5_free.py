@@ -200,3 +200,26 @@ def test_a_q8_0_gguf_t5_is_read_back_packed_and_its_lora_applies_once(tmp_path: 
     with_lora = image(free, "a fox <lora:t5only:1:0>")
     assert with_lora == image(keep, "a fox <lora:t5only:1:0>") != plain
     assert image(free) == plain and packed_weight(q).delta is None
+
+
+def test_sd35_t5_from_an_all_in_one_file_and_a_diffusers_folder_is_read_back(tmp_path: Path) -> None:
+    from tests.fixtures.make_tiny_mmdit import make_all_in_one
+
+    checkpoint = make_all_in_one("sd35-medium", tmp_path / "models" / "Stable-diffusion" / "sd35.safetensors")
+    free, keep = make_engine(tmp_path, t5_after_encoding="free"), make_engine(tmp_path, t5_after_encoding="keep")
+    keep.load_model(checkpoint)
+    folder = tmp_path / "models" / "Stable-diffusion" / "sd35-diffusers"
+    model = keep.require_model()
+    model.unet.save_pretrained(folder / "transformer")
+    model.vae.save_pretrained(folder / "vae")
+    for sub, enc in zip(("text_encoder", "text_encoder_2", "text_encoder_3"), model.text_encoders, strict=True):
+        enc.save_pretrained(folder / sub)
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    for source in (checkpoint, folder):  # T5 inside the checkpoint ("embedded"), then text_encoder_3/
+        keep.load_model(source)
+        free.load_model(source)
+        want = image(keep, cfg_scale=4.5, negative_prompt="blur")
+        assert image(free, cfg_scale=4.5, negative_prompt="blur") == want
+        assert is_freed(t5_of(free)) and free.t5_release.model.t5_source.path.name in ("sd35.safetensors",
+                                                                                        "text_encoder_3")
+        assert image(free, cfg_scale=4.5, negative_prompt="blur") == want
