@@ -223,3 +223,21 @@ def test_sd35_t5_from_an_all_in_one_file_and_a_diffusers_folder_is_read_back(tmp
         assert is_freed(t5_of(free)) and free.t5_release.model.t5_source.path.name in ("sd35.safetensors",
                                                                                         "text_encoder_3")
         assert image(free, cfg_scale=4.5, negative_prompt="blur") == want
+
+
+def test_leaving_free_while_the_t5_file_is_gone_names_it_and_a_reload_recovers(tmp_path: Path) -> None:
+    from modules.pipeline.memory_policy import MemoryPolicy
+
+    models = write_models(tmp_path)
+    engine = engine_for(tmp_path, "free")
+    expected = image(engine)
+    t5_file = models / "text_encoder" / "t5xxl_fp16.safetensors"
+    t5_file.rename(tmp_path / "aside.safetensors")
+    with pytest.raises(CheckpointError, match="is gone since the model was loaded"):
+        engine.set_memory_policy(MemoryPolicy("none", t5_after_encoding="keep"))
+    with pytest.raises(CheckpointError, match="is gone since the model was loaded"):
+        image(engine)  # still named, not a failure deep inside T5
+    (tmp_path / "aside.safetensors").rename(t5_file)
+    engine.load_model("flux")
+    assert engine.t5_release is None and not is_freed(t5_of(engine))
+    assert image(engine) == expected

@@ -163,9 +163,10 @@ class Engine:
             self.models.invalidate()
 
     def _drop_t5_release(self, model: LoadedModel) -> None:
-        old, self.t5_release = self.t5_release, None
+        old = self.t5_release
         if old is not None:
             old.detach(reload=old.model is model)  # the same model re-placed: its T5 is read back first
+            self.t5_release = None
 
     def _free_t5(self, model: LoadedModel) -> None:
         """Under `t5_after_encoding == "free"`, T5 is freed after each encoding and read again before it runs."""
@@ -173,7 +174,7 @@ class Engine:
             return
         t5 = model.text_encoders[[s.flavour for s in model.spec.text_encoders].index("t5xxl")]
         self.t5_release = T5Release(model, t5, lambda device: reload_t5(model.t5_source, device),
-                                    self.placement.load_device, lambda: self.placement.forget("t5xxl"))
+                                    lambda: self.placement.load_device(), lambda: self.placement.forget("t5xxl"))
 
     def set_memory_policy(self, policy: MemoryPolicy) -> None:
         """Switch the memory policy; the loaded model is re-placed at once (no reload)."""

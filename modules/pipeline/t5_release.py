@@ -91,9 +91,10 @@ class T5Release:
                 patch.reapply(self.t5)
 
     def detach(self, reload: bool) -> None:
-        """Remove the hooks; with `reload`, T5 is read back first (the policy no longer frees it)."""
+        """Remove the hooks; with `reload`, T5 is read back first (the policy no longer frees it), and when
+        that fails (CheckpointError) the hooks stay, so the next job names the file again."""
+        if reload:
+            self.ensure_loaded()
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        if reload:
-            self.ensure_loaded()
