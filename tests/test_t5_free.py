@@ -241,3 +241,11 @@ def test_leaving_free_while_the_t5_file_is_gone_names_it_and_a_reload_recovers(t
     engine.load_model("flux")
     assert engine.t5_release is None and not is_freed(t5_of(engine))
     assert image(engine) == expected
+
+
+def test_the_flag_sets_the_policy_choice() -> None:
+    from modules.pipeline.memory_policy import policy_from_settings
+    from modules.settings import parse_settings
+
+    settings = parse_settings(["--memory-policy", "low", "--t5-after-encoding", "free"])
+    assert policy_from_settings(settings).t5_after_encoding == "free"
