@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-Reload = Callable[[], nn.Module]
+from modules.errors import CheckpointError
 
 
 def is_freed(module: nn.Module) -> bool:
@@ -76,8 +76,6 @@ class T5Release:
 
     def ensure_loaded(self) -> None:
         """Read T5 back if it was freed; CheckpointError (naming the file) when that is not possible."""
-        from modules.errors import CheckpointError
-
         if not is_freed(self.t5):
             return
         with torch.inference_mode(False), torch.no_grad():
