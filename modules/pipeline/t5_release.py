@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from modules.checkpoints.manager import release_memory
 from modules.errors import CheckpointError
 
 
@@ -73,6 +74,7 @@ class T5Release:
         if not is_freed(self.t5):
             self._forget()
             release(self.t5)
+            release_memory()  # glibc keeps freed heap pages otherwise (measured: docs/flux-sd3.md)
 
     def ensure_loaded(self) -> None:
         """Read T5 back if it was freed; CheckpointError (naming the file) when that is not possible."""
