@@ -58,7 +58,7 @@ class Settings:
     offload: str | None = None  # diffusers' names: "none", "model" or "sequential" (mapped onto memory_policy)
     gpu_weights: float | None = None  # GiB of weights kept on the device; None: free memory minus keep_free
     keep_free: float = 2.0  # GiB of device memory left free for activations
-    t5_after_encoding: str = "keep"  # "keep" (as the policy says) or "cpu" (back to the CPU after encoding)
+    t5_after_encoding: str = "keep"  # "keep" (as the policy says), "cpu" (back to the CPU after encoding), "free"
     max_size: int = 4096
     max_batch_size: int = DEFAULT_LIMITS.max_batch_size
     max_n_iter: int = DEFAULT_LIMITS.max_n_iter
@@ -201,8 +201,9 @@ def add_performance_arguments(parser: argparse.ArgumentParser) -> None:
                                                          "default: free memory minus --keep-free")
     group.add_argument("--keep-free", type=gib, default=2.0,
                        help="GiB of GPU memory left free for activations when --gpu-weights is not given")
-    group.add_argument("--t5-after-encoding", choices=("keep", "cpu"), default="keep",
-                       help="FLUX.1 / SD3.5: keep T5 as the policy says, or send it to the CPU after each encoding")
+    group.add_argument("--t5-after-encoding", choices=("keep", "cpu", "free"), default="keep",
+                       help="FLUX.1 / SD3.5: keep T5 as the policy says, send it to the CPU after each encoding, "
+                            "or free it and read it again from its file when next needed")
     add_extension_arguments(parser)
 
 

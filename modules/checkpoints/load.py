@@ -49,14 +49,14 @@ def load_vae_file(path: Path, spec: ModelSpec, *, device: torch.device, dtype: t
 
 def _load_single_file(info: CheckpointInfo, device: torch.device, dtype: torch.dtype, yaml_path: Path | None,
                       force_v: bool, vae_path: Path | None, vae_dtype: torch.dtype, channels_last_vae: bool,
-                      components: ComponentDirs | None = None) -> tuple[ModelSpec, torch.nn.Module, torch.nn.Module, list[torch.nn.Module]]:
+                      components: ComponentDirs | None = None) -> tuple:
     nhwc = (VAE,) if channels_last_vae and vae_path is None else ()
     sd = read_weights(info.path, dtype=dtype, channels_last=nhwc)  # converted while read: no second full copy
     metadata = read_safetensors_metadata(info.path) if info.path.suffix.lower() in SAFETENSORS_SUFFIXES else None
     if is_flow_checkpoint(sd):  # FLUX.1 / SD3.5: components may come from their own folders
         parts = load_flow_parts(info.path, sd, device=device, dtype=dtype, vae_dtype=vae_dtype, vae_path=vae_path,
                                 dirs=components or ComponentDirs())
-        return parts.spec, parts.transformer, parts.vae, parts.encoders, parts.modules
+        return parts.spec, parts.transformer, parts.vae, parts.encoders, parts.modules, parts.t5_source
     modules: tuple[str, ...] = ()
     if unet_prefix(sd) == "":  # a UNet alone (ComfyUI-GGUF's SD1 / SDXL files): add the split parts
         sd, modules = complete_unet(info.path, sd, dtype=dtype, vae_path=vae_path, dirs=components or ComponentDirs())
@@ -72,7 +72,7 @@ def _load_single_file(info: CheckpointInfo, device: torch.device, dtype: torch.d
         vae = build_vae(vae_source(sd, VAE), spec.vae_config, device=device, dtype=vae_dtype)
     encoders = [build_text_encoder(sd, te, prefix, device=device, dtype=dtype)
                 for te, (prefix, *_rest) in zip(spec.text_encoders, arch.encoders, strict=True)]
-    return spec, unet, vae, encoders, modules
+    return spec, unet, vae, encoders, modules, None
 
 
 def _load_diffusers(info: CheckpointInfo, device: torch.device, dtype: torch.dtype,
@@ -122,16 +122,17 @@ def load_checkpoint(info: CheckpointInfo, *, device: torch.device | str, dtype: 
     if family is not None:  # a FLUX.1 / SD3.5 diffusers folder
         parts = load_flow_folder(path, family, device=device, dtype=dtype, vae_dtype=vae_dtype)
         spec, unet, vae, encoders, modules = parts.spec, parts.transformer, parts.vae, parts.encoders, ()
+        t5_source = parts.t5_source
         short_hash = ""
     elif info.format == "diffusers":
         spec, unet, vae, encoders = _load_diffusers(info, device, dtype, force_v, vae_dtype)
-        modules = ()
+        modules, t5_source = (), None
         short_hash = ""
     else:
         yaml_path = yaml_path if yaml_path is not None else yaml_beside_checkpoint(path)
         vae_path = Path(vae_path) if vae_path is not None else None
-        spec, unet, vae, encoders, modules = _load_single_file(info, device, dtype, yaml_path, force_v, vae_path,
-                                                         vae_dtype, channels_last_vae, components)
+        spec, unet, vae, encoders, modules, t5_source = _load_single_file(
+            info, device, dtype, yaml_path, force_v, vae_path, vae_dtype, channels_last_vae, components)
         short_hash = model_hash(path, hash_cache)
     fp8_weight = _store_fp8(unet, spec, weights, dtype, info.name)
     vae_name = vae_hash = None
@@ -142,7 +143,7 @@ def load_checkpoint(info: CheckpointInfo, *, device: torch.device | str, dtype: 
     return LoadedModel(info=info, spec=spec, model_hash=short_hash, unet=unet, vae=vae,
                        text_encoders=encoders, device=device, dtype=dtype, vae_name=vae_name, vae_hash=vae_hash,
                        modules=modules, weight_dtype=weight_format(unet),
-                       fp8_weight=fp8_weight)
+                       fp8_weight=fp8_weight, t5_source=t5_source)
 
 
 FP8_WEIGHT_LABELS = {"fp8": "Enable", "fp8-sdxl": "Enable for SDXL"}  # A1111's fp8_storage values

@@ -59,6 +59,7 @@ class FlowParts:
     encoders: list[torch.nn.Module]
     modules: tuple[str, ...]  # file stems of the split components used (Forge's "Module N")
     vae_path: Path | None
+    t5_source: T5Source | None = None  # where T5 was read from, to read it again after it is freed
 
 
 def is_flow_checkpoint(sd: StateDict) -> bool:
@@ -183,6 +184,9 @@ def load_flow_parts(path: Path, sd: StateDict, *, device: torch.device, dtype: t
             modules.append(src.stem)
         else:
             labels[name], state = f"{name} in {path.name}", src
+        if name == "t5xxl":
+            t5_source = T5Source.of(src if isinstance(src, Path) else path,
+                                    "file" if isinstance(src, Path) else "embedded", fam, dtype)
         model, configs[name] = build_hf_encoder(state, name, fam, device=device, dtype=dtype)
         encoders.append(model)
     _check_widths(fam, tcfg, configs, labels)
@@ -195,7 +199,7 @@ def load_flow_parts(path: Path, sd: StateDict, *, device: torch.device, dtype: t
                                   pooled=n != "t5xxl") for n in fam.text_encoders)
     spec = ModelSpec(arch=fam.name, prediction=fam.prediction, unet_config=tcfg, vae_config=vcfg,
                      text_encoders=specs, vae_scale_factor=fam.latent.scale, family=fam)
-    return FlowParts(spec, transformer, vae, encoders, tuple(modules), vae_src)
+    return FlowParts(spec, transformer, vae, encoders, tuple(modules), vae_src, t5_source)
 
 
 def _encoder_file_weights(path: Path, name: str, dtype: torch.dtype) -> dict:
@@ -333,4 +337,64 @@ def load_flow_folder(folder: Path, fam: Family, *, device: torch.device, dtype: 
     spec = ModelSpec(arch=fam.name, prediction=fam.prediction, unet_config=dict(transformer.config),
                      vae_config=dict(vae.config), text_encoders=tuple(specs), vae_scale_factor=fam.latent.scale,
                      family=fam)
-    return FlowParts(spec, transformer, vae, encoders, (), None)
+    t5_folder = Path(folder) / _FOLDER_ENCODERS[fam.transformer][-1][0]
+    return FlowParts(spec, transformer, vae, encoders, (), None, T5Source.of(t5_folder, "folder", fam, dtype))
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    """(size, mtime) of a file, or summed over a folder's files: a changed file shows."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    stats = [f.stat() for f in files]
+    return sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=0)
+
+
+@dataclass(frozen=True)
+class T5Source:
+    """Where a loaded T5 came from: its own file, the all-in-one checkpoint, or a diffusers folder's
+    text encoder subfolder; with the precision it was built in and the file's size and time then."""
+
+    path: Path
+    kind: str  # "file", "embedded" or "folder"
+    family: Family
+    dtype: torch.dtype
+    stamp: tuple[int, int]
+
+    @classmethod
+    def of(cls, path: Path, kind: str, family: Family, dtype: torch.dtype) -> T5Source:
+        return cls(Path(path), kind, family, dtype, _stamp(Path(path)))
+
+
+def t5_source_problem(source: T5Source) -> str | None:
+    """Why T5 cannot be read again from `source` (its file is gone or changed since the load), or None."""
+    path = source.path
+    if not path.exists():
+        return (f"The T5 text encoder {path} is gone since the model was loaded, so T5 (freed after encoding) "
+                f"cannot be read again: put the file back or load the model again")
+    if _stamp(path) != source.stamp:
+        return (f"The T5 text encoder {path} changed since the model was loaded, so T5 (freed after encoding) "
+                f"is not read from it: load the model again to use the new file")
+    return None
+
+
+def reload_t5(source: T5Source, device: torch.device) -> torch.nn.Module:
+    """T5 read again as at load time (same precision, GGUF / fp8 kept packed); CheckpointError naming the
+    file when it is gone or has changed since (the model must then be loaded again)."""
+    path = source.path
+    problem = t5_source_problem(source)
+    if problem is not None:
+        raise CheckpointError(problem)
+    if source.kind == "folder":
+        from transformers import T5EncoderModel
+
+        try:
+            model = T5EncoderModel.from_pretrained(str(path), local_files_only=True, dtype=source.dtype)
+        except (OSError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"T5 text encoder {path} could not be read again: {str(err)[:300]}") from err
+        return model.to(device).eval().requires_grad_(False)
+    if source.kind == "file":
+        state = _encoder_file_weights(path, "t5xxl", source.dtype)
+    else:
+        state = encoder_state(read_weights(path, dtype=source.dtype), "t5xxl")
+        if state is None:
+            raise CheckpointError(f"{path} no longer holds a T5 text encoder: load the model again")
+    return build_hf_encoder(state, "t5xxl", source.family, device=device, dtype=source.dtype)[0]

@@ -149,6 +149,10 @@ class ModelManager:
         self._current, self._key = model, None
         return model
 
+    def invalidate(self) -> None:
+        """The next `load` builds the model again even with the same options (a freed T5's file changed)."""
+        self._key = None
+
     def unload(self) -> None:
         """Drop the current model (and the refiner) and return their memory."""
         if self._refiner is not None:

@@ -100,3 +100,5 @@ class LoadedModel:
     modules: tuple[str, ...] = ()  # FLUX.1 / SD3.5 split components used (file stems), Forge's "Module N"
     weight_dtype: str = ""  # how the UNet / transformer's weights are stored: "Q8_0", "fp8_e4m3fn", "bf16"
     fp8_weight: str | None = None  # A1111's "FP8 weight" infotext ("Enable") when stored as fp8 at load
+    t5_source: Any = None  # FLUX.1 / SD3.5: load_mmdit.T5Source, to read T5 again once freed
+    active_patch: Any = None  # the running job's ModelPatch (plugins/patch.py), for a T5 read again mid-job

@@ -17,7 +17,7 @@ from modules.checkpoints.components import (
     vae_latent_channels,
 )
 from modules.checkpoints.discover import find_checkpoints, find_vaes, vae_beside_checkpoint
-from modules.checkpoints.load_mmdit import ComponentDirs, chosen_encoders
+from modules.checkpoints.load_mmdit import ComponentDirs, chosen_encoders, reload_t5, t5_source_problem
 from modules.checkpoints.manager import ModelManager
 from modules.checkpoints.model import CheckpointInfo, LoadedModel
 from modules.devices import DeviceConfig, apply_attention, apply_memory_format
@@ -34,6 +34,7 @@ from modules.pipeline.offload import Placement
 from modules.pipeline.params import GenerationParams, Img2ImgParams, Result, Txt2ImgParams
 from modules.pipeline.refiner import check_compatible
 from modules.pipeline.sampling import SamplerRegistries
+from modules.pipeline.t5_release import T5Release, is_freed
 from modules.pipeline.tiling import circular_padding
 from modules.pipeline.txt2img import TXT2IMG
 from modules.pipeline.vae_tiling import VaeTiling
@@ -71,6 +72,7 @@ class Engine:
         self.models = ModelManager(settings.hash_cache)
         self.manage_on_cpu = False  # apply a managing policy on the CPU too (tests and overhead benchmarks)
         self.placement = Placement(policy_from_settings(settings), devices.device)  # --memory-policy, --medvram, ...
+        self.t5_release: T5Release | None = None  # --t5-after-encoding free: T5 freed and read again
         if settings.compile:
             check_compiler(devices.device, settings.compile_backend)  # refuse at start, not at the first job
         self._tokenizer = None
@@ -123,6 +125,7 @@ class Engine:
         vae_path = self.vae_for(info, choice, picked.vae)
         components = self.component_dirs(picked.encoders)
         self._per_model.clear()
+        self._rebuild_if_t5_stale()
         self.placement.detach()
         model = self.models.load(info, device=self.placement.load_device(), dtype=self.devices.dtype,
                                  vae_path=vae_path, force_v=self.settings.force_v_prediction,
@@ -140,6 +143,7 @@ class Engine:
 
     def _place(self, model: LoadedModel) -> None:
         """Under a managing policy the model lives on the CPU and each part comes to the device when it runs."""
+        self._drop_t5_release(model)
         if self.placement.enabled:
             model.device = self.devices.device
             names = [spec.flavour for spec in model.spec.text_encoders]
@@ -150,6 +154,27 @@ class Engine:
         else:
             for module in (model.unet, model.vae, *model.text_encoders):
                 module.to(self.devices.device)
+        self._free_t5(model)
+
+    def _rebuild_if_t5_stale(self) -> None:
+        """A freed T5 whose file is gone or changed cannot be read back: loading the model again rebuilds it."""
+        release = self.t5_release
+        if release is not None and is_freed(release.t5) and t5_source_problem(release.model.t5_source):
+            self.models.invalidate()
+
+    def _drop_t5_release(self, model: LoadedModel) -> None:
+        old = self.t5_release
+        if old is not None:
+            old.detach(reload=old.model is model)  # the same model re-placed: its T5 is read back first
+            self.t5_release = None
+
+    def _free_t5(self, model: LoadedModel) -> None:
+        """Under `t5_after_encoding == "free"`, T5 is freed after each encoding and read again before it runs."""
+        if self.placement.policy.t5_after_encoding != "free" or model.t5_source is None:
+            return
+        t5 = model.text_encoders[[s.flavour for s in model.spec.text_encoders].index("t5xxl")]
+        self.t5_release = T5Release(model, t5, lambda device: reload_t5(model.t5_source, device),
+                                    lambda: self.placement.load_device(), lambda: self.placement.forget("t5xxl"))
 
     def set_memory_policy(self, policy: MemoryPolicy) -> None:
         """Switch the memory policy; the loaded model is re-placed at once (no reload)."""
@@ -304,8 +329,15 @@ class Engine:
 
     def run(self, job: Job) -> Result:
         model = job.model
-        with circular_padding(bool(getattr(job.params, "tiling", False)), model.unet, model.vae):
-            return run_task(job, task_for(job.params))
+        release = self.t5_release if self.t5_release is not None and self.t5_release.model is model else None
+        if release is not None:
+            release.ensure_loaded()  # before the job's LoRA patch, which must land on real weights
+        try:
+            with circular_padding(bool(getattr(job.params, "tiling", False)), model.unet, model.vae):
+                return run_task(job, task_for(job.params))
+        finally:
+            if release is not None:
+                release.free()  # after the patch is reverted
 
     def generate(self, params: GenerationParams, control: JobControl | None = None,
                  on_progress: ProgressCallback | None = None) -> Result:

@@ -31,7 +31,7 @@ from typing import Any
 from modules.errors import InvalidParams
 
 MODES = ("none", "normal", "low")
-T5_CHOICES = ("keep", "cpu")  # after encoding: as the policy says, or back to the CPU at once
+T5_CHOICES = ("keep", "cpu", "free")  # after encoding: as the policy says, back to the CPU, or freed (t5_release)
 GIB = 1024**3
 DEFAULT_KEEP_FREE = 2.0  # GiB for activations (FLUX.1-dev at 1024x1024 needs about 1.5 in bf16)
 LEGACY = {"normal": ("none", None), "medvram": ("low", math.inf), "lowvram": ("low", 0.0)}

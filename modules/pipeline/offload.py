@@ -232,6 +232,16 @@ class Placement:
         if self.active is comp:
             self.active = None
 
+    def forget(self, name: str) -> None:
+        """Component `name`'s weights were dropped (a freed T5): none of its units is on the device now."""
+        comp = self.components.get(name)
+        for unit in comp.units if comp is not None else []:
+            unit.on_device = False
+        if self.streaming is not None and self.streaming.component is comp:
+            self.streaming = None
+        if comp is not None and self.active is comp:
+            self.active = None
+
     def use(self, name: str) -> None:
         """Bring component `name` to the device: whole when the budget allows, else its first blocks."""
         comp = self.components[name]

@@ -52,6 +52,9 @@ def condition(job: Job, prompts: Sequence[str], negatives: Sequence[str],
     """Prompts -> scheduled text conditioning (the hires pass's schedule with `hires_steps`)."""
     conds, unconds = job.conditioner.for_batch(list(prompts), list(negatives), job.params.steps,
                                                hires_steps=hires_steps)
+    release = getattr(job.engine, "t5_release", None)  # --t5-after-encoding free
+    if release is not None and release.model is job.model:
+        release.free()
     return Conditioning(conds, unconds, tuple(prompts), tuple(negatives), hires_steps)
 
 

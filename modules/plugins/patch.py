@@ -102,18 +102,30 @@ class ModelPatch:
         start = time.perf_counter()
         with torch.no_grad():
             for (target, module), deltas in self._deltas.items():
-                weight = self.weight(target, module)
-                packed = packed_weight(self.modules(target)[module])
-                original = weight if packed is not None else weight.detach().clone()
-                total = self._summed(deltas, original, weight)
-                self._saved[(target, module)] = None if packed is not None else original
-                if packed is not None:
-                    packed.delta = total.to(packed.dtype)
-                elif weight.dtype == torch.float32:
-                    weight.add_(total)  # the same float32 sum as below, without two more copies
-                else:
-                    weight.copy_((original.float() + total).to(weight.dtype))
+                self._apply_one(target, module, deltas)
         self.apply_seconds = time.perf_counter() - start
+
+    def _apply_one(self, target: str, module: str, deltas: list[Delta]) -> None:
+        weight = self.weight(target, module)
+        packed = packed_weight(self.modules(target)[module])
+        original = weight if packed is not None else weight.detach().clone()
+        total = self._summed(deltas, original, weight)
+        self._saved[(target, module)] = None if packed is not None else original
+        if packed is not None:
+            packed.delta = total.to(packed.dtype)
+        elif weight.dtype == torch.float32:
+            weight.add_(total)  # the same float32 sum as below, without two more copies
+        else:
+            weight.copy_((original.float() + total).to(weight.dtype))
+
+    def reapply(self, encoder: nn.Module) -> None:
+        """A target whose weights were read again from the file (a freed T5) gets this job's deltas again:
+        the fresh weights are unpatched, so nothing is added twice; restore puts back their originals."""
+        targets = {name for name, m in self._targets.items() if m is encoder}
+        with torch.no_grad():
+            for (target, module), deltas in self._deltas.items():
+                if target in targets:
+                    self._apply_one(target, module, deltas)
 
     @staticmethod
     def _summed(deltas: list[Delta], original: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -131,7 +143,7 @@ class ModelPatch:
             for (target, module), original in self._saved.items():
                 if original is None:
                     packed_weight(self.modules(target)[module]).delta = None
-                else:
+                elif not self.weight(target, module).is_meta:  # a freed T5 is read again unpatched
                     self.weight(target, module).copy_(original)
         self._saved.clear()
         self.restore_seconds = time.perf_counter() - start
@@ -140,7 +152,9 @@ class ModelPatch:
     def applied(self) -> Iterator[ModelPatch]:
         """Apply for the duration of a `with` block; always restore."""
         try:
+            self.model.active_patch = self  # a T5 read again mid-job (t5_release.py) gets the deltas again
             self.apply()
             yield self
         finally:
+            self.model.active_patch = None
             self.restore()

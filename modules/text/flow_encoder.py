@@ -105,7 +105,7 @@ class FlowTextConditioner:
     def _encode_one(self, text: str, emphasis: str) -> tuple[torch.Tensor, torch.Tensor]:
         plain = "".join(t for t, _ in fragments(text, emphasis))
         t5 = self.encoders["t5xxl"]
-        device = next(t5.parameters()).device
+        device = next(self.encoders["clip_l"].parameters()).device  # T5's may be meta (freed after encoding)
         pad_to, limit = self.family.t5_tokens
         ids, weights = t5_tokens(self.t5_tokenizer, text, emphasis, pad_to, limit)
         z = t5(input_ids=torch.tensor([ids], device=device)).last_hidden_state.float()

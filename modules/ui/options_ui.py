@@ -80,7 +80,8 @@ def known_options() -> dict[str, OptionInfo]:
                                    "the rest; low: only the running model, streamed by blocks past the budget)"),
         ("memory_gpu_weights", "Memory", "GPU weights in GiB (-1: free memory minus the free-memory target)"),
         ("memory_keep_free", "Memory", "Free-memory target in GiB (left for activations)"),
-        ("memory_t5_after_encoding", "Memory", "T5 after encoding (keep: as the policy says; cpu: back to the CPU)"),
+        ("memory_t5_after_encoding", "Memory", "T5 after encoding (keep: as the policy says; cpu: back to the CPU; "
+                                                   "free: freed, read again from its file)"),
     )
     rows += tuple((key, "Interrogate", label) for key, label in INTERROGATE_LABELS)
     return {key: OptionInfo(key, section, label) for key, section, label in rows}
