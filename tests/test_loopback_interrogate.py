@@ -1,8 +1,9 @@
 """Loopback's append_interrogation over real HTTP: each loop's prompt is the job's prompt plus the
-interrogation (CLIP or DeepBooru) of that loop's init image; an absent model is refused before queueing."""
+interrogation (CLIP, DeepBooru or WD14) of that loop's init image; an absent model is refused before queueing."""
 from __future__ import annotations
 
 import base64
+import importlib.util
 import io
 import json
 
@@ -27,6 +28,9 @@ def server(tmp_path_factory, tiny_checkpoints):
     root = tmp_path_factory.mktemp("loopback-interrogate")
     srv = start_server(root, {"tiny": tiny_checkpoints["sd1"]})
     install_models(srv.context.app.settings.models_dir)
+    if importlib.util.find_spec("onnxruntime"):  # the WD14 tagger runs on onnxruntime (the wd14 extra)
+        from tests.test_interrogate_wd14 import write_tagger
+        write_tagger(srv.context.app.settings.models_dir / "interrogators" / "tiny-tagger")
     assert httpx.post(f"{srv.url}/sdapi/v1/options", json=OPTIONS).status_code == 200
     yield srv
     srv.stop()
@@ -48,8 +52,10 @@ def _loopback(server, prompt: str, choice: str) -> httpx.Response:
     return httpx.post(f"{server.url}/sdapi/v1/img2img", json=body, timeout=300)
 
 
-@pytest.mark.parametrize("choice,model", [("DeepBooru", "deepdanbooru"), ("CLIP", "clip")])
+@pytest.mark.parametrize("choice,model", [("DeepBooru", "deepdanbooru"), ("CLIP", "clip"), ("WD14", "wd14")])
 def test_each_loop_appends_the_interrogation_of_its_init_image(server, choice, model):
+    if model == "wd14":
+        pytest.importorskip("onnxruntime")
     r = _loopback(server, "a fox", choice)
     assert r.status_code == 200, r.text
     data = r.json()
@@ -77,6 +83,8 @@ def test_absent_model_or_bad_choice_is_refused_before_queueing(tmp_path, tiny_ch
         before = len(httpx.get(f"{srv.url}/api/v1/jobs").json()["jobs"])
         r = _loopback(srv, "a fox", "DeepBooru")
         assert r.status_code == 422 and "model-resnet_custom_v3.pt" in r.text and "Loopback" in r.text, r.text
+        r = _loopback(srv, "a fox", "WD14")
+        assert r.status_code == 422 and "selected_tags.csv" in r.text and "Loopback" in r.text, r.text
         r = _loopback(srv, "a fox", "BLIP2")
         assert r.status_code == 422 and "append_interrogation must be one of None, CLIP, DeepBooru" in r.text
         assert len(httpx.get(f"{srv.url}/api/v1/jobs").json()["jobs"]) == before

@@ -1,6 +1,9 @@
-"""Browser test of img2img's "Interrogate CLIP" / "Interrogate DeepBooru" buttons (real server, Debian
-chromium, tiny random interrogation models): the prompt gets the engine's text; errors are messages."""
+"""Browser test of img2img's "Interrogate CLIP" / "Interrogate DeepBooru" / "Interrogate WD14" buttons (real
+server, Debian chromium, tiny random interrogation models): the prompt gets the engine's text; errors are
+messages."""
 from __future__ import annotations
+
+import importlib.util
 
 import numpy as np
 import pytest
@@ -25,6 +28,9 @@ def server(tmp_path_factory, tiny_checkpoints):
     root = tmp_path_factory.mktemp("webui-interrogate")
     running = start_ui_server(root, {"tiny": tiny_checkpoints["sd1"]})
     install_models(running.context.app.settings.models_dir)
+    if importlib.util.find_spec("onnxruntime"):  # the WD14 tagger runs on onnxruntime (the wd14 extra)
+        from tests.test_interrogate_wd14 import write_tagger
+        write_tagger(running.context.app.settings.models_dir / "interrogators" / "tiny-tagger")
     running.context.options.update(OPTIONS)
     yield running
     running.stop()
@@ -48,8 +54,10 @@ def _open_with_image(page, tmp_path) -> Image.Image:
     return image
 
 
-@pytest.mark.parametrize("model", ["deepdanbooru", "clip"])
+@pytest.mark.parametrize("model", ["deepdanbooru", "clip", "wd14"])
 def test_interrogate_buttons_fill_the_prompt(page, server, tmp_path, model):
+    if model == "wd14":
+        pytest.importorskip("onnxruntime")
     image = _open_with_image(page, tmp_path)
     page.fill("#img2img-prompt textarea", "old prompt")
     expected = _expected(server, image, model)
@@ -97,3 +105,21 @@ def test_settings_interrogate_section_reaches_the_buttons(page, server, tmp_path
                                timeout=60_000)
     finally:
         server.context.options.update(OPTIONS)
+
+
+def test_interrogate_wd14_without_a_tagger_is_a_message(page, server, tmp_path):
+    """No tagger folder installed: the message names the folder and the files; the prompt stays."""
+    _open_with_image(page, tmp_path)
+    page.fill("#img2img-prompt textarea", "kept")
+    taggers = server.context.app.settings.models_dir / "interrogators"
+    taggers.rename(taggers.with_name("interrogators-away"))
+    try:
+        page.click("#img2img-interrogate-wd14")
+        page.wait_for_function("() => document.querySelector('#img2img-message')?.innerText.includes('WD14')",
+                               timeout=30_000)
+    finally:
+        taggers.with_name("interrogators-away").rename(taggers)
+    text = message_of(page, "img2img")
+    assert "WD14 tagging needs a tagger folder" in text and "model.onnx" in text and "selected_tags.csv" in text
+    assert "Traceback" not in text
+    assert _prompt(page) == "kept"

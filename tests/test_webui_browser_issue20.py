@@ -21,7 +21,15 @@ from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from modules.demo import DEMO_CHECKPOINT
 from tests import test_webui_browser as base
 from tests.test_webui_browser import gallery_image, set_number, wait_result
-from tests.ui_helpers import guarded_page, open_img2img_mode, require_browser, start_ui_server
+from tests.ui_helpers import (
+    act_as_the_update_arrives,
+    guarded_page,
+    open_img2img_mode,
+    press_slider,
+    require_browser,
+    start_ui_server,
+    wait_all_applied,
+)
 
 pytestmark = pytest.mark.slow
 browser = base.browser  # the same fixture, bound to this module's server
@@ -68,9 +76,11 @@ def busy_worker(http: httpx.Client) -> str:
 
 
 def test_sizes_typed_while_the_model_loads_are_kept(browser, server):
-    """The native size arrives after the user typed: a width being typed (not yet entered) keeps its tab's
-    sizes; the untouched tab gets the model's 128x128. A later checkpoint switch moves neither a tab
-    the user set (here with the slider's arrow key) nor the typed one."""
+    """The native size arrives after the user typed a width on txt2img (not yet entered) and as the user moves
+    img2img's height with the keyboard: the page's round trips (if it makes any to apply the size) are held
+    until the user has moved it, so the change lands between the apply step reading the sizes and writing
+    them back. Both tabs keep the user's sizes; img2img's width is the model's 128 (applied before the user
+    moved the height). A later checkpoint switch moves neither tab."""
     with httpx.Client(base_url=server.url, timeout=60) as http, \
             guarded_page(browser, server.url, 1280, 720) as page:
         job_id = busy_worker(http)
@@ -78,25 +88,22 @@ def test_sizes_typed_while_the_model_loads_are_kept(browser, server):
         page.wait_for_selector("#txt2img-generate", timeout=60_000)
         page.wait_for_function("document.body.dataset.nativeSize === 'pending'", timeout=30_000)
         page.locator("#txt2img-width input[type=number]").fill("192")  # typed, not yet entered
-        assert page.evaluate(f"!({APPLIED})"), "the native size came before the user typed"
-        http.delete(f"/api/v1/jobs/{job_id}")
-        page.wait_for_function(APPLIED, timeout=120_000)
-        time.sleep(1.0)  # the page load's update and the checkpoint change's both ran; nothing else comes
-        assert page.evaluate(APPLIED)
-        assert (number(page, "txt2img-width"), number(page, "txt2img-height")) == ("192", "512")
         page.get_by_role("tab", name="img2img", exact=True).click()
-        assert (number(page, "img2img-width"), number(page, "img2img-height")) == ("128", "128")
-        page.locator("#img2img-height input[type=range]").focus()
-        page.keyboard.press("ArrowRight")  # 128 -> 136 with the keyboard
-        page.wait_for_function("document.querySelector('#img2img-height input[type=number]').value === '136'")
+        page.wait_for_selector("#img2img-height input[type=range]", timeout=30_000)
+        assert page.evaluate(f"!({APPLIED})"), "the native size came before the user typed"
+        moved = act_as_the_update_arrives(page, lambda: http.delete(f"/api/v1/jobs/{job_id}"), APPLIED,
+                                          lambda: press_slider(page, "img2img-height"))
+        wait_all_applied(page, APPLIED)
+        assert (number(page, "img2img-width"), number(page, "img2img-height")) == ("128", moved)
+        page.get_by_role("tab", name="txt2img", exact=True).click()
+        assert (number(page, "txt2img-width"), number(page, "txt2img-height")) == ("192", "512")
         page.locator("#checkpoint input").click()
         page.get_by_role("option", name="tiny").click()  # SD1: 512, which no tab takes now
         page.wait_for_function(APPLIED, timeout=120_000)
-        time.sleep(0.5)
-        page.wait_for_function(APPLIED, timeout=120_000)
-        assert (number(page, "img2img-width"), number(page, "img2img-height")) == ("128", "136")
-        page.get_by_role("tab", name="txt2img", exact=True).click()
+        wait_all_applied(page, APPLIED)
         assert (number(page, "txt2img-width"), number(page, "txt2img-height")) == ("192", "512")
+        page.get_by_role("tab", name="img2img", exact=True).click()
+        assert (number(page, "img2img-width"), number(page, "img2img-height")) == ("128", moved)
 
 
 def api_image(server, **params) -> Image.Image:

@@ -5,9 +5,10 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -17,6 +18,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
 REPO = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
 
 
 def screenshot_dir() -> Path:
@@ -101,3 +103,41 @@ def open_img2img_mode(page, name: str) -> None:
         page.locator("#img2img-modes .overflow-menu button").first.click()
         tab = page.locator("#img2img-modes .overflow-dropdown button", has_text=name)
     tab.click()
+
+
+def act_as_the_update_arrives(page, release_worker: Callable[[], object], applied: str, act: Callable[[], T]) -> T:
+    """Frees the busy worker, then runs `act` (the user's change) the moment the model's update arrives. The
+    page's round trips to the server (if it makes any to apply the update) are held until the user has acted,
+    so the change lands between the apply step reading the fields and writing them back. `applied`: a JS
+    expression, true once the page has applied the update. Returns what `act` returns."""
+    held: list = []
+    page.wait_for_timeout(1000)  # the user's earlier round trips (if the page makes any) are not the ones to hold
+    page.route("**/run/**", lambda route: held.append(route))
+    release_worker()
+    deadline = time.monotonic() + 180
+    while not held and not page.evaluate(applied):
+        assert time.monotonic() < deadline, "the model's update never arrived"
+        page.wait_for_timeout(50)
+    result = act()
+    page.wait_for_timeout(500)  # the change's own events (key up, a slider's release) settle first
+    for route in held:
+        route.continue_()
+    page.unroute("**/run/**")
+    return result
+
+
+def press_slider(page, elem_id: str, key: str = "ArrowRight") -> str:
+    """Moves slider `elem_id` one step with the keyboard; returns its new value."""
+    field = page.locator(f"#{elem_id} input").first
+    before = field.input_value()
+    page.locator(f"#{elem_id} input[type=range]").focus()
+    page.keyboard.press(key)
+    page.wait_for_function("([id, v]) => document.querySelector(`#${id} input`).value !== v", arg=[elem_id, before])
+    return field.input_value()
+
+
+def wait_all_applied(page, applied: str) -> None:
+    """The page load's update and the checkpoint change's have both run (`applied` is true); nothing else comes."""
+    page.wait_for_function(applied, timeout=180_000)
+    time.sleep(1.0)
+    page.wait_for_function(applied, timeout=180_000)

@@ -13,7 +13,7 @@ from modules.plugins import api
 
 TITLE = "Loopback"
 CURVES = ("Aggressive", "Linear", "Lazy")
-INTERROGATIONS = {"None": None, "CLIP": "clip", "DeepBooru": "deepdanbooru"}  # choice -> interrogation model
+INTERROGATIONS = {"None": None, "CLIP": "clip", "DeepBooru": "deepdanbooru", "WD14": "wd14"}  # choice -> interrogation model
 OPTIONS = (
     api.OptionSpec("loops", "Loops", 4, "slider", 1, 32, 1),
     api.OptionSpec("final_denoising_strength", "Final denoising strength", 0.5, "slider", 0.0, 1.0, 0.01),

@@ -80,8 +80,8 @@ class ScriptCheck:
     interrogation: Callable[[str], None] | None = None
 
     def check_interrogation(self, model: str) -> None:
-        """Raise InvalidParams naming the files when interrogation model `model` ("clip" or
-        "deepdanbooru") is not installed, so a script that needs it is refused before it is queued."""
+        """Raise InvalidParams naming the files when interrogation model `model` ("clip",
+        "deepdanbooru" or "wd14") is not installed, so a script that needs it is refused before it is queued."""
         if self.interrogation is not None:
             self.interrogation(model)
 

@@ -1,4 +1,5 @@
-"""img2img's "Interrogate CLIP" and "Interrogate DeepBooru" buttons: the current image -> the prompt.
+"""img2img's "Interrogate CLIP", "Interrogate DeepBooru" and "Interrogate WD14" buttons: the current image -> the
+prompt.
 
 The image is the active mode's (img2img, sketch, inpaint, ...). Interrogation runs on the app's
 engine with the caller's A1111 interrogation options; a missing model or image is shown in the
@@ -17,11 +18,11 @@ from modules.interrogate.options import InterrogateOptions
 from modules.ui.context import UIContext
 from modules.ui.jobs import readable
 
-BUTTONS = (("clip", "Interrogate CLIP"), ("deepdanbooru", "Interrogate DeepBooru"))
+BUTTONS = (("clip", "Interrogate CLIP"), ("deepdanbooru", "Interrogate DeepBooru"), ("wd14", "Interrogate WD14"))
 
 
 def interrogate_buttons() -> dict[str, gr.Button]:
-    """The two buttons in a row, by model name."""
+    """The buttons in a row, by model name."""
     with gr.Row(elem_id="img2img-interrogate-row"):
         return {model: gr.Button(label, size="sm", elem_id=f"img2img-interrogate-{model}")
                 for model, label in BUTTONS}
