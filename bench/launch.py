@@ -1,7 +1,7 @@
 """Launch time: `./webui.sh` to a served page, and the bundled demo model's first image after launch.
 
     .venv/bin/python bench/launch.py [--runs 3] [--out bench/launch.json]
-    python bench/launch.py --python /path/to/venv/bin/python [--env OMP_WAIT_POLICY=ACTIVE]
+    python bench/launch.py --python /path/to/venv/bin/python [--env OMP_WAIT_POLICY=PASSIVE]
 
 Each run starts `./webui.sh --api` on a free port as a user would (the venv already set up, so
 tools/setup_venv.sh finds its stamp and skips pip), then times: the page (GET / answers 200),
