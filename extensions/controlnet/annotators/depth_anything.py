@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from modules.plugins import api
 
 from . import Runner
-from .depth_common import gray_to_rgb, load_weights, min_max_uint8, normalized_rgb, split_qkv
+from .depth_common import dpt_neck_key, gray_to_rgb, load_weights, min_max_uint8, normalized_rgb, split_qkv
 
 INPUT_SIZE = 518
 HEAD_DIM = 64  # every DINOv2 size (S, B, L, g) uses 64-wide attention heads
@@ -137,12 +137,8 @@ def to_transformers_keys(sd: dict[str, torch.Tensor], path: Path) -> dict[str, t
 
 
 def _original_key(key: str) -> str | None:
-    if m := re.match(r"depth_head\.scratch\.layer(\d)_rn\.(.+)", key):
-        return f"neck.convs.{int(m.group(1)) - 1}.{m.group(2)}"
-    if m := re.match(r"depth_head\.scratch\.refinenet(\d)\.(.+)", key):
-        rest = m.group(2).replace("out_conv.", "projection.").replace("resConfUnit", "residual_layer")
-        rest = re.sub(r"\bconv(\d)\.", r"convolution\1.", rest)
-        return f"neck.fusion_stage.layers.{4 - int(m.group(1))}.{rest}"
+    if (neck := dpt_neck_key(key, "depth_head.scratch.")) is not None:
+        return neck
     for old, new in _ORIGINAL:
         if key.startswith(old):
             rest = key[len(old):]

@@ -1,6 +1,7 @@
 """Helpers shared by the depth and normal annotators: reading a file, the network input, the output map."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -48,3 +49,15 @@ def split_qkv(out: dict[str, torch.Tensor], block: str, kind: str, value: torch.
     """A timm block's fused `attn.qkv` weight or bias as transformers' query, key and value."""
     for name, part in zip(("query", "key", "value"), value.chunk(3, dim=0), strict=True):
         out[f"{block}.attention.attention.{name}.{kind}"] = part.contiguous()
+
+
+def dpt_neck_key(key: str, scratch: str) -> str | None:
+    """transformers' name for a DPT neck tensor under the original `scratch` prefix ("scratch." in MiDaS,
+    "depth_head.scratch." in Depth Anything): `layerN_rn` convs and the `refinenetN` fusion blocks; None otherwise."""
+    if m := re.match(re.escape(scratch) + r"layer(\d)_rn\.(.+)", key):
+        return f"neck.convs.{int(m.group(1)) - 1}.{m.group(2)}"
+    if m := re.match(re.escape(scratch) + r"refinenet(\d)\.(.+)", key):
+        rest = m.group(2).replace("out_conv.", "projection.").replace("resConfUnit", "residual_layer")
+        rest = re.sub(r"\bconv(\d)\.", r"convolution\1.", rest)
+        return f"neck.fusion_stage.layers.{4 - int(m.group(1))}.{rest}"
+    return None

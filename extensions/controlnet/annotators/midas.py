@@ -23,7 +23,7 @@ from modules.plugins import api
 
 from . import Runner
 from .depth_anything import HEAD_DIM, attention_names
-from .depth_common import gray_to_rgb, load_weights, split_qkv
+from .depth_common import dpt_neck_key, gray_to_rgb, load_weights, split_qkv
 
 PAD = 64
 NORMAL_Z = 2 * math.pi
@@ -175,12 +175,8 @@ def _midas_key(key: str) -> str | None:
         if part == "0":  # the readout projection (Linear + GELU)
             return f"neck.reassemble_stage.readout_projects.{stage}.{rest.removeprefix('project.')}"
         return f"neck.reassemble_stage.layers.{stage}.{'projection' if part == '3' else 'resize'}.{rest}"
-    if m := re.match(r"scratch\.layer(\d)_rn\.(.+)", key):
-        return f"neck.convs.{int(m.group(1)) - 1}.{m.group(2)}"
-    if m := re.match(r"scratch\.refinenet(\d)\.(.+)", key):
-        rest = m.group(2).replace("out_conv.", "projection.").replace("resConfUnit", "residual_layer")
-        rest = re.sub(r"\bconv(\d)\.", r"convolution\1.", rest)
-        return f"neck.fusion_stage.layers.{4 - int(m.group(1))}.{rest}"
+    if (neck := dpt_neck_key(key, "scratch.")) is not None:
+        return neck
     for old, new in _PREFIXES:
         if key.startswith(old):
             rest = key[len(old):]
