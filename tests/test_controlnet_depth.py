@@ -83,6 +83,20 @@ def depth_anything_original(sd: dict) -> dict:
     return out
 
 
+def reference_key(key: str, rules: list, scratch: str) -> str:
+    """The original name of a transformers DPT key: the fusion-stage blocks under `scratch`, else the first
+    matching rule."""
+    if m := re.match(r"neck\.fusion_stage\.layers\.(\d)\.(.+)", key):
+        rest = m.group(2).replace("projection.", "out_conv.").replace("residual_layer", "resConfUnit")
+        rest = rest.replace("convolution1", "conv1").replace("convolution2", "conv2")
+        return f"{scratch}refinenet{4 - int(m.group(1))}.{rest}"
+    for pattern, repl in rules:
+        new, n = re.subn("^" + pattern, repl, key)
+        if n:
+            return new
+    raise AssertionError(f"unmapped key {key}")
+
+
 def original_name(key: str) -> str:
     rules = [
         (r"backbone\.embeddings\.cls_token", "pretrained.cls_token"),
@@ -100,15 +114,7 @@ def original_name(key: str) -> str:
         (r"head\.conv1\.", "depth_head.scratch.output_conv1."), (r"head\.conv2\.", "depth_head.scratch.output_conv2.0."),
         (r"head\.conv3\.", "depth_head.scratch.output_conv2.2."),
     ]
-    if m := re.match(r"neck\.fusion_stage\.layers\.(\d)\.(.+)", key):
-        rest = m.group(2).replace("projection.", "out_conv.").replace("residual_layer", "resConfUnit")
-        rest = rest.replace("convolution1", "conv1").replace("convolution2", "conv2")
-        return f"depth_head.scratch.refinenet{4 - int(m.group(1))}.{rest}"
-    for pattern, repl in rules:
-        new, n = re.subn("^" + pattern, repl, key)
-        if n:
-            return new
-    raise AssertionError(f"unmapped key {key}")
+    return reference_key(key, rules, "depth_head.scratch.")
 
 
 @torch.no_grad()
@@ -182,15 +188,7 @@ def midas_name(key: str) -> str:
         (r"neck\.convs\.(\d)\.", lambda m: f"scratch.layer{int(m[1]) + 1}_rn."),
         (r"head\.head\.", "scratch.output_conv."),
     ]
-    if m := re.match(r"neck\.fusion_stage\.layers\.(\d)\.(.+)", key):
-        rest = m.group(2).replace("projection.", "out_conv.").replace("residual_layer", "resConfUnit")
-        rest = rest.replace("convolution1", "conv1").replace("convolution2", "conv2")
-        return f"scratch.refinenet{4 - int(m.group(1))}.{rest}"
-    for pattern, repl in rules:
-        new, n = re.subn("^" + pattern, repl, key)
-        if n:
-            return new
-    raise AssertionError(f"unmapped key {key}")
+    return reference_key(key, rules, "scratch.")
 
 
 @torch.no_grad()
