@@ -19,11 +19,11 @@ from tests.fixtures import make_tiny_lora as mk
 from tests.fixtures.make_tiny_checkpoint import make_tiny_checkpoint, tiny_state_dict
 from tests.fixtures.make_tiny_mmdit import all_in_one, make_all_in_one
 from tests.fixtures.make_tiny_nf4 import dequantized_reference, quantize_linear_weights, save
+from tests.test_quantized_models import PARAMS, keeps_old_model
 
 pytest.importorskip("bitsandbytes")  # the reference (Atelier itself does not need it)
 
 UNET = "model.diffusion_model."
-PARAMS = dict(prompt="a red fox", steps=2, width=64, height=64, seed=11, save_images=False, sampler_name="Euler")
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -200,11 +200,6 @@ def test_flux_bnb_nf4_all_in_one(tmp_path) -> None:
 
 # ---------------------------------------------------------------- bad files keep the old model
 
-def _keeps_old_model(engine, old) -> None:
-    assert engine.models.current is old
-    assert engine.txt2img(Txt2ImgParams(**PARAMS)).images[0].size == (64, 64)
-
-
 def test_bad_nf4_files_are_named_and_keep_the_old_model(sdxl) -> None:
     engine, root, tensors = sdxl
     engine.load_model("tiny-sdxl-bnb-nf4")
@@ -214,7 +209,7 @@ def test_bad_nf4_files_are_named_and_keep_the_old_model(sdxl) -> None:
     (folder / "cut-bnb-nf4.safetensors").write_bytes(good[: len(good) - 4096])
     with pytest.raises(CheckpointError, match=r"cut-bnb-nf4.safetensors is truncated"):
         engine.load_model("cut-bnb-nf4")
-    _keeps_old_model(engine, old)
+    keeps_old_model(engine, old)
 
     state_key = UNET + "input_blocks.4.1.proj_in.weight.quant_state.bitsandbytes__nf4"
     corrupt = {**tensors, state_key: torch.tensor(list(b'{"quant_type": "nf4", "blocksize": 6'), dtype=torch.uint8)}
@@ -222,7 +217,7 @@ def test_bad_nf4_files_are_named_and_keep_the_old_model(sdxl) -> None:
     with pytest.raises(CheckpointError, match=r"json-bnb-nf4.safetensors: the quant_state of "
                                               r"model.diffusion_model.input_blocks.4.1.proj_in.weight is not valid"):
         engine.load_model("json-bnb-nf4")
-    _keeps_old_model(engine, old)
+    keeps_old_model(engine, old)
 
     renamed = {k.replace("bitsandbytes__nf4", "bitsandbytes__int8") if k == state_key else k: v
                for k, v in tensors.items()}
@@ -230,14 +225,14 @@ def test_bad_nf4_files_are_named_and_keep_the_old_model(sdxl) -> None:
     with pytest.raises(CheckpointError, match=r"int8-bnb.safetensors: tensor .*proj_in.weight uses bitsandbytes "
                                               r"quantization 'int8', which Atelier does not read"):
         engine.load_model("int8-bnb")
-    _keeps_old_model(engine, old)
+    keeps_old_model(engine, old)
 
     lost = {k: v for k, v in tensors.items() if not k.endswith("proj_in.weight.absmax")}
     save(lost, folder / "noscale-bnb-nf4.safetensors")
     with pytest.raises(CheckpointError, match=r"noscale-bnb-nf4.safetensors: the 4-bit weight .*proj_in.weight is "
                                               r"inconsistent \(.absmax has None elements"):
         engine.load_model("noscale-bnb-nf4")
-    _keeps_old_model(engine, old)
+    keeps_old_model(engine, old)
 
 
 def test_api_lists_nf4_generates_with_it_and_refuses_a_corrupt_state(sdxl, tmp_path) -> None:

@@ -195,7 +195,8 @@ def test_sd1_unet_and_sd35_transformer_gguf_equal_their_float_files(tmp_path) ->
 
 # ---------------------------------------------------------------- bad files keep the old model
 
-def _keeps_old_model(engine, old) -> None:
+def keeps_old_model(engine, old) -> None:
+    """The model loaded before a failed load is still current and still generates."""
     assert engine.models.current is old
     assert engine.txt2img(Txt2ImgParams(**PARAMS)).images[0].size == (64, 64)
 
@@ -209,7 +210,7 @@ def test_bad_quantized_files_are_named_and_keep_the_old_model(sdxl, monkeypatch)
     (unet / "cut-sdxl.gguf").write_bytes(good[: len(good) - 4096])
     with pytest.raises(CheckpointError, match=r"cut-sdxl.gguf.*(truncated|not a readable GGUF)"):
         engine.load_model("cut-sdxl")
-    _keeps_old_model(engine, old)
+    keeps_old_model(engine, old)
 
     from gguf import GGMLQuantizationType, GGUFWriter
     writer = GGUFWriter(str(unet / "iq-sdxl.gguf"), "sdxl")
@@ -219,13 +220,13 @@ def test_bad_quantized_files_are_named_and_keep_the_old_model(sdxl, monkeypatch)
     with pytest.raises(CheckpointError, match=r"iq-sdxl.gguf: tensor input_blocks.0.0.weight uses GGUF "
                                               r"quantization IQ4_NL, which Atelier does not read"):
         engine.load_model("iq-sdxl")
-    _keeps_old_model(engine, old)
+    keeps_old_model(engine, old)
 
     shutil.copy(unet / "tiny-sdxl-Q8_0.gguf", unet / "flux1-dev-Q8_0.gguf")
     with pytest.raises(CheckpointError, match=r"flux1-dev-Q8_0.gguf: its name says FLUX, but its tensors are an "
                                               r"SDXL UNet"):
         engine.load_model("flux1-dev-Q8_0")
-    _keeps_old_model(engine, old)
+    keeps_old_model(engine, old)
 
 
 def test_fp8_without_float8_and_nf4_with_a_corrupt_state(sdxl, flux, monkeypatch) -> None:
@@ -237,7 +238,7 @@ def test_fp8_without_float8_and_nf4_with_a_corrupt_state(sdxl, flux, monkeypatch
     with pytest.raises(CheckpointError, match=r"flux1-schnell-fp8_e4m3fn_scaled.safetensors stores fp8 weights, "
                                               r"but this torch .* has no float8 types"):
         engine.load_model(fp8_file)
-    _keeps_old_model(engine, old)
+    keeps_old_model(engine, old)
     monkeypatch.undo()
 
     nf4 = Path(flux[1]) / "flux1-dev-bnb-nf4.safetensors"
@@ -248,7 +249,7 @@ def test_fp8_without_float8_and_nf4_with_a_corrupt_state(sdxl, flux, monkeypatch
     with pytest.raises(CheckpointError, match=r"flux1-dev-bnb-nf4.safetensors: the quant_state of "
                                               r"model.diffusion_model.double_blocks.0.img_attn.qkv.weight is not valid"):
         engine.load_model(nf4)
-    _keeps_old_model(engine, old)
+    keeps_old_model(engine, old)
 
 
 # ---------------------------------------------------------------- over HTTP
