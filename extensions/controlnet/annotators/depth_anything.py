@@ -20,7 +20,14 @@ import torch.nn.functional as F
 from modules.plugins import api
 
 from . import Runner
-from .depth_common import dpt_neck_key, gray_to_rgb, load_weights, min_max_uint8, normalized_rgb, split_qkv
+from .depth_common import (
+    dpt_neck_key,
+    gray_to_rgb,
+    load_weights,
+    min_max_uint8,
+    normalized_rgb,
+    renamed_vit_state,
+)
 
 INPUT_SIZE = 518
 HEAD_DIM = 64  # every DINOv2 size (S, B, L, g) uses 64-wide attention heads
@@ -125,15 +132,7 @@ def to_transformers_keys(sd: dict[str, torch.Tensor], path: Path) -> dict[str, t
             f"Annotator file {path} is not a Depth Anything V2 checkpoint (no 'pretrained.cls_token' and "
             "'depth_head.*' keys, nor transformers' 'backbone.embeddings.*'); use depth_anything_v2_vits.pth "
             "from the Depth-Anything-V2 release (or its safetensors copy)")
-    out: dict[str, torch.Tensor] = {}
-    for key, value in sd.items():
-        if key.endswith(".attn.qkv.weight") or key.endswith(".attn.qkv.bias"):
-            block, kind = key.split(".attn.qkv.")
-            block = block.replace("pretrained.blocks.", "backbone.encoder.layer.")
-            split_qkv(out, block, kind, value)
-        elif (new := _original_key(key)) is not None:
-            out[new] = value
-    return out
+    return renamed_vit_state(sd, "pretrained.blocks.", "backbone.encoder.layer.", _original_key)
 
 
 def _original_key(key: str) -> str | None:

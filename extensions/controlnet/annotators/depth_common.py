@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,20 @@ def min_max_uint8(depth: torch.Tensor) -> np.ndarray:
 
 def gray_to_rgb(gray: np.ndarray) -> np.ndarray:
     return np.repeat(gray[..., None], 3, axis=2)
+
+
+def renamed_vit_state(sd: dict[str, torch.Tensor], blocks: str, new_blocks: str,
+                      rename: Callable[[str], str | None]) -> dict[str, torch.Tensor]:
+    """A timm ViT-based state dict under transformers' names: each fused `attn.qkv` under `blocks` split into
+    query, key and value under `new_blocks`; every other key through `rename` (None: dropped)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        if key.endswith((".attn.qkv.weight", ".attn.qkv.bias")):
+            block, kind = key.split(".attn.qkv.")
+            split_qkv(out, block.replace(blocks, new_blocks), kind, value)
+        elif (new := rename(key)) is not None:
+            out[new] = value
+    return out
 
 
 def split_qkv(out: dict[str, torch.Tensor], block: str, kind: str, value: torch.Tensor) -> None:

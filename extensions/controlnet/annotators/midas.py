@@ -23,7 +23,7 @@ from modules.plugins import api
 
 from . import Runner
 from .depth_anything import HEAD_DIM, attention_names
-from .depth_common import dpt_neck_key, gray_to_rgb, load_weights, split_qkv
+from .depth_common import dpt_neck_key, gray_to_rgb, load_weights, renamed_vit_state
 
 PAD = 64
 NORMAL_Z = 2 * math.pi
@@ -158,15 +158,7 @@ def to_transformers_keys(sd: dict[str, torch.Tensor], path: Path) -> dict[str, t
         raise api.InvalidParams(
             f"Annotator file {path} is not a MiDaS DPT-Hybrid checkpoint (no 'pretrained.model.patch_embed.backbone' "
             "and 'scratch.*' keys); use dpt_hybrid-midas-501f0c75.pt from the MiDaS v3 release")
-    out: dict[str, torch.Tensor] = {}
-    for key, value in sd.items():
-        if ".attn.qkv." in key:
-            block, kind = key.split(".attn.qkv.")
-            block = block.replace("pretrained.model.blocks.", "dpt.encoder.layer.")
-            split_qkv(out, block, kind, value)
-        elif (new := _midas_key(key)) is not None:
-            out[new] = value
-    return out
+    return renamed_vit_state(sd, "pretrained.model.blocks.", "dpt.encoder.layer.", _midas_key)
 
 
 def _midas_key(key: str) -> str | None:
