@@ -20,7 +20,7 @@ from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from modules.demo import DEMO_CHECKPOINT
 from tests import test_webui_browser as base
-from tests.test_webui_browser import gallery_image, set_number, wait_result
+from tests.test_webui_browser import gallery_image, set_number, set_number_settled, wait_result
 from tests.ui_helpers import (
     act_as_the_update_arrives,
     guarded_page,
@@ -122,11 +122,10 @@ def test_variation_seed_and_resize_seed_from_reach_the_job(page, server):
         set_number(page, elem, value)
     page.locator("#txt2img-seed input").fill("1234")
     page.get_by_text("Variation seed", exact=True).first.click()  # the accordion
-    page.locator("#txt2img-subseed input").fill("77")
-    page.locator("#txt2img-subseed input").press("Tab")
-    for elem, value in (("txt2img-subseed-strength", 0.5), ("txt2img-seed-resize-w", 96),
+    # its controls re-render on the first open and can drop a value typed meanwhile: set each until it stays
+    for elem, value in (("txt2img-subseed", 77), ("txt2img-subseed-strength", 0.5), ("txt2img-seed-resize-w", 96),
                         ("txt2img-seed-resize-h", 80)):
-        set_number(page, elem, value)
+        set_number_settled(page, elem, value)
     page.click("#txt2img-generate")
     info = wait_result(page)
     for part in ("Seed: 1234", "Variation seed: 77", "Variation seed strength: 0.5", "Seed resize from: 96x80"):
