@@ -12,7 +12,14 @@ from PIL import Image
 
 from tests import test_webui_browser as base
 from tests.fixtures import make_tiny_upscalers as tiny
-from tests.test_webui_browser import fill_txt2img, gallery_image, set_number, wait_result, wait_text
+from tests.test_webui_browser import (
+    fill_txt2img,
+    gallery_image,
+    set_number,
+    set_number_settled,
+    wait_result,
+    wait_text,
+)
 from tests.ui_helpers import require_browser, screenshot_dir, start_ui_server
 
 pytestmark = pytest.mark.slow
@@ -72,7 +79,7 @@ def test_face_restoration_gives_a_message_not_a_traceback(page, tmp_path):
     open_extras(page)
     page.locator("#extras-image input[type=file]").set_input_files(str(tmp_path / "face.png"))
     page.get_by_text("Face restoration (needs GFPGAN").click()
-    set_number(page, "extras-gfpgan-visibility", 0.5)
+    set_number_settled(page, "extras-gfpgan-visibility", 0.5)
     page.click("#extras-generate")
     wait_text(page, "#extras-message", "models/GFPGAN")
     assert "Traceback" not in page.locator("#extras-message").inner_text()

@@ -9,7 +9,7 @@ from PIL import Image
 
 from tests import test_webui_browser as base
 from tests.test_faces_api import write_face_models
-from tests.test_webui_browser import fill_txt2img, set_number, wait_result, wait_text
+from tests.test_webui_browser import fill_txt2img, set_number_settled, wait_result, wait_text
 from tests.test_webui_browser_extras import open_extras
 from tests.ui_helpers import require_browser, start_ui_server
 
@@ -40,8 +40,8 @@ def test_extras_face_sliders_restore(page, tmp_path):
     open_extras(page)
     page.locator("#extras-image input[type=file]").set_input_files(str(tmp_path / "f.png"))
     page.get_by_text("Face restoration (needs GFPGAN").click()
-    set_number(page, "extras-gfpgan-visibility", 1)
-    set_number(page, "extras-codeformer-visibility", 0.5)
+    set_number_settled(page, "extras-gfpgan-visibility", 1)
+    set_number_settled(page, "extras-codeformer-visibility", 0.5)
     page.click("#extras-generate")
     wait_text(page, "#extras-message", "Done: 1 image(s)", timeout=120)
     wait_text(page, "#extras-info", "GFPGAN visibility: 1")
