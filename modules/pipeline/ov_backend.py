@@ -16,8 +16,6 @@
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -29,6 +27,7 @@ import torch
 from torch import nn
 
 from modules.errors import AtelierError
+from modules.pipeline.weight_watch import WeightWatch
 
 log = logging.getLogger(__name__)
 FORMAT = "ov2"  # bump when the traced graphs change, so old IR is not reused
@@ -51,13 +50,6 @@ def require_openvino():
 def precision_hint(dtype: torch.dtype, capabilities: list[str]) -> str:
     """bf16 inference where the engine runs bf16 and the CPU has bf16 units; else f32."""
     return "bf16" if dtype == torch.bfloat16 and "BF16" in capabilities else "f32"
-
-
-def tensor_digest(t: torch.Tensor) -> str:
-    t = t.detach()
-    h = hashlib.blake2b(f"{t.dtype}{tuple(t.shape)}".encode(), digest_size=16)
-    h.update(t.contiguous().reshape(-1).view(torch.uint8).cpu().numpy())
-    return h.hexdigest()
 
 
 # -- adapters: one module kind's call -> flat tensor inputs, and flat outputs -> its return value ----------
@@ -178,9 +170,7 @@ class OpenVinoRunner:
         self.fallbacks: dict[str, int] = {}  # why calls ran the module's own forward: "call" or "structure"
         self._compiled: OrderedDict[str, Any] = OrderedDict()
         self._watch = self._structure()
-        self.base = self._base_digests(folder / f"{name}.digests.json" if name else None)
-        self._base_state = self._state()
-        self._last: tuple[tuple, str] | None = None
+        self.weights = WeightWatch(module, folder / f"{name}.digests.json" if name else None)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -215,41 +205,10 @@ class OpenVinoRunner:
                 parts.append(sub.padding_mode)
         return tuple(parts)
 
-    # -- the weights' content key -----------------------------------------------------------------
-    def _tensors(self) -> dict[str, torch.Tensor]:
-        return self.module.state_dict(keep_vars=True)
-
-    def _state(self) -> tuple:
-        return tuple((name, t.data_ptr(), t._version, t.dtype) for name, t in self._tensors().items())
-
-    def _base_digests(self, path: Path | None) -> dict[str, str]:
-        """The load's per-tensor digests, read from `path` (named by the checkpoint hash) when saved before."""
-        if path is not None and path.is_file():
-            return json.loads(path.read_text())
-        digests = {name: tensor_digest(t) for name, t in self._tensors().items()}
-        if path is None:
-            return digests
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(digests))
-        return digests
-
-    def current_digests(self) -> dict[str, str]:
-        """Per-tensor digests now: the load's, with every tensor written since the load hashed again."""
-        digests = dict(self.base)
-        base = {entry[0]: entry for entry in self._base_state}
-        for name, t in self._tensors().items():
-            if base.get(name) != (name, t.data_ptr(), t._version, t.dtype):
-                digests[name] = tensor_digest(t)
-        return digests
-
     def key(self, names: list[str], values: list[torch.Tensor]) -> str:
-        state = self._state()
-        if self._last is None or self._last[0] != state:
-            content = hashlib.blake2b(json.dumps(sorted(self.current_digests().items())).encode(), digest_size=12)
-            self._last = (state, content.hexdigest())
         signature = "-".join(f"{n}{v.dim()}{'f' if v.is_floating_point() else 'i'}" for n, v in zip(names, values,
                                                                                                      strict=True))
-        return f"{self.adapter.kind}-{FORMAT}-{str(self.dtype).removeprefix('torch.')}-{signature}-{self._last[1]}"
+        return f"{self.adapter.kind}-{FORMAT}-{str(self.dtype).removeprefix('torch.')}-{signature}-{self.weights.content_key()}"
 
     # -- conversion and compilation ------------------------------------------------------------------
     def _compiled_for(self, key: str, names: list[str], values: list[torch.Tensor]):
@@ -274,20 +233,19 @@ class OpenVinoRunner:
         """Trace in fp32: an IR traced from bf16 weights gave NaNs in OpenVINO 2026.4 (even run in f32).
         The bf16 -> fp32 -> bf16 round trip is exact, so the tensors keep their digests; the base state
         follows the new storages for tensors that were unpatched before."""
-        dtypes = {name: t.dtype for name, t in self._tensors().items()}
+        dtypes = {name: t.dtype for name, t in self.weights.tensors().items()}
         if all(d == torch.float32 or not d.is_floating_point for d in dtypes.values()):
             yield
             return
-        before, base = self._state(), {entry[0]: entry for entry in self._base_state}
+        before = self.weights.state()
         self.module.float()
         try:
             yield
         finally:
-            for name, t in self._tensors().items():
+            for name, t in self.weights.tensors().items():
                 if t.dtype != dtypes[name]:
                     t.data = t.data.to(dtypes[name])
-            kept = {entry[0] for entry in before if base.get(entry[0]) == entry}
-            self._base_state = tuple(e if e[0] in kept else base.get(e[0], e) for e in self._state())
+            self.weights.keep_base_through(before)
 
     def _convert(self, xml: Path, names: list[str], values: list[torch.Tensor]) -> None:
         ov = require_openvino()
