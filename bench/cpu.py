@@ -2,8 +2,9 @@
 
     .venv/bin/python bench/cpu.py [--size 256] [--steps 4] [--repeats 1] [--out bench/cpu.json]
 
-`atelier-compile` and `atelier-openvino` (--compile with inductor / --compile-backend openvino) run
-one untimed 2-step job first, which compiles or converts (or reads the on-disk cache): compile s.
+`atelier-compile`, `atelier-freeze` and `atelier-openvino` (--compile with inductor, --compile-freeze,
+--compile-backend openvino) run one untimed 2-step job first, which compiles or converts (or reads the
+on-disk cache): compile s.
 
 The checkpoint (real SD 1.5 widths, random N(0, 1/fan_in) weights, fp16, original single-file
 layout, seeded) is built once under bench/cache/. Every variant runs in its own subprocess
@@ -28,8 +29,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 CACHE = REPO / "bench" / "cache"
 CKPT = "sd15-random-seed0.safetensors"
-VARIANTS = ("atelier", "atelier-fp32", "atelier-compile", "diffusers", "diffusers-bf16", "atelier-openvino")
-COMPILED = {"atelier-compile": "inductor", "atelier-openvino": "openvino"}  # variant -> --compile-backend
+VARIANTS = ("atelier", "atelier-fp32", "atelier-compile", "diffusers", "diffusers-bf16", "atelier-openvino",
+            "atelier-freeze")
+# variant -> (--compile-backend, --compile-freeze)
+COMPILED = {"atelier-compile": ("inductor", False), "atelier-freeze": ("inductor", True),
+            "atelier-openvino": ("openvino", False)}
 PROMPT = "a photograph of an astronaut riding a horse, detailed, sharp focus"
 NEGATIVE = "blurry, low quality"
 SEED = 1234
@@ -123,7 +127,7 @@ def child_raw_read(ckpt: Path) -> dict:
 
 
 def child_atelier(ckpt: Path, precision: str, size: int, steps: int, cache: Path, compile: bool = False,
-                  backend: str = "inductor") -> dict:
+                  backend: str = "inductor", freeze: bool = False) -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401  imported before the clock starts,
     from transformers import CLIPTextModel  # noqa: F401  as the diffusers child imports its pipeline class
 
@@ -133,7 +137,7 @@ def child_atelier(ckpt: Path, precision: str, size: int, steps: int, cache: Path
 
     app = build_app(Settings(device="cpu", precision=precision, data_dir=cache / "data",
                              outputs_dir=cache / "outputs", disable_extra_extensions=True, compile=compile,
-                             compile_backend=backend))
+                             compile_backend=backend, compile_freeze=freeze))
     began = time.perf_counter()
     model = app.engine.load_model(ckpt)
     load_s = time.perf_counter() - began
@@ -144,7 +148,7 @@ def child_atelier(ckpt: Path, precision: str, size: int, steps: int, cache: Path
     began = time.perf_counter()
     result = app.engine.txt2img(params)
     total_s = time.perf_counter() - began
-    tag = ("-compile" if backend == "inductor" else f"-{backend}") if compile else ""
+    tag = ("-freeze" if freeze else "-compile" if backend == "inductor" else f"-{backend}") if compile else ""
     result.images[0].save(cache / f"out-{precision}{tag}-{size}.png")
     return {"load_s": load_s, "total_s": total_s, "compile_s": compile_s, "device": app.devices.describe(),
             **_split(timers, steps)}
@@ -198,7 +202,7 @@ def run_child(args: argparse.Namespace) -> dict:
     if args.child.startswith("atelier"):
         precision = "fp32" if args.child == "atelier-fp32" else "auto"
         return child_atelier(ckpt, precision, args.size, args.steps, args.cache, args.child in COMPILED,
-                             COMPILED.get(args.child, "inductor"))
+                             *COMPILED.get(args.child, ("inductor", False)))
     return child_diffusers(ckpt, args.cache / "sd15-diffusers-config", args.child == "diffusers-bf16",
                            args.size, args.steps)
 
@@ -237,7 +241,7 @@ def summarise(runs: dict[str, list[dict]]) -> dict[str, dict]:
 def ratios(s: dict[str, dict], variants: list[str]) -> dict[str, float]:
     """How many times faster (or leaner) Atelier (default, and compiled) is than each other variant."""
     out = {}
-    for base in (b for b in ("atelier", "atelier-compile", "atelier-openvino") if b in s):
+    for base in (b for b in ("atelier", "atelier-compile", "atelier-freeze", "atelier-openvino") if b in s):
         for other in (v for v in variants if v != base and (v not in COMPILED or base == "atelier-openvino")):
             for key in ("total_s", "step_s", "decode_s", "text_s", "load_s"):
                 if key in s[other] and s[base].get(key):
@@ -298,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     compiled = psnr(args.cache / f"out-auto-compile-{args.size}.png", args.cache / f"out-fp32-{args.size}.png")
     if compiled is not None:
         print(f"  PSNR atelier --compile vs atelier fp32 (same seed): {compiled:.1f} dB")
+    frozen = psnr(args.cache / f"out-auto-freeze-{args.size}.png", args.cache / f"out-fp32-{args.size}.png")
+    if frozen is not None:
+        print(f"  PSNR atelier --compile-freeze vs atelier fp32 (same seed): {frozen:.1f} dB")
     openvino = psnr(args.cache / f"out-auto-openvino-{args.size}.png", args.cache / f"out-fp32-{args.size}.png")
     if openvino is not None:
         print(f"  PSNR atelier --compile-backend openvino vs atelier fp32 (same seed): {openvino:.1f} dB")
@@ -306,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  PSNR atelier --compile-backend openvino vs atelier default (same seed): {ov_eager:.1f} dB")
     report = {"size": args.size, "steps": args.steps, "repeats": args.repeats, "cpu": cpu_name(),
               "cores": os.cpu_count(), "results": s, "runs": runs, "ratios": rats, "psnr_default_vs_fp32_db": quality,
-              "psnr_compile_vs_fp32_db": compiled, "psnr_openvino_vs_fp32_db": openvino,
+              "psnr_compile_vs_fp32_db": compiled, "psnr_freeze_vs_fp32_db": frozen, "psnr_openvino_vs_fp32_db": openvino,
               "psnr_openvino_vs_default_db": ov_eager}
     args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")

@@ -75,6 +75,7 @@ class Settings:
     compile: bool = False  # the denoiser and VAE decoder through torch.compile (inductor)
     compile_mode: str = "default"  # torch.compile mode: default, max-autotune, ...
     compile_backend: str = "inductor"  # any torch.compile backend (openvino once installed)
+    compile_freeze: bool = False  # inductor's freezing: prepacked constant weights (a second copy)
     weights: str = "auto"  # --weights fp8: float UNet / transformer weights kept as fp8 (A1111's "FP8 weight")
     extra: dict = field(default_factory=dict)
 
@@ -186,6 +187,9 @@ def add_performance_arguments(parser: argparse.ArgumentParser) -> None:
                        default="default", help="torch.compile mode for --compile")
     group.add_argument("--compile-backend", default="inductor",
                        help="torch.compile backend for --compile: inductor, or openvino when installed")
+    group.add_argument("--compile-freeze", action="store_true",
+                       help="--compile with inductor's freezing: weights become prepacked constants (faster on the "
+                            "CPU, a second copy of the weights in memory); jobs with a LoRA run uncompiled")
     vram = group.add_mutually_exclusive_group()
     vram.add_argument("--medvram", dest="vram", action="store_const", const="medvram", default="normal",
                       help="keep only the model in use (text encoder, UNet or VAE) on the GPU")
@@ -249,7 +253,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         upscaler_tile=getattr(args, "upscaler_tile", 0),
         upscaler_tile_overlap=getattr(args, "upscaler_tile_overlap", 0),
         vram=getattr(args, "vram", "normal"),
-        compile=getattr(args, "compile", False),
+        compile=getattr(args, "compile", False) or getattr(args, "compile_freeze", False),
+        compile_freeze=getattr(args, "compile_freeze", False),
         compile_mode=getattr(args, "compile_mode", "default"),
         compile_backend=getattr(args, "compile_backend", "inductor"),
         memory_policy=getattr(args, "memory_policy", None),

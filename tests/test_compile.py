@@ -15,6 +15,7 @@ from modules.pipeline.compiled import (
     CompileUnavailable,
     check_compiler,
     compile_module,
+    freeze_module,
     is_compiled,
     use_cache_dir,
 )
@@ -107,3 +108,35 @@ def test_compile_without_a_cpp_compiler_is_refused(monkeypatch):
 def test_unknown_backend_is_refused_at_start(tmp_path):
     with pytest.raises(CompileUnavailable, match="'nosuch'.*known: .*inductor"):
         make_engine(tmp_path, compile=True, compile_backend="nosuch")
+
+
+@pytest.mark.slow
+def test_frozen_block_bakes_its_weights_and_runs_eagerly_while_patched(tmp_path):
+    torch._dynamo.reset()  # a Block compiled earlier unfrozen would otherwise serve this one too
+    torch.manual_seed(0)
+    block, x = Block().eval(), torch.randn(1, 4, 8, 8)
+    original = block.conv.weight.detach().clone()
+    with torch.no_grad():
+        want = block(x)
+        use_cache_dir(tmp_path / "inductor")
+        call = freeze_module(block)
+        torch.testing.assert_close(block(x), want, rtol=1e-4, atol=1e-5)
+        assert call.eager_calls == 0
+        block.conv.weight.add_(0.5)  # a LoRA's in-place patch
+        with torch._inductor.config.patch(freezing=True):  # frozen: the conv and linear weights are prepacked
+            torch.testing.assert_close(call.compiled(x), want, rtol=1e-4, atol=1e-5)  # copies of the old ones
+        torch.testing.assert_close(block(x), block._call_impl(x))  # so the patched call runs eagerly
+        assert call.eager_calls == 1 and not torch.allclose(block(x), want, atol=1e-3)
+        block.conv.weight.copy_(original)  # the patch reverted: the frozen graph is valid again
+        calls = call.eager_calls
+        torch.testing.assert_close(block(x), want, rtol=1e-4, atol=1e-5)
+        assert call.eager_calls == calls
+    block(x)  # with autograd on, freezing does not apply: eager
+    assert call.eager_calls == calls + 1
+
+
+def test_freezing_is_refused_outside_inductor(tmp_path):
+    with pytest.raises(CompileUnavailable, match="--compile-freeze.*openvino"):
+        check_compiler(torch.device("cpu"), "openvino", freeze=True)
+    with pytest.raises(CompileUnavailable, match="--compile-freeze"):
+        make_engine(tmp_path, compile=True, compile_freeze=True, compile_backend="aot_eager")

@@ -4,6 +4,10 @@
   the same objects. Compilation happens at the first call of each shape, not at load.
 - Weights stay graph inputs (inductor's `freezing` is off), so LoRA and other in-place weight
   patches are seen at once and never need a recompile.
+- `--compile-freeze` turns inductor's `freezing` on instead: the weights become constants, which
+  lets oneDNN prepack them (faster on the CPU), at the cost of a second copy of the weights. A frozen
+  graph is valid only for the weights it was compiled with, so a call whose weights were patched
+  since the load (a LoRA) runs eagerly; once the patch is reverted, the frozen graph runs again.
 - inductor's FX graph and kernel caches live under DATA_DIR/cache/inductor, so a later launch
   reuses what an earlier one compiled.
 - On the CPU inductor needs a C++ compiler; without one `--compile` is refused with the fix.
@@ -20,6 +24,7 @@ from pathlib import Path
 import torch
 
 from modules.errors import AtelierError
+from modules.pipeline.weight_watch import WeightWatch
 
 COMPILE_MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -28,8 +33,12 @@ class CompileUnavailable(AtelierError):
     """--compile cannot work on this machine."""
 
 
-def check_compiler(device: torch.device, backend: str = "inductor") -> None:
-    """Refuse early, naming the fix: an unknown backend, or inductor on the CPU without a C++ compiler."""
+def check_compiler(device: torch.device, backend: str = "inductor", freeze: bool = False) -> None:
+    """Refuse early, naming the fix: an unknown backend, freezing outside inductor, or inductor on the CPU
+    without a C++ compiler."""
+    if freeze and backend != "inductor":
+        raise CompileUnavailable(f"--compile-freeze is inductor's freezing; it cannot combine with "
+                                 f"--compile-backend {backend}. Drop one of the two.")
     if backend == "openvino":
         from modules.pipeline.ov_backend import require_openvino
 
@@ -56,22 +65,39 @@ def use_cache_dir(folder: Path) -> None:
 
 
 def compile_model(model, device: torch.device, cache_dir: Path, mode: str = "default",
-                  backend: str = "inductor") -> None:
+                  backend: str = "inductor", freeze: bool = False) -> None:
     """Compile `model.unet` and `model.vae.decoder` in place (first call per shape compiles).
 
     `openvino` converts them and the text encoders instead, cached in the `openvino` folder beside `cache_dir`.
+    `freeze` compiles with inductor's freezing; the load's weight digests are kept in the `frozen` folder.
     """
-    check_compiler(device, backend)
+    check_compiler(device, backend, freeze)
     if backend == "openvino":
         from modules.pipeline.ov_backend import openvino_model
 
         openvino_model(model, cache_dir.parent / "openvino")
         return
     use_cache_dir(cache_dir)
-    compile_module(model.unet, mode, backend)
+    if freeze:
+        torch._dynamo.reset()  # frozen graphs of models loaded before hold their own copies of the weights
     decoder = getattr(model.vae, "decoder", None)
-    if isinstance(decoder, torch.nn.Module):
-        compile_module(decoder, mode, backend)
+    parts = {"unet": model.unet, "vae_decoder": decoder if isinstance(decoder, torch.nn.Module) else None}
+    for part, module in parts.items():
+        if module is None:
+            continue
+        if freeze:
+            freeze_module(module, mode, _digests_path(model, part, module, cache_dir.parent / "frozen"))
+        else:
+            compile_module(module, mode, backend)
+
+
+def _digests_path(model, part: str, module: torch.nn.Module, folder: Path) -> Path | None:
+    """Where the load's per-tensor digests are kept, named by the checkpoint's (and VAE's) hash."""
+    if not model.model_hash:  # a diffusers folder: hashed at each load
+        return None
+    dtype = str(next(module.parameters()).dtype).removeprefix("torch.")
+    vae = f"{model.vae_hash or 'own'}-" if part == "vae_decoder" else ""
+    return folder / f"{model.model_hash}-{vae}{dtype}-{part}.digests.json"
 
 
 def compile_module(module: torch.nn.Module, mode: str = "default", backend: str = "inductor") -> None:
@@ -80,6 +106,34 @@ def compile_module(module: torch.nn.Module, mode: str = "default", backend: str 
         module.compile(mode=mode)
     else:
         module.compile(backend=backend)
+
+
+class FrozenCall:
+    """A module's call through inductor with `freezing`, while its weights hold the load's content."""
+
+    def __init__(self, module: torch.nn.Module, mode: str, digests: Path | None) -> None:
+        import torch._inductor.config  # noqa: F401 (patched in __call__)
+
+        self.eager = module._call_impl
+        self.weights = WeightWatch(module, digests)
+        self.compiled = torch.compile(self.eager, mode=mode)
+        self.eager_calls = 0  # calls that ran eagerly because the weights were patched (the tests count them)
+
+    def __call__(self, *args, **kwargs):
+        if torch.is_grad_enabled() or not self.weights.unchanged():
+            self.eager_calls += 1
+            return self.eager(*args, **kwargs)
+        # dynamo reads `freezing` while tracing (weights as constants, not inputs), outside torch.compile's
+        # `options`; patched here, it reaches the compiles this call may start and nothing else
+        with torch._inductor.config.patch(freezing=True):
+            return self.compiled(*args, **kwargs)
+
+
+def freeze_module(module: torch.nn.Module, mode: str = "default", digests: Path | None = None) -> FrozenCall:
+    """Compile `module` in place with frozen weights (see the module docstring)."""
+    call = FrozenCall(module, mode, digests)
+    module._compiled_call_impl = call  # what nn.Module.compile sets; module(...) now goes through `call`
+    return call
 
 
 def is_compiled(module: torch.nn.Module) -> bool:

@@ -74,7 +74,7 @@ class Engine:
         self.placement = Placement(policy_from_settings(settings), devices.device)  # --memory-policy, --medvram, ...
         self.t5_release: T5Release | None = None  # --t5-after-encoding free: T5 freed and read again
         if settings.compile:
-            check_compiler(devices.device, settings.compile_backend)  # refuse at start, not at the first job
+            check_compiler(devices.device, settings.compile_backend, settings.compile_freeze)  # refuse at start
         self._tokenizer = None
         self._per_model: dict[int, dict] = {}
         self.loaded_weights: str | None = None  # the `weights` of the last load (a VAE reload keeps it)
@@ -137,7 +137,7 @@ class Engine:
         apply_memory_format([model.vae], self.devices.channels_last)
         if self.settings.compile:
             compile_model(model, self.devices.device, self.settings.data_dir / "cache" / "inductor",
-                          self.settings.compile_mode, self.settings.compile_backend)
+                          self.settings.compile_mode, self.settings.compile_backend, self.settings.compile_freeze)
         self._place(model)
         return model
 
