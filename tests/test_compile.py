@@ -140,3 +140,14 @@ def test_freezing_is_refused_outside_inductor(tmp_path):
         check_compiler(torch.device("cpu"), "openvino", freeze=True)
     with pytest.raises(CompileUnavailable, match="--compile-freeze"):
         make_engine(tmp_path, compile=True, compile_freeze=True, compile_backend="aot_eager")
+    with pytest.raises(CompileUnavailable, match="--compile-freeze.*--medvram"):
+        check_compiler(torch.device("cuda"), freeze=True, moves_weights=True)
+
+
+def test_compile_freeze_flag_implies_compile():
+    from modules.settings import parse_settings
+
+    frozen = parse_settings(["--compile-freeze"])
+    assert frozen.compile and frozen.compile_freeze and frozen.compile_backend == "inductor"
+    plain = parse_settings(["--compile"])
+    assert plain.compile and not plain.compile_freeze

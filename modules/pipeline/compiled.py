@@ -33,12 +33,17 @@ class CompileUnavailable(AtelierError):
     """--compile cannot work on this machine."""
 
 
-def check_compiler(device: torch.device, backend: str = "inductor", freeze: bool = False) -> None:
-    """Refuse early, naming the fix: an unknown backend, freezing outside inductor, or inductor on the CPU
-    without a C++ compiler."""
+def check_compiler(device: torch.device, backend: str = "inductor", freeze: bool = False,
+                   moves_weights: bool = False) -> None:
+    """Refuse early, naming the fix: an unknown backend, freezing outside inductor or under a memory policy
+    that moves weights, or inductor on the CPU without a C++ compiler."""
     if freeze and backend != "inductor":
         raise CompileUnavailable(f"--compile-freeze is inductor's freezing; it cannot combine with "
                                  f"--compile-backend {backend}. Drop one of the two.")
+    if freeze and moves_weights:
+        raise CompileUnavailable("--compile-freeze keeps its own copy of the weights on the device, so it cannot "
+                                 "combine with a memory policy that moves them (--memory-policy normal/low, "
+                                 "--medvram, --lowvram, --offload). Drop one of the two.")
     if backend == "openvino":
         from modules.pipeline.ov_backend import require_openvino
 

@@ -74,7 +74,8 @@ class Engine:
         self.placement = Placement(policy_from_settings(settings), devices.device)  # --memory-policy, --medvram, ...
         self.t5_release: T5Release | None = None  # --t5-after-encoding free: T5 freed and read again
         if settings.compile:
-            check_compiler(devices.device, settings.compile_backend, settings.compile_freeze)  # refuse at start
+            check_compiler(devices.device, settings.compile_backend, settings.compile_freeze,  # refuse at start
+                           self.placement.enabled)
         self._tokenizer = None
         self._per_model: dict[int, dict] = {}
         self.loaded_weights: str | None = None  # the `weights` of the last load (a VAE reload keeps it)
