@@ -151,3 +151,32 @@ def test_compile_freeze_flag_implies_compile():
     assert frozen.compile and frozen.compile_freeze and frozen.compile_backend == "inductor"
     plain = parse_settings(["--compile"])
     assert plain.compile and not plain.compile_freeze
+
+
+class ResidualBlock(Block):
+    """A call that may pass extra inputs, as ControlNet passes residuals to the UNet."""
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        out = super().forward(x)
+        return out if residual is None else out + residual
+
+
+@pytest.mark.slow
+def test_frozen_calls_of_another_structure_run_eagerly_without_compiling_again(tmp_path):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    block, x = ResidualBlock().eval(), torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        use_cache_dir(tmp_path / "inductor")
+        call = freeze_module(block)
+        want = block(x)
+        graphs = counters["stats"]["unique_graphs"]
+        torch.testing.assert_close(block(x, residual=torch.ones_like(want)), want + 1)  # ControlNet-like inputs
+        handle = block.norm.register_forward_hook(lambda _m, _i, out: out + 1)
+        assert not torch.allclose(block(x), want, atol=1e-3)  # a hook the frozen graph never saw
+        assert call.eager_calls == 2 and counters["stats"]["unique_graphs"] == graphs
+        handle.remove()
+        torch.testing.assert_close(block(x), want)
+        assert call.eager_calls == 2  # the plain call is frozen again

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from modules.errors import AtelierError
-from modules.pipeline.weight_watch import WeightWatch
+from modules.pipeline.weight_watch import WeightWatch, module_structure
 
 COMPILE_MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -119,19 +119,33 @@ class FrozenCall:
     def __init__(self, module: torch.nn.Module, mode: str, digests: Path | None) -> None:
         import torch._inductor.config  # noqa: F401 (patched in __call__)
 
+        self.module = module
         self.eager = module._call_impl
         self.weights = WeightWatch(module, digests)
+        self.structure = module_structure(module)
+        self.signature: tuple | None = None  # the keyword inputs of the first frozen call
         self.compiled = torch.compile(self.eager, mode=mode)
-        self.eager_calls = 0  # calls that ran eagerly because the weights were patched (the tests count them)
+        self.eager_calls = 0  # calls that ran eagerly (the tests count them)
 
     def __call__(self, *args, **kwargs):
-        if torch.is_grad_enabled() or not self.weights.unchanged():
+        if not self._frozen_fits(args, kwargs):
             self.eager_calls += 1
             return self.eager(*args, **kwargs)
         # dynamo reads `freezing` while tracing (weights as constants, not inputs), outside torch.compile's
         # `options`; patched here, it reaches the compiles this call may start and nothing else
         with torch._inductor.config.patch(freezing=True):
             return self.compiled(*args, **kwargs)
+
+
+    def _frozen_fits(self, args: tuple, kwargs: dict) -> bool:
+        """The frozen graph serves calls with the load's weights and the first frozen call's structure:
+        ControlNet residuals, new hooks or processors would each compile another graph with another copy
+        of the weights, so those calls run eagerly. Calls with autograd on do too."""
+        if torch.is_grad_enabled() or module_structure(self.module) != self.structure:
+            return False
+        signature = (len(args), tuple(sorted(k for k, v in kwargs.items() if v is not None)))
+        self.signature = self.signature or signature
+        return signature == self.signature and self.weights.unchanged()
 
 
 def freeze_module(module: torch.nn.Module, mode: str = "default", digests: Path | None = None) -> FrozenCall:

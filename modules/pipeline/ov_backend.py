@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from modules.errors import AtelierError
-from modules.pipeline.weight_watch import WeightWatch
+from modules.pipeline.weight_watch import WeightWatch, module_structure
 
 log = logging.getLogger(__name__)
 FORMAT = "ov2"  # bump when the traced graphs change, so old IR is not reused
@@ -143,12 +143,6 @@ class TextAdapter:
         return BaseModelOutputWithPooling(last_hidden_state=last, pooler_output=pooled, hidden_states=hidden)
 
 
-def _foreign(hook: Callable) -> bool:
-    """A hook that may change results; transformers' own output-capturing hooks (installed on the first
-    forward that asks for hidden states, traced into the graph like the rest) do not."""
-    return not getattr(hook, "__module__", "").startswith("transformers.")
-
-
 class _Traced(nn.Module):
     """The module's own forward over positional tensors, for tracing (bypasses the runner)."""
 
@@ -194,16 +188,7 @@ class OpenVinoRunner:
     # -- what the graph cannot see ------------------------------------------------------------------
     def _structure(self) -> tuple:
         """Hooks on submodules, attention processors and conv padding modes: any change runs eagerly."""
-        parts = []
-        for sub in self.module.modules():
-            hooks = [h for h in (*sub._forward_hooks.values(), *sub._forward_pre_hooks.values()) if _foreign(h)]
-            if sub is not self.module and hooks:
-                parts.append(("hook", id(sub), *map(id, hooks)))
-            if hasattr(sub, "processor"):
-                parts.append(("processor", id(sub.processor)))
-            if isinstance(sub, nn.Conv2d):
-                parts.append(sub.padding_mode)
-        return tuple(parts)
+        return module_structure(self.module)
 
     def key(self, names: list[str], values: list[torch.Tensor]) -> str:
         signature = "-".join(f"{n}{v.dim()}{'f' if v.is_floating_point() else 'i'}" for n, v in zip(names, values,

@@ -1,4 +1,4 @@
-"""Whether a module's weights still hold the content they were watched with.
+"""Whether a module's weights, and what else a baked graph depends on, are still as they were watched.
 
 Compiled forms that bake the weights in (OpenVINO IR, inductor's frozen graphs) are valid only for
 that content. In-place patches (a LoRA's `ModelPatch.apply`) bump a tensor's version counter, and a
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -80,3 +81,24 @@ class WeightWatch:
         base = {entry[0]: entry for entry in self.base_state}
         kept = {entry[0] for entry in before if base.get(entry[0]) == entry}
         self.base_state = tuple(e if e[0] in kept else base.get(e[0], e) for e in self.state())
+
+
+def _foreign(hook: Callable) -> bool:
+    """A hook that may change results; transformers' own output-capturing hooks (installed on the first
+    forward that asks for hidden states, traced into the graph like the rest) do not."""
+    return not getattr(hook, "__module__", "").startswith("transformers.")
+
+
+def module_structure(module: nn.Module) -> tuple:
+    """What a graph traced from `module` fixed beyond its weights: hooks on submodules, attention
+    processors and conv padding modes (seamless tiling)."""
+    parts = []
+    for sub in module.modules():
+        hooks = [h for h in (*sub._forward_hooks.values(), *sub._forward_pre_hooks.values()) if _foreign(h)]
+        if sub is not module and hooks:
+            parts.append(("hook", id(sub), *map(id, hooks)))
+        if hasattr(sub, "processor"):
+            parts.append(("processor", id(sub.processor)))
+        if isinstance(sub, nn.Conv2d):
+            parts.append(sub.padding_mode)
+    return tuple(parts)
