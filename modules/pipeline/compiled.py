@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from modules.errors import AtelierError
-from modules.pipeline.weight_watch import WeightWatch, module_structure
+from modules.pipeline.weight_watch import WeightWatch, digests_name, module_structure
 
 COMPILE_MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -91,18 +91,10 @@ def compile_model(model, device: torch.device, cache_dir: Path, mode: str = "def
         if module is None:
             continue
         if freeze:
-            freeze_module(module, mode, _digests_path(model, part, module, cache_dir.parent / "frozen"))
+            name = digests_name(model, part, module)  # None (a diffusers folder): hashed at each load
+            freeze_module(module, mode, cache_dir.parent / "frozen" / f"{name}.digests.json" if name else None)
         else:
             compile_module(module, mode, backend)
-
-
-def _digests_path(model, part: str, module: torch.nn.Module, folder: Path) -> Path | None:
-    """Where the load's per-tensor digests are kept, named by the checkpoint's (and VAE's) hash."""
-    if not model.model_hash:  # a diffusers folder: hashed at each load
-        return None
-    dtype = str(next(module.parameters()).dtype).removeprefix("torch.")
-    vae = f"{model.vae_hash or 'own'}-" if part == "vae_decoder" else ""
-    return folder / f"{model.model_hash}-{vae}{dtype}-{part}.digests.json"
 
 
 def compile_module(module: torch.nn.Module, mode: str = "default", backend: str = "inductor") -> None:
@@ -135,7 +127,6 @@ class FrozenCall:
         # `options`; patched here, it reaches the compiles this call may start and nothing else
         with torch._inductor.config.patch(freezing=True):
             return self.compiled(*args, **kwargs)
-
 
     def _frozen_fits(self, args: tuple, kwargs: dict) -> bool:
         """The frozen graph serves calls with the load's weights and the first frozen call's structure:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from modules.errors import AtelierError
-from modules.pipeline.weight_watch import WeightWatch, module_structure
+from modules.pipeline.weight_watch import WeightWatch, digests_name, module_structure
 
 log = logging.getLogger(__name__)
 FORMAT = "ov2"  # bump when the traced graphs change, so old IR is not reused
@@ -269,14 +269,9 @@ def openvino_model(model, folder: Path) -> None:
         log.warning("OpenVINO: only SD1 / SD2 / SDXL with plain weights are converted; %s runs eagerly",
                     model.info.name)
         return
-    ckpt, dtype = model.model_hash, str(model.dtype).removeprefix("torch.")
-
-    def name(part: str) -> str | None:  # where the load's digests are kept; no hash (a folder): hash each load
-        return f"{ckpt}-{dtype}-{part}" if ckpt else None
-
-    use_openvino(model.unet, "unet", folder, name("unet"), model.dtype)
-    vae_dtype = next(model.vae.parameters()).dtype
-    vae_name = name(f"{model.vae_hash or 'own'}-{str(vae_dtype).removeprefix('torch.')}-vae_decoder")
-    use_openvino(model.vae.decoder, "vae_decoder", folder, vae_name, vae_dtype)
+    use_openvino(model.unet, "unet", folder, digests_name(model, "unet", model.unet), model.dtype)
+    decoder = model.vae.decoder
+    use_openvino(decoder, "vae_decoder", folder, digests_name(model, "vae_decoder", decoder),
+                 next(model.vae.parameters()).dtype)
     for i, encoder in enumerate(model.text_encoders):
-        use_openvino(encoder, "text", folder, name(f"te{i}"), next(encoder.parameters()).dtype)
+        use_openvino(encoder, "text", folder, digests_name(model, f"te{i}", encoder), next(encoder.parameters()).dtype)

@@ -23,6 +23,16 @@ def tensor_digest(t: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+def digests_name(model, part: str, module: nn.Module) -> str | None:
+    """The name under which a load keeps `module`'s per-tensor digests: the checkpoint's hash (with the
+    VAE's for a VAE part) and the module's dtype. None for a diffusers folder, which has no hash."""
+    if not model.model_hash:
+        return None
+    dtype = str(next(module.parameters()).dtype).removeprefix("torch.")
+    vae = f"{model.vae_hash or 'own'}-" if part.startswith("vae") else ""
+    return f"{model.model_hash}-{vae}{dtype}-{part}"
+
+
 def _key(digests: dict[str, str]) -> str:
     return hashlib.blake2b(json.dumps(sorted(digests.items())).encode(), digest_size=12).hexdigest()
 
