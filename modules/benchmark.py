@@ -13,7 +13,7 @@ import resource
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -113,13 +113,11 @@ def run_benchmark(engine, size: int = 512, steps: int = 4, seed: int = 1234) -> 
 
 def _warm_up(engine, params) -> tuple[str, float]:
     """One untimed step at 64x64; compiled modules instead compile for the timed job's shapes (2 steps)."""
-    from modules.pipeline.params import Txt2ImgParams
-
     compiles = engine.settings.compile
     size = params.width if compiles else 64
     steps = 2 if compiles else 1
     began = time.perf_counter()
-    engine.txt2img(Txt2ImgParams(**{**params.__dict__, "steps": steps, "width": size, "height": size}))
+    engine.txt2img(replace(params, steps=steps, width=size, height=size))
     return f"{steps} step(s) at {size}x{size}{', compiles' if compiles else ''}", time.perf_counter() - began
 
 
