@@ -229,6 +229,25 @@ def psnr(a: Path, b: Path) -> float | None:
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
+# (JSON key, label, image tag, reference tag): the images child_atelier saved, out-auto{tag}-{size}.png
+PSNR_PAIRS = (("psnr_default_vs_fp32_db", "atelier default vs atelier fp32", "", "fp32"),
+              ("psnr_compile_vs_fp32_db", "atelier --compile vs atelier fp32", "-compile", "fp32"),
+              ("psnr_freeze_vs_fp32_db", "atelier --compile-freeze vs atelier fp32", "-freeze", "fp32"),
+              ("psnr_openvino_vs_fp32_db", "atelier --compile-backend openvino vs atelier fp32", "-openvino", "fp32"),
+              ("psnr_openvino_vs_default_db", "atelier --compile-backend openvino vs atelier default", "-openvino",
+               "auto"))
+
+
+def psnr_report(cache: Path, size: int) -> dict[str, float | None]:
+    """Each pair's PSNR on the same seed (None where either image is missing), printed as it goes."""
+    out = {}
+    for key, label, tag, reference in PSNR_PAIRS:
+        out[key] = psnr(cache / f"out-auto{tag}-{size}.png", cache / f"out-{reference}-{size}.png")
+        if out[key] is not None:
+            print(f"  PSNR {label} (same seed): {out[key]:.1f} dB")
+    return out
+
+
 def summarise(runs: dict[str, list[dict]]) -> dict[str, dict]:
     out = {}
     for name, items in runs.items():
@@ -295,26 +314,10 @@ def main(argv: list[str] | None = None) -> int:
             runs.setdefault(variant, []).append(spawn(variant, args))
     s = summarise(runs)
     rats = ratios(s, variants)
-    quality = psnr(args.cache / f"out-auto-{args.size}.png", args.cache / f"out-fp32-{args.size}.png")
     print_table(s, rats, args)
-    if quality is not None:
-        print(f"  PSNR atelier default vs atelier fp32 (same seed): {quality:.1f} dB")
-    compiled = psnr(args.cache / f"out-auto-compile-{args.size}.png", args.cache / f"out-fp32-{args.size}.png")
-    if compiled is not None:
-        print(f"  PSNR atelier --compile vs atelier fp32 (same seed): {compiled:.1f} dB")
-    frozen = psnr(args.cache / f"out-auto-freeze-{args.size}.png", args.cache / f"out-fp32-{args.size}.png")
-    if frozen is not None:
-        print(f"  PSNR atelier --compile-freeze vs atelier fp32 (same seed): {frozen:.1f} dB")
-    openvino = psnr(args.cache / f"out-auto-openvino-{args.size}.png", args.cache / f"out-fp32-{args.size}.png")
-    if openvino is not None:
-        print(f"  PSNR atelier --compile-backend openvino vs atelier fp32 (same seed): {openvino:.1f} dB")
-    ov_eager = psnr(args.cache / f"out-auto-openvino-{args.size}.png", args.cache / f"out-auto-{args.size}.png")
-    if ov_eager is not None:
-        print(f"  PSNR atelier --compile-backend openvino vs atelier default (same seed): {ov_eager:.1f} dB")
     report = {"size": args.size, "steps": args.steps, "repeats": args.repeats, "cpu": cpu_name(),
-              "cores": os.cpu_count(), "results": s, "runs": runs, "ratios": rats, "psnr_default_vs_fp32_db": quality,
-              "psnr_compile_vs_fp32_db": compiled, "psnr_freeze_vs_fp32_db": frozen, "psnr_openvino_vs_fp32_db": openvino,
-              "psnr_openvino_vs_default_db": ov_eager}
+              "cores": os.cpu_count(), "results": s, "runs": runs, "ratios": rats,
+              **psnr_report(args.cache, args.size)}
     args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")
     return 0
