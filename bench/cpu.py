@@ -2,6 +2,9 @@
 
     .venv/bin/python bench/cpu.py [--size 256] [--steps 4] [--repeats 1] [--out bench/cpu.json]
 
+`--before OLD_CHECKOUT` adds the variants `NAME-before` (say `atelier-freeze-before`): NAME run by
+that checkout's own bench/cpu.py in the same rounds (a `git worktree` of an older commit, say).
+
 `atelier-compile`, `atelier-freeze` and `atelier-openvino` (--compile with inductor, --compile-freeze,
 --compile-backend openvino) run one untimed 2-step job first, which compiles or converts (or reads the
 on-disk cache): compile s.
@@ -209,13 +212,25 @@ def run_child(args: argparse.Namespace) -> dict:
 
 # -- parent: interleave, summarise ----------------------------------------------------------
 def spawn(variant: str, args: argparse.Namespace) -> dict:
-    command = [sys.executable, __file__, "--child", variant, "--size", str(args.size), "--steps", str(args.steps),
-               "--cache", str(args.cache)]
+    """`variant` in a fresh process; `NAME-before` runs NAME with the `--before` checkout's own bench/cpu.py."""
+    code, cache = (args.before, before_cache(args.cache)) if variant.endswith("-before") else (REPO, args.cache)
+    command = [sys.executable, str(code / "bench" / "cpu.py"), "--child", variant.removesuffix("-before"),
+               "--size", str(args.size), "--steps", str(args.steps), "--cache", str(cache)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=code)
     if done.returncode != 0:
         raise RuntimeError(f"{variant} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def before_cache(cache: Path) -> Path:
+    """The `--before` checkout's cache: the same checkpoint, config and data folder, its own output images."""
+    folder = cache / "before"
+    folder.mkdir(exist_ok=True)
+    for name in (CKPT, "sd15-diffusers-config", "data"):
+        if not (folder / name).exists():
+            (folder / name).symlink_to((cache / name).resolve())
+    return folder
 
 
 def psnr(a: Path, b: Path) -> float | None:
@@ -297,12 +312,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
     ap.add_argument("--cache", type=Path, default=CACHE)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "cpu.json")
+    ap.add_argument("--before", type=Path, help="an older checkout, measured as the variants NAME-before")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         print(json.dumps(run_child(args)))
         return 0
     variants = [v for v in args.variants.split(",") if v]
+    if any(v.endswith("-before") for v in variants) and args.before is None:
+        ap.error("the variants NAME-before need --before OLD_CHECKOUT")
     args.cache.mkdir(parents=True, exist_ok=True)
     ckpt = build_checkpoint(args.cache)
     build_diffusers_config(args.cache, ckpt)
