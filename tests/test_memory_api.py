@@ -88,3 +88,47 @@ def test_a_flag_wins_over_the_saved_option(tmp_path, tiny_checkpoints):
         srv.stop()
     assert body["mode"] == "low" and body["gpu_weights_gib"] == 0  # --lowvram
     assert options["memory_policy"] == "low" and options["memory_gpu_weights"] == 0
+
+
+FROZEN = {"compile": True, "compile_freeze": True}
+
+
+@pytest.fixture(scope="module")
+def frozen_server(tmp_path_factory, tiny_checkpoints):
+    srv = start_server(tmp_path_factory.mktemp("memory-frozen"), {"tiny-sd1": tiny_checkpoints["sd1"]},
+                       settings=FROZEN)
+    srv.context.app.engine.manage_on_cpu = True  # as if the CPU were a GPU: a managing policy moves weights
+    yield srv
+    srv.stop()
+
+
+def test_a_policy_that_moves_weights_is_refused_under_compile_freeze(frozen_server):
+    with httpx.Client(base_url=frozen_server.url, timeout=60) as http:
+        response = set_options(http, memory_policy="low", memory_gpu_weights=0)
+        assert response.status_code == 422
+        assert "memory_policy" in response.text and "--compile-freeze" in response.text
+        assert http.get("/sdapi/v1/options").json()["memory_policy"] == "none"
+        assert http.get("/sdapi/v1/memory").json()["policy"]["mode"] == "none"
+        assert set_options(http, memory_keep_free=3).status_code == 200  # a change that moves nothing is kept
+        assert http.get("/sdapi/v1/options").json()["memory_keep_free"] == 3
+    saved = json.loads((frozen_server.context.app.settings.data_dir / "config.json").read_text())
+    assert saved["memory_policy"] == "none"
+
+
+def test_a_saved_policy_that_moves_weights_is_not_applied_under_compile_freeze(tmp_path, tiny_checkpoints):
+    from modules.app import build_app
+    from modules.server.config import ServerConfig
+    from modules.server.context import build_context
+    from modules.server.memory import start_memory_policy
+    from modules.settings import Settings
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "config.json").write_text(json.dumps({"memory_policy": "low"}))
+    app = build_app(Settings(models_dir=tmp_path / "models", outputs_dir=tmp_path / "outputs",
+                             data_dir=tmp_path / "data", device="cpu", precision="fp32", **FROZEN))
+    app.engine.manage_on_cpu = True
+    ctx = build_context(app, ServerConfig(api=True, nowebui=True))
+    start_memory_policy(ctx)
+    assert ctx.options.get("memory_policy") == "none"
+    assert app.engine.placement.policy.mode == "none"
+    assert json.loads((tmp_path / "data" / "config.json").read_text())["memory_policy"] == "none"

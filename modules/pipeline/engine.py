@@ -177,10 +177,20 @@ class Engine:
         self.t5_release = T5Release(model, t5, lambda device: reload_t5(model.t5_source, device),
                                     lambda: self.placement.load_device(), lambda: self.placement.forget("t5xxl"))
 
+    def check_memory_policy(self, policy: MemoryPolicy) -> None:
+        """InvalidParams when `policy` would move weights that --compile-freeze's frozen graphs hold copies of."""
+        placement = Placement(policy, self.devices.device, always=self.manage_on_cpu)
+        if self.settings.compile_freeze and placement.enabled:
+            raise InvalidParams(f"memory_policy {policy.mode!r} moves weights between the GPU and the CPU, which "
+                                "--compile-freeze cannot follow (its frozen graphs keep their own copy on the "
+                                "device). Keep the 'none' policy, or restart without --compile-freeze.",
+                                field="memory_policy")
+
     def set_memory_policy(self, policy: MemoryPolicy) -> None:
         """Switch the memory policy; the loaded model is re-placed at once (no reload)."""
         if policy == self.placement.policy:
             return
+        self.check_memory_policy(policy)
         self.placement.detach()
         self.placement = Placement(policy, self.devices.device, always=self.manage_on_cpu)
         model = self.models.current

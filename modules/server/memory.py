@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from modules.errors import InvalidParams
 from modules.pipeline.memory_policy import (
     OPTION_KEYS,
     policy_from_options,
@@ -37,11 +38,24 @@ def apply_memory_options(ctx: Any, changes: dict[str, Any], quiet: bool = False)
     setter(policy_from_options(ctx.options.all()))
 
 
+def check_memory_options(ctx: Any, changes: dict[str, Any]) -> None:
+    """An options validator: a policy the engine cannot follow (--compile-freeze) is refused before it is saved."""
+    if any(key in OPTION_KEYS for key in changes):
+        ctx.app.engine.check_memory_policy(policy_from_options({**ctx.options.all(), **changes}))
+
+
 def start_memory_policy(ctx: Any) -> None:
-    """At start: flags win (and are saved as the options); else the saved options are applied."""
+    """At start: flags win (and are saved as the options); else the saved options are applied, unless the
+    engine cannot follow them (logged, and the flags' policy kept)."""
     settings = ctx.app.settings
     if memory_flags_given(settings):
         ctx.options.update(policy_options(policy_from_settings(settings)))
+    try:
+        ctx.app.engine.check_memory_policy(policy_from_options(ctx.options.all()))
+    except InvalidParams as err:
+        log.warning("the saved memory options are not applied: %s", err)
+        ctx.options.update(policy_options(policy_from_settings(settings)))
+    ctx.options.validators.append(lambda changes: check_memory_options(ctx, changes))
     ctx.options.listeners.append(lambda changes: apply_memory_options(ctx, changes))
     apply_memory_options(ctx, dict.fromkeys(OPTION_KEYS), quiet=True)
 

@@ -65,6 +65,7 @@ class Options:
         }
         self._values.update(self._load())
         self.listeners: list[Callable[[dict[str, Any]], None]] = []  # called with the changes after each update
+        self.validators: list[Callable[[dict[str, Any]], None]] = []  # called with the changes before; may raise
         self._drop_missing_components(settings)
 
     def _load(self) -> dict[str, Any]:
@@ -126,6 +127,8 @@ class Options:
                 grid_options({**self.all(), **changes})
             except ValueError as err:
                 raise InvalidParams(str(err)) from None
+        for validator in list(self.validators):
+            validator(changes)
 
     def update(self, changes: dict[str, Any]) -> None:
         """Validate, apply and persist (write a temporary file, then rename)."""
