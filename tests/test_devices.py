@@ -50,5 +50,8 @@ def test_fp16_refused_on_the_cpu():
 
 
 def test_describe_names_the_choice():
-    text = device_config("cpu", "auto", flags=ZEN4).describe()
-    assert "bfloat16" in text and "channels_last" in text
+    config = device_config("cpu", "auto", flags=ZEN4)
+    assert "bfloat16" in config.describe() and "channels_last" in config.describe()
+    assert config.pad_attention_heads and "heads padded to 16" in config.describe()
+    fp32 = device_config("cpu", "fp32", flags=ZEN4)
+    assert not fp32.pad_attention_heads and "padded" not in fp32.describe()

@@ -97,3 +97,33 @@ def test_heads_already_a_multiple_of_16_and_unusual_projections_stay_as_they_are
     selves = len([m for m in unet.modules() if isinstance(m, Attention) and not m.is_cross_attention])
     assert pad_self_attention_heads(unet) == selves - 1
     assert not isinstance(layer.processor, PaddedHeadsSelfAttention)
+
+
+def test_a_frozen_padded_layer_matches_and_a_patch_runs_eagerly():
+    """Under inductor's freezing the padded weights become constants; a patched weight sends the call to eager."""
+    from modules.pipeline.compiled import freeze_module
+
+    layer, x = attention(bias=True), torch.randn(1, 16, 40)
+    plain = layer(x)
+    layer.set_processor(PaddedHeadsSelfAttention(AttnProcessor2_0()))
+    frozen = freeze_module(layer)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), plain, atol=1e-5, rtol=1e-4)
+        assert frozen.eager_calls == 0
+        layer.to_v.weight.mul_(3)  # what a LoRA patch does, in place
+        patched = layer(x)
+    assert frozen.eager_calls == 1
+    torch.testing.assert_close(patched, AttnProcessor2_0()(layer, x), atol=1e-5, rtol=1e-4)
+    assert (patched - plain).abs().max() > 1e-2
+
+
+def test_a_bf16_cpu_engine_pads_its_unet_and_fp32_does_not(tmp_path, tiny_sd1, sd1_engine):
+    from tests.conftest import make_engine
+
+    engine = make_engine(tmp_path, precision="bf16")
+    engine.load_model(tiny_sd1)
+    padded = [m for m in engine.models.current.unet.modules() if isinstance(getattr(m, "processor", None),
+                                                                           PaddedHeadsSelfAttention)]
+    assert engine.devices.pad_attention_heads and len(padded) > 0
+    assert not any(isinstance(getattr(m, "processor", None), PaddedHeadsSelfAttention)
+                   for m in sd1_engine.models.current.unet.modules())  # fp32: as it was

@@ -8,8 +8,7 @@
   lets oneDNN prepack them (faster on the CPU), at the cost of a second copy of the weights. A frozen
   graph is valid only for the weights it was compiled with, so a call whose weights were patched
   since the load (a LoRA) runs eagerly; once the patch is reverted, the frozen graph runs again.
-  On the CPU its self-attention heads are also zero-padded to 16 dims (sampling/padded_heads.py),
-  a padding that freezing folds into the prepacked weights.
+  The padded attention heads of bf16 on the CPU (sampling/padded_heads.py) are folded in as well.
 - inductor's FX graph and kernel caches live under DATA_DIR/cache/inductor, so a later launch
   reuses what an earlier one compiled.
 - On the CPU inductor needs a C++ compiler; without one `--compile` is refused with the fix.
@@ -27,7 +26,6 @@ import torch
 
 from modules.errors import AtelierError
 from modules.pipeline.weight_watch import WeightWatch, digests_name, module_structure
-from modules.sampling.padded_heads import pad_self_attention_heads
 
 COMPILE_MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -88,8 +86,6 @@ def compile_model(model, device: torch.device, cache_dir: Path, mode: str = "def
     use_cache_dir(cache_dir)
     if freeze:
         torch._dynamo.reset()  # frozen graphs of models loaded before hold their own copies of the weights
-    if freeze and device.type == "cpu":
-        pad_self_attention_heads(model.unet)  # CPU SDPA runs heads of 48 faster than 40; folded when frozen
     decoder = getattr(model.vae, "decoder", None)
     parts = {"unet": model.unet, "vae_decoder": decoder if isinstance(decoder, torch.nn.Module) else None}
     for part, module in parts.items():
