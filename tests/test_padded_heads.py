@@ -81,6 +81,7 @@ def test_the_unet_pads_its_self_attention_only_and_keeps_its_output():
     padded = [m for m in layers if isinstance(m.processor, PaddedHeadsSelfAttention)]
     assert count == len(padded) == len([m for m in layers if not m.is_cross_attention]) > 0
     assert all(not m.is_cross_attention for m in padded)
+    assert pad_self_attention_heads(unet) == 0  # a second call pads nothing twice
     torch.testing.assert_close(unet(x, t, context).sample, plain, atol=1e-5, rtol=1e-4)
 
 
@@ -127,3 +128,13 @@ def test_a_bf16_cpu_engine_pads_its_unet_and_fp32_does_not(tmp_path, tiny_sd1, s
     assert engine.devices.pad_attention_heads and len(padded) > 0
     assert not any(isinstance(getattr(m, "processor", None), PaddedHeadsSelfAttention)
                    for m in sd1_engine.models.current.unet.modules())  # fp32: as it was
+
+
+def test_flux_attention_layers_are_left_alone():
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    flux = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                  attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                  pooled_projection_dim=8, axes_dims_rope=(2, 2, 4))
+    assert pad_self_attention_heads(flux) == 0  # heads of 8 dims, but FluxAttention takes other arguments

@@ -68,10 +68,12 @@ class PaddedHeadsSelfAttention:
 
 
 def _paddable(layer: Any, multiple: int) -> bool:
-    """A self-attention layer whose heads are not a multiple of `multiple` and whose projections are plain
-    linear layers with ordinary weights (not GGUF / fp8 packed ones)."""
-    projections = (layer.to_q, layer.to_k, layer.to_v, layer.to_out[0])
-    if getattr(layer, "is_cross_attention", True) or not all(type(p) is nn.Linear for p in projections):
+    """A self-attention layer, not padded yet, whose heads are not a multiple of `multiple` and whose
+    projections are plain linear layers with ordinary weights (not GGUF / fp8 packed ones)."""
+    if getattr(layer, "is_cross_attention", True) or isinstance(layer.processor, PaddedHeadsSelfAttention):
+        return False
+    projections = (layer.to_q, layer.to_k, layer.to_v, *getattr(layer, "to_out", ())[:1])
+    if len(projections) < 4 or not all(type(p) is nn.Linear for p in projections):
         return False
     if any(type(p.weight) not in (torch.Tensor, nn.Parameter) for p in projections):
         return False
@@ -79,8 +81,11 @@ def _paddable(layer: Any, multiple: int) -> bool:
 
 
 def pad_self_attention_heads(unet: nn.Module, multiple: int = MULTIPLE) -> int:
-    """Install `PaddedHeadsSelfAttention` on the diffusers UNet's paddable self-attention layers; how many."""
-    layers = [m for m in unet.modules() if hasattr(m, "set_processor") and hasattr(m, "to_q")]
+    """Install `PaddedHeadsSelfAttention` on the diffusers UNet's paddable self-attention layers; how many.
+    Only diffusers' `Attention` layers qualify: FLUX.1's `FluxAttention` and others take other arguments."""
+    from diffusers.models.attention_processor import Attention
+
+    layers = [m for m in unet.modules() if isinstance(m, Attention)]
     count = 0
     for layer in layers:
         if _paddable(layer, multiple):
