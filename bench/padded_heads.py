@@ -1,10 +1,11 @@
-"""Frozen SD 1.5 UNet with and without self-attention heads padded to 16 dims, timed in one process.
+"""SD 1.5 UNet with and without self-attention heads padded to 16 dims, timed in one process.
 
     .venv/bin/python bench/padded_heads.py [--rounds 12] [--size 512] [--mode frozen|compile|eager]
                                            [--out bench/padded-heads.json]
 
-Two copies of the UNet (SD 1.5 widths, random weights, bf16, CFG batch 2) are compiled side by side,
-one with `modules/sampling/padded_heads.py`'s processor on its 40-dim self-attention layers. Their
+Two copies of the UNet (SD 1.5 widths, random weights, bf16, CFG batch 2) run side by side (frozen,
+compiled or eager), one with `modules/sampling/padded_heads.py`'s processor on its 40-dim self-attention
+layers. Their
 calls alternate in ABBA order, so a machine that speeds up or slows down over the run weighs on both
 alike; the figure to quote is the median of the paired ratios. Separate processes (bench/cpu.py) swing
 by more than the effect on a shared machine.
@@ -26,7 +27,7 @@ sys.path.insert(0, str(REPO))
 CONFIG = REPO / "bench" / "cache" / "sd15-diffusers-config" / "unet"
 
 
-def build_unets(padded_copy: bool) -> dict[str, torch.nn.Module]:
+def build_unets() -> dict[str, torch.nn.Module]:
     from diffusers import UNet2DConditionModel
 
     from modules.sampling.padded_heads import pad_self_attention_heads
@@ -68,7 +69,7 @@ def main() -> None:
     inputs = (torch.randn(2, 4, latent, latent).bfloat16(), torch.tensor([500, 500]),
               torch.randn(2, 77, 768).bfloat16())
     with torch.inference_mode():
-        runs = {name: runner(unet, args.mode) for name, unet in build_unets(True).items()}
+        runs = {name: runner(unet, args.mode) for name, unet in build_unets().items()}
         outputs = {}
         for name, run in runs.items():
             began = time.perf_counter()
