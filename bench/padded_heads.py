@@ -5,9 +5,8 @@
 
 Two copies of the UNet (SD 1.5 widths, random weights, bf16, CFG batch 2) run side by side (frozen,
 compiled or eager), one with `modules/sampling/padded_heads.py`'s processor on its 40-dim self-attention
-layers. Their
-calls alternate in ABBA order, so a machine that speeds up or slows down over the run weighs on both
-alike; the figure to quote is the median of the paired ratios. Separate processes (bench/cpu.py) swing
+layers. Their calls alternate in ABBA order, so a machine that speeds up or slows down over the run
+weighs on both alike; the figure to quote is the median of the paired ratios. Separate processes (bench/cpu.py) swing
 by more than the effect on a shared machine.
 """
 from __future__ import annotations
